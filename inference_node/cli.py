@@ -1,0 +1,44 @@
+"""``node-agent`` command line. Subcommands live beside the code they drive."""
+
+from __future__ import annotations
+
+import argparse
+from collections.abc import Sequence
+from pathlib import Path
+
+from shared.cli import EXIT_OK, CommandModule, make_parser, run
+from shared.config.node import load_node_config
+
+DESCRIPTION = """\
+Supervise llama-server instances on a GPU box, keep each GPU in its low-power P-state while
+its models are idle, place models in VRAM, and suspend the machine when nobody uses it.
+"""
+
+DEFAULT_CONFIG = Path("/etc/llamanap/node-agent.toml")
+
+
+def _check_config(args: argparse.Namespace) -> int:
+    cfg = load_node_config(args.path)
+    enabled = sum(1 for i in cfg.instances.values() if i.enabled)
+    print(f"{args.path}: ok ({len(cfg.instances)} instance(s), {enabled} enabled)")
+    return EXIT_OK
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser, sub = make_parser("node-agent", DESCRIPTION)
+    p = sub.add_parser("check-config", help="check a config file and exit",
+                       description="Check a node-agent config file (and its instances_dir).")
+    p.add_argument("path", type=Path, help="the TOML file to check")
+    p.set_defaults(func=_check_config)
+    for module in _command_modules():
+        module.register(sub)
+    return parser
+
+
+def _command_modules() -> list[CommandModule]:
+    # Each module adds its own subcommands; keep this list in the order of `--help`.
+    return []
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    return run("node-agent", build_parser(), argv)

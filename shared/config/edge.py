@@ -1,0 +1,159 @@
+"""The edge-proxy's config schema: nodes to wake, routes to relay, the control endpoint.
+
+```toml
+[control]
+listen = "127.0.0.1:9180"
+token_file = "/etc/llamanap/proxy.token"
+
+[nodes.gpubox]
+host = "192.168.1.50"
+mac = "aa:bb:cc:dd:ee:ff"
+wol = { broadcast = "192.168.1.255" }
+
+[[routes]]
+listen = "0.0.0.0:8080"
+node = "gpubox"
+backend_port = 8080
+ready = "http:/health"
+```
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+from shared.config.loader import Context, Secret, load, read_secret, setting
+from shared.config.values import HostPort, parse_hostport, parse_mac
+
+
+@dataclass(frozen=True)
+class WolConfig:
+    """Where and how magic packets for one node are sent."""
+
+    broadcast: str = setting("255.255.255.255", help="directed broadcast of the node's LAN")
+    port: int = setting(9, min=1, max=65535, help="UDP port (7 or 9 are usual)")
+    source: str | None = setting(None, help="local address to send from (picks the NIC)")
+    password: str | None = setting(None, help="SecureOn password: 6 bytes as a MAC or 12 hex")
+
+    def check(self, ctx: Context, key: str) -> None:
+        if self.password is not None:
+            parse_mac(self.password, ctx, f"{key}.password")
+
+    @property
+    def password_bytes(self) -> bytes:
+        return b"" if self.password is None else bytes.fromhex(
+            self.password.replace(":", "").replace("-", "")
+        )
+
+
+@dataclass(frozen=True)
+class NodeConfig:
+    """One GPU box: where it is, how to wake it and how patiently."""
+
+    host: str
+    mac: str
+    wol: WolConfig = setting(default_factory=WolConfig)
+    wol_interval_s: float = setting(2.0, min=0.05, max=3600)
+    wake_timeout_s: float = setting(180.0, min=0.1, max=86400)
+    probe_interval_s: float = setting(1.0, min=0.01, max=3600)
+    probe_timeout_s: float = setting(0.5, min=0.01, max=60)
+    max_held: int = setting(2000, min=0, max=1_000_000, help="held connections for this node")
+    veto_suspend_when_busy: bool = setting(True, help="refuse `suspending` while relays are open")
+
+    def check(self, ctx: Context, key: str) -> None:
+        if not self.host:
+            raise ctx.error(f"{key}.host", "found an empty string; expected a host name or address")
+        parse_mac(self.mac, ctx, f"{key}.mac")
+
+    @property
+    def mac_bytes(self) -> bytes:
+        return bytes.fromhex(self.mac.replace(":", "").replace("-", ""))
+
+
+Readiness = str  # "tcp" or "http:/path"
+
+
+@dataclass(frozen=True)
+class RouteConfig:
+    """A listener on the proxy and the backend port it stands for."""
+
+    listen: str
+    node: str
+    backend_port: int = setting(min=1, max=65535)
+    ready: Readiness = setting("tcp", help='"tcp" or "http:/health"')
+    protocol: Literal["tcp", "http"] = "tcp"
+
+    def check(self, ctx: Context, key: str) -> None:
+        parse_hostport(self.listen, ctx, f"{key}.listen", allow_port_zero=True)
+        if self.ready != "tcp" and not (self.ready.startswith("http:/") and " " not in self.ready):
+            raise ctx.error(f"{key}.ready", f'found {self.ready!r}; allowed: "tcp" or "http:/PATH"')
+
+    @property
+    def listen_addr(self) -> HostPort:
+        host, _, port = self.listen.rpartition(":")
+        return HostPort(host.strip("[]"), int(port))
+
+    @property
+    def ready_http_path(self) -> str | None:
+        """The readiness path for ``http:/path`` checks, or None for plain TCP."""
+        return self.ready[len("http:"):] if self.ready.startswith("http:") else None
+
+
+@dataclass(frozen=True)
+class ControlConfig:
+    """The control endpoint: /status, /metrics and agent events."""
+
+    listen: str = "127.0.0.1:9180"
+    token: Secret | None = None
+    token_file: Path | None = None
+
+    def check(self, ctx: Context, key: str) -> None:
+        addr = parse_hostport(self.listen, ctx, f"{key}.listen", allow_port_zero=True)
+        object.__setattr__(self, "token", read_secret(self.token, self.token_file, ctx, key))
+        if self.token is None and not addr.is_loopback:
+            raise ctx.error(f"{key}.token", f"missing while listening on {self.listen}; "
+                            "set token_file, or listen on 127.0.0.1")
+
+
+@dataclass(frozen=True)
+class LimitsConfig:
+    """Bounds that keep a crowd of held clients from taking the proxy down."""
+
+    max_held_total: int = setting(10_000, min=0, max=1_000_000)
+    hold_buffer_bytes: int = setting(1 << 20, min=1024, max=1 << 30,
+                                     help="client bytes kept per held connection")
+    shutdown_grace_s: float = setting(10.0, min=0, max=3600)
+
+
+@dataclass(frozen=True)
+class EdgeConfig:
+    """The whole edge-proxy config file."""
+
+    nodes: dict[str, NodeConfig]
+    routes: list[RouteConfig]
+    control: ControlConfig = setting(default_factory=ControlConfig)
+    limits: LimitsConfig = setting(default_factory=LimitsConfig)
+    log_level: Literal["debug", "info", "warning", "error"] = "info"
+
+    def check(self, ctx: Context, key: str) -> None:
+        if not self.nodes:
+            raise ctx.error("nodes", "empty; define at least one [nodes.NAME] table")
+        if not self.routes:
+            raise ctx.error("routes", "empty; define at least one [[routes]] table")
+        seen: dict[str, int] = {}
+        for i, route in enumerate(self.routes):
+            if route.node not in self.nodes:
+                known = ", ".join(sorted(self.nodes))
+                raise ctx.error(f"routes[{i}].node", f"found {route.node!r}; known nodes: {known}")
+            addr = str(route.listen_addr)
+            if addr in seen and route.listen_addr.port != 0:
+                raise ctx.error(f"routes[{i}].listen",
+                                f"{addr} is also routes[{seen[addr]}].listen; use another port")
+            seen[addr] = i
+
+
+def load_edge_config(path: Path) -> EdgeConfig:
+    """Read and check an edge-proxy config file."""
+    return load(EdgeConfig, path)

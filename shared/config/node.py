@@ -1,0 +1,261 @@
+"""The node-agent's config schema: the agent itself, its proxy, power, P-states, instances.
+
+Instances are tables keyed by name, in the main file or in ``*.toml`` files of
+``agent.instances_dir`` (like gppm's config directory):
+
+```toml
+[instances.qwen]
+model = "/models/qwen2.5-7b-q4_k_m.gguf"
+port = 8080
+args = ["-c", "8192", "-ngl", "99"]
+gpus = [0]
+```
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import shlex
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+from shared.config.loader import Context, Secret, build, read_secret, read_toml, setting
+from shared.config.values import parse_hostport
+from shared.errors import ConfigError
+
+Argv = list[str] | str
+
+
+def split_command(command: Argv, ctx: Context, key: str) -> list[str]:
+    """An argv list as is, or a string split like a shell would (but never run by one)."""
+    if isinstance(command, list):
+        argv = command
+    else:
+        try:
+            argv = shlex.split(command)
+        except ValueError as exc:
+            raise ctx.error(key, f"cannot split {command!r}: {exc}") from exc
+    if not argv or not argv[0]:
+        raise ctx.error(key, "empty command; expected a program and its arguments")
+    return argv
+
+
+@dataclass(frozen=True)
+class HealthConfig:
+    """How the supervisor decides an instance is READY."""
+
+    path: str = "/health"
+    timeout_s: float = setting(300.0, min=0.1, max=86400, help="start-up budget until healthy")
+    interval_s: float = setting(0.25, min=0.01, max=60)
+
+    def check(self, ctx: Context, key: str) -> None:
+        if not self.path.startswith("/"):
+            raise ctx.error(f"{key}.path", f"found {self.path!r}; expected a path starting with /")
+
+
+@dataclass(frozen=True)
+class RestartConfig:
+    """When a dead instance is started again, and when the supervisor gives up."""
+
+    policy: Literal["always", "on-failure", "never"] = "on-failure"
+    backoff_initial_s: float = setting(1.0, min=0, max=3600)
+    backoff_max_s: float = setting(60.0, min=0, max=86400)
+    max_restarts: int = setting(5, min=0, max=1000, help="crashes within window_s before FAILED")
+    window_s: float = setting(300.0, min=1, max=86400)
+
+
+@dataclass(frozen=True)
+class InstanceConfig:
+    """One llama-server (or any server) the agent supervises.
+
+    Either ``command`` (the whole argv) or the structured ``model`` + ``args`` form, which runs
+    ``binary`` (llama-server by default) with ``--model MODEL --host HOST --port PORT ARGS``.
+    """
+
+    enabled: bool = True
+    command: Argv | None = None
+    binary: Path | None = None
+    model: Path | None = None
+    host: str = "127.0.0.1"
+    port: int | None = setting(None, min=1, max=65535)
+    args: list[str] = setting(default_factory=list)
+    env: dict[str, str] = setting(default_factory=dict)
+    gpus: list[int | str] | Literal["auto"] | None = None
+    health: HealthConfig = setting(default_factory=HealthConfig)
+    restart: RestartConfig = setting(default_factory=RestartConfig)
+    stop_timeout_s: float = setting(15.0, min=0, max=3600)
+    post_launch_hooks: list[Argv] = setting(default_factory=list)
+    allow_partial_offload: bool = False
+
+    def check(self, ctx: Context, key: str) -> None:
+        if self.command is not None and (self.model is not None or self.args):
+            raise ctx.error(f"{key}.command", "set either command or model/args, not both")
+        if self.command is None and self.model is None:
+            raise ctx.error(key, "needs either command = [...] or model = \"PATH.gguf\"")
+        if self.command is not None:
+            split_command(self.command, ctx, f"{key}.command")
+            if self.port is None and self.command_port is None:
+                raise ctx.error(f"{key}.port", "missing; set port (or --port in command)")
+        elif self.port is None:
+            raise ctx.error(f"{key}.port", "missing; the structured form needs port = N")
+        if self.gpus == "auto":
+            raise ctx.error(f"{key}.gpus", 'found "auto", which placement does not support yet; '
+                            "list GPU indices or UUIDs")
+        for i, hook in enumerate(self.post_launch_hooks):
+            split_command(hook, ctx, f"{key}.post_launch_hooks[{i}]")
+
+    @property
+    def argv_list(self) -> list[str] | None:
+        if self.command is None:
+            return None
+        return self.command if isinstance(self.command, list) else shlex.split(self.command)
+
+    @property
+    def command_port(self) -> int | None:
+        argv = self.argv_list or []
+        for flag, value in itertools.pairwise(argv):
+            if flag == "--port" and value.isdigit():
+                return int(value)
+        return None
+
+    @property
+    def effective_port(self) -> int:
+        port = self.port if self.port is not None else self.command_port
+        assert port is not None, "checked at load time"
+        return port
+
+
+@dataclass(frozen=True)
+class AgentSection:
+    """The agent's own settings."""
+
+    node: str = setting("gpubox", help="the name the edge proxy knows this node by")
+    api_listen: str = "127.0.0.1:9181"
+    token: Secret | None = None
+    token_file: Path | None = None
+    instances_dir: Path | None = None
+    state_file: Path = setting(Path("/var/lib/llamanap/state.toml"),
+                               help="enable/disable overrides made through the API")
+    log_ring_lines: int = setting(500, min=10, max=100_000)
+
+    def check(self, ctx: Context, key: str) -> None:
+        addr = parse_hostport(self.api_listen, ctx, f"{key}.api_listen", allow_port_zero=True)
+        object.__setattr__(self, "token", read_secret(self.token, self.token_file, ctx, key))
+        if self.token is None and not addr.is_loopback:
+            raise ctx.error(f"{key}.token", f"missing while api_listen is {self.api_listen}; "
+                            "set token_file, or listen on 127.0.0.1")
+
+
+@dataclass(frozen=True)
+class ProxySection:
+    """The edge proxy this node reports to (optional: without it the proxy probes)."""
+
+    url: str
+    token: Secret | None = None
+    token_file: Path | None = None
+    allow_suspend_if_unreachable: bool = True
+    timeout_s: float = setting(3.0, min=0.1, max=60)
+
+    def check(self, ctx: Context, key: str) -> None:
+        if not self.url.startswith(("http://", "https://")):
+            raise ctx.error(f"{key}.url", f"found {self.url!r}; expected http://HOST:PORT")
+        object.__setattr__(self, "token", read_secret(self.token, self.token_file, ctx, key))
+
+
+@dataclass(frozen=True)
+class PowerSection:
+    """When and how the box goes to sleep."""
+
+    enabled: bool = True
+    idle_timeout_s: float = setting(900.0, min=1, max=7 * 86400)
+    min_awake_s: float = setting(120.0, min=0, max=86400, help="after boot or resume")
+    check_interval_s: float = setting(5.0, min=0.05, max=600)
+    suspend_command: Argv = setting(default_factory=lambda: ["systemctl", "suspend"])
+    failed_suspend_backoff_s: float = setting(300.0, min=0, max=86400)
+    watch_connections: bool = True
+    watch_foreign_gpu_processes: bool = True
+    watch_logged_in_users: bool = False
+    watch_inhibitor_locks: bool = False
+    busy_command: Argv | None = setting(None, help="exit 0 means busy; its stdout is the reason")
+
+
+@dataclass(frozen=True)
+class PstateSection:
+    """Per-GPU P-state switching from llama-server activity."""
+
+    enabled: bool = True
+    low: int = setting(8, min=0, max=16)
+    high: int = setting(16, min=0, max=16, help="16 lets the driver decide")
+    low_delay_s: float = setting(2.0, min=0, max=3600, help="idle time before switching low")
+
+
+@dataclass(frozen=True)
+class PlacementSection:
+    """VRAM placement of instances with gpus = "auto"."""
+
+    safety_margin_mib: int = setting(512, min=0, max=1 << 20)
+
+
+@dataclass(frozen=True)
+class NodeAgentConfig:
+    """The whole node-agent config file (instances merged from instances_dir)."""
+
+    agent: AgentSection = setting(default_factory=AgentSection)
+    proxy: ProxySection | None = None
+    power: PowerSection = setting(default_factory=PowerSection)
+    pstate: PstateSection = setting(default_factory=PstateSection)
+    placement: PlacementSection = setting(default_factory=PlacementSection)
+    instances: dict[str, InstanceConfig] = setting(default_factory=dict)
+    log_level: Literal["debug", "info", "warning", "error"] = "info"
+
+    def check(self, ctx: Context, key: str) -> None:
+        for name in self.instances:
+            if not name.replace("-", "").replace("_", "").isalnum():
+                raise ctx.error(f"instances.{name}", "bad name; use letters, digits, - and _")
+        _check_ports(self.instances, dict.fromkeys(self.instances, ctx.source))
+
+
+def _check_ports(instances: dict[str, InstanceConfig], origin: dict[str, Path]) -> None:
+    ports: dict[int, str] = {}
+    for name, inst in instances.items():
+        if not inst.enabled:
+            continue
+        port = inst.effective_port
+        if port in ports:
+            raise ConfigError(origin[name], f"instances.{name}.port",
+                              f"{port} is also the port of instance {ports[port]!r}; pick another")
+        ports[port] = name
+
+
+def load_node_config(path: Path) -> NodeAgentConfig:
+    """Read the agent's file, merge ``*.toml`` instance files from instances_dir, check all.
+
+    Errors in an instance file name that file, so the message points where the fix goes.
+    """
+    path = Path(path).absolute()
+    ctx = Context(path)
+    cfg = build(NodeAgentConfig, read_toml(path), ctx, "")
+    folder = cfg.agent.instances_dir
+    if folder is None:
+        return cfg
+    if not folder.is_dir():
+        raise ctx.error("agent.instances_dir", f"{folder} is not a directory; create it or fix the path")
+    instances = dict(cfg.instances)
+    origin = dict.fromkeys(instances, path)
+    for file in sorted(folder.glob("*.toml")):
+        sub = read_toml(file)
+        extra = sorted(set(sub) - {"instances"})
+        if extra:
+            raise ConfigError(file, extra[0], "unknown key; instance files hold only [instances.NAME]")
+        raw = sub.get("instances", {})
+        if not isinstance(raw, dict):
+            raise ConfigError(file, "instances", "expected tables [instances.NAME]")
+        for name, table in raw.items():
+            if name in instances:
+                raise ConfigError(file, f"instances.{name}", f"already defined in {origin[name]}")
+            instances[name] = build(InstanceConfig, table, Context(file), f"instances.{name}")
+            origin[name] = file
+    _check_ports(instances, origin)
+    return dataclasses.replace(cfg, instances=instances)
