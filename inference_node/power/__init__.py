@@ -1,0 +1,1 @@
+"""Idle checks, the suspend policy, the suspend/resume sequence."""
