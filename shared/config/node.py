@@ -173,6 +173,10 @@ class PowerSection:
     min_awake_s: float = setting(120.0, min=0, max=86400, help="after boot or resume")
     check_interval_s: float = setting(5.0, min=0.05, max=600)
     suspend_command: Argv = setting(default_factory=lambda: ["systemctl", "suspend"])
+    suspend_command_timeout_s: float = setting(60.0, min=1, max=7 * 86400,
+                                               help="the suspend command must return by then")
+    resume_timeout_s: float = setting(120.0, min=1, max=7 * 86400,
+                                      help="awake time after the suspend command to see a resume")
     failed_suspend_backoff_s: float = setting(300.0, min=0, max=86400)
     watch_connections: bool = True
     watch_foreign_gpu_processes: bool = True
