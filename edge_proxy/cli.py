@@ -1,13 +1,23 @@
-"""``edge-proxy`` command line."""
+"""``edge-proxy`` command line: check-config, run, wake, status."""
 
 from __future__ import annotations
 
 import argparse
+import json
+import logging
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
-from shared.cli import EXIT_OK, make_parser, run
-from shared.config.edge import load_edge_config
+import httpx
+import trio
+
+from edge_proxy.control import STATUS_PATH, WAKE_PATH
+from edge_proxy.errors import ControlError
+from edge_proxy.server import first_user_error, run_service
+from edge_proxy.wol import UdpWolSender, WolError, magic_packet
+from shared.cli import EXIT_FAILURE, EXIT_OK, make_parser, run, setup_logging
+from shared.config.edge import EdgeConfig, load_edge_config
 
 DESCRIPTION = """\
 Relay TCP (and HTTP) connections to a GPU box that sleeps, waking it with Wake-on-LAN.
@@ -17,11 +27,108 @@ their connections, sends magic packets until the backend is ready, then delivers
 """
 
 DEFAULT_CONFIG = Path("/etc/llamanap/edge-proxy.toml")
+CONTROL_TIMEOUT_S = 5.0  # the control endpoint answers from memory; slower means it is stuck
+_ANY_HOST = {"0.0.0.0": "127.0.0.1", "::": "::1", "": "127.0.0.1"}
 
 
 def _check_config(args: argparse.Namespace) -> int:
     cfg = load_edge_config(args.path)
     print(f"{args.path}: ok ({len(cfg.nodes)} node(s), {len(cfg.routes)} route(s))")
+    return EXIT_OK
+
+
+def _run(args: argparse.Namespace) -> int:
+    cfg = load_edge_config(args.config)
+    setup_logging(cfg.log_level, debug=args.debug)
+    try:
+        trio.run(run_service, args.config)
+    except BaseExceptionGroup as group:
+        raise first_user_error(group) from group
+    return EXIT_OK
+
+
+def control_base(cfg: EdgeConfig) -> str:
+    """The URL this machine reaches the running proxy's control endpoint at."""
+    host, _, port = cfg.control.listen.rpartition(":")
+    host = _ANY_HOST.get(host.strip("[]"), host.strip("[]"))
+    return f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
+
+
+def _request(cfg: EdgeConfig, method: str, path: str) -> Any:
+    headers = {}
+    if cfg.control.token is not None:
+        headers["Authorization"] = f"Bearer {cfg.control.token.reveal()}"
+    url = control_base(cfg) + path
+    try:
+        response = httpx.request(method, url, headers=headers, timeout=CONTROL_TIMEOUT_S)
+    except httpx.HTTPError as exc:
+        raise ControlError(f"cannot reach the proxy at {url}: {exc}; is `edge-proxy run` up?") \
+            from exc
+    if response.status_code != 200:
+        try:
+            message = response.json()["error"]["message"]
+        except (ValueError, KeyError, TypeError):
+            message = response.text.strip()
+        raise ControlError(f"{method} {url}: {response.status_code}: {message}")
+    return response.json()
+
+
+def _wake(args: argparse.Namespace) -> int:
+    cfg = load_edge_config(args.config)
+    if args.node not in cfg.nodes:
+        raise ControlError(f"unknown node {args.node!r}; known nodes: {', '.join(sorted(cfg.nodes))}")
+    if not args.direct:
+        try:
+            answer = _request(cfg, "POST", WAKE_PATH.replace("{node}", args.node))
+        except ControlError as exc:
+            print(f"edge-proxy: {exc}; sending the packet directly")
+        else:
+            print(f"magic packet sent to {args.node} by the running proxy "
+                  f"(state {answer['state']})")
+            return EXIT_OK
+    node = cfg.nodes[args.node]
+    try:
+        trio.run(UdpWolSender().send, magic_packet(node.mac_bytes, node.wol.password_bytes),
+                 node.wol)
+    except WolError as exc:
+        print(f"edge-proxy: error: {exc}")
+        return EXIT_FAILURE
+    print(f"magic packet sent to {args.node} ({node.mac}) via {node.wol.broadcast}:{node.wol.port}")
+    return EXIT_OK
+
+
+def format_status(status: dict[str, Any]) -> str:
+    """The status table `edge-proxy status` prints."""
+    rows = [("NODE", "STATE", "FOR", "HELD", "ACTIVE", "LAST WAKE", "REASON")]
+    for name, node in status["nodes"].items():
+        last = node.get("last_wake") or {}
+        if last.get("duration_s") is not None:
+            wake = f"{last['outcome']} in {last['duration_s']:.1f}s"
+        else:
+            wake = "running" if last else "-"
+        rows.append((name, node["state"], _ago(node["time_in_state_s"]), str(node["held"]),
+                     str(node["active"]), wake, node["reason"]))
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]) - 1)]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths, strict=False)) + "  " + r[-1]
+             for r in rows]
+    lines.append("")
+    lines += [f"route {r['listen']} -> {r['node']}:{r['backend_port']} (ready: {r['ready']})"
+              for r in status["routes"]]
+    return "\n".join(lines)
+
+
+def _ago(seconds: float) -> str:
+    if seconds < 120:
+        return f"{seconds:.0f}s"
+    if seconds < 7200:
+        return f"{seconds / 60:.0f}m"
+    return f"{seconds / 3600:.1f}h"
+
+
+def _status(args: argparse.Namespace) -> int:
+    cfg = load_edge_config(args.config)
+    status = _request(cfg, "GET", STATUS_PATH)
+    print(json.dumps(status, indent=1) if args.json else format_status(status))
     return EXIT_OK
 
 
@@ -31,8 +138,33 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Check an edge-proxy config file; print one line per error.")
     p.add_argument("path", type=Path, help="the TOML file to check")
     p.set_defaults(func=_check_config)
+
+    def config_arg(p: argparse.ArgumentParser) -> None:
+        p.add_argument("-c", "--config", type=Path, default=DEFAULT_CONFIG,
+                       help=f"config file (default {DEFAULT_CONFIG})")
+
+    p = sub.add_parser("run", help="run the proxy",
+                       description="Serve the routes and the control endpoint. SIGHUP reloads "
+                       "the config; SIGTERM stops accepting and lets relays finish.")
+    config_arg(p)
+    p.set_defaults(func=_run)
+    p = sub.add_parser("wake", help="send a magic packet to a node now",
+                       description="Ask the running proxy to wake NODE now (its state machine "
+                       "follows the wake); if the proxy is not running, send the packet directly.")
+    config_arg(p)
+    p.add_argument("node", help="node name from the config")
+    p.add_argument("--direct", action="store_true", help="send from this process, not the proxy")
+    p.set_defaults(func=_wake)
+    p = sub.add_parser("status", help="show the running proxy's nodes and routes",
+                       description="Read the running proxy's /status and print a table.")
+    config_arg(p)
+    p.add_argument("--json", action="store_true", help="print the raw JSON")
+    p.set_defaults(func=_status)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     return run("edge-proxy", build_parser(), argv)
+
+
+logging.getLogger("hpack").setLevel(logging.WARNING)

@@ -58,7 +58,10 @@ class NodeConfig:
     wol_interval_s: float = setting(2.0, min=0.05, max=3600)
     wake_timeout_s: float = setting(180.0, min=0.1, max=86400)
     probe_interval_s: float = setting(1.0, min=0.01, max=3600)
-    probe_timeout_s: float = setting(0.5, min=0.01, max=60)
+    probe_timeout_s: float = setting(0.5, min=0.01, max=60,
+                                     help="connect timeout of probes and of relays to the node")
+    drain_timeout_s: float = setting(120.0, min=0.1, max=86400,
+                                     help="after an agreed `suspending`, how long to wait for it")
     max_held: int = setting(2000, min=0, max=1_000_000, help="held connections for this node")
     veto_suspend_when_busy: bool = setting(True, help="refuse `suspending` while relays are open")
 

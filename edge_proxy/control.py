@@ -1,0 +1,69 @@
+"""The control endpoint: ``GET /status``, ``GET /metrics``, agent events, operator wakes.
+
+Authentication: every path needs ``Authorization: Bearer TOKEN`` when ``control.token`` is set,
+except ``/metrics``, which is public so Prometheus can scrape without a secret (it holds
+counts, no hosts, MACs or tokens). Without a token the endpoint must listen on loopback (the
+config enforces it).
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from shared.events import EVENTS_PATH, EventError, EventReply, decode_event
+from shared.http import App, HTTPError, Request, Response, metrics_response
+
+if TYPE_CHECKING:
+    from edge_proxy.driver import NodeDriver
+    from edge_proxy.server import Proxy
+
+SOURCE = "edge-proxy"
+STATUS_PATH = "/status"
+METRICS_PATH = "/metrics"
+WAKE_PATH = "/v1/nodes/{node}/wake"
+
+
+def build_app(proxy: Proxy) -> App:
+    """The control app for ``proxy`` (its token is read again after a reload)."""
+    app = App(SOURCE, proxy.cfg.control.token, public=frozenset({METRICS_PATH}))
+
+    def driver(name: str) -> NodeDriver:
+        found = proxy.drivers.get(name)
+        if found is None:
+            known = ", ".join(sorted(proxy.drivers)) or "(none)"
+            raise HTTPError(404, f"unknown node {name!r}; known nodes: {known}", "not_found_error")
+        return found
+
+    @app.route("GET", STATUS_PATH)
+    async def status(req: Request) -> Response:
+        return Response.json(proxy.status())
+
+    @app.route("GET", METRICS_PATH)
+    async def metrics(req: Request) -> Response:
+        return metrics_response(proxy.metrics.registry)
+
+    @app.route("POST", EVENTS_PATH)
+    async def event(req: Request) -> Response:
+        try:
+            message = decode_event(req.body)
+        except EventError as exc:
+            raise HTTPError(400, f"bad event: {exc}") from exc
+        node = driver(message.node)
+        if message.event == "suspending":
+            verdict = node.suspending()
+            allowed, reason = verdict.allowed, verdict.reason
+        else:
+            node.agent_event(message.event, message.reason or "no reason given")
+            allowed, reason = True, f"{message.event} noted"
+        reply = EventReply(node=node.name, allowed=allowed, state=node.state.name,
+                           in_flight=node.active, held=node.held, reason=reason)
+        return Response(200, reply.encode() + b"\n")
+
+    @app.route("POST", WAKE_PATH)
+    async def wake(req: Request) -> Response:
+        node = driver(req.params["node"])
+        node.wake_now("requested through the control endpoint")
+        return Response.json({"node": node.name, "state": node.state.name,
+                              "packets_sent": node.machine.packets})
+
+    return app

@@ -1,0 +1,47 @@
+"""The proxy's Prometheus metrics, in one registry per proxy (so tests can run several)."""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+from edge_proxy.node import State
+
+# Wakes take seconds (resume from suspend) to minutes (cold boot and model load).
+WAKE_BUCKETS_S = (0.1, 0.5, 1, 2, 5, 10, 20, 30, 60, 120, 300, 600)
+
+
+class ProxyMetrics:
+    """Every counter and gauge the proxy exports, labelled by node (and route = listen address)."""
+
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        r = self.registry
+        self.wakes = Counter("edge_wakes", "Wakes that ended, by outcome (ready, timeout, aborted)",
+                             ["node", "outcome"], registry=r)
+        self.wake_seconds = Histogram("edge_wake_duration_seconds",
+                                      "Time from the first magic packet to a ready backend",
+                                      ["node"], buckets=WAKE_BUCKETS_S, registry=r)
+        self.packets = Counter("edge_magic_packets_sent", "Magic packets sent", ["node"], registry=r)
+        self.packet_errors = Counter("edge_magic_packet_errors", "Magic packets that failed to send",
+                                     ["node"], registry=r)
+        self.state = Gauge("edge_node_state", "1 for the node's current wake state",
+                           ["node", "state"], registry=r)
+        labels = ["node", "route"]
+        self.connections = Counter("edge_connections", "Client connections accepted", labels,
+                                   registry=r)
+        self.active = Gauge("edge_connections_active", "Connections being relayed", labels,
+                            registry=r)
+        self.held = Gauge("edge_connections_held", "Connections held while the node wakes", labels,
+                          registry=r)
+        self.timed_out = Counter("edge_connections_timed_out",
+                                 "Held connections closed because the wake timed out", labels,
+                                 registry=r)
+        self.refused = Counter("edge_connections_refused",
+                               "Connections refused at once because a held-connection limit was hit",
+                               labels, registry=r)
+        self.bytes = Counter("edge_bytes_relayed", "Bytes relayed", [*labels, "direction"],
+                             registry=r)
+
+    def set_state(self, node: str, state: State) -> None:
+        for s in State:
+            self.state.labels(node, s.name).set(1 if s is state else 0)

@@ -1,0 +1,137 @@
+"""Bytes both ways between a client and a backend, and the client's bytes kept while held.
+
+Contract of ``relay``: every byte read from one side is written to the other in order and
+unchanged; an EOF from one side becomes an EOF (``send_eof``, a TCP half-close) towards the
+other while the opposite direction keeps flowing; when both directions have ended, both
+sockets close. If either side breaks (reset, error), the relay stops at once and the other
+side is closed with a reset, so a truncated stream never looks like a complete one.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import socket
+import struct
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+
+import trio
+
+# Large reads keep the per-chunk overhead of the event loop small next to the copy itself.
+RECEIVE_BYTES = 256 * 1024
+# Socket buffers big enough for a few chunks in flight each way on a fast link.
+SOCKET_BUFFER_BYTES = 1 << 20
+_LINGER_RESET = struct.pack("ii", 1, 0)  # SO_LINGER on, 0 s: close() sends RST
+
+ByteCounter = Callable[[str, int], None]  # (direction "up" | "down", byte count)
+_BROKEN = (trio.BrokenResourceError, trio.ClosedResourceError, OSError)
+
+
+class ClientGone(Exception):
+    """The client went away while its connection was held."""
+
+
+@dataclass
+class Held:
+    """What a held client sent before the backend was there (bounded by ``limit``)."""
+
+    limit: int
+    data: bytearray
+    eof: bool = False
+
+    @classmethod
+    def empty(cls, limit: int) -> Held:
+        return cls(limit, bytearray())
+
+    async def collect(self, client: trio.SocketStream) -> None:
+        """Read from ``client`` until cancelled, up to ``limit`` bytes, then stop reading
+        (TCP backpressure holds the rest in the client's kernel). Raises ``ClientGone`` when
+        the client leaves: a reset, or an EOF before it sent anything (a half-closed request
+        with bytes in it is kept and delivered, EOF included)."""
+        while not self.eof and len(self.data) < self.limit:
+            try:
+                chunk = await client.receive_some(min(RECEIVE_BYTES, self.limit - len(self.data)))
+            except _BROKEN as exc:
+                raise ClientGone(f"client broke while held: {exc!r}") from exc
+            if not chunk:
+                if not self.data:
+                    raise ClientGone("client closed before sending anything")
+                self.eof = True
+                return
+            self.data += chunk
+        await trio.sleep_forever()
+
+
+def tune(stream: trio.SocketStream) -> None:
+    """Socket options for relaying: no Nagle delay, big buffers."""
+    stream.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, True)
+    for opt in (socket.SO_SNDBUF, socket.SO_RCVBUF):
+        stream.setsockopt(socket.SOL_SOCKET, opt, SOCKET_BUFFER_BYTES)
+
+
+def reset(stream: trio.SocketStream) -> None:
+    """Arrange for the next close to send RST instead of FIN (the stream ended badly)."""
+    # already closed or reset by the peer: nothing left to tell it
+    with contextlib.suppress(OSError):
+        stream.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER_RESET)
+
+
+async def relay(
+    client: trio.SocketStream,
+    backend: trio.SocketStream,
+    *,
+    held: Held | None = None,
+    count: ByteCounter | None = None,
+) -> str:
+    """Relay until both directions end or one side breaks; always closes both streams.
+
+    ``held`` bytes (and a held EOF) go to the backend first. Returns a short outcome for the
+    log: ``"done"`` or ``"broken: ..."``.
+    """
+    outcome = "done"
+
+    async def up() -> None:
+        if held is not None and held.data:
+            await backend.send_all(held.data)
+            if count is not None:
+                count("up", len(held.data))
+        if held is not None and held.eof:
+            await backend.send_eof()
+            return
+        await _pump(client, backend, "up", count)
+
+    async def down() -> None:
+        await _pump(backend, client, "down", count)
+
+    try:
+        async with trio.open_nursery() as nursery:
+            async def guard(direction: Callable[[], Awaitable[None]], way: str) -> None:
+                nonlocal outcome
+                try:
+                    await direction()
+                except _BROKEN as exc:
+                    outcome = f"broken {way}: {exc!r}"
+                    reset(client)
+                    reset(backend)
+                    nursery.cancel_scope.cancel()
+
+            nursery.start_soon(guard, down, "down")
+            nursery.start_soon(guard, up, "up")
+    finally:
+        with trio.CancelScope(shield=True):
+            await client.aclose()
+            await backend.aclose()
+    return outcome
+
+
+async def _pump(src: trio.SocketStream, dst: trio.SocketStream, way: str,
+                count: ByteCounter | None) -> None:
+    while True:
+        chunk = await src.receive_some(RECEIVE_BYTES)
+        if not chunk:
+            await dst.send_eof()
+            return
+        await dst.send_all(chunk)
+        if count is not None:
+            count(way, len(chunk))
+

@@ -1,0 +1,213 @@
+"""The whole proxy: node drivers, TCP routes and the control endpoint, reloadable in place.
+
+``serve_proxy(cfg, task_status=...)`` runs a proxy in-process (tests and demos start it with
+``await nursery.start(serve_proxy, cfg)`` and get the ``Proxy`` back once every route and the
+control endpoint listen). ``run_service(path)`` is the ``edge-proxy run`` command: it adds
+the open-file limit, systemd readiness, SIGHUP reload and SIGTERM graceful shutdown.
+"""
+
+from __future__ import annotations
+
+import logging
+import resource
+import signal
+from pathlib import Path
+from typing import Any
+
+import trio
+
+from edge_proxy.control import build_app
+from edge_proxy.driver import Backend, NodeDriver
+from edge_proxy.errors import ListenError
+from edge_proxy.listener import Route, Shared
+from edge_proxy.metrics import ProxyMetrics
+from edge_proxy.wol import UdpWolSender, WolSender
+from shared import systemd
+from shared.config.edge import EdgeConfig, RouteConfig, load_edge_config
+from shared.config.values import HostPort
+from shared.errors import ConfigError, LlamanapError
+from shared.http import serve
+
+log = logging.getLogger(__name__)
+
+
+def _route_key(index: int, cfg: RouteConfig) -> str:
+    # port 0 (tests) may repeat; each such route is its own listener
+    return f"{cfg.listen_addr}#{index}" if cfg.listen_addr.port == 0 else str(cfg.listen_addr)
+
+
+class Proxy:
+    """A running edge proxy. Attributes are read by the control endpoint and by tests."""
+
+    def __init__(self, cfg: EdgeConfig, sender: WolSender | None = None) -> None:
+        self.cfg = cfg
+        self.metrics = ProxyMetrics()
+        self.sender: WolSender = sender or UdpWolSender()
+        self.shared = Shared(cfg.limits, self.metrics)
+        self.drivers: dict[str, NodeDriver] = {}
+        self.routes: dict[str, Route] = {}
+        self.app = build_app(self)
+        self.control_urls: list[str] = []
+        self._driver_scopes: dict[str, trio.CancelScope] = {}
+        self._services: trio.Nursery | None = None
+        self._connections: trio.Nursery | None = None
+        self._stop = trio.Event()
+        self._started = 0.0
+
+    def __repr__(self) -> str:
+        return f"<Proxy nodes={list(self.drivers)} routes={list(self.routes)} open={self.shared.open}>"
+
+    def route_address(self, index: int = 0) -> tuple[str, int]:
+        """The first bound address of ``cfg.routes[index]`` (useful with port 0)."""
+        return self.routes[_route_key(index, self.cfg.routes[index])].addresses[0]
+
+    @property
+    def control_url(self) -> str:
+        return self.control_urls[0]
+
+    async def run(self, *, task_status: trio.TaskStatus[Proxy] = trio.TASK_STATUS_IGNORED) -> None:
+        """Serve until ``stop()``; then stop accepting and give relays ``shutdown_grace_s``."""
+        self._started = trio.current_time()
+        async with trio.open_nursery() as connections, trio.open_nursery() as services:
+            self._connections, self._services = connections, services
+            await self._apply(self.cfg, initial=True)
+            addr = self.cfg.control.listen
+            try:
+                self.control_urls = await services.start(serve, self.app, _hostport(self.cfg))
+            except OSError as exc:
+                raise ListenError(f"control.listen {addr}: cannot listen: "
+                                  f"{exc.strerror or exc}; pick another port") from exc
+            task_status.started(self)
+            await self._stop.wait()
+            for route in self.routes.values():
+                route.stop()
+            grace = self.cfg.limits.shutdown_grace_s
+            log.info("stopping: %d connection(s) open, waiting up to %g s",
+                     self.shared.open, grace)
+            with trio.move_on_after(grace):
+                await self.shared.wait_idle()
+            if self.shared.open:
+                log.warning("stopping: closing %d connection(s) after the grace period",
+                            self.shared.open)
+            connections.cancel_scope.cancel()
+
+    def stop(self) -> None:
+        """Begin a graceful shutdown."""
+        self._stop.set()
+
+    async def reload(self, cfg: EdgeConfig) -> None:
+        """Apply a new config: new routes open, removed ones close, running relays go on."""
+        if cfg.control.listen != self.cfg.control.listen:
+            log.warning("control.listen changed to %s; that takes a restart", cfg.control.listen)
+        await self._apply(cfg, initial=False)
+        self.app.token = cfg.control.token
+        self.cfg = cfg
+        log.info("config reloaded: %d node(s), %d route(s)", len(cfg.nodes), len(cfg.routes))
+
+    async def _apply(self, cfg: EdgeConfig, *, initial: bool) -> None:
+        assert self._services is not None and self._connections is not None
+        self.shared.limits = cfg.limits
+        for name, node_cfg in cfg.nodes.items():
+            if name in self.drivers:
+                self.drivers[name].update(node_cfg)
+            else:
+                driver = NodeDriver(name, node_cfg, self.metrics, self.sender)
+                self.drivers[name] = driver
+                self._driver_scopes[name] = scope = trio.CancelScope()
+                await self._services.start(self._run_driver, driver, scope)
+        for name in set(self.drivers) - set(cfg.nodes):
+            self._driver_scopes.pop(name).cancel()
+            self.drivers.pop(name).close(f"node {name} was removed from the config")
+        wanted = {_route_key(i, r): r for i, r in enumerate(cfg.routes)}
+        for key in set(self.routes) - set(wanted):
+            self.routes.pop(key).stop()
+        for key, route_cfg in wanted.items():
+            if key in self.routes:
+                self.routes[key].update(route_cfg, self.drivers[route_cfg.node])
+                continue
+            route = Route(route_cfg, self.drivers[route_cfg.node], self.shared)
+            try:
+                await self._services.start(route.serve, self._connections)
+            except ListenError as exc:
+                if initial:
+                    raise
+                log.error("reload: %s", exc)
+                continue
+            self.routes[key] = route
+        for name, driver in self.drivers.items():
+            driver.backends = {Backend(r.backend_port, r.ready_http_path)
+                               for r in cfg.routes if r.node == name}
+
+    @staticmethod
+    async def _run_driver(driver: NodeDriver, scope: trio.CancelScope, *,
+                          task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        with scope:
+            await driver.run(task_status=task_status)
+
+    def status(self) -> dict[str, Any]:
+        """What ``GET /status`` shows: nodes, states, connections, routes."""
+        return {
+            "uptime_s": round(trio.current_time() - self._started, 3),
+            "connections_open": self.shared.open,
+            "held_total": self.shared.held_total,
+            "nodes": {name: d.status() for name, d in sorted(self.drivers.items())},
+            "routes": [{"listen": r.cfg.listen, "node": r.cfg.node,
+                        "backend_port": r.cfg.backend_port, "ready": r.cfg.ready,
+                        "addresses": [f"{h}:{p}" for h, p in r.addresses]}
+                       for r in self.routes.values()],
+        }
+
+
+def _hostport(cfg: EdgeConfig) -> HostPort:
+    host, _, port = cfg.control.listen.rpartition(":")
+    return HostPort(host.strip("[]"), int(port))
+
+
+async def serve_proxy(cfg: EdgeConfig, sender: WolSender | None = None, *,
+                      task_status: trio.TaskStatus[Proxy] = trio.TASK_STATUS_IGNORED) -> None:
+    """Run a proxy for ``cfg`` in this trio run; ``task_status`` gets the ``Proxy`` once it listens."""
+    await Proxy(cfg, sender).run(task_status=task_status)
+
+
+def raise_open_file_limit() -> int:
+    """Raise the soft RLIMIT_NOFILE to the hard limit (each relay needs two descriptors)."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard != resource.RLIM_INFINITY and soft < hard:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+        return hard
+    return soft
+
+
+async def run_service(path: Path) -> None:
+    """``edge-proxy run``: serve ``path``'s config until SIGTERM/SIGINT; SIGHUP reloads it."""
+    cfg = load_edge_config(path)
+    limit = raise_open_file_limit()
+    log.info("open-file limit: %d", limit)
+    with trio.open_signal_receiver(signal.SIGHUP, signal.SIGTERM, signal.SIGINT) as signals:
+        async with trio.open_nursery() as nursery:
+            proxy: Proxy = await nursery.start(serve_proxy, cfg)
+            systemd.ready(f"{len(cfg.routes)} route(s), control on {proxy.control_url}")
+            async for signum in signals:
+                if signum == signal.SIGHUP:
+                    systemd.reloading()
+                    try:
+                        await proxy.reload(load_edge_config(path))
+                    except ConfigError as exc:
+                        log.error("reload refused, keeping the running config: %s", exc)
+                    systemd.ready("reloaded")
+                else:
+                    systemd.stopping()
+                    proxy.stop()
+                    break
+
+
+def first_user_error(group: BaseExceptionGroup[BaseException]) -> BaseException:
+    """A start-up failure comes wrapped by nurseries; show the user the one-line error."""
+    for exc in group.exceptions:
+        if isinstance(exc, LlamanapError):
+            return exc
+        if isinstance(exc, BaseExceptionGroup):
+            found = first_user_error(exc)
+            if isinstance(found, LlamanapError):
+                return found
+    return group
