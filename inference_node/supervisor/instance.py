@@ -85,6 +85,7 @@ class Instance:
         self._poked = trio.Event()
         self._changed = trio.Event()
         self._run_scope: trio.CancelScope | None = None
+        self.transitions = 0  # counts state changes, so a caller can wait for the next one
 
     def __repr__(self) -> str:
         pid = self.child.pid if self.child else None
@@ -129,6 +130,11 @@ class Instance:
     async def wait_for(self, states: frozenset[State]) -> None:
         """Return once the state is one of ``states``."""
         while self.state not in states:
+            await self._changed.wait()
+
+    async def wait_transition(self, after: int) -> None:
+        """Return once a transition happened since ``transitions`` was ``after``."""
+        while self.transitions == after:
             await self._changed.wait()
 
     # ---- the owner task ----
@@ -308,6 +314,7 @@ class Instance:
         old = self.state
         check_transition(old, new)
         self.state, self.reason, self.state_since = new, reason, trio.current_time()
+        self.transitions += 1
         changed, self._changed = self._changed, trio.Event()
         changed.set()
         self._host.state_changed(self.name, old, new, reason)

@@ -1,0 +1,201 @@
+"""The node-agent's composition root: config, supervisor, control API, signals, systemd.
+
+``run_agent(cfg_path, task_status=...)`` runs everything until SIGTERM/SIGINT (or until the
+caller cancels it) and always stops the instances on the way out. Tests and the demo run it
+in-process with ``agent = await nursery.start(run_agent, path)``.
+
+Components (activity tracking, P-states, VRAM placement, power) plug in at one place,
+``_components``: each is built with the ``Agent``, subscribes in its constructor (line sinks,
+state listeners, API routes, metrics collectors, reload listeners) and then runs as a task
+in the agent's nursery.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import logging
+import signal
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Protocol
+
+import trio
+from prometheus_client import CollectorRegistry
+
+from inference_node import api
+from inference_node.supervisor import ReloadPlan, Supervisor
+from inference_node.supervisor.metrics import SupervisorCollector
+from inference_node.supervisor.overrides import EnabledOverrides
+from shared import systemd
+from shared.config.loader import Context
+from shared.config.node import NodeAgentConfig, load_node_config
+from shared.config.values import parse_hostport
+from shared.errors import LlamanapError
+from shared.http import serve
+
+log = logging.getLogger(__name__)
+
+# Instances get this long beyond their own stop_timeout_s to stop when the agent shuts down
+# (systemd's TimeoutStopSec should be larger; it SIGKILLs the whole unit after that).
+SHUTDOWN_MARGIN_S = 5.0
+
+
+class Component(Protocol):
+    """A part of the agent with a life of its own (a tracker, a controller, a policy loop)."""
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """Run until cancelled; call ``task_status.started()`` once it is working."""
+        ...
+
+
+@dataclass
+class ReloadRecord:
+    """The outcome of the last reload, shown by ``status``."""
+
+    ok: bool
+    message: str
+    at: float  # wall clock
+
+
+ReloadListener = Callable[[NodeAgentConfig], None]
+
+
+class Agent:
+    """Everything one running node-agent holds; components reach each other through it."""
+
+    def __init__(self, cfg_path: Path, config: NodeAgentConfig) -> None:
+        self.cfg_path = cfg_path
+        self.config = config
+        self.supervisor = Supervisor(ring_lines=config.agent.log_ring_lines)
+        self.overrides = EnabledOverrides(config.agent.state_file)
+        self.registry = CollectorRegistry()
+        self.registry.register(SupervisorCollector(self.supervisor))
+        # Functions that add API routes; components append theirs before the API starts.
+        self.route_registrars: list[api.RouteRegistrar] = [api.core_routes]
+        self.reload_listeners: list[ReloadListener] = []
+        self.last_reload: ReloadRecord | None = None
+        self.api_urls: list[str] = []
+        self._shutdown = trio.Event()
+
+    def __repr__(self) -> str:
+        return f"<Agent {self.config.agent.node} {self.cfg_path} api={self.api_urls} {self.supervisor!r}>"
+
+    async def apply_config(self, reason: str) -> ReloadPlan:
+        """Bring the supervisor in line with ``self.config`` (and the enable overrides)."""
+        instances = self.config.instances
+        return await self.supervisor.apply(instances, self.overrides.effective(instances), reason)
+
+    async def reload(self, reason: str = "reload") -> ReloadPlan:
+        """Re-read the config and act on the difference; a bad config changes nothing.
+
+        Raises ``ConfigError`` (after recording it in ``last_reload``) when the config is bad.
+        """
+        systemd.reloading()
+        try:
+            try:
+                new = load_node_config(self.cfg_path)
+            except LlamanapError as exc:
+                self.last_reload = ReloadRecord(False, str(exc), _wall())
+                log.error("%s: config error, keeping the running instances: %s", reason, exc)
+                raise
+            if new.agent != self.config.agent:
+                log.warning("%s: [agent] settings changed; restart node-agent to apply them "
+                            "(instances are reloaded now)", reason)
+            # The [agent] section (API address, token, state file) is fixed while running.
+            self.config = dataclasses.replace(new, agent=self.config.agent)
+            plan = await self.apply_config(reason)
+            self.last_reload = ReloadRecord(True, _summary(plan), _wall())
+            for listener in self.reload_listeners:
+                listener(self.config)
+            return plan
+        finally:
+            systemd.ready()
+
+    def set_enabled(self, name: str, enabled: bool, reason: str) -> None:
+        """Persist an enable/disable (state file) and start or stop the instance to match."""
+        cfg = self.config.instances[name]
+        self.overrides.set(name, enabled, cfg.enabled)
+        self.supervisor.set_enabled(name, enabled, reason)
+
+    def request_shutdown(self) -> None:
+        self._shutdown.set()
+
+    async def wait_shutdown(self) -> None:
+        await self._shutdown.wait()
+
+
+def _components(agent: Agent) -> list[Component]:
+    """The agent's parts beside the supervisor and the API, in start order."""
+    return []
+
+
+async def run_agent(
+    cfg_path: Path,
+    *,
+    handle_signals: bool = True,
+    task_status: trio.TaskStatus[Agent] = trio.TASK_STATUS_IGNORED,
+) -> None:
+    """Run the node-agent from ``cfg_path`` until SIGTERM/SIGINT or cancellation.
+
+    ``task_status`` receives the ``Agent`` once the API listens and the enabled instances
+    are starting (not yet READY: a big model may load for minutes).
+    """
+    path = Path(cfg_path).absolute()
+    config = load_node_config(path)
+    agent = Agent(path, config)
+    listen = parse_hostport(config.agent.api_listen, Context(path), "agent.api_listen",
+                            allow_port_zero=True)
+    components = _components(agent)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(agent.supervisor.run)
+        for component in components:
+            await nursery.start(component.run)
+        app = api.build_app(agent, agent.route_registrars)
+        agent.api_urls = await nursery.start(serve, app, listen)
+        if handle_signals:
+            nursery.start_soon(_handle_signals, agent)
+        interval = systemd.watchdog_interval_s()
+        if interval is not None:
+            nursery.start_soon(_watchdog, interval)
+        await agent.apply_config("agent start")
+        log.info("node-agent %s listening on %s with %d instance(s)", config.agent.node,
+                 ", ".join(agent.api_urls), len(config.instances))
+        systemd.ready(f"{len(config.instances)} instance(s)")
+        task_status.started(agent)
+        await agent.wait_shutdown()
+        systemd.stopping()
+        log.info("stopping: stopping every instance")
+        budget = max((i.stop_timeout_s for i in agent.config.instances.values()), default=0.0)
+        with trio.move_on_after(budget + SHUTDOWN_MARGIN_S):
+            await agent.supervisor.stop_all("node-agent stopping")
+        nursery.cancel_scope.cancel()
+
+
+async def _handle_signals(agent: Agent) -> None:
+    with trio.open_signal_receiver(signal.SIGHUP, signal.SIGTERM, signal.SIGINT) as signals:
+        async for signum in signals:
+            if signum == signal.SIGHUP:
+                # A config error is logged and kept in last_reload; the running set stays.
+                with contextlib.suppress(LlamanapError):
+                    await agent.reload("SIGHUP reload")
+            else:
+                log.info("got %s", signal.Signals(signum).name)
+                agent.request_shutdown()
+
+
+async def _watchdog(interval_s: float) -> None:
+    while True:
+        systemd.watchdog()
+        await trio.sleep(interval_s)
+
+
+def _summary(plan: ReloadPlan) -> str:
+    parts = [f"{k} {', '.join(v)}" for k, v in plan.to_json().items() if v and k != "unchanged"]
+    return "; ".join(parts) or "no instance changed"
+
+
+def _wall() -> float:
+    return time.time()

@@ -1,0 +1,164 @@
+"""The node-agent's control API: instances, their logs, start/stop/enable/disable, reload, metrics.
+
+Every route but ``/metrics`` needs the bearer token when one is configured (the config
+refuses a non-loopback ``api_listen`` without one). Errors are JSON
+``{"error": {"message", "type", "source": "node-agent"}}``.
+
+Other components add routes with a registrar ``def routes(app: App, agent: Agent) -> None``
+appended to ``agent.route_registrars`` before the API starts.
+
+Routes:
+    GET  /v1/status                      agent summary, last reload, all instances
+    GET  /v1/instances                   all instances
+    GET  /v1/instances/{name}            one instance
+    GET  /v1/instances/{name}/logs?lines=N   its recent output
+    POST /v1/instances/{name}/{action}   action: start, stop, restart, enable, disable
+                                         (body {"wait": true, "timeout_s": N} waits for
+                                         READY or STOPPED)
+    POST /v1/reload                      re-read the config, act on the difference
+    GET  /metrics                        Prometheus text format
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING, Any
+
+import trio
+
+from inference_node.supervisor import State
+from inference_node.supervisor.instance import Instance
+from inference_node.supervisor.supervisor import SETTLED
+from shared.cli import package_version
+from shared.errors import ConfigError, LlamanapError
+from shared.http import App, HTTPError, Request, Response, metrics_response
+
+if TYPE_CHECKING:
+    from inference_node.agent import Agent
+
+SOURCE = "node-agent"
+METRICS_PATH = "/metrics"
+DEFAULT_LOG_LINES = 100
+MAX_LOG_LINES = 100_000
+# How long a request with {"wait": true} may wait when it gives no timeout_s.
+DEFAULT_WAIT_S = 300.0
+MAX_WAIT_S = 3600.0
+ACTIONS = ("start", "stop", "restart", "enable", "disable")
+
+RouteRegistrar = Callable[[App, "Agent"], None]
+
+
+def build_app(agent: Agent, registrars: Sequence[RouteRegistrar]) -> App:
+    """The ASGI app with the routes of every registrar."""
+    app = App(SOURCE, agent.config.agent.token, public=frozenset({METRICS_PATH}))
+    for register in registrars:
+        register(app, agent)
+    return app
+
+
+def core_routes(app: App, agent: Agent) -> None:
+    """Instances, logs, actions, reload, metrics."""
+    sup = agent.supervisor
+
+    def instance(req: Request) -> Instance:
+        name = req.params["name"]
+        try:
+            return sup.get(name)
+        except KeyError:
+            known = ", ".join(sup.names) or "none"
+            raise HTTPError(404, f"no instance named {name!r}; known: {known}",
+                            "not_found_error") from None
+
+    def row(name: str) -> dict[str, Any]:
+        return next(r.to_json() for r in sup.snapshot() if r.name == name)
+
+    @app.route("GET", "/v1/status")
+    async def status(req: Request) -> Response:
+        last = agent.last_reload
+        return Response.json({
+            "node": agent.config.agent.node,
+            "version": package_version(),
+            "config": str(agent.cfg_path),
+            "api": agent.api_urls,
+            "last_reload": None if last is None else {"ok": last.ok, "message": last.message,
+                                                      "at": last.at},
+            "instances": [r.to_json() for r in sup.snapshot()],
+        })
+
+    @app.route("GET", "/v1/instances")
+    async def list_instances(req: Request) -> Response:
+        return Response.json({"instances": [r.to_json() for r in sup.snapshot()]})
+
+    @app.route("GET", "/v1/instances/{name}")
+    async def get_instance(req: Request) -> Response:
+        return Response.json(row(instance(req).name))
+
+    @app.route("GET", "/v1/instances/{name}/logs")
+    async def logs(req: Request) -> Response:
+        inst = instance(req)
+        text = req.query.get("lines", str(DEFAULT_LOG_LINES))
+        if not text.isdigit() or not 0 < int(text) <= MAX_LOG_LINES:
+            raise HTTPError(400, f"lines={text!r}; expected a number from 1 to {MAX_LOG_LINES}")
+        lines = inst.ring.tail(int(text))
+        return Response.json({"instance": inst.name, "lines": [
+            {"time": line.time, "stream": line.stream, "text": line.text} for line in lines]})
+
+    @app.route("POST", "/v1/instances/{name}/{action}")
+    async def act(req: Request) -> Response:
+        inst = instance(req)
+        action = req.params["action"]
+        if action not in ACTIONS:
+            raise HTTPError(404, f"no action {action!r}; use one of {', '.join(ACTIONS)}",
+                            "not_found_error")
+        wait, timeout_s = _wait_options(req)
+        why = f"{action} requested through the API"
+        mark = inst.transitions
+        try:
+            if action == "start":
+                sup.start(inst.name, why)
+            elif action == "stop":
+                sup.stop(inst.name, why)
+            elif action == "restart":
+                sup.restart(inst.name, why)
+            else:
+                agent.set_enabled(inst.name, action == "enable", why)
+        except LlamanapError as exc:
+            raise HTTPError(500, str(exc), "server_error") from exc
+        timed_out = False
+        if wait:
+            with trio.move_on_after(timeout_s) as scope:
+                if not inst.wanted:
+                    await inst.wait_for(SETTLED)
+                else:
+                    if inst.state is not State.READY or action == "restart":
+                        await inst.wait_transition(mark)  # the owner task took the request
+                    await inst.wait_for(frozenset({State.READY, State.FAILED}))
+            timed_out = scope.cancelled_caught
+        body = row(inst.name) | {"action": action, "timed_out": timed_out}
+        return Response.json(body)
+
+    @app.route("POST", "/v1/reload")
+    async def reload(req: Request) -> Response:
+        try:
+            plan = await agent.reload("reload requested through the API")
+        except ConfigError as exc:
+            raise HTTPError(400, f"config error, nothing changed: {exc}", "config_error") from exc
+        return Response.json({"ok": True, **plan.to_json()})
+
+    @app.route("GET", METRICS_PATH)
+    async def metrics(req: Request) -> Response:
+        return metrics_response(agent.registry)
+
+
+def _wait_options(req: Request) -> tuple[bool, float]:
+    body = req.json() if req.body else {}
+    if not isinstance(body, dict):
+        raise HTTPError(400, 'body must be a JSON object such as {"wait": true, "timeout_s": 60}')
+    wait = body.get("wait", False)
+    timeout = body.get("timeout_s", DEFAULT_WAIT_S)
+    if not isinstance(wait, bool):
+        raise HTTPError(400, f"wait={wait!r}; expected true or false")
+    if not isinstance(timeout, int | float) or isinstance(timeout, bool) \
+            or not 0 < timeout <= MAX_WAIT_S:
+        raise HTTPError(400, f"timeout_s={timeout!r}; expected a number from 0 to {MAX_WAIT_S:g}")
+    return wait, float(timeout)
