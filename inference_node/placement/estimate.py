@@ -1,0 +1,151 @@
+"""Memory per device for one model and one set of launch settings, as llama.cpp allocates it.
+
+Three parts per device, each reproducing one of llama-server's ``-lv 4`` lines:
+
+- weights (``model buffer size``): llama.cpp's layer-to-device rule (``layer_devices``) puts
+  whole ``blk.N`` layers on devices; the input layer (``token_embd``) stays on the host; the
+  output layer (``output``, ``output_norm``, and ``token_embd`` again for tied embeddings)
+  counts as layer ``n_layer`` and goes where the rule puts it (the last device when all is
+  offloaded). Each tensor is padded as that backend pads it.
+- KV cache (``KV buffer size``): per attention layer, ``row_size(type_k, head_dim_k·n_head_kv)``
+  plus the same for V, times the cells (context padded to 256, per stream; sliding-window
+  layers hold ``pad(min(n_ctx_seq, n_swa·n_seq + n_ubatch), 256)``), on the layer's device.
+- compute buffer (``compute buffer size``): no closed formula exists; ``compute.py`` holds a
+  model of the peak activation memory calibrated against llama-server's reports.
+
+The host (system RAM) is reported too, as ``Placement.host``; it is not what placement
+packs, so its compute estimate is coarse.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Final
+
+import numpy as np
+
+from inference_node.placement.compute import compute_bytes
+from inference_node.placement.errors import PlacementError
+from inference_node.placement.ggml_sizes import ALIGNMENT, alloc_size, mib, pad
+from inference_node.placement.gguf_info import ModelInfo, TensorInfo
+from inference_node.placement.kv_cache import kv_layer_bytes
+from inference_node.placement.settings import LaunchSettings
+
+HOST: Final = -1  # device index of the host (CPU) in layer assignments
+
+
+@dataclass(frozen=True)
+class DeviceSpec:
+    """One accelerator as llama.cpp sees it: a display name and a backend kind (cuda, rpc)."""
+
+    name: str
+    kind: str = "cuda"
+
+
+@dataclass
+class DeviceEstimate:
+    """Bytes one device needs; ``layers`` are the block numbers placed there (output = n_layer)."""
+
+    name: str
+    layers: list[int] = field(default_factory=list)
+    weights: int = 0
+    kv: int = 0
+    compute: int = 0
+
+    @property
+    def total(self) -> int:
+        return self.weights + self.kv + self.compute
+
+    def mib(self) -> dict[str, float]:
+        return {"weights": mib(self.weights), "kv": mib(self.kv), "compute": mib(self.compute),
+                "total": mib(self.total)}
+
+
+@dataclass
+class Estimate:
+    """Per-device estimates in device order, plus the host."""
+
+    devices: list[DeviceEstimate]
+    host: DeviceEstimate
+    n_ctx: int
+    n_ctx_seq: int
+    n_gpu_layers: int
+
+    @property
+    def total(self) -> int:
+        return sum(d.total for d in self.devices)
+
+
+def layer_devices(n_layer: int, n_devices: int, n_gpu_layers: int,
+                  tensor_split: Sequence[float] = ()) -> list[int]:
+    """Device index of layers ``0..n_layer`` (the last is the output layer); HOST for the CPU.
+
+    llama.cpp's rule (``llama_model::load_tensors``): the last ``n_gpu_layers`` of the
+    ``n_layer + 1`` layers are offloaded; offloaded layer ``il`` goes to the first device whose
+    cumulative split proportion exceeds ``(il - i_gpu_start) / n_offloaded``. Proportions
+    count layers, not bytes. The arithmetic is done in float32 as llama.cpp does it, so
+    boundary cases land on the same device.
+    """
+    if n_devices == 0:
+        return [HOST] * (n_layer + 1)
+    ngl = n_layer + 1 if n_gpu_layers < 0 else n_gpu_layers
+    weights = list(tensor_split[:n_devices]) + [0.0] * (n_devices - len(tensor_split))
+    if not any(weights):
+        weights = [1.0] * n_devices  # llama.cpp splits by free memory here; equal is our stand-in
+    cum = np.cumsum(np.asarray(weights, dtype=np.float32), dtype=np.float32)
+    splits = cum / cum[-1]
+    i_gpu_start = max(n_layer + 1 - ngl, 0)
+    act = min(ngl, n_layer + 1)
+    out = []
+    for il in range(n_layer + 1):
+        if il < i_gpu_start or il - i_gpu_start >= act:
+            out.append(HOST)
+            continue
+        x = np.float32(il - i_gpu_start) / np.float32(act)
+        out.append(int(np.searchsorted(splits, x, side="right")))
+    return out
+
+
+def estimate(model: ModelInfo, s: LaunchSettings, devices: Sequence[DeviceSpec]) -> Estimate:
+    """Bytes per device (and host) for ``model`` launched with ``s`` on ``devices``."""
+    if s.split_mode == "none":
+        if devices and not 0 <= s.main_gpu < len(devices):
+            raise PlacementError(f"--main-gpu {s.main_gpu}: only {len(devices)} device(s) visible")
+        used = [devices[s.main_gpu]] if devices else []
+    else:
+        used = list(devices)
+    ngl = model.n_layer + 1 if s.n_gpu_layers < 0 else s.n_gpu_layers
+    split = s.tensor_split if s.split_mode != "none" else ()
+    if split and len(split) > len(used):
+        raise PlacementError(f"--tensor-split has {len(split)} proportions for {len(used)} "
+                             "device(s); give one per device")
+    assign = layer_devices(model.n_layer, len(used), ngl, split)
+    ests = [DeviceEstimate(d.name) for d in used]
+    host = DeviceEstimate("host")
+
+    def target(dev: int) -> DeviceEstimate:
+        return host if dev == HOST else ests[dev]
+
+    def kind(dev: int) -> str:
+        return "cpu" if dev == HOST else used[dev].kind
+
+    def add_weights(dev: int, tensors: Sequence[TensorInfo]) -> None:
+        k = kind(dev)
+        target(dev).weights += sum(alloc_size(k, t.type_name, t.shape, t.n_bytes) for t in tensors)
+
+    add_weights(HOST, model.input_tensors)
+    for il in range(model.n_layer + 1):
+        dev = assign[il]
+        target(dev).layers.append(il)
+        add_weights(dev, model.layer_tensors(il) if il < model.n_layer else model.output_tensors)
+        if il < model.n_layer:
+            kv_dev = dev if s.kv_offload else HOST
+            for part in kv_layer_bytes(model, s, il):
+                target(kv_dev).kv += pad(part, ALIGNMENT[kind(kv_dev)])
+
+    for dev, est in enumerate(ests):
+        est.compute = compute_bytes(model, s, assign, dev, n_devices=len(used))
+    host.compute = compute_bytes(model, s, assign, HOST, n_devices=len(used))
+    return Estimate(devices=ests, host=host, n_ctx=s.n_ctx(model.n_ctx_train),
+                    n_ctx_seq=s.n_ctx_seq(model.n_ctx_train), n_gpu_layers=ngl)

@@ -1,0 +1,51 @@
+"""KV-cache sizes per layer, as ``llama_kv_cache`` allocates them.
+
+Per attention layer: ``row_size(type_k, head_dim_k·n_head_kv)`` bytes per cell for K and the
+same for V (without flash attention V is stored transposed and padded to the widest
+layer), times the cells per stream, times the streams (1 with a unified cache, else one per
+``--parallel`` slot). Sliding-window layers keep only
+``pad(min(n_ctx_seq, n_swa·n_seq + n_ubatch), 256)`` cells (``llama_kv_cache_iswa``)
+unless ``--swa-full``.
+"""
+
+from __future__ import annotations
+
+from inference_node.placement.ggml_sizes import pad, row_size
+from inference_node.placement.gguf_info import ModelInfo
+from inference_node.placement.settings import CTX_PAD, LaunchSettings
+
+
+def kv_cells(model: ModelInfo, s: LaunchSettings, il: int) -> int:
+    """KV cells per stream of layer ``il`` (sliding-window layers hold fewer)."""
+    n_ctx_seq = s.n_ctx_seq(model.n_ctx_train)
+    if not model.swa_layers[il] or s.swa_full:
+        return n_ctx_seq
+    _, n_ubatch = s.batch_sizes(model.n_ctx_train)
+    per = model.sliding_window * (s.n_seq if s.unified else 1) + n_ubatch
+    return pad(min(n_ctx_seq, per), CTX_PAD)
+
+
+def kv_layer_bytes(model: ModelInfo, s: LaunchSettings, il: int) -> tuple[int, int]:
+    """(K bytes, V bytes) of layer ``il`` for all its streams; (0, 0) without KV heads."""
+    kv_heads = model.n_head_kv[il]
+    if kv_heads == 0:
+        return 0, 0
+    swa = model.swa_layers[il]
+    dk = model.head_dim_k_swa if swa else model.head_dim_k
+    dv = model.head_dim_v_swa if swa else model.head_dim_v
+    if not s.flash:
+        # without flash attention V is stored transposed, padded to the widest layer
+        dv = max(model.head_dim_v_swa if model.swa_layers[i] else model.head_dim_v
+                 for i in range(model.n_layer))
+        kv_heads_v = max(model.n_head_kv)
+    else:
+        kv_heads_v = kv_heads
+    cells = kv_cells(model, s, il) * s.n_stream
+    k = row_size(s.cache_type_k, dk * kv_heads) * cells
+    v = row_size(s.cache_type_v, dv * kv_heads_v) * cells
+    return k, v
+
+
+def kv_total_bytes(model: ModelInfo, s: LaunchSettings) -> int:
+    """K and V bytes of every layer together (all on one device)."""
+    return sum(sum(kv_layer_bytes(model, s, il)) for il in range(model.n_layer))
