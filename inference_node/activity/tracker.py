@@ -50,6 +50,7 @@ class InstanceActivity:
     seq: int = 0  # bumped on every event; reconcile skips answers older than the last event
     tokens_per_second: float | None = None  # from /metrics, when the instance exposes it
     requests_processing: int | None = None
+    tokens_predicted: int | None = None
 
     @property
     def busy(self) -> bool:
@@ -72,6 +73,7 @@ class InstanceActivity:
             "buffers_mib": {f"{k}:{d}": v for (k, d), v in sorted(self.buffers.items())},
             "tokens_per_second": self.tokens_per_second,
             "requests_processing": self.requests_processing,
+            "tokens_predicted": self.tokens_predicted,
         }
 
     def __repr__(self) -> str:
