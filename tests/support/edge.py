@@ -24,10 +24,19 @@ LINE_LIMIT = 1 << 16
 Handler = Callable[[trio.SocketStream], Awaitable[None]]
 
 
-def write_config(tmp_path: Path, backend_port: int, wol_port: int, *, node: str = "",
-                 extra: str = "", routes: int = 1, ready: str = "tcp",
-                 name: str = "edge.toml") -> Path:
-    """A real edge-proxy TOML file: one node on loopback, ``routes`` routes to ``backend_port``."""
+NODE_DEFAULTS: dict[str, object] = {
+    "wol_interval_s": 0.2, "wake_timeout_s": 20, "probe_interval_s": 0.05, "probe_timeout_s": 0.5,
+}
+
+
+def write_config(tmp_path: Path, backend_port: int, wol_port: int, *,
+                 node: dict[str, object] | None = None, extra: str = "", routes: int = 1,
+                 ready: str = "tcp", name: str = "edge.toml") -> Path:
+    """A real edge-proxy TOML file: one node on loopback, ``routes`` routes to ``backend_port``.
+
+    ``node`` overrides node settings; ``extra`` is TOML put before the tables."""
+    settings = "\n".join(f"{k} = {v!r}".replace("True", "true").replace("False", "false")
+                         for k, v in {**NODE_DEFAULTS, **(node or {})}.items())
     text = f"""
 log_level = "debug"
 {extra}
@@ -39,11 +48,7 @@ token = "s3cret"
 host = "127.0.0.1"
 mac = "{MAC}"
 wol = {{ broadcast = "127.0.0.1", port = {wol_port} }}
-wol_interval_s = 0.2
-wake_timeout_s = 20
-probe_interval_s = 0.05
-probe_timeout_s = 0.5
-{node}
+{settings}
 """
     for _ in range(routes):
         text += f"""
@@ -58,8 +63,11 @@ ready = "{ready}"
     return path
 
 
-def load_config(tmp_path: Path, backend_port: int, wol_port: int, **kwargs: object) -> EdgeConfig:
-    return load_edge_config(write_config(tmp_path, backend_port, wol_port, **kwargs))  # type: ignore[arg-type]
+def load_config(tmp_path: Path, backend_port: int, wol_port: int, *,
+                node: dict[str, object] | None = None, extra: str = "", routes: int = 1,
+                ready: str = "tcp") -> EdgeConfig:
+    return load_edge_config(write_config(tmp_path, backend_port, wol_port, node=node,
+                                         extra=extra, routes=routes, ready=ready))
 
 
 @dataclass
