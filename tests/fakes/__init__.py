@@ -1,0 +1,1 @@
+"""Recording fakes for the hardware boundary (NVML, NVAPI); used by tests only."""
