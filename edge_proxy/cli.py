@@ -12,6 +12,7 @@ from typing import Any
 import httpx
 import trio
 
+from edge_proxy import doctor
 from edge_proxy.control import STATUS_PATH, WAKE_PATH
 from edge_proxy.errors import ControlError
 from edge_proxy.server import first_user_error, run_service
@@ -160,6 +161,7 @@ def build_parser() -> argparse.ArgumentParser:
     config_arg(p)
     p.add_argument("--json", action="store_true", help="print the raw JSON")
     p.set_defaults(func=_status)
+    doctor.register(sub, DEFAULT_CONFIG)
     return parser
 
 
