@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import argparse
+import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from shared.cli import EXIT_OK, CommandModule, make_parser, run
+from inference_node.supervisor.launch import instance_problems
+from shared.cli import EXIT_FAILURE, EXIT_OK, CommandModule, make_parser, run
 from shared.config.node import load_node_config
 
 DESCRIPTION = """\
@@ -21,7 +23,10 @@ def _check_config(args: argparse.Namespace) -> int:
     cfg = load_node_config(args.path)
     enabled = sum(1 for i in cfg.instances.values() if i.enabled)
     print(f"{args.path}: ok ({len(cfg.instances)} instance(s), {enabled} enabled)")
-    return EXIT_OK
+    problems = instance_problems(cfg)  # files on this machine: warnings unless --strict
+    for line in problems:
+        print(f"node-agent: warning: {line}", file=sys.stderr)
+    return EXIT_FAILURE if problems and args.strict else EXIT_OK
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -29,6 +34,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("check-config", help="check a config file and exit",
                        description="Check a node-agent config file (and its instances_dir).")
     p.add_argument("path", type=Path, help="the TOML file to check")
+    p.add_argument("--strict", action="store_true",
+                   help="fail on a missing model or program, not only on config errors")
     p.set_defaults(func=_check_config)
     for module in _command_modules():
         module.register(sub)
@@ -37,7 +44,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _command_modules() -> list[CommandModule]:
     # Each module adds its own subcommands; keep this list in the order of `--help`.
-    return []
+    from inference_node import commands, doctor
+
+    return [commands, doctor]
 
 
 def main(argv: Sequence[str] | None = None) -> int:

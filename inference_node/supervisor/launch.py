@@ -22,7 +22,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from shared.config.node import InstanceConfig
+from shared.config.node import InstanceConfig, NodeAgentConfig
 from shared.errors import LlamanapError
 from shared.llama_bin import find_llama_server
 
@@ -115,6 +115,19 @@ def preflight(spec: LaunchSpec, *, check_port: bool) -> list[str]:
         taken = port_problem(spec.host, spec.port)
         if taken:
             problems.append(f"{where}: {taken}")
+    return problems
+
+
+def instance_problems(config: NodeAgentConfig) -> list[str]:
+    """Preflight lines (no port check) for every enabled instance: what check-config reports."""
+    problems: list[str] = []
+    for name, inst in config.instances.items():
+        if not inst.enabled:
+            continue
+        try:
+            problems += preflight(build_launch(name, inst), check_port=False)
+        except LaunchError as exc:
+            problems.append(str(exc))
     return problems
 
 

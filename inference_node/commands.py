@@ -1,0 +1,164 @@
+"""``node-agent`` subcommands that run the agent or talk to a running one through its API:
+``run``, ``status`` / ``get instances``, ``logs``, ``start|stop|restart|enable|disable``, ``reload``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import trio
+
+from inference_node.cli import DEFAULT_CONFIG
+from inference_node.client import AgentClient, AgentRefused
+from shared.cli import EXIT_FAILURE, EXIT_OK, setup_logging
+from shared.config.node import load_node_config
+
+DEFAULT_LOG_LINES = 100
+FOLLOW_INTERVAL_S = 1.0
+ACTION_HELP = {
+    "start": "start an instance now (until stopped; does not change enabled)",
+    "stop": "stop an instance now (does not change enabled)",
+    "restart": "stop and start an instance",
+    "enable": "enable an instance (kept across reloads and restarts) and start it",
+    "disable": "disable an instance (kept across reloads and restarts) and stop it",
+}
+COLUMNS = ("NAME", "STATE", "PID", "PORT", "GPUS", "UPTIME", "RESTARTS", "ENABLED", "REASON")
+
+def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    p = sub.add_parser("run", help="run the agent (what the systemd unit starts)",
+                       description="Supervise the configured instances and serve the control API.")
+    p.add_argument("--config", type=Path, default=DEFAULT_CONFIG, help=f"default {DEFAULT_CONFIG}")
+    p.set_defaults(func=_run)
+
+    client = argparse.ArgumentParser(add_help=False)
+    group = client.add_argument_group("where the agent is")
+    group.add_argument("--config", type=Path, default=DEFAULT_CONFIG,
+                       help=f"read api_listen and the token from it (default {DEFAULT_CONFIG})")
+    group.add_argument("--url", help="the agent's API, e.g. http://127.0.0.1:9181 (skips --config)")
+    group.add_argument("--token-file", type=Path, help="file holding the bearer token")
+
+    p = sub.add_parser("status", parents=[client], help="show the instances as a table")
+    p.add_argument("--json", action="store_true", help="print the API's JSON instead")
+    p.set_defaults(func=_status)
+    p = sub.add_parser("get", parents=[client], help="get instances: the same table as status")
+    p.add_argument("resource", choices=["instances"])
+    p.add_argument("--json", action="store_true", help="print the API's JSON instead")
+    p.set_defaults(func=_status)
+
+    p = sub.add_parser("logs", parents=[client], help="recent output of an instance")
+    p.add_argument("name")
+    p.add_argument("-n", "--lines", type=int, default=DEFAULT_LOG_LINES)
+    p.add_argument("-f", "--follow", action="store_true", help="keep printing new lines")
+    p.set_defaults(func=_logs)
+
+    for action, text in ACTION_HELP.items():
+        p = sub.add_parser(action, parents=[client], help=text, description=text)
+        p.add_argument("name")
+        p.add_argument("--wait", action="store_true", help="return once READY (or STOPPED)")
+        p.add_argument("--timeout", type=float, default=300.0, help="seconds --wait may take")
+        p.set_defaults(func=_act, action=action)
+
+    p = sub.add_parser("reload", parents=[client], help="re-read the config, apply the difference")
+    p.set_defaults(func=_reload)
+
+
+def _run(args: argparse.Namespace) -> int:
+    from inference_node.agent import run_agent  # the agent's imports are for `run` only
+
+    cfg = load_node_config(args.config)
+    setup_logging(cfg.log_level, debug=args.debug)
+    trio.run(run_agent, args.config)
+    return EXIT_OK
+
+
+def _client(args: argparse.Namespace) -> AgentClient:
+    return AgentClient.locate(args.url, args.token_file, args.config)
+
+
+def _status(args: argparse.Namespace) -> int:
+    data = _client(args).get("/v1/status")
+    if args.json:
+        print(json.dumps(data, indent=1))
+        return EXIT_OK
+    print(format_table(data["instances"]))
+    last = data.get("last_reload")
+    if last and not last["ok"]:
+        print(f"\nlast reload failed: {last['message']}")
+    return EXIT_OK
+
+
+def format_table(rows: list[dict[str, Any]]) -> str:
+    """The instances as aligned columns (what `status` prints)."""
+    cells = [COLUMNS] + [(
+        r["name"], r["state"].upper(), _dash(r["pid"]), str(r["port"]),
+        _gpus(r["gpus"]), _duration(r["uptime_s"]), str(r["restarts"]),
+        "yes" if r["enabled"] else "no", r["reason"],
+    ) for r in rows]
+    widths = [max(len(row[i]) for row in cells) for i in range(len(COLUMNS) - 1)]
+    lines = ["  ".join([*(c.ljust(w) for c, w in zip(row, widths, strict=False)), row[-1]]).rstrip()
+             for row in cells]
+    return "\n".join(lines)
+
+
+def _logs(args: argparse.Namespace) -> int:
+    client = _client(args)
+    path = f"/v1/instances/{args.name}/logs"
+    seen: tuple[float, str] | None = None
+    while True:
+        lines = client.get(path, lines=str(max(args.lines, 1)))["lines"]
+        fresh = lines
+        if seen is not None:
+            keys = [(line["time"], line["text"]) for line in lines]
+            fresh = lines[keys.index(seen) + 1:] if seen in keys else lines
+        for line in fresh:
+            print(line["text"], flush=True)
+        if lines:
+            seen = (lines[-1]["time"], lines[-1]["text"])
+        if not args.follow:
+            return EXIT_OK
+        time.sleep(FOLLOW_INTERVAL_S)
+
+
+def _act(args: argparse.Namespace) -> int:
+    body = {"wait": True, "timeout_s": args.timeout} if args.wait else {}
+    budget = args.timeout + 10.0 if args.wait else 10.0
+    row = _client(args).post(f"/v1/instances/{args.name}/{args.action}", body, timeout_s=budget)
+    print(f"{row['name']}: {args.action}: now {row['state'].upper()} ({row['reason']})")
+    if args.wait and (row["timed_out"] or row["state"] == "failed"):
+        return EXIT_FAILURE
+    return EXIT_OK
+
+
+def _reload(args: argparse.Namespace) -> int:
+    try:
+        plan = _client(args).post("/v1/reload", timeout_s=120.0)
+    except AgentRefused as exc:
+        print(f"node-agent: reload refused: {exc}", file=sys.stderr)
+        return EXIT_FAILURE
+    changes = [f"{k}: {', '.join(v)}" for k, v in plan.items() if k not in ("ok", "unchanged") and v]
+    print("reloaded; " + ("; ".join(changes) if changes else "no instance changed"))
+    return EXIT_OK
+
+
+def _dash(value: object) -> str:
+    return "-" if value is None else str(value)
+
+
+def _gpus(gpus: object) -> str:
+    if gpus is None:
+        return "-"
+    return ",".join(str(g) for g in gpus) if isinstance(gpus, list) else str(gpus)
+
+
+def _duration(seconds: float | None) -> str:
+    if seconds is None:
+        return "-"
+    s = int(seconds)
+    if s < 3600:
+        return f"{s // 60}m{s % 60:02d}s"
+    return f"{s // 3600}h{s % 3600 // 60:02d}m" if s < 86400 else f"{s // 86400}d{s % 86400 // 3600:02d}h"

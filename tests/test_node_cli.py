@@ -1,0 +1,162 @@
+"""`node-agent` as a person uses it: the agent as a real process, CLI commands against it."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+import tomli_w
+
+from tests.support.ports import free_port
+from tests.support.supervised import STATE_TIMEOUT_S, process_alive, toy_command
+
+REPO = Path(__file__).resolve().parent.parent
+TOKEN = "cli-token-456"
+POLL_S = 0.05
+FAST = {"restart": {"backoff_initial_s": 0.05}, "health": {"interval_s": 0.05}, "stop_timeout_s": 5}
+
+
+@dataclass
+class RunningAgent:
+    config: Path
+    api_port: int
+    process: subprocess.Popen[str]
+
+    def cli(self, *args: str, config: bool = True) -> subprocess.CompletedProcess[str]:
+        extra = ["--config", str(self.config)] if config else []
+        return subprocess.run([sys.executable, "-m", "inference_node", *args, *extra],
+                              capture_output=True, text=True, timeout=STATE_TIMEOUT_S, cwd=REPO)
+
+    def rows(self) -> dict[str, dict[str, Any]]:
+        out = self.cli("status", "--json")
+        assert out.returncode == 0, out.stderr
+        return {r["name"]: r for r in json.loads(out.stdout)["instances"]}
+
+    def wait_state(self, name: str, state: str) -> dict[str, Any]:
+        deadline = time.monotonic() + STATE_TIMEOUT_S
+        while time.monotonic() < deadline:
+            row = self.rows().get(name)
+            if row and row["state"] == state:
+                return row
+            time.sleep(POLL_S)
+        raise AssertionError(f"{name} never reached {state}: {self.rows()}")
+
+
+def write_config(path: Path, port: int, instances: dict[str, Any]) -> None:
+    token_file = path.parent / "token"
+    token_file.write_text(TOKEN + "\n")
+    agent = {"api_listen": f"127.0.0.1:{port}", "token_file": str(token_file),
+             "state_file": str(path.parent / "state.toml")}
+    path.write_text(tomli_w.dumps({"agent": agent, "instances": instances}))
+
+
+@pytest.fixture
+def agent(tmp_path: Path) -> Iterator[RunningAgent]:
+    config = tmp_path / "node-agent.toml"
+    api_port = free_port()
+    write_config(config, api_port, {"a": {"command": toy_command(free_port()), **FAST},
+                                    "b": {"command": toy_command(free_port()), **FAST}})
+    proc = subprocess.Popen([sys.executable, "-m", "inference_node", "run", "--config", str(config)],
+                            cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    running = RunningAgent(config, api_port, proc)
+    try:
+        deadline = time.monotonic() + STATE_TIMEOUT_S
+        while running.cli("status").returncode != 0:
+            assert proc.poll() is None, proc.stdout.read() if proc.stdout else ""
+            assert time.monotonic() < deadline, "the agent's API never answered"
+            time.sleep(POLL_S)
+        yield running
+    finally:
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+            proc.wait(timeout=STATE_TIMEOUT_S)
+
+
+def test_status_logs_and_actions(agent: RunningAgent) -> None:
+    agent.wait_state("a", "ready")
+    agent.wait_state("b", "ready")
+    table = agent.cli("status")
+    assert table.returncode == 0
+    header, *lines = table.stdout.splitlines()
+    assert header.split()[:4] == ["NAME", "STATE", "PID", "PORT"]
+    assert [line.split()[:2] for line in lines] == [["a", "READY"], ["b", "READY"]]
+    assert agent.cli("get", "instances").stdout == table.stdout
+
+    logs = agent.cli("logs", "a", "-n", "50")
+    assert logs.returncode == 0 and "listening on 127.0.0.1" in logs.stdout
+
+    stop = agent.cli("stop", "a", "--wait")
+    assert stop.returncode == 0 and stop.stdout.startswith("a: stop: now STOPPED")
+    start = agent.cli("start", "a", "--wait")
+    assert start.returncode == 0 and "now READY" in start.stdout
+    old = agent.rows()["b"]["pid"]
+    assert agent.cli("restart", "b", "--wait").returncode == 0
+    assert agent.rows()["b"]["pid"] not in (None, old)
+
+    assert agent.cli("disable", "b", "--wait").returncode == 0
+    assert agent.rows()["b"]["enabled"] is False
+    assert agent.cli("enable", "b", "--wait").returncode == 0
+    assert agent.rows()["b"]["state"] == "ready"
+
+
+def test_reload_by_command_and_by_sighup(agent: RunningAgent) -> None:
+    a_pid = agent.wait_state("a", "ready")["pid"]
+    b_pid = agent.wait_state("b", "ready")["pid"]
+    write_config(agent.config, agent.api_port, {"a": {"command": toy_command(agent.rows()["a"]["port"]), **FAST},
+                                      "c": {"command": toy_command(free_port()), **FAST}})
+    out = agent.cli("reload")
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "reloaded; added: c; removed: b"
+    assert agent.wait_state("a", "ready")["pid"] == a_pid
+    assert not process_alive(b_pid)
+
+    write_config(agent.config, agent.api_port, {"a": {"command": toy_command(agent.rows()["a"]["port"]), **FAST},
+                                                 "d": {"command": toy_command(free_port()), **FAST}})
+    agent.process.send_signal(signal.SIGHUP)
+    agent.wait_state("d", "ready")
+    assert "c" not in agent.rows()
+
+
+def test_errors_are_one_line(agent: RunningAgent, tmp_path: Path) -> None:
+    wrong = tmp_path / "wrong-token"
+    wrong.write_text("nope")
+    url = f"http://127.0.0.1:{agent.api_port}"
+    out = agent.cli("status", "--url", url, "--token-file", str(wrong), config=False)
+    assert out.returncode == 1
+    assert out.stderr == "node-agent: error: wrong bearer token\n"
+    out = agent.cli("start", "nope")
+    assert out.returncode == 1 and out.stderr == "node-agent: error: no instance named 'nope'; known: a, b\n"
+    agent.config.write_text(agent.config.read_text() + "\n[instances.x]\nport = 0\n")
+    out = agent.cli("reload")
+    assert out.returncode == 1
+    assert out.stderr.startswith("node-agent: reload refused: config error, nothing changed: ")
+    assert out.stderr.count("\n") == 1
+
+
+def test_sigterm_stops_instances_and_exits_cleanly(agent: RunningAgent) -> None:
+    pids = [agent.wait_state(n, "ready")["pid"] for n in ("a", "b")]
+    agent.process.send_signal(signal.SIGTERM)
+    assert agent.process.wait(timeout=STATE_TIMEOUT_S) == 0
+    assert not any(process_alive(pid) for pid in pids)
+    for pid in pids:
+        with pytest.raises(ProcessLookupError):
+            os.killpg(pid, 0)
+
+
+def test_unreachable_agent_is_one_line(tmp_path: Path) -> None:
+    config = tmp_path / "node-agent.toml"
+    write_config(config, free_port(), {})
+    out = subprocess.run([sys.executable, "-m", "inference_node", "status", "--config", str(config)],
+                         capture_output=True, text=True, timeout=STATE_TIMEOUT_S, cwd=REPO)
+    assert out.returncode == 1
+    assert out.stderr.startswith("node-agent: error: cannot reach node-agent at http://127.0.0.1:")
+    assert out.stderr.count("\n") == 1
