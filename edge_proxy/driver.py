@@ -160,9 +160,11 @@ class NodeDriver:
                 if exc.event is Event.PROBE_TIMEOUT:
                     return exc.event, exc.reason
                 refused.append(exc.reason)
+        if not targets:
+            return Event.PROBE_REFUSED, "no route uses this node"
         if refused:
             return Event.PROBE_REFUSED, "; ".join(refused)
-        return Event.PROBE_OK, reason if targets else "no routes to probe"
+        return Event.PROBE_OK, reason
 
     # ---- applying events ---------------------------------------------------------------
 

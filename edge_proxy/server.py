@@ -110,9 +110,11 @@ class Proxy:
         for name, node_cfg in cfg.nodes.items():
             if name in self.drivers:
                 self.drivers[name].update(node_cfg)
+                self.drivers[name].backends = _backends(cfg, name)
             else:
                 driver = NodeDriver(name, node_cfg, self.metrics, self.sender)
                 self.drivers[name] = driver
+                driver.backends = _backends(cfg, name)
                 self._driver_scopes[name] = scope = trio.CancelScope()
                 await self._services.start(self._run_driver, driver, scope)
         for name in set(self.drivers) - set(cfg.nodes):
@@ -134,9 +136,6 @@ class Proxy:
                 log.error("reload: %s", exc)
                 continue
             self.routes[key] = route
-        for name, driver in self.drivers.items():
-            driver.backends = {Backend(r.backend_port, r.ready_http_path)
-                               for r in cfg.routes if r.node == name}
 
     @staticmethod
     async def _run_driver(driver: NodeDriver, scope: trio.CancelScope, *,
@@ -156,6 +155,10 @@ class Proxy:
                         "addresses": [f"{h}:{p}" for h, p in r.addresses]}
                        for r in self.routes.values()],
         }
+
+
+def _backends(cfg: EdgeConfig, node: str) -> set[Backend]:
+    return {Backend(r.backend_port, r.ready_http_path) for r in cfg.routes if r.node == node}
 
 
 def _hostport(cfg: EdgeConfig) -> HostPort:
