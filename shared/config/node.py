@@ -103,6 +103,14 @@ class InstanceConfig:
         if self.gpus == "auto":
             raise ctx.error(f"{key}.gpus", 'found "auto", which placement does not support yet; '
                             "list GPU indices or UUIDs")
+        for i, gpu in enumerate(self.gpus if isinstance(self.gpus, list) else []):
+            bad_index = isinstance(gpu, int) and gpu < 0
+            if bad_index or (isinstance(gpu, str) and not gpu.startswith(("GPU-", "MIG-"))):
+                raise ctx.error(f"{key}.gpus[{i}]", f"found {gpu!r}; expected a GPU index (0, 1, ...) "
+                                'or a UUID such as "GPU-5f1c..." (nvidia-smi -L)')
+        if isinstance(self.gpus, list) and "CUDA_VISIBLE_DEVICES" in self.env:
+            raise ctx.error(f"{key}.env.CUDA_VISIBLE_DEVICES", "set either gpus or "
+                            "env.CUDA_VISIBLE_DEVICES, not both (gpus sets it)")
         for i, hook in enumerate(self.post_launch_hooks):
             split_command(hook, ctx, f"{key}.post_launch_hooks[{i}]")
 
