@@ -77,6 +77,34 @@ class NodeConfig:
 
 Readiness = str  # "tcp" or "http:/path"
 
+# What frontends poll on page load or on a timer; answered from the last good response
+# while the node sleeps instead of waking it.
+DEFAULT_NO_WAKE: tuple[str, ...] = (
+    "GET /v1/models", "GET /models", "GET /health", "GET /props", "GET /api/tags", "GET /slots",
+    "GET /metrics",
+)
+
+
+@dataclass(frozen=True)
+class HttpOptions:
+    """Options of an HTTP-aware listener (``protocol = "http"``), shared by its routes."""
+
+    no_wake: list[str] = setting(default_factory=lambda: list(DEFAULT_NO_WAKE),
+                                 help='"METHOD /path" rules (* matches any run of characters)')
+    waking_comment_interval_s: float = setting(5.0, min=0.01, max=3600,
+                                               help="SSE comments to held streaming requests")
+    client_keepalive_s: float = setting(60.0, min=0, max=3600,
+                                        help="idle keep-alive of client connections")
+    max_request_bytes: int = setting(64 << 20, min=1024, max=1 << 31)
+
+    def check(self, ctx: Context, key: str) -> None:
+        for i, rule in enumerate(self.no_wake):
+            method, _, path = rule.partition(" ")
+            if not (method == "*" or (method.isalpha() and method.isupper())) \
+                    or not path.startswith("/") or " " in path:
+                raise ctx.error(f"{key}.no_wake[{i}]", f'found {rule!r}; expected "METHOD /path" '
+                                'such as "GET /v1/models" (METHOD may be *)')
+
 
 @dataclass(frozen=True)
 class RouteConfig:
@@ -87,9 +115,15 @@ class RouteConfig:
     backend_port: int = setting(min=1, max=65535)
     ready: Readiness = setting("tcp", help='"tcp" or "http:/health"')
     protocol: Literal["tcp", "http"] = "tcp"
+    models: list[str] = setting(default_factory=list,
+                                help="models this node serves (http; more are learned)")
+    http: HttpOptions | None = None
 
     def check(self, ctx: Context, key: str) -> None:
         parse_hostport(self.listen, ctx, f"{key}.listen", allow_port_zero=True)
+        for name, value in (("models", self.models), ("http", self.http)):
+            if value and self.protocol != "http":
+                raise ctx.error(f"{key}.{name}", 'only for HTTP routes; set protocol = "http"')
         if self.ready != "tcp" and not (self.ready.startswith("http:/") and " " not in self.ready):
             raise ctx.error(f"{key}.ready", f'found {self.ready!r}; allowed: "tcp" or "http:/PATH"')
 
@@ -145,16 +179,27 @@ class EdgeConfig:
             raise ctx.error("nodes", "empty; define at least one [nodes.NAME] table")
         if not self.routes:
             raise ctx.error("routes", "empty; define at least one [[routes]] table")
-        seen: dict[str, int] = {}
+        seen: dict[str, list[int]] = {}
         for i, route in enumerate(self.routes):
             if route.node not in self.nodes:
                 known = ", ".join(sorted(self.nodes))
                 raise ctx.error(f"routes[{i}].node", f"found {route.node!r}; known nodes: {known}")
             addr = str(route.listen_addr)
-            if addr in seen and route.listen_addr.port != 0:
-                raise ctx.error(f"routes[{i}].listen",
-                                f"{addr} is also routes[{seen[addr]}].listen; use another port")
-            seen[addr] = i
+            for j in seen.get(addr, []) if route.listen_addr.port != 0 else []:
+                other = self.routes[j]
+                if not _shares_listener(other, route):
+                    raise ctx.error(f"routes[{i}].listen", f"{addr} is also routes[{j}].listen; "
+                                    'use another port (only protocol = "http" routes to '
+                                    "different nodes may share one)")
+                if None not in (other.http, route.http) and other.http != route.http:
+                    raise ctx.error(f"routes[{i}].http", f"differs from routes[{j}].http on the "
+                                    "same listener; set it on one of them only")
+            seen.setdefault(addr, []).append(i)
+
+
+def _shares_listener(a: RouteConfig, b: RouteConfig) -> bool:
+    """HTTP routes on one address form one listener that routes by model across nodes."""
+    return a.protocol == b.protocol == "http" and a.node != b.node
 
 
 def load_edge_config(path: Path) -> EdgeConfig:
