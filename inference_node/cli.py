@@ -45,8 +45,9 @@ def build_parser() -> argparse.ArgumentParser:
 def _command_modules() -> list[CommandModule]:
     # Each module adds its own subcommands; keep this list in the order of `--help`.
     from inference_node import commands, doctor
+    from inference_node.placement import cli as placement
 
-    return [commands, doctor]
+    return [commands, doctor, placement]
 
 
 def main(argv: Sequence[str] | None = None) -> int:

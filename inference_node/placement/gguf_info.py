@@ -18,6 +18,7 @@ from __future__ import annotations
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 from typing import Any, Final
 
@@ -125,7 +126,15 @@ class ModelInfo:
         return own
 
     def layer_tensors(self, il: int) -> tuple[TensorInfo, ...]:
-        return tuple(t for t in self.tensors if t.layer == il)
+        return self._by_layer.get(il, ())
+
+    @cached_property
+    def _by_layer(self) -> dict[int, tuple[TensorInfo, ...]]:
+        groups: dict[int, list[TensorInfo]] = {}
+        for t in self.tensors:
+            if t.layer is not None:
+                groups.setdefault(t.layer, []).append(t)
+        return {il: tuple(ts) for il, ts in groups.items()}
 
     @property
     def layer_bytes(self) -> tuple[int, ...]:
