@@ -19,6 +19,7 @@ import trio
 from edge_proxy.control import build_app
 from edge_proxy.driver import Backend, NodeDriver
 from edge_proxy.errors import ListenError
+from edge_proxy.http_routes.service import HttpRoutes
 from edge_proxy.listener import Route, Shared
 from edge_proxy.metrics import ProxyMetrics
 from edge_proxy.wol import UdpWolSender, WolSender
@@ -46,6 +47,7 @@ class Proxy:
         self.shared = Shared(cfg.limits, self.metrics)
         self.drivers: dict[str, NodeDriver] = {}
         self.routes: dict[str, Route] = {}
+        self.http_routes = HttpRoutes(self.metrics.registry)  # protocol = "http" listeners
         self.app = build_app(self)
         self.control_urls: list[str] = []
         self._driver_scopes: dict[str, trio.CancelScope] = {}
@@ -74,13 +76,17 @@ class Proxy:
             addr = self.cfg.control.listen
             try:
                 self.control_urls = await services.start(serve, self.app, _hostport(self.cfg))
-            except OSError as exc:
+            except (OSError, BaseExceptionGroup) as exc:
+                err = _find(exc, OSError)
+                if err is None:
+                    raise
                 raise ListenError(f"control.listen {addr}: cannot listen: "
-                                  f"{exc.strerror or exc}; pick another port") from exc
+                                  f"{err.strerror or err}; pick another port") from exc
             task_status.started(self)
             await self._stop.wait()
             for route in self.routes.values():
                 route.stop()
+            self.http_routes.stop()
             grace = self.cfg.limits.shutdown_grace_s
             log.info("stopping: %d connection(s) open, waiting up to %g s",
                      self.shared.open, grace)
@@ -120,7 +126,9 @@ class Proxy:
         for name in set(self.drivers) - set(cfg.nodes):
             self._driver_scopes.pop(name).cancel()
             self.drivers.pop(name).close(f"node {name} was removed from the config")
-        wanted = {_route_key(i, r): r for i, r in enumerate(cfg.routes)}
+        await self.http_routes.apply(cfg, self.drivers, self.shared, self._services,
+                                     initial=initial)
+        wanted = {_route_key(i, r): r for i, r in enumerate(cfg.routes) if r.protocol == "tcp"}
         for key in set(self.routes) - set(wanted):
             self.routes.pop(key).stop()
         for key, route_cfg in wanted.items():
@@ -153,7 +161,7 @@ class Proxy:
             "routes": [{"listen": r.cfg.listen, "node": r.cfg.node,
                         "backend_port": r.cfg.backend_port, "ready": r.cfg.ready,
                         "addresses": [f"{h}:{p}" for h, p in r.addresses]}
-                       for r in self.routes.values()],
+                       for r in self.routes.values()] + self.http_routes.status(),
         }
 
 
@@ -202,6 +210,18 @@ async def run_service(path: Path) -> None:
                     systemd.stopping()
                     proxy.stop()
                     break
+
+
+def _find(exc: BaseException, kind: type[OSError]) -> OSError | None:
+    """The first ``kind`` inside (nested) exception groups, or None."""
+    if isinstance(exc, kind):
+        return exc
+    if isinstance(exc, BaseExceptionGroup):
+        for inner in exc.exceptions:
+            found = _find(inner, kind)
+            if found is not None:
+                return found
+    return None
 
 
 def first_user_error(group: BaseExceptionGroup[BaseException]) -> BaseException:
