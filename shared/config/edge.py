@@ -20,6 +20,7 @@ ready = "http:/health"
 
 from __future__ import annotations
 
+import ipaddress
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -40,6 +41,17 @@ class WolConfig:
     def check(self, ctx: Context, key: str) -> None:
         if self.password is not None:
             parse_mac(self.password, ctx, f"{key}.password")
+        # magic packets go out as raw datagrams: a host name would be resolved at wake time,
+        # when DNS may be the very box that sleeps
+        for field in ("broadcast", "source"):
+            value = getattr(self, field)
+            if value is None:
+                continue
+            try:
+                ipaddress.ip_address(value)
+            except ValueError:
+                raise ctx.error(f"{key}.{field}", f"found {value!r}; expected an IP address such "
+                                f"as \"192.168.1.255\"") from None
 
     @property
     def password_bytes(self) -> bytes:
@@ -69,6 +81,9 @@ class NodeConfig:
         if not self.host:
             raise ctx.error(f"{key}.host", "found an empty string; expected a host name or address")
         parse_mac(self.mac, ctx, f"{key}.mac")
+        if self.probe_timeout_s >= self.wake_timeout_s:
+            raise ctx.error(f"{key}.probe_timeout_s", f"found {self.probe_timeout_s:g}; expected "
+                            f"less than wake_timeout_s ({self.wake_timeout_s:g})")
 
     @property
     def mac_bytes(self) -> bytes:
