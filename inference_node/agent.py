@@ -156,7 +156,7 @@ async def run_agent(
         app = api.build_app(agent, agent.route_registrars)
         agent.api_urls = await nursery.start(serve, app, listen)
         if handle_signals:
-            nursery.start_soon(_handle_signals, agent)
+            await nursery.start(_handle_signals, agent)
         interval = systemd.watchdog_interval_s()
         if interval is not None:
             nursery.start_soon(_watchdog, interval)
@@ -174,8 +174,9 @@ async def run_agent(
         nursery.cancel_scope.cancel()
 
 
-async def _handle_signals(agent: Agent) -> None:
+async def _handle_signals(agent: Agent, *, task_status: trio.TaskStatus[None]) -> None:
     with trio.open_signal_receiver(signal.SIGHUP, signal.SIGTERM, signal.SIGINT) as signals:
+        task_status.started()  # from here on a SIGHUP reloads instead of killing the agent
         async for signum in signals:
             if signum == signal.SIGHUP:
                 # A config error is logged and kept in last_reload; the running set stays.

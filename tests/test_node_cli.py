@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -160,3 +161,37 @@ def test_unreachable_agent_is_one_line(tmp_path: Path) -> None:
     assert out.returncode == 1
     assert out.stderr.startswith("node-agent: error: cannot reach node-agent at http://127.0.0.1:")
     assert out.stderr.count("\n") == 1
+
+
+def test_systemd_notify_ready_reloading_stopping(tmp_path: Path) -> None:
+    """The agent speaks sd_notify on $NOTIFY_SOCKET as a Type=notify unit needs."""
+    config = tmp_path / "node-agent.toml"
+    write_config(config, free_port(), {"a": {"command": toy_command(free_port()), **FAST}})
+    sock_path = tmp_path / "notify.sock"
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock:
+        sock.bind(str(sock_path))
+        sock.settimeout(STATE_TIMEOUT_S)
+        env = {**os.environ, "NOTIFY_SOCKET": str(sock_path)}
+        proc = subprocess.Popen([sys.executable, "-m", "inference_node", "run", "--config", str(config)],
+                                cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        try:
+            assert sock.recv(4096).decode().startswith("READY=1")
+            proc.send_signal(signal.SIGHUP)
+            assert sock.recv(4096).decode().startswith("RELOADING=1")
+            assert sock.recv(4096).decode().startswith("READY=1")
+            proc.send_signal(signal.SIGTERM)
+            assert sock.recv(4096).decode() == "STOPPING=1"
+            assert proc.wait(timeout=STATE_TIMEOUT_S) == 0
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+
+
+def test_unit_file_matches_what_the_agent_does() -> None:
+    unit = (REPO / "deploy" / "systemd" / "node-agent.service").read_text().splitlines()
+    assert "Type=notify" in unit
+    assert "ExecReload=/bin/kill -HUP $MAINPID" in unit
+    assert "Restart=on-failure" in unit
+    assert "KillMode=mixed" in unit  # SIGTERM to the agent only: it stops its instances itself
+    assert "StateDirectory=llamanap" in unit

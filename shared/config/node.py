@@ -60,7 +60,7 @@ class RestartConfig:
     """When a dead instance is started again, and when the supervisor gives up."""
 
     policy: Literal["always", "on-failure", "never"] = "on-failure"
-    backoff_initial_s: float = setting(1.0, min=0, max=3600)
+    backoff_initial_s: float = setting(0.5, min=0, max=3600, help="first respawn delay; doubles")
     backoff_max_s: float = setting(60.0, min=0, max=86400)
     max_restarts: int = setting(5, min=0, max=1000, help="crashes within window_s before FAILED")
     window_s: float = setting(300.0, min=1, max=86400)
