@@ -7,9 +7,10 @@ per instance. Rules, in order:
 1. One GPU when the whole model fits on one. Among those that fit, a GPU that is already in
    use (by another instance of this plan, or by anything else) wins over an empty one, and
    then the tightest fit: empty GPUs stay empty and can sit in their lowest P-state.
-2. Otherwise the fewest GPUs that hold it, again preferring GPUs in use; layers are split in
-   proportion to each GPU's usable memory (``--tensor-split`` as whole layer counts) and, if
-   that does not fit, filled greedily so each GPU's share fits its free memory.
+2. Otherwise the fewest GPUs that hold it, again preferring GPUs in use; each GPU in turn
+   takes as many layers as fit its free memory (``--tensor-split`` as whole layer counts),
+   which keeps what is left together on the last GPU for the next instance; shares in
+   proportion to free memory are the fallback.
 3. Otherwise, when the instance allows partial offload, the most layers (``-ngl``) that fit,
    the rest running on the CPU.
 4. Otherwise a refusal that says how much is missing and what would fit (a smaller ``-c``,
@@ -201,8 +202,10 @@ def _split(model: ModelInfo, s: LaunchSettings, chosen: list[GpuFree],
         est = estimate(model, trial, devices)
         return _Fit(trial, est) if _fits(est, chosen, usable) else None
     caps = [usable[g.uuid] for g in chosen]
-    proportional = _counts_by_weight(caps, n_off)
-    for counts in (proportional, _greedy_counts(model, trial, chosen, usable, n_off)):
+    # Greedy first: filling each GPU in turn leaves the free memory together on the last
+    # one, where the next instance can still fit; proportional shares are the fallback.
+    for counts in (_greedy_counts(model, trial, chosen, usable, n_off),
+                   _counts_by_weight(caps, n_off)):
         if counts is None or min(counts) == 0:
             continue
         split = tuple(float(c) for c in counts)
