@@ -1,0 +1,328 @@
+"""The P-state controller: one trio task that applies the policy to every GPU.
+
+It wakes on every busy/idle edge from the activity tracker (``on_busy`` is a tracker
+listener), so a GPU goes high as soon as a ``processing task`` line is read, not at a poll
+tick; it also wakes when a low delay or a read-back check falls due. Each forced state is read
+back through NVML: a switch the backend called successful but NVML does not show makes the GPU
+NOT_WORKING, with the reason in its status. When ``run`` ends, for any reason, every GPU it
+forced is released to 16 ("driver decides").
+"""
+
+from __future__ import annotations
+
+import enum
+import logging
+import math
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from typing import Any, Final
+
+import trio
+
+from inference_node.activity.tracker import BusyTracker
+from inference_node.gpu.backend import (
+    PSTATE_DRIVER_DECIDES,
+    PstateBackend,
+    PstateBackendUnavailable,
+    PstateError,
+)
+from inference_node.gpu.inventory import GpuInfo, GpuInventory
+from inference_node.gpu.policy import GpuActivity, PstatePolicy
+
+log = logging.getLogger(__name__)
+
+# A switch takes effect within milliseconds on the cards that have P-states; read it back soon,
+# poll a little, and give up (NOT_WORKING) after a while.
+READBACK_DELAY_S: Final = 0.2
+READBACK_POLL_S: Final = 0.2
+READBACK_TIMEOUT_S: Final = 3.0
+# After a failed switch, wait before trying that GPU again so a broken GPU is not hammered.
+SWITCH_RETRY_S: Final = 5.0
+# Memory, temperature and power for status and metrics.
+INVENTORY_REFRESH_S: Final = 5.0
+# Releasing forced states at exit must not hang the shutdown.
+RELEASE_TIMEOUT_S: Final = 5.0
+
+
+class PstateHealth(enum.Enum):
+    UNKNOWN = "unknown"  # nothing forced and read back yet
+    OK = "ok"  # the last forced state read back as set
+    NOT_WORKING = "not-working"  # the switch failed, or NVML shows another state
+    UNSUPPORTED = "unsupported"  # one P-state only: nothing to switch
+    NO_BACKEND = "no-backend"  # NVAPI missing or cannot reach this GPU
+
+
+_CONTROLLABLE: Final = frozenset({PstateHealth.UNKNOWN, PstateHealth.OK, PstateHealth.NOT_WORKING})
+
+
+@dataclass
+class GpuControl:
+    """The controller's record of one GPU: wanted, applied and read-back states, health."""
+
+    gpu: GpuInfo
+    health: PstateHealth = PstateHealth.UNKNOWN
+    reason: str = ""
+    wanted: int | None = None
+    applied: int | None = None
+    read_back: int | None = None
+    activity: GpuActivity | None = None
+    switches: int = 0
+    failures: int = 0
+    seconds: dict[str, float] = field(default_factory=lambda: {"low": 0.0, "high": 0.0})
+    retry_at: float = -math.inf
+    verify_target: int | None = None
+    verify_due: float = math.inf
+    verify_deadline: float = math.inf
+
+    def transition(self, new: PstateHealth, reason: str) -> None:
+        if new is self.health and reason == self.reason:
+            return
+        level = logging.WARNING if new is PstateHealth.NOT_WORKING else logging.INFO
+        log.log(level, "GPU %s P-state control: %s -> %s (%s)", self.gpu.pci_bus_id,
+                self.health.value, new.value, reason)
+        self.health, self.reason = new, reason
+
+    def __repr__(self) -> str:
+        return (f"<GpuControl {self.gpu.pci_bus_id} {self.health.value} wanted={self.wanted} "
+                f"applied={self.applied} read={self.read_back} switches={self.switches}>")
+
+
+class PstateController:
+    """Applies ``PstatePolicy`` to each GPU from the tracker's busy/idle observations."""
+
+    def __init__(self, inventory: GpuInventory, backend: PstateBackend, tracker: BusyTracker, *,
+                 low: int, high: int = PSTATE_DRIVER_DECIDES, low_delay_s: float,
+                 enabled: bool = True) -> None:
+        self.inventory = inventory
+        self.backend = backend
+        self.tracker = tracker
+        self.policy = PstatePolicy(low=low, high=high, low_delay_s=low_delay_s)
+        self.enabled = enabled
+        self.backend_problem: str | None = None
+        self._gpus: dict[str, GpuControl] = {}
+        self._instance_gpus: dict[str, frozenset[str]] = {}
+        self._pulses: set[str] = set()  # instances that went busy since the last decision
+        self._wakeup = trio.Event()
+        self._accounted_at: float | None = None
+        tracker.add_listener(self.on_busy)
+
+    # -- inputs -------------------------------------------------------------------------------
+
+    def on_busy(self, instance: str, busy: bool, t: float) -> None:
+        """Tracker listener: wake the control loop at once on every busy/idle edge."""
+        if busy:
+            self._pulses.add(instance)  # a task that ends before the loop runs still counts
+        self._wakeup.set()
+
+    def set_instance_gpus(self, instance: str, uuids: Iterable[str]) -> None:
+        """``instance`` runs on these GPUs (UUIDs); replaces what was known."""
+        self._instance_gpus[instance] = frozenset(uuids)
+        self._wakeup.set()
+
+    def forget_instance(self, instance: str) -> None:
+        self._instance_gpus.pop(instance, None)
+        self._wakeup.set()
+
+    # -- outputs ------------------------------------------------------------------------------
+
+    def gpus(self) -> list[GpuInfo]:
+        """The latest inventory snapshot (NVML order), as the controller last refreshed it."""
+        return [c.gpu for c in self._gpus.values()]
+
+    def control(self, uuid: str) -> GpuControl:
+        return self._gpus[uuid]
+
+    def instances_on(self, uuid: str) -> list[str]:
+        return sorted(name for name, gpus in self._instance_gpus.items() if uuid in gpus)
+
+    def status(self, now: float | None = None) -> dict[str, Any]:
+        """JSON-ready state of the inventory and of P-state control on every GPU."""
+        if now is not None:
+            self._account(now)
+        gpus = []
+        for c in self._gpus.values():
+            entry = c.gpu.status()
+            entry.update({
+                "pstate_wanted": c.wanted, "pstate_applied": c.applied,
+                "pstate_read_back": c.read_back, "pstate_control": c.health.value,
+                "pstate_reason": c.reason, "activity": c.activity.value if c.activity else None,
+                "switches": c.switches, "switch_failures": c.failures,
+                "seconds_low": round(c.seconds["low"], 3),
+                "seconds_high": round(c.seconds["high"], 3),
+                "instances": self.instances_on(c.gpu.uuid),
+            })
+            gpus.append(entry)
+        return {"enabled": self.enabled, "inventory_problem": self.inventory.problem,
+                "backend": self.backend.name, "backend_problem": self.backend_problem,
+                "low": self.policy.low, "high": self.policy.high,
+                "low_delay_s": self.policy.low_delay_s, "gpus": gpus}
+
+    # -- the task -----------------------------------------------------------------------------
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """Control P-states until cancelled; releases every forced state on the way out."""
+        await self._start()
+        try:
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(self._refresh_loop)
+                task_status.started()
+                await self._control_loop()
+        finally:
+            with trio.CancelScope(shield=True), trio.move_on_after(RELEASE_TIMEOUT_S) as scope:
+                await self._release_all()
+            if scope.cancelled_caught:
+                log.error("releasing forced P-states took over %s s; some GPUs may stay forced",
+                          RELEASE_TIMEOUT_S)
+            self.backend.close()
+
+    async def _start(self) -> None:
+        gpus = await trio.to_thread.run_sync(self.inventory.snapshot)
+        self._gpus = {g.uuid: GpuControl(g) for g in gpus}
+        if not gpus or not self.enabled:
+            return
+        try:
+            problems = await trio.to_thread.run_sync(self.backend.open, gpus)
+        except PstateBackendUnavailable as exc:
+            self.backend_problem = str(exc)
+            log.warning("P-states cannot be switched: %s", exc)
+            problems = {g.uuid: str(exc) for g in gpus}
+        for control in self._gpus.values():
+            problem = problems.get(control.gpu.uuid, f"{self.backend.name} did not report this GPU")
+            if control.gpu.pstate_switchable is False:
+                control.transition(PstateHealth.UNSUPPORTED, "one memory clock only, so one "
+                                   "P-state: nothing to switch (P100/V100-class GPU)")
+            elif problem is not None:
+                control.transition(PstateHealth.NO_BACKEND, problem)
+
+    async def _control_loop(self) -> None:
+        while True:
+            self._wakeup = trio.Event()
+            now = trio.current_time()
+            self._account(now)
+            busy = {uuid: False for uuid in self._gpus}
+            for name, uuids in self._instance_gpus.items():
+                if self.tracker.busy(name) or name in self._pulses:
+                    for uuid in uuids & busy.keys():
+                        busy[uuid] = True
+            self._pulses.clear()
+            decision = self.policy.decide(busy, now)
+            for uuid, control in self._gpus.items():
+                control.wanted = decision.wanted[uuid]
+                control.activity = decision.activity[uuid]
+            if self.enabled:
+                await self._apply(now)
+                await self._verify(trio.current_time())
+            wake_at = min([decision.wake_at, *self._pending_times()])
+            with trio.move_on_at(wake_at):
+                await self._wakeup.wait()
+
+    def _pending_times(self) -> list[float]:
+        times = [c.verify_due for c in self._gpus.values()]
+        times += [c.retry_at for c in self._gpus.values() if c.wanted != c.applied and
+                  c.health in _CONTROLLABLE and c.retry_at != -math.inf]
+        return times
+
+    async def _apply(self, now: float) -> None:
+        todo = [c for c in self._gpus.values()
+                if c.health in _CONTROLLABLE and c.wanted is not None and c.wanted != c.applied
+                and now >= c.retry_at]
+        if not todo:
+            return
+        # Going high first: that is the switch a waiting prompt depends on.
+        todo.sort(key=lambda c: c.wanted != self.policy.high)
+        targets = [(c.gpu, c.wanted) for c in todo if c.wanted is not None]
+        results = await trio.to_thread.run_sync(self._switch_all, targets)
+        done = trio.current_time()
+        self._account(done)
+        for control, (pstate, error) in zip(todo, results, strict=True):
+            self._record_switch(control, pstate, error, done)
+
+    def _switch_all(self, targets: list[tuple[GpuInfo, int]]) -> list[tuple[int, str | None]]:
+        results: list[tuple[int, str | None]] = []
+        for gpu, pstate in targets:
+            try:
+                self.backend.set_pstate(gpu, pstate)
+                results.append((pstate, None))
+            except PstateError as exc:
+                results.append((pstate, str(exc)))
+        return results
+
+    def _record_switch(self, control: GpuControl, pstate: int, error: str | None,
+                       now: float) -> None:
+        if error is not None:
+            control.failures += 1
+            control.retry_at = now + SWITCH_RETRY_S
+            control.transition(PstateHealth.NOT_WORKING, error)
+            return
+        log.debug("GPU %s: P%d -> P%d", control.gpu.pci_bus_id,
+                  -1 if control.applied is None else control.applied, pstate)
+        control.applied = pstate
+        control.switches += 1
+        control.retry_at = -math.inf
+        control.verify_target = pstate
+        control.verify_due = now + READBACK_DELAY_S
+        control.verify_deadline = now + READBACK_TIMEOUT_S
+
+    async def _verify(self, now: float) -> None:
+        due = [c for c in self._gpus.values() if c.verify_due <= now]
+        if not due:
+            return
+        states = await trio.to_thread.run_sync(
+            lambda: [self.inventory.performance_state(c.gpu.uuid) for c in due])
+        for control, state in zip(due, states, strict=True):
+            self._record_read_back(control, state, now)
+
+    def _record_read_back(self, control: GpuControl, state: int | None, now: float) -> None:
+        control.read_back = state
+        target = control.verify_target
+        if target is None or target != control.applied:
+            control.verify_due = math.inf
+            return
+        if state is None:
+            control.verify_due = math.inf
+            control.transition(PstateHealth.UNKNOWN, "NVML cannot read this GPU's P-state back")
+        elif target == PSTATE_DRIVER_DECIDES or state == target:
+            # "Driver decides" has no single right answer; a call that returned OK is all we know.
+            control.verify_due = math.inf
+            if target != PSTATE_DRIVER_DECIDES:
+                control.transition(PstateHealth.OK, f"P{target} set and read back")
+        elif now >= control.verify_deadline:
+            control.verify_due = math.inf
+            control.transition(PstateHealth.NOT_WORKING, (
+                f"{self.backend.name} set P{target} without error but NVML reads P{state} after "
+                f"{READBACK_TIMEOUT_S:g} s; the switch does not take on this GPU"))
+        else:
+            control.verify_due = now + READBACK_POLL_S
+
+    async def _release_all(self) -> None:
+        forced = [c for c in self._gpus.values()
+                  if c.applied is not None and c.applied != PSTATE_DRIVER_DECIDES]
+        if not forced:
+            return
+        targets = [(c.gpu, PSTATE_DRIVER_DECIDES) for c in forced]
+        results = await trio.to_thread.run_sync(self._switch_all, targets)
+        for control, (_, error) in zip(forced, results, strict=True):
+            if error is None:
+                control.applied = PSTATE_DRIVER_DECIDES
+                log.info("GPU %s: forced P-state released", control.gpu.pci_bus_id)
+            else:
+                log.error("GPU %s: cannot release its forced P-state: %s",
+                          control.gpu.pci_bus_id, error)
+
+    async def _refresh_loop(self) -> None:
+        while True:
+            await trio.sleep(INVENTORY_REFRESH_S)
+            fresh = await trio.to_thread.run_sync(self.inventory.snapshot)
+            for gpu in fresh:
+                if gpu.uuid in self._gpus:
+                    self._gpus[gpu.uuid].gpu = gpu
+
+    def _account(self, now: float) -> None:
+        """Add the time since the last call to each GPU's low/high total (by applied state)."""
+        last, self._accounted_at = self._accounted_at, now
+        if last is None or now <= last:
+            return
+        for c in self._gpus.values():
+            if c.applied is None:
+                continue
+            c.seconds["low" if c.applied == self.policy.low else "high"] += now - last
