@@ -200,7 +200,7 @@ async def test_a_crashing_controller_releases_forced_states(
     inventory = BrokenReadBack(rig)
     controller, tracker = make(rig, RecordingBackend(rig), inventory)
     controller.set_instance_gpus("a", [rig.gpus[0].uuid])
-    with pytest.raises(BaseExceptionGroup) as crash:  # noqa: PT012
+    with pytest.raises(BaseExceptionGroup) as crash:
         async with trio.open_nursery() as nursery:
             await nursery.start(controller.run)
             await until(lambda: all(g.pstate == LOW for g in rig.gpus))
