@@ -140,10 +140,14 @@ async def check_reach(name: str, node: NodeConfig, port: int, http_path: str | N
     await stream.aclose()
     if http_path is None:
         return ok(check, f"{where}: connected")
-    try:
-        reason = await check_ready(node.host, port, http_path, timeout_s)
-    except BackendUnavailable as exc:
-        return ok(check, f"{where}: connected, not ready yet ({exc.reason})")
+    reason = None
+    with trio.move_on_after(timeout_s):  # the probe's own HTTP wait is longer than a doctor's
+        try:
+            reason = await check_ready(node.host, port, http_path, timeout_s)
+        except BackendUnavailable as exc:
+            return ok(check, f"{where}: connected, not ready yet ({exc.reason})")
+    if reason is None:
+        return ok(check, f"{where}: connected, no answer to GET {http_path} within {timeout_s:g} s")
     return ok(check, f"{where}: connected, ready ({reason})")
 
 
