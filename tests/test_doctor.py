@@ -409,6 +409,18 @@ def test_a_healthy_gpu_box_passes_every_check(host: TreeHost, llama_server_bin: 
     assert [r.name for r in results if r.status is Status.SKIP] == ["proxy"]
 
 
+def test_power_and_pstates_disabled_in_config_turn_their_checks_into_skips(
+        host: TreeHost, tmp_path: Path) -> None:
+    cfg = node_config(tmp_path, "[power]\nenabled = false\n[pstate]\nenabled = false\n")
+    nvidia_driver(host)  # and nothing else: no NIC, no sleep states, no units, no NVAPI
+    results = {r.name: r for r in run_checks(host, cfg, interface=None, inventory=NoGpus("x"))}
+    for name in ("wake-on-lan", "suspend", "mem-sleep", "suspend-permission", "sleep-hook",
+                 "nvidia-suspend", "nvidia-preserve-vram", "libnvidia-api"):
+        assert results[name].status is Status.SKIP, results[name]
+    assert results["suspend"].detail.startswith("power.enabled = false: this box never suspends (fail:")
+    assert results["libnvidia-api"].detail.startswith("pstate.enabled = false (warn:")
+
+
 def test_table_shows_a_fix_line_under_each_failure_and_json_has_every_field() -> None:
     results = [CheckResult("suspend", Status.FAIL, "no sleep state", "set power.enabled = false"),
                CheckResult("mem-sleep", Status.OK, "deep")]

@@ -28,7 +28,7 @@ from inference_node.doctor.system import (
 )
 from inference_node.gpu.inventory import GpuInventory, open_inventory
 from shared.config.node import NodeAgentConfig, load_node_config
-from shared.doctor import CheckResult, Host, RealHost, add_output_arguments, report
+from shared.doctor import CheckResult, Host, RealHost, add_output_arguments, report, skip
 
 DEFAULT_CONFIG = Path("/etc/llamanap/node-agent.toml")
 
@@ -44,20 +44,29 @@ runs as (usually root) to see what the agent will see.
 def run_checks(host: Host, cfg: NodeAgentConfig | None, *, interface: str | None,
                inventory: GpuInventory) -> list[CheckResult]:
     """Every check against ``host``, ``cfg`` (None: no config file) and ``inventory``."""
+    power_off = cfg is not None and not cfg.power.enabled
+    pstates_off = cfg is not None and not cfg.pstate.enabled
     results = [
-        check_wake_on_lan(host, interface),
-        check_suspend_states(host),
-        check_mem_sleep(host),
-        check_suspend_permission(host),
-        check_sleep_hook(host),
-        check_nvidia_services(host),
-        check_preserve_vram(host),
-        check_nvapi(host),
+        *_unless(power_off, "power.enabled = false: this box never suspends", [
+            check_wake_on_lan(host, interface),
+            check_suspend_states(host),
+            check_mem_sleep(host),
+            check_suspend_permission(host),
+            check_sleep_hook(host),
+            check_nvidia_services(host),
+            check_preserve_vram(host),
+        ]),
+        *_unless(pstates_off, "pstate.enabled = false", [check_nvapi(host)]),
         *check_gpu_pstates(host, inventory),
         *check_llama_server(cfg),
         check_proxy(cfg),
     ]
     return results
+
+
+def _unless(off: bool, why: str, results: list[CheckResult]) -> list[CheckResult]:
+    """The results, or each turned into a skip that says why it does not matter here."""
+    return [skip(r.name, f"{why} ({r.status.value}: {r.detail})") if off else r for r in results]
 
 
 def _config(path: Path | None) -> NodeAgentConfig | None:
