@@ -48,10 +48,9 @@ def default_route_interface(host: Host) -> str | None:
 
 
 def _persist_fix(iface: str) -> str:
-    return (f"`ethtool -s {iface} wol g` now; keep it across boots with deploy/examples/50-wol.link "
-            "(copy to /etc/systemd/network/, set its MACAddress) or NetworkManager: "
-            "`nmcli c modify CONNECTION 802-3-ethernet.wake-on-lan magic`; "
-            "also enable Wake-on-LAN / \"power on by PCI-E\" in the firmware setup")
+    return (f"`ethtool -s {iface} wol g`; to keep it, copy deploy/examples/50-wol.link to "
+            "/etc/systemd/network/ (set its MACAddress) or `nmcli c modify CONNECTION "
+            "802-3-ethernet.wake-on-lan magic`; enable Wake-on-LAN in the firmware setup too")
 
 
 def check_wake_on_lan(host: Host, interface: str | None) -> CheckResult:
