@@ -26,6 +26,7 @@ import trio
 from prometheus_client import CollectorRegistry
 
 from inference_node import api
+from inference_node.gpu.service import GpuActivityService
 from inference_node.supervisor import ReloadPlan, Supervisor
 from inference_node.supervisor.metrics import SupervisorCollector
 from inference_node.supervisor.overrides import EnabledOverrides
@@ -78,6 +79,8 @@ class Agent:
         self.reload_listeners: list[ReloadListener] = []
         self.last_reload: ReloadRecord | None = None
         self.api_urls: list[str] = []
+        # Activity per instance and per-GPU P-states (set by _components).
+        self.gpu_activity: GpuActivityService | None = None
         self._shutdown = trio.Event()
 
     def __repr__(self) -> str:
@@ -129,7 +132,11 @@ class Agent:
 
 def _components(agent: Agent) -> list[Component]:
     """The agent's parts beside the supervisor and the API, in start order."""
-    return []
+    gpu_activity = GpuActivityService(agent.supervisor, agent.config.pstate)
+    agent.gpu_activity = gpu_activity
+    agent.route_registrars.append(gpu_activity.routes)
+    agent.registry.register(gpu_activity.collector())
+    return [gpu_activity]
 
 
 async def run_agent(

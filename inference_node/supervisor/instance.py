@@ -71,6 +71,7 @@ class Instance:
         self.reason = "not started"
         self.state_since = trio.current_time()
         self.child: Child | None = None
+        self.launch: LaunchSpec | None = None  # argv and env of the current (or last) child
         self.started_at: float | None = None
         self.restarts = 0
         self.last_error: str | None = None
@@ -179,6 +180,7 @@ class Instance:
         if problems:
             self._fail(problems[0])
             return None
+        self.launch = spec  # listeners of STARTING read the child's env (its GPUs) here
         try:
             child = await spawn(spec.argv, spec.env)
         except OSError as exc:
