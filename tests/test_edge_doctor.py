@@ -1,4 +1,5 @@
-"""``edge-proxy doctor`` over loopback only: real sockets, real TOML, the real command line.
+"""``edge-proxy doctor`` with real sockets, real TOML and the real command line, on loopback and
+in a network namespace the test builds (never on the machine's own LAN).
 
 Nodes point at 127.0.0.1: a listening backend (connected), a closed port (refused) and a
 backend whose accept queue is full, which drops the SYN like a sleeping host (timed out).
@@ -11,6 +12,8 @@ from __future__ import annotations
 
 import ipaddress
 import json
+import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -218,3 +221,63 @@ def test_command_line_exit_code_and_json(tmp_path: Path) -> None:
         out = edge_proxy("doctor", "-c", str(bad))
         assert out.returncode == 1
         assert "FAIL  wol up" in out.stdout and "fix: use one of:" in out.stdout
+
+
+# --- a real LAN interface, in a network namespace of the test's own ----------------------------
+
+NETNS_LAN = "10.77.0.0/24"  # exists only inside the namespace below
+NETNS_SELF, NETNS_BROADCAST, NETNS_SLEEPER = "10.77.0.1", "10.77.0.255", "10.77.0.5"
+
+
+def _ip(*args: str) -> None:
+    subprocess.run(["ip", *args], check=True, capture_output=True, timeout=TEST_TIMEOUT_S)
+
+
+@pytest.fixture
+def lan_namespace() -> Iterator[str]:
+    """A namespace with a veth pair: this box is NETNS_SELF on one end, the other end is up and
+    silent, so a connect to NETNS_SLEEPER gets no ARP answer and times out like a sleeping host."""
+    if os.geteuid() != 0 or shutil.which("ip") is None:
+        pytest.skip("needs root and iproute2 to build a network namespace")
+    name = f"llamanap-doctor-{os.getpid()}"
+    _ip("netns", "add", name)
+    try:
+        _ip("-n", name, "link", "add", "lan0", "type", "veth", "peer", "name", "lan1")
+        _ip("-n", name, "addr", "add", f"{NETNS_SELF}/24", "brd", "+", "dev", "lan0")
+        for link in ("lo", "lan0", "lan1"):
+            _ip("-n", name, "link", "set", link, "up")
+        yield name
+    finally:
+        _ip("netns", "del", name)
+
+
+@pytest.mark.netns
+def test_directed_broadcast_and_a_sleeping_node_on_a_real_interface(
+        tmp_path: Path, lan_namespace: str) -> None:
+    config = tmp_path / "edge.toml"
+    config.write_text(f"""
+[nodes.box]
+host = "{NETNS_SLEEPER}"
+mac = "{MAC}"
+wol = {{ broadcast = "{NETNS_BROADCAST}", source = "{NETNS_SELF}" }}
+[nodes.unicast]
+host = "{NETNS_SLEEPER}"
+mac = "{MAC}"
+wol = {{ broadcast = "{NETNS_SLEEPER}" }}
+[[routes]]
+listen = "127.0.0.1:0"
+node = "box"
+backend_port = 8080
+""")
+    out = subprocess.run(["ip", "netns", "exec", lan_namespace, sys.executable, "-m", "edge_proxy",
+                          "doctor", "-c", str(config), "--json"], capture_output=True, text=True,
+                         timeout=TEST_TIMEOUT_S * 2, cwd=REPO)
+    assert out.returncode == 0, out.stdout + out.stderr
+    checks = {c["name"]: c for c in json.loads(out.stdout)["checks"]}
+    box, unicast, reach = checks["wol box"], checks["wol unicast"], checks["reach box:8080"]
+    assert box["status"] == "ok"
+    assert box["detail"] == (f"directed broadcast of lan0's LAN {NETNS_LAN}, "
+                             f"sent from {NETNS_SELF} (lan0)")
+    assert unicast["status"] == "warn"
+    assert unicast["fix"] == f'set nodes.unicast.wol.broadcast = "{NETNS_BROADCAST}"'
+    assert reach["status"] == "warn" and "asleep, or gone" in reach["detail"]
