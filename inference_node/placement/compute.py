@@ -13,17 +13,21 @@ them):
   the scheduler keeps ``PIPELINE_COPIES`` copies of each input.
 - the per-token activations of the widest phase of a layer, in f32 values per token:
   feed-forward ``FFN_EMBD·n_embd + FFN_FF·n_ff`` (``n_ff`` of each used expert for MoE);
-  attention ``ATTN_EMBD·n_embd + ATTN_KV·n_embd_kv``, plus without flash attention the
-  ``n_kv × n_ubatch × n_head`` f32 score matrix. The last layer computes its
-  feed-forward for the output tokens only, so a device holding just that layer needs
-  attention memory only.
+  attention ``ATTN_EMBD·n_embd``, plus without flash attention the
+  ``n_kv × n_ubatch × n_head`` f32 score matrix. The host, which also holds the input
+  embeddings, needs ``HOST_EMBD·n_embd`` (and ``HOST_ATTN_KV·n_embd_kv`` in attention) more.
+  The last layer computes its feed-forward for the output rows only, so a device holding
+  just that layer needs attention memory only.
 - pipeline parallelism also keeps copies of the activations passed between devices:
-  ``PIPELINE_FIRST_EMBD·n_embd`` per token on the first device and the host,
-  one ``n_embd`` per token on the others.
+  ``PIPELINE_FIRST_EMBD·n_embd`` per token on the first device (and the host),
+  ``PIPELINE_OTHER_EMBD·n_embd`` on the others.
+- without flash attention, ``NO_FA_KV_INPUT_BYTES`` per KV cell and KV value per copy.
 - logits for the output rows (``n_seq × n_vocab`` f32, twice) on the output device.
 
-Measured on tiny models this lands within a few percent for one device and within about
-15% per device across RPC devices; CUDA allocates the same graph, so the same model applies.
+On tiny models of six shapes (``benchmarks/placement_accuracy.py``) this lands within 1% on
+one device and within 12% (5 MiB) per RPC device. CUDA allocates the same graph with the
+same allocator, so the model carries over; its few CUDA-only scratch buffers (cuBLAS
+workspace, the flash-attention pool) are outside these buffers and inside the safety margin.
 """
 
 from __future__ import annotations
@@ -38,11 +42,17 @@ from inference_node.placement.settings import LaunchSettings
 F32: Final = 4
 F16: Final = 2
 PIPELINE_COPIES: Final = 4  # GGML_SCHED_MAX_COPIES
-FFN_EMBD: Final = 5.0
+FFN_EMBD: Final = 3.0
 FFN_FF: Final = 3.0
-ATTN_EMBD: Final = 6.0
-ATTN_KV: Final = 2.0
-PIPELINE_FIRST_EMBD: Final = 10.0
+ATTN_EMBD: Final = 4.0
+# The host also holds the input embeddings and their copies on the way to a device.
+HOST_EMBD: Final = 2.0
+HOST_ATTN_KV: Final = 2.0
+PIPELINE_FIRST_EMBD: Final = 12.0
+PIPELINE_OTHER_EMBD: Final = 3.0
+# Without flash attention each device (and, with pipeline parallelism, the host) holds one
+# more input per copy that grows with the cache: measured at 1 byte per cell and KV value.
+NO_FA_KV_INPUT_BYTES: Final = 1
 LOGIT_BUFFERS: Final = 2  # logits and their probabilities
 HOST: Final = -1
 
@@ -75,22 +85,32 @@ def compute_bytes(model: ModelInfo, s: LaunchSettings, assign: Sequence[int], de
         peak = 0.0
         for il in layers:
             kv_embd = model.n_head_kv[il] * model.head_dim_k
-            attn = ub * F32 * (ATTN_EMBD * e + ATTN_KV * kv_embd)
+            extra = HOST_EMBD * e if dev == HOST else 0.0
+            attn = ub * F32 * (ATTN_EMBD * e + extra
+                               + (HOST_ATTN_KV * kv_embd if dev == HOST else 0.0))
             if not s.flash:
                 attn += kv_cells(model, s, il) * ub * model.n_head[il] * F32
             phase = attn
             if il != n_layer - 1:
-                phase = max(attn, ub * F32 * (FFN_EMBD * e + FFN_FF * _ffn_width(model)))
+                ffn = FFN_EMBD * e + extra + FFN_FF * _ffn_width(model)
+                phase = max(attn, ub * F32 * ffn)
             peak = max(peak, phase)
         total += peak
+    if not s.flash and ((layers and dev != HOST) or (pp and dev == HOST)):
+        kv_embd = max(model.n_head_kv) * model.head_dim_k
+        cells = max(kv_cells(model, s, il) for il in range(n_layer))
+        total += copies * cells * s.n_stream * kv_embd * NO_FA_KV_INPUT_BYTES
     if pp:
         first = next((d for d in assign if d != HOST), HOST)
-        if dev in (HOST, first):
+        if dev == HOST:
+            total += (PIPELINE_FIRST_EMBD - HOST_EMBD) * ub * e * F32
+        elif dev == first:
             total += PIPELINE_FIRST_EMBD * ub * e * F32
         elif layers:
-            total += ub * e * F32
+            total += PIPELINE_OTHER_EMBD * ub * e * F32
         if dev == HOST and not layers:
-            total += copies * kv_cells(model, s, 0) * ub * (F16 if s.flash else F32)
+            cells = max(kv_cells(model, s, il) for il in range(n_layer))
+            total += copies * cells * ub * (F16 if s.flash else F32)
     if has_output:
         total += LOGIT_BUFFERS * s.n_seq * model.n_vocab * F32
     return int(total)

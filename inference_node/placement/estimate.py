@@ -138,7 +138,13 @@ def estimate(model: ModelInfo, s: LaunchSettings, devices: Sequence[DeviceSpec])
     for il in range(model.n_layer + 1):
         dev = assign[il]
         target(dev).layers.append(il)
-        add_weights(dev, model.layer_tensors(il) if il < model.n_layer else model.output_tensors)
+        if il < model.n_layer:
+            add_weights(dev, model.layer_tensors(il))
+        elif dev == HOST and model.tied_embeddings:
+            # on the host the "copy" of token_embd is the same mapped file data
+            add_weights(dev, [t for t in model.output_tensors if t.name != "token_embd.weight"])
+        else:
+            add_weights(dev, model.output_tensors)
         if il < model.n_layer:
             kv_dev = dev if s.kv_offload else HOST
             for part in kv_layer_bytes(model, s, il):
