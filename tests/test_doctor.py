@@ -27,7 +27,7 @@ from inference_node.doctor.nvidia import (
     check_nvidia_services,
     check_preserve_vram,
 )
-from inference_node.doctor.services import check_llama_server, check_proxy
+from inference_node.doctor.services import check_llama_server, check_proxy, check_wake_mac
 from inference_node.doctor.system import (
     check_mem_sleep,
     check_sleep_hook,
@@ -40,7 +40,7 @@ from inference_node.gpu.inventory import GpuInfo, NoGpus
 from shared.config.node import NodeAgentConfig, load_node_config
 from shared.doctor import CheckResult, RealHost, Status, render_json, render_table
 from tests.fakes.gpu import FakeGpu, FakeNvml, FakeRig
-from tests.support.edge import TEST_TIMEOUT_S, PacketListener, free_port, load_config
+from tests.support.edge import MAC, TEST_TIMEOUT_S, PacketListener, free_port, load_config
 
 REPO = Path(__file__).resolve().parent.parent
 HOOK = REPO / "deploy" / "system-sleep" / "llamanap"
@@ -355,16 +355,24 @@ port = 8082
     assert (b.name, b.status) == ("instance b", Status.OK)
 
 
-def test_proxy_skipped_without_config_or_section(tmp_path: Path) -> None:
-    assert check_proxy(None).status is Status.SKIP
-    assert check_proxy(node_config(tmp_path, "")).status is Status.SKIP
+def test_proxy_skipped_without_config_or_section(tmp_path: Path, host: TreeHost) -> None:
+    (none,) = check_proxy(None, host, None)
+    assert none.status is Status.SKIP
+    (no_section,) = check_proxy(node_config(tmp_path, ""), host, None)
+    assert no_section.status is Status.SKIP
 
 
-async def test_proxy_reached_with_the_token_wrong_token_unknown_node_and_down(tmp_path: Path) -> None:
+async def test_proxy_reached_with_the_token_wrong_token_unknown_node_and_down(
+        tmp_path: Path, host: TreeHost) -> None:
     def agent(url: str, token: str, node: str = "box") -> NodeAgentConfig:
         return node_config(tmp_path, f'[agent]\nnode = "{node}"\n[proxy]\nurl = "{url}"\n'
                            f'token = "{token}"\ntimeout_s = 10\n')
 
+    async def check(cfg: NodeAgentConfig) -> list[CheckResult]:
+        return await trio.to_thread.run_sync(check_proxy, cfg, host, "eno1")
+
+    nic(host).file("/sys/class/net/eno1/address", MAC + "\n")  # the MAC the proxy wakes
+    nic(host, "eno2").file("/sys/class/net/eno2/address", "aa:bb:cc:dd:ee:02\n")
     with trio.fail_after(TEST_TIMEOUT_S):
         async with trio.open_nursery() as nursery:
             packets = await PacketListener.open()  # the proxy's node sleeps: its packets land here
@@ -373,17 +381,29 @@ async def test_proxy_reached_with_the_token_wrong_token_unknown_node_and_down(tm
             proxy: Proxy = await nursery.start(serve_proxy, cfg)
             url = proxy.control_url
 
-            good = await trio.to_thread.run_sync(check_proxy, agent(url, "s3cret"))
+            good, mac = await check(agent(url, "s3cret"))
             assert good.status is Status.OK, good
             assert "knows node 'box'" in good.detail
-            wrong = await trio.to_thread.run_sync(check_proxy, agent(url, "guess"))
+            assert mac.status is Status.OK and mac.detail.endswith("the MAC of eno1")
+            (wrong,) = await check(agent(url, "guess"))
             assert wrong.status is Status.FAIL and "401" in wrong.detail
             assert "token is wrong" in wrong.detail and "token_file" in wrong.fix
-            stranger = await trio.to_thread.run_sync(check_proxy, agent(url, "s3cret", "other"))
+            (stranger,) = await check(agent(url, "s3cret", "other"))
             assert stranger.status is Status.WARN and "nodes: box" in stranger.detail
             nursery.cancel_scope.cancel()
-    down = check_proxy(agent(f"http://127.0.0.1:{free_port()}", "s3cret"))
+    (down,) = check_proxy(agent(f"http://127.0.0.1:{free_port()}", "s3cret"), host, None)
     assert down.status is Status.FAIL and "ConnectError" in down.detail
+
+
+def test_the_mac_the_proxy_wakes_must_be_a_nic_of_this_box(host: TreeHost) -> None:
+    nic(host).file("/sys/class/net/eno1/address", "aa:bb:cc:dd:ee:01\n")
+    nic(host, "eno2").file("/sys/class/net/eno2/address", "aa:bb:cc:dd:ee:02\n")
+    assert check_wake_mac(host, "eno1", "box", "AA-BB-CC-DD-EE-01").status is Status.OK
+    other = check_wake_mac(host, "eno1", "box", "aa:bb:cc:dd:ee:02")
+    assert other.status is Status.WARN and other.fix == "run `node-agent doctor --interface eno2`"
+    wrong = check_wake_mac(host, "eno1", "box", "aa:bb:cc:dd:ee:99")
+    assert wrong.status is Status.FAIL
+    assert wrong.fix == "set nodes.box.mac in the proxy's config to eno1 (aa:bb:cc:dd:ee:01)"
 
 
 # --- the whole command -------------------------------------------------------------------------

@@ -59,7 +59,7 @@ def run_checks(host: Host, cfg: NodeAgentConfig | None, *, interface: str | None
         *_unless(pstates_off, "pstate.enabled = false", [check_nvapi(host)]),
         *check_gpu_pstates(host, inventory),
         *check_llama_server(cfg),
-        check_proxy(cfg),
+        *check_proxy(cfg, host, interface),
     ]
     return results
 
