@@ -37,6 +37,7 @@ from shared.config.node import InstanceConfig
 from shared.errors import LlamanapError
 
 log = logging.getLogger(__name__)
+output_log = logging.getLogger("inference_node.output")
 
 # After a child is gone its pipes normally hit EOF at once; a grandchild that escaped the
 # process group could hold them open, so the readers get this long to drain, then stop.
@@ -301,6 +302,8 @@ class Instance:
 
     def _line(self, stream: str, text: str) -> None:
         self.ring.append(stream, text)
+        if output_log.isEnabledFor(logging.DEBUG):  # log_level = "debug" copies it to the journal
+            output_log.debug("%s: %s", self.name, text)
         dispatch(self._host.line_sinks, self.name, text, trio.current_time())
 
     def _note(self, label: str, text: str) -> None:

@@ -112,6 +112,7 @@ class Supervisor:
         self._nursery: trio.Nursery | None = None
         self._held = False  # stop_all() holds instances down until start_enabled()
         self._changed = trio.Event()
+        self._apply_lock = trio.Lock()  # a SIGHUP and an API reload at once apply one by one
 
     def __repr__(self) -> str:
         states = ", ".join(f"{i.name}={i.state.name}" for i in self._instances.values())
@@ -146,6 +147,11 @@ class Supervisor:
         Removed and changed instances are stopped first (and awaited), so a port that moved
         from one instance to another is free before the new owner starts.
         """
+        async with self._apply_lock:
+            return await self._apply(instances, enabled, reason)
+
+    async def _apply(self, instances: Mapping[str, InstanceConfig],
+                     enabled: Mapping[str, bool], reason: str) -> ReloadPlan:
         nursery = self._require_nursery()
         old = {n: (i.config, i.enabled) for n, i in self._instances.items()}
         new = {n: (c, enabled.get(n, c.enabled)) for n, c in instances.items()}
