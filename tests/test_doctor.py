@@ -1,4 +1,4 @@
-"""``node-agent doctor`` and the system-sleep hook.
+"""``node-agent doctor``.
 
 The pass and fail branches run against a copy of /sys and /proc made of real files in a temp
 folder, with small shell scripts standing in for ethtool, systemctl and busctl (the NIC, the
@@ -8,9 +8,7 @@ this machine, which has no GPU and no NVIDIA driver: it must say so, not crash.
 
 from __future__ import annotations
 
-import configparser
 import json
-import os
 import stat
 import subprocess
 import sys
@@ -43,8 +41,6 @@ from tests.fakes.gpu import FakeGpu, FakeNvml, FakeRig
 from tests.support.edge import MAC, TEST_TIMEOUT_S, PacketListener, free_port, load_config
 
 REPO = Path(__file__).resolve().parent.parent
-HOOK = REPO / "deploy" / "system-sleep" / "llamanap"
-LINK = REPO / "deploy" / "examples" / "50-wol.link"
 SUBPROCESS_TIMEOUT_S = 60.0  # a bound for a hung child on a loaded machine, not a timing check
 
 ROUTE_HEADER = "Iface\tDestination\tGateway\tFlags\tRefCnt\tUse\tMetric\tMask\tMTU\tWindow\tIRTT\n"
@@ -483,52 +479,3 @@ def test_doctor_on_this_machine_reports_cpu_only_and_exits_by_its_failures(
     table = node_agent("doctor", "--config", str(config))
     assert table.returncode == 1
     assert "fix: " in table.stdout and "CPU-only" in table.stdout
-
-
-# --- the system-sleep hook and the .link example -----------------------------------------------
-
-def run_hook(tmp_path: Path, agent_script: str | None, *args: str,
-             **env: str) -> tuple[subprocess.CompletedProcess[str], Path]:
-    bin_dir = tmp_path / "bin"
-    bin_dir.mkdir(exist_ok=True)
-    calls = tmp_path / "calls"
-    if agent_script is not None:
-        agent = bin_dir / "node-agent"
-        agent.write_text(f"#!/bin/sh\necho \"$@\" >> {calls}\n{agent_script}\n")
-        agent.chmod(0o755)
-    path = f"{bin_dir}:/usr/bin:/bin"
-    done = subprocess.run([str(HOOK), *args], capture_output=True, text=True,
-                          timeout=SUBPROCESS_TIMEOUT_S, env={**os.environ, "PATH": path, **env})
-    return done, calls
-
-
-@pytest.mark.parametrize("phase", ["pre", "post"])
-def test_hook_tells_the_agent_each_phase(tmp_path: Path, phase: str) -> None:
-    done, calls = run_hook(tmp_path, "exit 0", phase, "suspend")
-    assert done.returncode == 0
-    assert calls.read_text() == f"hook {phase}\n"
-
-
-def test_hook_never_fails_or_blocks_sleep(tmp_path: Path) -> None:
-    failing, _ = run_hook(tmp_path, "exit 3", "pre", "suspend")
-    assert failing.returncode == 0 and "exit 3" in failing.stderr
-    hung, calls = run_hook(tmp_path, "exec sleep 600", "post", "suspend", HOOK_TIMEOUT_S="1",
-                           HOOK_KILL_AFTER_S="1")
-    assert hung.returncode == 0 and "no answer" in hung.stderr
-    assert calls.read_text().splitlines()[-1] == "hook post"
-
-
-def test_hook_without_the_agent_or_for_other_phases(tmp_path: Path) -> None:
-    missing, _ = run_hook(tmp_path, None, "pre", "suspend", NODE_AGENT="node-agent-not-here")
-    assert missing.returncode == 0 and "not found" in missing.stderr
-    other, calls = run_hook(tmp_path, "exit 0", "check", "suspend")
-    assert other.returncode == 0 and not calls.exists()
-
-
-def test_link_example_turns_on_magic_packet_wake() -> None:
-    link = configparser.ConfigParser(strict=True)
-    link.optionxform = str  # type: ignore[assignment,method-assign]  # keys are case-sensitive
-    link.read_string(LINK.read_text())
-    assert link["Link"]["WakeOnLan"] == "magic"
-    assert link["Match"]["MACAddress"]
-    assert "NamePolicy" in link["Link"]

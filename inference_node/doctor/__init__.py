@@ -3,7 +3,8 @@ to fix what is missing. It changes nothing: no suspend, no setting written, no p
 
 The checks, in the order they are reported: Wake-on-LAN on the NIC, sleep states, the selected
 mem_sleep mode, permission to suspend, the system-sleep hook, the NVIDIA suspend services and
-video memory preservation, libnvidia-api, P-states per GPU, llama-server, the proxy.
+video memory preservation, libnvidia-api, P-states per GPU, llama-server, the proxy and
+whether the MAC it wakes for this node is a NIC of this box.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ import argparse
 import sys
 from pathlib import Path
 
+from inference_node.cli import DEFAULT_CONFIG
 from inference_node.doctor.nvidia import (
     check_gpu_pstates,
     check_nvapi,
@@ -30,13 +32,11 @@ from inference_node.gpu.inventory import GpuInventory, open_inventory
 from shared.config.node import NodeAgentConfig, load_node_config
 from shared.doctor import CheckResult, Host, RealHost, add_output_arguments, report, skip
 
-DEFAULT_CONFIG = Path("/etc/llamanap/node-agent.toml")
-
 DESCRIPTION = """\
 Check this GPU box for what llamanap needs: Wake-on-LAN on the NIC, suspend to RAM (deep),
 permission to suspend, the sleep hook, the NVIDIA suspend services, libnvidia-api and P-states
-per GPU, llama-server, and the proxy (reached with the token). Each failure comes with its fix.
-Nothing is changed. Exit code 0 when nothing failed, 1 otherwise. Run it as the user the agent
+per GPU, llama-server, the proxy (reached with the token) and the MAC it wakes. Each failure
+comes with its fix. Nothing is changed. Exit code 0 when nothing failed, 1 otherwise. Run it as the user the agent
 runs as (usually root) to see what the agent will see.
 """
 
