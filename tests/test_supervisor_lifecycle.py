@@ -167,3 +167,23 @@ async def test_wait_all_ready_and_cancelling_the_supervisor_stops_children(tmp_p
         nursery.cancel_scope.cancel()
     assert not process_alive(pid)
     assert sup.get("x").state is State.STOPPED
+
+
+async def test_stop_all_holds_until_start_enabled(sup: Supervisor, tmp_path: Path) -> None:
+    """What the power manager relies on around a suspend."""
+    seen: list[tuple[str, State]] = []
+    sup.add_state_listener(lambda n, old, new, why: seen.append((n, new)))
+    cfgs = {n: instance(n, {"command": toy_command(free_port())}, tmp_path / "x.toml") for n in "pq"}
+    await sup.apply(cfgs, {"q": False})
+    assert await sup.wait_all_ready(30)
+    await sup.stop_all("suspending")
+    assert {r.state for r in sup.snapshot()} == {State.STOPPED}
+    added = instance("r", {"command": toy_command(free_port())}, tmp_path / "x.toml")
+    await sup.apply({**cfgs, "r": added}, {"q": False})  # a reload while held starts nothing
+    assert sup.get("r").state is State.STOPPED and not sup.get("r").wanted
+    seen.clear()
+    await sup.start_enabled("resumed")
+    assert sorted(sup.enabled_names()) == ["p", "r"]
+    assert await sup.wait_all_ready(30)
+    assert sorted(n for n, s in seen if s is State.READY) == ["p", "r"]
+    assert sup.get("q").state is State.STOPPED
