@@ -161,6 +161,9 @@ def test_wol_names_unknown_and_virtual_interfaces(host: TreeHost) -> None:
     bridge = check_wake_on_lan(host, "br0")
     assert bridge.status is Status.WARN
     assert "eno1" in bridge.detail and "--interface" in bridge.fix
+    host.file("/sys/class/net/lo/flags", "0x9\n")
+    loopback = check_wake_on_lan(host, "lo")
+    assert loopback.status is Status.FAIL and "loopback" in loopback.detail
     no_route = check_wake_on_lan(host, None)
     assert no_route.status is Status.FAIL and "--interface" in no_route.fix
 

@@ -16,6 +16,7 @@ PERMISSION_CHECK: Final = "suspend-permission"
 HOOK_CHECK: Final = "sleep-hook"
 
 RTF_UP: Final = 0x1  # /proc/net/route flag: the route is usable
+IFF_LOOPBACK: Final = 0x8  # /sys/class/net/IF/flags
 MAGIC: Final = "g"  # ethtool's letter for waking on a magic packet
 HOOK_NAME: Final = "llamanap"
 # Where systemd-sleep looks for hooks (the /etc and /usr/local ones since systemd 256).
@@ -47,6 +48,13 @@ def default_route_interface(host: Host) -> str | None:
     return None if best is None else best[1]
 
 
+def _is_loopback(host: Host, iface: str) -> bool:
+    try:
+        return bool(int((host.read_text(f"/sys/class/net/{iface}/flags") or "0"), 16) & IFF_LOOPBACK)
+    except ValueError:
+        return iface == "lo"
+
+
 def _persist_fix(iface: str) -> str:
     return (f"`ethtool -s {iface} wol g`; to keep it, copy deploy/examples/50-wol.link to "
             "/etc/systemd/network/ (set its MACAddress) or `nmcli c modify CONNECTION "
@@ -64,6 +72,9 @@ def check_wake_on_lan(host: Host, interface: str | None) -> CheckResult:
         known = ", ".join(n for n in host.list_dir("/sys/class/net") if n != "lo") or "none"
         return fail(WOL_CHECK, f"no network interface {iface!r} (interfaces: {known})",
                     "pass --interface with one of those names")
+    if _is_loopback(host, iface):
+        return fail(WOL_CHECK, f"{iface} is the loopback interface",
+                    "pass --interface with the NIC the proxy reaches this box on")
     if not host.exists(f"{sys_dir}/device"):
         lower = [n.removeprefix("lower_") for n in host.list_dir(sys_dir) if n.startswith("lower_")]
         lower += host.list_dir(f"{sys_dir}/brif")
