@@ -114,3 +114,22 @@ def test_plan_reload_is_pure(tmp_path: Path) -> None:
     b = instance("b", {"command": ["srv", "--port", "3"]}, src)
     plan = plan_reload({"a": (a, True), "b": (b, True)}, {"a": (a2, True), "b": (b, False)})
     assert plan.changed == ("a",) and plan.disabled == ("b",) and not plan.unchanged
+
+
+async def test_instances_dir_files_come_and_go_on_reload(nursery: trio.Nursery, tmp_path: Path) -> None:
+    folder = tmp_path / "instances.d"
+    folder.mkdir()
+    cfg = tmp_path / "node-agent.toml"
+    cfg.write_text(tomli_w.dumps({"agent": {"api_listen": "127.0.0.1:0", "instances_dir": "instances.d",
+                                            "state_file": str(tmp_path / "state.toml")}}))
+    (folder / "one.toml").write_text(tomli_w.dumps({"instances": {"one": toy(free_port())}}))
+    agent: Agent = await nursery.start(run_agent, cfg)
+    first = await ready(agent, "one")
+    (folder / "two.toml").write_text(tomli_w.dumps({"instances": {"two": toy(free_port())}}))
+    plan = await agent.reload()
+    assert plan.added == ("two",) and plan.unchanged == ("one",)
+    assert await ready(agent, "one") == first
+    (folder / "one.toml").unlink()
+    plan = await agent.reload()
+    assert plan.removed == ("one",) and agent.supervisor.names == ["two"]
+    assert not process_alive(first["one"])
