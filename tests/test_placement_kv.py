@@ -15,7 +15,7 @@ from inference_node.placement.estimate import DeviceSpec, estimate
 from inference_node.placement.gguf_info import read_model
 from inference_node.placement.kv_cache import kv_cells, kv_total_bytes
 from inference_node.placement.settings import LaunchSettings
-from shared.tiny_gguf import PRESETS, write_tiny_model
+from shared.tiny_gguf import PRESETS, TinyModelSpec, write_tiny_model
 
 KIB = 1024
 MIB = KIB * KIB
@@ -24,7 +24,8 @@ MIB = KIB * KIB
 @pytest.fixture(scope="module")
 def models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     folder = tmp_path_factory.mktemp("kv-models")
-    return {name: write_tiny_model(folder / f"{name}.gguf", spec) for name, spec in PRESETS.items()}
+    shapes = {**PRESETS, "head-32": TinyModelSpec(n_embd=128, n_head=4)}
+    return {name: write_tiny_model(folder / f"{name}.gguf", spec) for name, spec in shapes.items()}
 
 
 def test_context_padding_and_streams() -> None:
@@ -54,11 +55,11 @@ def test_context_padding_and_streams() -> None:
         ("llama-tied", LaunchSettings(ctx=8192), 2 * 8192 * 256),
         # experts neither
         ("llama-moe", LaunchSettings(ctx=4096, parallel=2), 2 * 4096 * 256),
-        # q8_0 K: 64 values = 2 blocks of 34 B; f16 V 128 B
-        ("llama", LaunchSettings(ctx=4096, cache_type_k="q8_0"), 2 * 4096 * (68 + 128)),
-        # q4_0 K and V with flash attention: 2 blocks of 18 B each
-        ("llama", LaunchSettings(ctx=4096, cache_type_k="q4_0", cache_type_v="q4_0",
-                                 flash_attn="on"), 2 * 4096 * (36 + 36)),
+        # head size 32, 4 KV heads: q8_0 K is 4 blocks of 34 B; f16 V 256 B
+        ("head-32", LaunchSettings(ctx=4096, cache_type_k="q8_0"), 2 * 4096 * (136 + 256)),
+        # q4_0 K and V with flash attention: 4 blocks of 18 B each
+        ("head-32", LaunchSettings(ctx=4096, cache_type_k="q4_0", cache_type_v="q4_0",
+                                   flash_attn="on"), 2 * 4096 * (72 + 72)),
         # qwen2 with biases: 2 layers, 2 KV heads x 16 dims = 32 values: 64 B each
         ("qwen2-bias", LaunchSettings(ctx=4096), 2 * 4096 * 128),
         # gemma2: layers 0, 2 slide over a 64-token window: pad(min(4096, 64*4 + 512), 256)
@@ -107,9 +108,13 @@ def test_weights_follow_the_layers(models: dict[str, Path]) -> None:
     assert partial.devices[0].layers == [m.n_layer]  # only the output layer
 
 
-def test_cuda_pads_quantized_rows(tmp_path: Path) -> None:
-    from shared.tiny_gguf import TinyModelSpec
+def test_quantized_cache_needs_whole_blocks_per_head(models: dict[str, Path]) -> None:
+    # llama.cpp refuses a q8_0 cache when blocks of 32 do not divide the head size (16 here)
+    with pytest.raises(PlacementError, match="blocks of 32 do not divide this model's head size 16"):
+        kv_total_bytes(read_model(models["llama"]), LaunchSettings(cache_type_k="q8_0"))
 
+
+def test_cuda_pads_quantized_rows(tmp_path: Path) -> None:
     spec = TinyModelSpec(n_layer=1, n_embd=64, n_ff=128, tensor_type="Q8_0")
     m = read_model(write_tiny_model(tmp_path / "q8.gguf", spec))
     cpu = estimate(m, LaunchSettings(ctx=256), [DeviceSpec("A", "rpc")]).devices[0].weights

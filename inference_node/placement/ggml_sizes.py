@@ -44,9 +44,14 @@ def row_size(type_name: str, n: int) -> int:
     return n // block * size
 
 
-def is_quantized(type_name: str) -> bool:
+def block_size(type_name: str) -> int:
+    """Values per block of a type (1 for f32/f16/bf16)."""
     block, _ = gguf.GGML_QUANT_SIZES[ggml_type(type_name)]
-    return block > 1
+    return int(block)
+
+
+def is_quantized(type_name: str) -> bool:
+    return block_size(type_name) > 1
 
 
 def pad(n: int, multiple: int) -> int:

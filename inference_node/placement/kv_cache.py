@@ -10,7 +10,8 @@ unless ``--swa-full``.
 
 from __future__ import annotations
 
-from inference_node.placement.ggml_sizes import pad, row_size
+from inference_node.placement.errors import PlacementError
+from inference_node.placement.ggml_sizes import block_size, pad, row_size
 from inference_node.placement.gguf_info import ModelInfo
 from inference_node.placement.settings import CTX_PAD, LaunchSettings
 
@@ -40,6 +41,13 @@ def kv_layer_bytes(model: ModelInfo, s: LaunchSettings, il: int) -> tuple[int, i
         kv_heads_v = max(model.n_head_kv)
     else:
         kv_heads_v = kv_heads
+    for flag, type_name, dim in (("--cache-type-k", s.cache_type_k, dk),
+                                 ("--cache-type-v", s.cache_type_v, dv)):
+        block = block_size(type_name)
+        if dim % block:
+            # llama.cpp refuses to create such a context (llama_init_from_model)
+            raise PlacementError(f"{flag} {type_name}: blocks of {block} do not divide this "
+                                 f"model's head size {dim}; use f16")
     cells = kv_cells(model, s, il) * s.n_stream
     k = row_size(s.cache_type_k, dk * kv_heads) * cells
     v = row_size(s.cache_type_v, dv * kv_heads_v) * cells

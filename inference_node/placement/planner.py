@@ -27,6 +27,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Final
 
+from inference_node.placement.errors import PlacementError
 from inference_node.placement.estimate import DeviceSpec, Estimate, estimate, layer_devices
 from inference_node.placement.ggml_sizes import MIB
 from inference_node.placement.gguf_info import ModelInfo
@@ -284,13 +285,16 @@ def _refusal(req: InstanceRequest, s: LaunchSettings, gpus: Sequence[GpuFree],
 def _suggestions(req: InstanceRequest, s: LaunchSettings, gpus: Sequence[GpuFree],
                  usable: dict[str, float]) -> list[str]:
     out: list[str] = []
-    q8 = s.with_(cache_type_k="q8_0", cache_type_v="q8_0", flash_attn="on")
-    if _fit_full(req.model, q8, gpus, usable, set()) is not None:
-        out.append("--cache-type-k q8_0 --cache-type-v q8_0")
+    q8: LaunchSettings | None = s.with_(cache_type_k="q8_0", cache_type_v="q8_0", flash_attn="on")
+    try:
+        if _fit_full(req.model, q8, gpus, usable, set()) is not None:  # type: ignore[arg-type]
+            out.append("--cache-type-k q8_0 --cache-type-v q8_0")
+    except PlacementError:
+        q8 = None  # the model's head size does not take a q8_0 cache
     ctx = _largest_ctx(req.model, s, gpus, usable)
     if ctx is not None:
         out.append(f"-c {ctx}")
-    elif not out:
+    elif not out and q8 is not None:
         ctx = _largest_ctx(req.model, q8, gpus, usable)
         if ctx is not None:
             out.append(f"-c {ctx} with a q8_0 KV cache")

@@ -1,0 +1,88 @@
+"""The estimate against the real llama-server: the MiB it reports per device, per component.
+
+Weights and KV must equal what llama-server prints (it prints two decimals); the compute
+buffer, which has no formula, must be within the documented tolerance.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from inference_node.placement.args import settings_from_args
+from inference_node.placement.estimate import DeviceEstimate, DeviceSpec, estimate
+from inference_node.placement.ggml_sizes import mib
+from inference_node.placement.gguf_info import read_model
+from inference_node.placement.measured import MeasuredDevice, parse_memory
+from shared.llama_bin import find_rpc_server
+from shared.tiny_gguf import PRESETS, TinyModelSpec, write_tiny_model
+from tests.support.llama import llama_server, rpc_servers
+
+pytestmark = pytest.mark.llama
+
+DATA = Path(__file__).parent / "data"
+PRINT_ROUNDING_MIB = 0.006  # llama-server prints MiB with two decimals
+COMPUTE_TOLERANCE = 0.15
+COMPUTE_SLACK_MIB = 32.0
+BASE_ARGS = ("-lv", "4", "-t", "1", "--no-warmup")
+
+
+def assert_matches(est: DeviceEstimate, got: MeasuredDevice) -> None:
+    assert abs(mib(est.weights) - got.model) <= PRINT_ROUNDING_MIB, (mib(est.weights), got)
+    # sliding-window models print two KV buffers, each rounded
+    assert abs(mib(est.kv) - got.kv) <= 2 * PRINT_ROUNDING_MIB, (mib(est.kv), got)
+    gap = abs(mib(est.compute) - got.compute)
+    assert gap <= max(COMPUTE_TOLERANCE * got.compute, COMPUTE_SLACK_MIB), (mib(est.compute), got)
+
+
+TIED_32 = TinyModelSpec(n_embd=128, n_head=4, tied_embeddings=True)  # head size 32 takes q8_0
+SHAPES = {**PRESETS, "tied-32": TIED_32}
+
+
+@pytest.mark.parametrize(
+    ("preset", "flags"),
+    [
+        ("llama-gqa", ("-c", "4096")),
+        ("tied-32", ("-c", "8192", "-np", "2", "-ctk", "q8_0", "-ctv", "q8_0", "-fa", "on")),
+        ("gemma2-swa", ("-c", "4096", "-np", "3")),
+        ("qwen2-bias", ("-c", "4096", "-fa", "off")),
+        ("llama-moe", ("-c", "2048", "-ub", "256")),
+    ],
+)
+async def test_host_estimate_matches_llama_server(llama_server_bin: Path, tmp_path: Path,
+                                                  preset: str, flags: tuple[str, ...]) -> None:
+    path = write_tiny_model(tmp_path / f"{preset}.gguf", SHAPES[preset])
+    async with llama_server(llama_server_bin, path, (*BASE_ARGS, *flags)) as server:
+        got = parse_memory(server.log.lines)
+    est = estimate(read_model(path), settings_from_args(flags), [])
+    assert_matches(est.host, got.host)
+
+
+async def test_two_rpc_devices_split_as_planned(llama_server_bin: Path, tmp_path: Path) -> None:
+    spec = TinyModelSpec(n_layer=6, n_embd=128, n_ff=256, n_head=8, n_head_kv=2)
+    path = write_tiny_model(tmp_path / "split.gguf", spec)
+    flags = ("-c", "4096", "-ngl", "99", "-ts", "1,2")
+    async with rpc_servers(find_rpc_server(), 2) as endpoints:
+        rpc = [ep for ep, _ in endpoints]
+        async with llama_server(llama_server_bin, path,
+                                (*BASE_ARGS, *flags, "--rpc", ",".join(rpc))) as server:
+            got = parse_memory(server.log.lines)
+    est = estimate(read_model(path), settings_from_args(flags),
+                   [DeviceSpec("RPC0", "rpc"), DeviceSpec("RPC1", "rpc")])
+    # 7 layers over 1:2: layers 0-2 on the first device, 3-5 and the output on the second
+    assert est.devices[0].layers == [0, 1, 2]
+    assert est.devices[1].layers == [3, 4, 5, 6]
+    for ep, dev in zip(rpc, est.devices, strict=True):
+        assert_matches(dev, got.devices[f"RPC0[{ep}]"])
+
+
+def test_parse_memory_of_captured_logs() -> None:
+    cpu = parse_memory((DATA / "llama_server_lv4.log").read_text().splitlines())
+    assert cpu.gpu_names() == []
+    assert (cpu.host.model, cpu.host.kv, cpu.host.compute) == (0.66, 0.38, 1.90)
+    rpc = parse_memory((DATA / "llama_server_rpc_lv4.log").read_text().splitlines())
+    assert sorted(rpc.gpu_names()) == ["RPC0[127.0.0.1:33305]", "RPC0[127.0.0.1:45449]"]
+    first = rpc.devices["RPC0[127.0.0.1:33305]"]
+    assert (first.model, first.kv, first.compute) == (0.33, 0.19, 3.55)
+    assert rpc.host.model == 0.06 and rpc.host.compute == 3.33
