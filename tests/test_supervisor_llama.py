@@ -10,8 +10,10 @@ from typing import Final
 
 import httpx
 import pytest
+import tomli_w
 import trio
 
+from inference_node.agent import Agent, run_agent
 from inference_node.supervisor import State, Supervisor
 from shared.config.node import InstanceConfig
 from tests.support.ports import free_port
@@ -82,3 +84,50 @@ async def test_missing_model_fails_alone(
     assert sup.get("bad").reason == (
         f"instances.bad: model file {tmp_path / 'nope.gguf'} not found; fix the path or download it")
     await wait_state(sup, "good", State.READY)
+
+
+async def test_bad_flag_crash_loops_into_failed(
+    sup: Supervisor, llama_server_bin: Path, tiny_model: Path, tmp_path: Path
+) -> None:
+    table = {"binary": str(llama_server_bin), "model": str(tiny_model), "port": free_port(),
+             "args": [*LLAMA_ARGS, "--no-such-flag"], "restart": {"max_restarts": 2}}
+    await sup.apply({"bad": instance("bad", table, tmp_path / "x.toml")}, {})
+    await wait_state(sup, "bad", State.FAILED)
+    reason = sup.get("bad").reason
+    assert "during start-up" in reason and "crashed 3 times" in reason, reason
+    assert sup.get("bad").last_error is not None
+    assert any("no-such-flag" in line.text for line in sup.logs("bad", 100))
+
+
+async def test_reload_changes_exactly_the_right_llama_servers(
+    nursery: trio.Nursery, llama_server_bin: Path, tiny_model: Path, tmp_path: Path
+) -> None:
+    def table(port: int, *extra: str) -> dict[str, object]:
+        return {"binary": str(llama_server_bin), "model": str(tiny_model), "port": port,
+                "args": [*LLAMA_ARGS, *extra]}
+
+    ports = {n: free_port() for n in ("same", "changed", "removed", "added")}
+    cfg = tmp_path / "node-agent.toml"
+
+    def write(instances: dict[str, object]) -> None:
+        cfg.write_text(tomli_w.dumps({"agent": {"api_listen": "127.0.0.1:0",
+                                                "state_file": str(tmp_path / "state.toml")},
+                                      "instances": instances}))
+
+    write({n: table(ports[n]) for n in ("same", "changed", "removed")})
+    agent: Agent = await nursery.start(run_agent, cfg)
+    assert await agent.supervisor.wait_all_ready(REQUEST_TIMEOUT_S)
+    before = {n: pid_of(agent.supervisor, n) for n in ("same", "changed", "removed")}
+    write({"same": table(ports["same"]), "changed": table(ports["changed"], "-c", "512"),
+           "added": table(ports["added"])})
+    plan = await agent.reload()
+    assert (plan.unchanged, plan.changed, plan.removed, plan.added) == (
+        ("same",), ("changed",), ("removed",), ("added",))
+    assert await agent.supervisor.wait_all_ready(REQUEST_TIMEOUT_S)
+    after = {n: pid_of(agent.supervisor, n) for n in ("same", "changed", "added")}
+    assert after["same"] == before["same"]
+    assert after["changed"] != before["changed"] and not process_alive(before["changed"])
+    assert not process_alive(before["removed"])
+    assert "--port" in Path(f"/proc/{after['added']}/cmdline").read_text()
+    await complete(ports["changed"])
+    await complete(ports["added"])
