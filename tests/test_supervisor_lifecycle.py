@@ -10,7 +10,8 @@ from pathlib import Path
 import pytest
 import trio
 
-from inference_node.supervisor import State, Supervisor
+from inference_node.supervisor import LaunchOverrides, State, Supervisor
+from shared.config.node import InstanceConfig
 from tests.support.ports import free_port
 from tests.support.supervised import (
     group_exists,
@@ -187,3 +188,21 @@ async def test_stop_all_holds_until_start_enabled(sup: Supervisor, tmp_path: Pat
     assert await sup.wait_all_ready(30)
     assert sorted(n for n, s in seen if s is State.READY) == ["p", "r"]
     assert sup.get("q").state is State.STOPPED
+
+
+async def test_launch_planner_adds_args_env_and_gpus(sup: Supervisor, tmp_path: Path) -> None:
+    """The hook VRAM placement uses: each start may get extra args, env and a GPU list."""
+    asked: list[str] = []
+
+    async def planner(name: str, config: InstanceConfig) -> LaunchOverrides:
+        asked.append(name)
+        return LaunchOverrides(args=("--ready-after", "0"), env={"PLANNED": name}, gpus=(1, 3))
+
+    sup.launch_planner = planner
+    await sup.apply({"z": instance("z", {"command": toy_command(free_port())}, tmp_path / "x.toml")}, {})
+    await wait_state(sup, "z", State.READY)
+    pid = pid_of(sup, "z")
+    env = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+    assert b"PLANNED=z" in env and b"CUDA_VISIBLE_DEVICES=1,3" in env
+    assert Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")[-3:-1] == [b"--ready-after", b"0"]
+    assert asked == ["z"]
