@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import configparser
 import os
+import shutil
 import subprocess
 from pathlib import Path
 
@@ -27,7 +28,7 @@ def run_hook(tmp_path: Path, agent_script: str | None, *args: str,
         agent = bin_dir / "node-agent"
         agent.write_text(f"#!/bin/sh\necho \"$@\" >> {calls}\n{agent_script}\n")
         agent.chmod(0o755)
-    path = f"{bin_dir}:/usr/bin:/bin"
+    path = f"{bin_dir}:{env.pop('PATH_TAIL', '/usr/bin:/bin')}"
     done = subprocess.run([str(HOOK), *args], capture_output=True, text=True,
                           timeout=SUBPROCESS_TIMEOUT_S, env={**os.environ, "PATH": path, **env})
     return done, calls
@@ -45,8 +46,25 @@ def test_hook_never_fails_or_blocks_sleep(tmp_path: Path) -> None:
     assert failing.returncode == 0 and "exit 3" in failing.stderr
     hung, calls = run_hook(tmp_path, "exec sleep 600", "post", "suspend", HOOK_TIMEOUT_S="1",
                            HOOK_KILL_AFTER_S="1")
-    assert hung.returncode == 0 and "no answer" in hung.stderr
+    assert hung.returncode == 0 and "exit 124" in hung.stderr  # coreutils timeout stopped it
     assert calls.read_text().splitlines()[-1] == "hook post"
+
+
+def test_hook_bounds_the_call_without_coreutils_timeout(tmp_path: Path) -> None:
+    """On a PATH without `timeout` the hook's own watchdog stops a hung agent."""
+    tools = tmp_path / "tools"
+    tools.mkdir()
+    for tool in ("sleep",):
+        found = shutil.which(tool)
+        assert found is not None
+        (tools / tool).symlink_to(found)
+    hung, calls = run_hook(tmp_path, "exec sleep 600", "pre", "suspend", HOOK_TIMEOUT_S="1",
+                           PATH_TAIL=str(tools))
+    assert hung.returncode == 0 and "exit 143" in hung.stderr  # SIGTERM from the watchdog
+    assert calls.read_text() == "hook pre\n"
+    answered, _ = run_hook(tmp_path, "exit 0", "post", "suspend", HOOK_TIMEOUT_S="1",
+                           PATH_TAIL=str(tools))
+    assert answered.returncode == 0 and answered.stderr == ""
 
 
 def test_hook_without_the_agent_or_for_other_phases(tmp_path: Path) -> None:
