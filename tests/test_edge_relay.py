@@ -33,12 +33,21 @@ CHUNK = 1 << 20
 async def awake_proxy(tmp_path: Path, handler: object, **kwargs: object) -> AsyncIterator[Proxy]:
     """A proxy in front of a running backend, already AWAKE."""
     backend_port = free_port()
+    holder: list[Proxy] = []
+
+    async def backend(stream: trio.SocketStream) -> None:
+        if not holder or holder[0].drivers["box"].state is not State.AWAKE:
+            await stream.aclose()  # the first readiness probe, before the node is AWAKE
+            return
+        await handler(stream)  # type: ignore[operator]
+
     async with trio.open_nursery() as nursery:
         packets = await PacketListener.open()
         nursery.start_soon(packets.run)
-        await nursery.start(trio.serve_tcp, handler, backend_port)
+        await nursery.start(trio.serve_tcp, backend, backend_port)
         cfg = load_config(tmp_path, backend_port, packets.port, **kwargs)  # type: ignore[arg-type]
         proxy: Proxy = await nursery.start(serve_proxy, cfg)
+        holder.append(proxy)
         while proxy.drivers["box"].state is not State.AWAKE:
             await trio.sleep(0.01)
         yield proxy

@@ -1,0 +1,436 @@
+"""edge-proxy benchmark: direct vs through edge-proxy vs through HAProxy, on loopback.
+
+Run: ``.venv/bin/python benchmarks/edge_proxy_bench.py [--quick]``. Prints one table.
+
+Everything runs on 127.0.0.1: a threaded backend process, ``edge-proxy run`` as a real
+process, HAProxy (``mode tcp``, the reference L4 proxy) when installed. Measured:
+
+- single-stream throughput (one connection uploads ``STREAM_BYTES``);
+- added latency p50/p99 of a 64-byte request/response at 1 and 64 concurrent connections
+  (the proxy's percentiles minus the direct ones);
+- new connections per second (connect, one round trip, close);
+- RSS of edge-proxy holding 10,000 connections for a sleeping node;
+- time from the agent's ``ready`` to the held bytes' answer arriving at the client.
+
+Targets: >= 1 GB/s, added p99 <= 2 ms at 64, 10,000 held under 200 MB, ready→delivered <= 50 ms.
+The machine's cores are shared by client, proxy and backend, so treat the numbers as relative.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import resource
+import selectors
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import urllib.request
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+LOOPBACK = "127.0.0.1"
+TOKEN = "bench-token"
+STREAM_BYTES = 2 << 30  # 2 GiB per throughput run
+QUICK_STREAM_BYTES = 512 << 20
+SEND_CHUNK = 1 << 20
+ROUND_TRIPS = 2000  # per connection at concurrency 1
+ROUND_TRIPS_64 = 300  # per connection at concurrency 64
+NEW_CONN_SECONDS = 3.0
+NEW_CONN_THREADS = 4
+HELD_CONNECTIONS = 10_000
+READY_HELD = 100  # held clients released by one `ready`
+START_TIMEOUT_S = 30.0
+MSG = b"x" * 64
+
+# The backend: U = upload sink (replies with the byte count, a thread each), E = echo
+# (one selector loop, so 64 echo connections cost no thread switching).
+BACKEND = r"""
+import selectors, socket, sys, threading
+def upload(conn):
+    with conn:
+        buf = bytearray(1 << 20); total = 0
+        while n := conn.recv_into(buf):
+            total += n
+        conn.sendall(total.to_bytes(8, "big"))
+sel = selectors.DefaultSelector()
+srv = socket.create_server(("127.0.0.1", int(sys.argv[1])), backlog=4096)
+srv.setblocking(False)
+sel.register(srv, selectors.EVENT_READ, None)
+print("ready", flush=True)
+while True:
+    for key, _ in sel.select():
+        sock = key.fileobj
+        if sock is srv:
+            try:
+                conn, _ = srv.accept()
+            except BlockingIOError:
+                continue
+            conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            conn.setblocking(True)
+            mode = conn.recv(1)
+            if mode == b"U":
+                threading.Thread(target=upload, args=(conn,), daemon=True).start()
+            elif mode == b"E":
+                conn.setblocking(False)
+                sel.register(conn, selectors.EVENT_READ, "echo")
+            else:
+                conn.close()
+            continue
+        try:
+            data = sock.recv(65536)
+        except (BlockingIOError, ConnectionError):
+            data = b"" if not isinstance(sys.exc_info()[1], BlockingIOError) else None
+        if data is None:
+            continue
+        if not data:
+            sel.unregister(sock); sock.close(); continue
+        sock.setblocking(True); sock.sendall(data); sock.setblocking(False)
+"""
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind((LOOPBACK, 0))
+        return int(s.getsockname()[1])
+
+
+def wait_port(port: int, proc: subprocess.Popen[bytes] | None = None) -> None:
+    deadline = time.monotonic() + START_TIMEOUT_S
+    while time.monotonic() < deadline:
+        if proc is not None and proc.poll() is not None:
+            raise RuntimeError(f"process exited with {proc.returncode}")
+        with contextlib.suppress(OSError):
+            socket.create_connection((LOOPBACK, port), timeout=1).close()
+            return
+        time.sleep(0.05)
+    raise RuntimeError(f"nothing listens on {port}")
+
+
+@contextlib.contextmanager
+def process(argv: list[str], port: int | None = None) -> Iterator[subprocess.Popen[bytes]]:
+    proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=REPO)
+    try:
+        if port is not None:
+            wait_port(port, proc)
+        yield proc
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+def edge_config(tmp: Path, listen: int, backend: int, control: int, wol: int, *,
+                probe_interval_s: float = 1.0) -> Path:
+    path = tmp / f"edge-{listen}.toml"
+    path.write_text(f"""
+log_level = "warning"
+[control]
+listen = "127.0.0.1:{control}"
+token = "{TOKEN}"
+[limits]
+max_held_total = 20000
+hold_buffer_bytes = 65536
+[nodes.box]
+host = "127.0.0.1"
+mac = "aa:bb:cc:dd:ee:01"
+wol = {{ broadcast = "127.0.0.1", port = {wol} }}
+wol_interval_s = 5
+wake_timeout_s = 600
+probe_interval_s = {probe_interval_s}
+probe_timeout_s = 0.5
+max_held = 20000
+[[routes]]
+listen = "127.0.0.1:{listen}"
+node = "box"
+backend_port = {backend}
+""")
+    return path
+
+
+def haproxy_config(tmp: Path, listen: int, backend: int) -> Path:
+    path = tmp / "haproxy.cfg"
+    path.write_text(f"""
+global
+    maxconn 9000  # two descriptors per connection must fit the open-file limit
+defaults
+    mode tcp
+    timeout connect 5s
+    timeout client 60s
+    timeout server 60s
+frontend fe
+    bind 127.0.0.1:{listen}
+    default_backend be
+backend be
+    server s1 127.0.0.1:{backend}
+""")
+    return path
+
+
+# ---- measurements ----------------------------------------------------------------------
+
+def throughput(port: int, total: int) -> float:
+    """Bytes per second of one upload stream (the backend acknowledges the count)."""
+    chunk = os.urandom(SEND_CHUNK)
+    with socket.create_connection((LOOPBACK, port)) as s:
+        s.sendall(b"U")
+        start = time.perf_counter()
+        sent = 0
+        while sent < total:
+            s.sendall(chunk)
+            sent += len(chunk)
+        s.shutdown(socket.SHUT_WR)
+        got = b""
+        while len(got) < 8:
+            part = s.recv(8 - len(got))
+            if not part:
+                raise RuntimeError("stream cut short")
+            got += part
+        elapsed = time.perf_counter() - start
+    if int.from_bytes(got, "big") != sent:
+        raise RuntimeError("byte count mismatch")
+    return sent / elapsed
+
+
+def round_trips(port: int, concurrency: int, count: int) -> list[float]:
+    """Round-trip times (s) of 64-byte messages over ``concurrency`` connections, driven by
+    one selector loop (threads would measure the client's GIL more than the proxy)."""
+    sel = selectors.DefaultSelector()
+    samples: list[float] = []
+    started: dict[socket.socket, float] = {}
+    left: dict[socket.socket, int] = {}
+    for _ in range(concurrency):
+        s = socket.create_connection((LOOPBACK, port))
+        s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        s.sendall(b"E")
+        left[s] = count
+        sel.register(s, selectors.EVENT_READ)
+    time.sleep(0.2)  # let every connection reach the backend before timing starts
+    for s in left:
+        started[s] = time.perf_counter()
+        s.sendall(MSG)
+    pending = {s: len(MSG) for s in left}
+    while left:
+        for key, _ in sel.select():
+            s = key.fileobj
+            assert isinstance(s, socket.socket)
+            data = s.recv(65536)
+            if not data:
+                raise RuntimeError("connection closed mid-benchmark")
+            pending[s] -= len(data)
+            if pending[s] > 0:
+                continue
+            now = time.perf_counter()
+            samples.append(now - started[s])
+            left[s] -= 1
+            if left[s] == 0:
+                del left[s]
+                sel.unregister(s)
+                s.close()
+                continue
+            pending[s] = len(MSG)
+            started[s] = time.perf_counter()
+            s.sendall(MSG)
+    return samples
+
+
+def new_connections(port: int, seconds: float) -> float:
+    """Connections per second: connect, one 64-byte round trip, close."""
+    stop = time.monotonic() + seconds
+    counts = [0] * NEW_CONN_THREADS
+
+    def worker(i: int) -> None:
+        while time.monotonic() < stop:
+            with socket.create_connection((LOOPBACK, port)) as s:
+                s.sendall(b"E" + MSG)
+                got = 0
+                while got < len(MSG):
+                    got += len(s.recv(65536))
+            counts[i] += 1
+
+    threads = [threading.Thread(target=worker, args=(i,)) for i in range(NEW_CONN_THREADS)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return sum(counts) / seconds
+
+
+def pct(samples: list[float], q: float) -> float:
+    ordered = sorted(samples)
+    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
+
+
+def control(port: int, method: str, path: str, body: dict[str, str] | None = None) -> object:
+    req = urllib.request.Request(f"http://127.0.0.1:{port}{path}", method=method,
+                                 data=None if body is None else json.dumps(body).encode(),
+                                 headers={"Authorization": f"Bearer {TOKEN}"})
+    with urllib.request.urlopen(req, timeout=10) as response:
+        return json.loads(response.read())
+
+
+def rss_mib(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    raise RuntimeError("no VmRSS")
+
+
+def wait_held(control_port: int, count: int) -> None:
+    deadline = time.monotonic() + START_TIMEOUT_S * 4
+    while time.monotonic() < deadline:
+        status = control(control_port, "GET", "/status")
+        assert isinstance(status, dict)
+        if status["nodes"]["box"]["held"] >= count:
+            return
+        time.sleep(0.1)
+    raise RuntimeError(f"fewer than {count} connections held")
+
+
+def held_rss(tmp: Path, wol: int) -> tuple[float, float]:
+    """(idle RSS, RSS with HELD_CONNECTIONS held) of an edge-proxy whose node sleeps."""
+    listen, backend, ctl = free_port(), free_port(), free_port()
+    cfg = edge_config(tmp, listen, backend, ctl, wol, probe_interval_s=5)
+    with process([sys.executable, "-m", "edge_proxy", "run", "-c", str(cfg)], ctl) as proc:
+        idle = rss_mib(proc.pid)
+        clients = []
+        try:
+            for _ in range(HELD_CONNECTIONS):
+                s = socket.create_connection((LOOPBACK, listen))
+                s.sendall(b"E" + MSG)
+                clients.append(s)
+            wait_held(ctl, HELD_CONNECTIONS)
+            return idle, rss_mib(proc.pid)
+        finally:
+            for s in clients:
+                s.close()
+
+
+def ready_to_delivered(tmp: Path, wol: int) -> tuple[float, float]:
+    """Seconds from `ready` (backend already listening) to the answer reaching the held
+    clients: (first client, all READY_HELD clients). Probes are slowed right down so only
+    the event can explain a quick release."""
+    listen, backend, ctl = free_port(), free_port(), free_port()
+    cfg = edge_config(tmp, listen, backend, ctl, wol, probe_interval_s=60)
+    argv = [sys.executable, "-m", "edge_proxy", "run", "-c", str(cfg)]
+    with process(argv, ctl):
+        clients = []
+        for _ in range(READY_HELD):
+            s = socket.create_connection((LOOPBACK, listen))
+            s.sendall(b"E" + MSG)
+            clients.append(s)
+        wait_held(ctl, READY_HELD)
+        with process([sys.executable, "-c", BACKEND, str(backend)], backend):
+            arrivals: list[float] = []
+
+            def read(s: socket.socket) -> None:
+                got = 0
+                while got < len(MSG):
+                    got += len(s.recv(65536))
+                arrivals.append(time.perf_counter())
+
+            readers = [threading.Thread(target=read, args=(s,)) for s in clients]
+            for t in readers:
+                t.start()
+            start = time.perf_counter()
+            control(ctl, "POST", "/v1/events", {"event": "ready", "node": "box"})
+            for t in readers:
+                t.join(timeout=START_TIMEOUT_S)
+            for s in clients:
+                s.close()
+        if len(arrivals) != READY_HELD:
+            raise RuntimeError("not every held client got its answer")
+        return min(arrivals) - start, max(arrivals) - start
+
+
+# ---- the run ---------------------------------------------------------------------------
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true", help="smaller transfers (a smoke run)")
+    args = parser.parse_args()
+    _, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    stream_bytes = QUICK_STREAM_BYTES if args.quick else STREAM_BYTES
+    results: dict[str, dict[str, float]] = {}
+    with tempfile.TemporaryDirectory() as tmpdir, \
+            socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as wol_sink:
+        tmp = Path(tmpdir)
+        wol_sink.bind((LOOPBACK, 0))  # magic packets land here and are never read
+        wol = wol_sink.getsockname()[1]
+        backend = free_port()
+        with process([sys.executable, "-c", BACKEND, str(backend)], backend):
+            paths: dict[str, Callable[[], contextlib.AbstractContextManager[int]]] = {}
+
+            @contextlib.contextmanager
+            def direct() -> Iterator[int]:
+                yield backend
+
+            @contextlib.contextmanager
+            def edge() -> Iterator[int]:
+                listen, ctl = free_port(), free_port()
+                cfg = edge_config(tmp, listen, backend, ctl, wol)
+                with process([sys.executable, "-m", "edge_proxy", "run", "-c", str(cfg)], listen):
+                    wait_port(ctl)
+                    yield listen
+
+            @contextlib.contextmanager
+            def haproxy() -> Iterator[int]:
+                listen = free_port()
+                exe = shutil.which("haproxy")
+                assert exe is not None
+                with process([exe, "-f", str(haproxy_config(tmp, listen, backend))], listen):
+                    yield listen
+
+            paths["direct"] = direct
+            paths["edge-proxy"] = edge
+            if shutil.which("haproxy"):
+                paths["haproxy"] = haproxy
+            for name, make in paths.items():
+                with make() as port:
+                    r: dict[str, float] = {}
+                    r["gbps"] = throughput(port, stream_bytes) / 1e9
+                    one = round_trips(port, 1, ROUND_TRIPS)
+                    many = round_trips(port, 64, ROUND_TRIPS_64)
+                    r["p50_1"], r["p99_1"] = pct(one, 0.5) * 1e3, pct(one, 0.99) * 1e3
+                    r["p50_64"], r["p99_64"] = pct(many, 0.5) * 1e3, pct(many, 0.99) * 1e3
+                    r["conn_s"] = new_connections(port, NEW_CONN_SECONDS)
+                    results[name] = r
+        base = results["direct"]
+        print(f"{'path':<12} {'stream GB/s':>11} {'p50/p99 @1 ms':>16} {'added @1':>14} "
+              f"{'p50/p99 @64 ms':>16} {'added @64':>14} {'conn/s':>8}")
+        for name, r in results.items():
+            added1 = added64 = "-"
+            if name != "direct":
+                added1 = f"{r['p50_1'] - base['p50_1']:+.3f}/{r['p99_1'] - base['p99_1']:+.3f}"
+                added64 = f"{r['p50_64'] - base['p50_64']:+.3f}/{r['p99_64'] - base['p99_64']:+.3f}"
+            print(f"{name:<12} {r['gbps']:>11.2f} {r['p50_1']:>7.3f}/{r['p99_1']:<8.3f} "
+                  f"{added1:>14} {r['p50_64']:>7.3f}/{r['p99_64']:<8.3f} {added64:>14} "
+                  f"{r['conn_s']:>8.0f}")
+        if "haproxy" not in results:
+            print("haproxy not installed (apt-get install -y haproxy); its row is left out")
+        idle, held = held_rss(tmp, wol)
+        print(f"edge-proxy RSS: {idle:.1f} MiB idle, {held:.1f} MiB with "
+              f"{HELD_CONNECTIONS} held connections ({(held - idle) * 1024 / HELD_CONNECTIONS:.1f}"
+              " KiB each)")
+        first, last = ready_to_delivered(tmp, wol)
+        print(f"ready -> delivered: {first * 1e3:.1f} ms to the first held client, "
+              f"{last * 1e3:.1f} ms to all {READY_HELD}")
+    print(f"(stream: {stream_bytes >> 20} MiB upload; latency: 64-byte echo, {ROUND_TRIPS} round "
+          f"trips at 1 connection, {ROUND_TRIPS_64} each at 64; conn/s: {NEW_CONN_THREADS} threads "
+          f"for {NEW_CONN_SECONDS:g} s; {os.cpu_count()} CPUs shared by client, proxy, backend)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
