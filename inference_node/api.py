@@ -11,7 +11,7 @@ Routes:
     GET  /v1/status                      agent summary, last reload, all instances
     GET  /v1/instances                   all instances
     GET  /v1/instances/{name}            one instance
-    GET  /v1/instances/{name}/logs?lines=N   its recent output
+    GET  /v1/instances/{name}/logs?lines=N&after=SEQ   its recent output (after line SEQ)
     POST /v1/instances/{name}/{action}   action: start, stop, restart, enable, disable
                                          (body {"wait": true, "timeout_s": N} waits for
                                          READY or STOPPED)
@@ -99,9 +99,13 @@ def core_routes(app: App, agent: Agent) -> None:
         text = req.query.get("lines", str(DEFAULT_LOG_LINES))
         if not text.isdigit() or not 0 < int(text) <= MAX_LOG_LINES:
             raise HTTPError(400, f"lines={text!r}; expected a number from 1 to {MAX_LOG_LINES}")
-        lines = inst.ring.tail(int(text))
+        after = req.query.get("after", "0")
+        if not after.isdigit():
+            raise HTTPError(400, f"after={after!r}; expected the seq of a line already seen")
+        lines = inst.ring.tail(int(text), int(after))
         return Response.json({"instance": inst.name, "lines": [
-            {"time": line.time, "stream": line.stream, "text": line.text} for line in lines]})
+            {"seq": line.seq, "time": line.time, "stream": line.stream, "text": line.text}
+            for line in lines]})
 
     @app.route("POST", "/v1/instances/{name}/{action}")
     async def act(req: Request) -> Response:

@@ -15,6 +15,7 @@ import trio
 
 from inference_node.cli import DEFAULT_CONFIG
 from inference_node.client import AgentClient, AgentRefused
+from inference_node.gpu.report import activity_cells, format_gpu_table
 from shared.cli import EXIT_FAILURE, EXIT_OK, setup_logging
 from shared.config.node import load_node_config
 
@@ -27,7 +28,8 @@ ACTION_HELP = {
     "enable": "enable an instance (kept across reloads and restarts) and start it",
     "disable": "disable an instance (kept across reloads and restarts) and stop it",
 }
-COLUMNS = ("NAME", "STATE", "PID", "PORT", "GPUS", "UPTIME", "RESTARTS", "ENABLED", "REASON")
+COLUMNS = ("NAME", "STATE", "PID", "PORT", "GPUS", "BUSY", "TASKS", "TOK/S", "UPTIME", "RESTARTS",
+           "ENABLED", "REASON")
 
 def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p = sub.add_parser("run", help="run the agent (what the systemd unit starts)",
@@ -81,22 +83,36 @@ def _client(args: argparse.Namespace) -> AgentClient:
 
 
 def _status(args: argparse.Namespace) -> int:
-    data = _client(args).get("/v1/status")
+    client = _client(args)
+    data = client.get("/v1/status")
+    activity, gpus = _optional(client, "/v1/activity"), _optional(client, "/v1/gpus")
     if args.json:
-        print(json.dumps(data, indent=1))
+        print(json.dumps(data | {"activity": activity, "gpus": gpus}, indent=1))
         return EXIT_OK
-    print(format_table(data["instances"]))
+    print(format_table(data["instances"], (activity or {}).get("instances", {})))
+    if gpus is not None:
+        print("\n" + format_gpu_table(gpus))
     last = data.get("last_reload")
     if last and not last["ok"]:
         print(f"\nlast reload failed: {last['message']}")
     return EXIT_OK
 
 
-def format_table(rows: list[dict[str, Any]]) -> str:
+def _optional(client: AgentClient, path: str) -> Any:
+    """A route some agents lack (activity, GPUs): None when this one does not have it."""
+    try:
+        return client.get(path)
+    except AgentRefused:
+        return None
+
+
+def format_table(rows: list[dict[str, Any]], activity: dict[str, Any] | None = None) -> str:
     """The instances as aligned columns (what `status` prints)."""
+    activity = activity or {}
     cells = [COLUMNS] + [(
         r["name"], r["state"].upper(), _dash(r["pid"]), str(r["port"]),
-        _gpus(r["gpus"]), _duration(r["uptime_s"]), str(r["restarts"]),
+        _gpus(r["gpus"]), *activity_cells(activity.get(r["name"])), _duration(r["uptime_s"]),
+        str(r["restarts"]),
         "yes" if r["enabled"] else "no", r["reason"],
     ) for r in rows]
     widths = [max(len(row[i]) for row in cells) for i in range(len(COLUMNS) - 1)]
@@ -108,17 +124,13 @@ def format_table(rows: list[dict[str, Any]]) -> str:
 def _logs(args: argparse.Namespace) -> int:
     client = _client(args)
     path = f"/v1/instances/{args.name}/logs"
-    seen: tuple[float, str] | None = None
+    after = 0
     while True:
-        lines = client.get(path, lines=str(max(args.lines, 1)))["lines"]
-        fresh = lines
-        if seen is not None:
-            keys = [(line["time"], line["text"]) for line in lines]
-            fresh = lines[keys.index(seen) + 1:] if seen in keys else lines
-        for line in fresh:
+        lines = client.get(path, lines=str(max(args.lines, 1)), after=str(after))["lines"]
+        for line in lines:
             print(line["text"], flush=True)
         if lines:
-            seen = (lines[-1]["time"], lines[-1]["text"])
+            after = lines[-1]["seq"]
         if not args.follow:
             return EXIT_OK
         time.sleep(FOLLOW_INTERVAL_S)

@@ -118,3 +118,17 @@ async def test_refuses_to_listen_beyond_loopback_without_a_token(tmp_path: Path)
     cfg.write_text(tomli_w.dumps({"agent": {"api_listen": "0.0.0.0:0"}}))
     with pytest.raises(ConfigError, match=r"agent\.token: missing while api_listen is 0\.0\.0\.0:0"):
         await run_agent(cfg)
+
+
+async def test_logs_after_a_seq_return_only_newer_lines(api: httpx.AsyncClient, agent: Agent) -> None:
+    first = (await api.get("/v1/instances/a/logs")).json()["lines"]
+    last_seq = first[-1]["seq"]
+    port = agent.supervisor.get("a").config.effective_port
+    async with httpx.AsyncClient() as plain:
+        await plain.get(f"http://127.0.0.1:{port}/marker")
+    with trio.fail_after(STATE_TIMEOUT_S):
+        while not (newer := (await api.get("/v1/instances/a/logs",
+                                           params={"after": last_seq})).json()["lines"]):
+            await trio.sleep(0.05)
+    assert all(line["seq"] > last_seq for line in newer)
+    assert any(line["text"] == "request /marker" for line in newer)

@@ -28,6 +28,7 @@ LineSink = Callable[[str, str, float], None]
 class LogLine:
     """One line of child output as the API shows it."""
 
+    seq: int  # numbers every line of the instance from 1, so a reader can ask for newer ones
     time: float  # wall clock (time.time()), for people
     stream: str  # "stdout", "stderr", or "hook[N]"
     text: str
@@ -38,15 +39,17 @@ class LogRing:
 
     def __init__(self, size: int) -> None:
         self._lines: deque[LogLine] = deque(maxlen=size)
+        self._seq = 0
 
     def append(self, stream: str, text: str) -> None:
-        self._lines.append(LogLine(time.time(), stream, text))
+        self._seq += 1
+        self._lines.append(LogLine(self._seq, time.time(), stream, text))
 
-    def tail(self, n: int) -> list[LogLine]:
-        """The last ``n`` lines, oldest first."""
+    def tail(self, n: int, after: int = 0) -> list[LogLine]:
+        """The last ``n`` lines with ``seq > after``, oldest first."""
         if n <= 0:
             return []
-        lines = list(self._lines)
+        lines = [line for line in self._lines if line.seq > after] if after else list(self._lines)
         return lines[-n:]
 
     def resize(self, size: int) -> None:
