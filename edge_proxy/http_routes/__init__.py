@@ -1,0 +1,12 @@
+"""HTTP-aware routes (``protocol = "http"``): a reverse proxy that knows which requests may
+wake a sleeping node, answers polls from a cache while it sleeps, and routes by model.
+
+Pure decisions: ``rules`` (no-wake rules), ``cache`` (last good poll answers), ``models``
+(model → node), ``headers`` (hop-by-hop rules). I/O: ``upstream`` (httpx pool per node),
+``exchange`` and ``app`` (the ASGI app), ``server`` (hypercorn listener), ``waking`` (what
+held clients see), ``metrics``.
+"""
+
+from edge_proxy.http_routes.server import HttpListener, group_http_routes
+
+__all__ = ["HttpListener", "group_http_routes"]

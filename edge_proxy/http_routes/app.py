@@ -1,0 +1,360 @@
+"""The ASGI app of one HTTP-aware listener: decide per request, then relay it as it streams.
+
+Per request, in order:
+
+1. ``GET /v1/models`` (or ``/models``) on a listener with several nodes: the union of every
+   node's list (live from awake nodes, else the last one seen, else config), never a wake.
+2. The ``model`` field picks the node (``ModelTable.route``); an unknown model is a 404.
+3. A request matching a no-wake rule goes to an AWAKE node and its good answer is cached;
+   to any other node it is answered from the cache (503 + ``Retry-After`` without one).
+4. Any other request goes to an AWAKE node at once, else it is held while the node's one
+   shared wake runs (streaming ones get SSE comments meanwhile), then sent; a wake that times
+   out is a 504 in OpenAI's error shape.
+
+Responses are relayed chunk by chunk as the backend sends them (SSE included); only poll
+answers for the cache are also kept, up to ``MAX_CACHED_BODY_BYTES``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass
+from typing import Final
+
+import httpx
+import trio
+
+from edge_proxy.driver import NodeDriver, WakeFailed
+from edge_proxy.http_routes import waking
+from edge_proxy.http_routes.cache import MAX_CACHED_BODY_BYTES, ResponseCache, cache_key
+from edge_proxy.http_routes.exchange import BodyTooLarge, Exchange, Receive, Scope, Send
+from edge_proxy.http_routes.headers import header, request_headers, response_headers
+from edge_proxy.http_routes.metrics import HttpMetrics
+from edge_proxy.http_routes.models import ModelTable, Unroutable, requested_model, wants_stream
+from edge_proxy.http_routes.rules import WakePolicy
+from edge_proxy.http_routes.upstream import Upstream, UpstreamError, read_capped
+from edge_proxy.listener import Shared
+from edge_proxy.node import State
+from edge_proxy.probe import BackendUnavailable
+from shared.config.edge import HttpOptions, RouteConfig
+
+log = logging.getLogger(__name__)
+
+MODEL_LIST_PATHS: Final = frozenset({"/v1/models", "/models"})
+# Polls answered 503 while the node sleeps and nothing is cached: come back in this long.
+NO_CACHE_RETRY_AFTER_S: Final = 30
+# A backend that flips between ready and refusing is given up on after this many tries.
+MAX_CONNECT_ATTEMPTS: Final = 5
+# The model-list union asks each awake node live; one slow node must not stall the page.
+MODELS_FETCH_TIMEOUT_S: Final = 5.0
+# An error answer relayed into an already-started SSE stream is read up to this size.
+MAX_ERROR_BODY_BYTES: Final = 64 * 1024
+
+
+@dataclass
+class NodeBackend:
+    """One node behind the listener: its route entry, wake driver and connection pool."""
+
+    route: RouteConfig
+    driver: NodeDriver
+    upstream: Upstream
+
+    @property
+    def name(self) -> str:
+        return self.route.node
+
+    def is_awake(self) -> bool:
+        return self.driver.state is State.AWAKE
+
+
+class HttpRouteApp:
+    """Serves one listener. Every decision is made by the pure parts (rules, cache, models)."""
+
+    def __init__(self, listen: str, backends: list[NodeBackend], options: HttpOptions,
+                 shared: Shared, metrics: HttpMetrics, cache: ResponseCache | None = None) -> None:
+        self.listen = listen
+        self.backends = {b.name: b for b in backends}
+        self.options = options
+        self.policy = WakePolicy.from_texts(options.no_wake)
+        self.shared = shared
+        self.metrics = metrics
+        self.cache = cache or ResponseCache()
+        self.table = ModelTable(tuple(self.backends),
+                                {b.name: tuple(b.route.models) for b in backends})
+
+    def __repr__(self) -> str:
+        return f"<HttpRouteApp {self.listen} {self.table!r}>"
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "lifespan":
+            await _lifespan(receive, send)
+        elif scope["type"] == "http":
+            await self._serve(Exchange(scope, receive, send))
+
+    async def _serve(self, ex: Exchange) -> None:
+        try:
+            body = await ex.read_body(self.options.max_request_bytes)
+        except BodyTooLarge as exc:
+            await ex.fail(413, f"{exc}; raise routes.http.max_request_bytes to allow it",
+                          "invalid_request_error")
+            return
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(self._watch_disconnect, ex, nursery.cancel_scope)
+            try:
+                await self._dispatch(ex, body)
+            except UpstreamError as exc:
+                log.warning("route %s: %s %s: %s", self.listen, ex.method, ex.path, exc)
+                # Once started, the answer is left unfinished: hypercorn then closes the
+                # connection without the last chunk, so a cut stream never looks complete.
+                if not ex.started:
+                    await ex.fail(502, f"the backend failed: {exc}", "upstream_error")
+            nursery.cancel_scope.cancel()
+
+    async def _watch_disconnect(self, ex: Exchange, scope: trio.CancelScope) -> None:
+        while (await ex.receive())["type"] != "http.disconnect":
+            pass
+        if not ex.finished:  # (hypercorn also says "disconnect" once an answer is complete)
+            log.info("route %s: client left during %s %s", self.listen, ex.method, ex.path)
+            scope.cancel()
+
+    async def _dispatch(self, ex: Exchange, body: bytes) -> None:
+        if ex.method == "GET" and ex.path in MODEL_LIST_PATHS and len(self.backends) > 1:
+            await self._model_union(ex)
+            return
+        decision = self.table.route(requested_model(body), lambda n: self.backends[n].is_awake())
+        if isinstance(decision, Unroutable):
+            self.metrics.unknown_model.labels(self.listen).inc()
+            await ex.fail(decision.status, decision.message, "invalid_request_error",
+                          code=decision.code)
+            return
+        backend = self.backends[decision.node]
+        if self.policy.may_wake(ex.method, ex.path):
+            await self._forward_waking(ex, backend, decision.model, body)
+        else:
+            await self._forward_no_wake(ex, backend, body)
+
+    # ---- polls: never wake ---------------------------------------------------------------
+
+    async def _forward_no_wake(self, ex: Exchange, backend: NodeBackend, body: bytes) -> None:
+        key = cache_key(ex.method, ex.path, ex.query)
+        if backend.is_awake():
+            try:
+                await self._relay(ex, backend, body, keep_as=key)
+                self._count(backend, "relayed")
+                return
+            except BackendUnavailable as exc:
+                # Not reported to the driver: that would start a wake, which polls must not.
+                log.info("route %s: poll %s %s not relayed: %s", self.listen, ex.method,
+                         ex.path, exc.reason)
+        await self._answer_asleep(ex, backend, key)
+
+    async def _answer_asleep(self, ex: Exchange, backend: NodeBackend, key: str) -> None:
+        node, now = backend.name, trio.current_time()
+        cached = self.cache.lookup(node, key)
+        if cached is not None:
+            self.metrics.no_wake.labels(self.listen, node, "cache").inc()
+            await ex.respond(cached.status, cached.replay_headers(node, now), cached.body)
+            return
+        if ex.path in MODEL_LIST_PATHS and self.table.served_by(node):
+            self.metrics.no_wake.labels(self.listen, node, "config").inc()
+            body = json.dumps(ModelTable((node,), {node: self.table.served_by(node)})
+                              .union({})).encode()
+            await ex.respond(200, [(b"content-type", b"application/json")], body)
+            return
+        self.metrics.no_wake.labels(self.listen, node, "unavailable").inc()
+        await ex.fail(503, f"node {node} is {backend.driver.state.name.lower()} and no answer to "
+                      f"{ex.method} {ex.path} has been seen yet; this request does not wake it",
+                      "service_unavailable",
+                      headers=[(b"retry-after", str(NO_CACHE_RETRY_AFTER_S).encode())])
+
+    async def _model_union(self, ex: Exchange) -> None:
+        answers: dict[str, bytes | None] = {}
+        key = cache_key("GET", "/v1/models", b"")
+
+        async def fetch(backend: NodeBackend) -> None:
+            if backend.is_awake():
+                with trio.move_on_after(MODELS_FETCH_TIMEOUT_S):
+                    answers[backend.name] = await self.fetch_models(backend)
+            if answers.get(backend.name) is None:
+                cached = self.cache.lookup(backend.name, key)
+                answers[backend.name] = cached.body if cached else None
+
+        async with trio.open_nursery() as nursery:
+            for backend in self.backends.values():
+                nursery.start_soon(fetch, backend)
+        body = json.dumps(self.table.union(answers)).encode()
+        await ex.respond(200, [(b"content-type", b"application/json")], body)
+
+    async def fetch_models(self, backend: NodeBackend) -> bytes | None:
+        """``GET /v1/models`` from an awake node: cached and learned from; None on failure."""
+        driver = backend.driver
+        try:
+            async with backend.upstream.exchange(driver.cfg.host, "GET", b"/v1/models",
+                                                 [(b"accept", b"application/json")], b"",
+                                                 driver.cfg.probe_timeout_s) as response:
+                body = await read_capped(response, MAX_CACHED_BODY_BYTES)
+                status, raw = response.status_code, response.headers.raw
+        except (BackendUnavailable, UpstreamError) as exc:
+            log.info("route %s: model list of %s not fetched: %s", self.listen, backend.name, exc)
+            return None
+        if status != 200 or body is None:
+            return None
+        self._remember(backend, "GET", "/v1/models", cache_key("GET", "/v1/models", b""),
+                       status, response_headers(_lower(raw)), body)
+        return body
+
+    def _remember(self, backend: NodeBackend, method: str, path: str, key: str, status: int,
+                  headers: list[tuple[bytes, bytes]], body: bytes) -> None:
+        self.cache.store(backend.name, key, status, headers, body, trio.current_time())
+        if status == 200 and method == "GET" and path in MODEL_LIST_PATHS:
+            self.table.learn(backend.name, body)
+
+    # ---- everything else: wake when needed -----------------------------------------------
+
+    async def _forward_waking(self, ex: Exchange, backend: NodeBackend, model: str,
+                              body: bytes) -> None:
+        driver = backend.driver
+        streaming = wants_stream(body)
+        for _ in range(MAX_CONNECT_ATTEMPTS):
+            if backend.is_awake():
+                generation = driver.machine.generation
+                try:
+                    await self._relay(ex, backend, body)
+                    self._count(backend, "relayed")
+                    return
+                except BackendUnavailable as exc:
+                    log.info("route %s: %s", self.listen, exc.reason)
+                    driver.connect_failed(exc, generation)
+                    continue
+            if not self._admit(driver):
+                self._count(backend, "refused")
+                await ex.fail(503, f"too many requests held for node {backend.name}",
+                              "service_unavailable",
+                              headers=[(b"retry-after", str(NO_CACHE_RETRY_AFTER_S).encode())])
+                return
+            try:
+                await self._hold(ex, backend, model, streaming)
+            except WakeFailed as exc:
+                self._count(backend, "wake_timeout")
+                log.warning("route %s: %s %s: wake of %s failed: %s", self.listen, ex.method,
+                            ex.path, backend.name, exc)
+                await ex.fail(504, f"node {backend.name} did not wake: {exc}", "wake_timeout")
+                return
+        self._count(backend, "gave_up")
+        await ex.fail(502, f"node {backend.name} kept refusing after {MAX_CONNECT_ATTEMPTS} "
+                      "connect attempts", "upstream_error")
+
+    def _admit(self, driver: NodeDriver) -> bool:
+        return (driver.held < driver.cfg.max_held
+                and self.shared.held_total < self.shared.limits.max_held_total)
+
+    async def _hold(self, ex: Exchange, backend: NodeBackend, model: str, streaming: bool) -> None:
+        """Wait for the node's shared wake; raise ``WakeFailed`` when it times out."""
+        driver, port = backend.driver, backend.route.backend_port
+        if driver.state is not State.WAKING:
+            self.metrics.wakes.labels(self.listen, backend.name, model).inc()
+        self.metrics.held.labels(self.listen, backend.name, model).inc()
+        driver.hold(port)
+        self.shared.held_total += 1
+        done = trio.Event()
+        failure: WakeFailed | None = None
+        try:
+            async with trio.open_nursery() as nursery:
+                if streaming:
+                    nursery.start_soon(self._comment_while_held, ex, backend.name, done)
+                try:
+                    await driver.wait_awake()
+                except WakeFailed as exc:
+                    failure = exc  # raised below, not wrapped in the nursery's group
+                finally:
+                    done.set()  # the comment task ends after the send it may be in
+        finally:
+            self.shared.held_total -= 1
+            driver.unhold(port)
+        if failure is not None:
+            raise failure
+
+    async def _comment_while_held(self, ex: Exchange, node: str, done: trio.Event) -> None:
+        started = trio.current_time()
+        while True:
+            with trio.move_on_after(self.options.waking_comment_interval_s):
+                await done.wait()
+                return
+            if not ex.started:
+                await ex.start(200, list(waking.SSE_HEADERS))
+            await ex.body(waking.comment(node, trio.current_time() - started))
+
+    # ---- relaying ------------------------------------------------------------------------
+
+    async def _relay(self, ex: Exchange, backend: NodeBackend, body: bytes,
+                     keep_as: str | None = None) -> None:
+        """Send the request to the node and the answer to the client as it arrives. Raises
+        ``BackendUnavailable`` (nothing sent yet) or ``UpstreamError``. ``keep_as``: the
+        cache key under which a good answer is remembered."""
+        driver = backend.driver
+        client = ex.scope.get("client")
+        host = header(ex.scope["headers"], b"host")
+        headers = request_headers(list(ex.scope["headers"]), client[0] if client else None,
+                                  host, ex.scope.get("scheme", "http"))
+        driver.active += 1
+        try:
+            async with backend.upstream.exchange(driver.cfg.host, ex.method, ex.target, headers,
+                                                 body, driver.cfg.probe_timeout_s) as response:
+                out = response_headers(_lower(response.headers.raw))
+                if ex.started:  # SSE comments went out while the node woke
+                    await self._continue_sse(ex, response)
+                    return
+                await ex.start(response.status_code, out)
+                kept: list[bytes] | None = [] if keep_as and response.status_code == 200 else None
+                size = 0
+                async for chunk in response.aiter_raw():
+                    await ex.body(chunk)
+                    if kept is not None:
+                        size += len(chunk)
+                        kept = kept if size <= MAX_CACHED_BODY_BYTES else None
+                        if kept is not None:
+                            kept.append(chunk)
+                if kept is not None and keep_as is not None:
+                    self._remember(backend, ex.method, ex.path, keep_as, response.status_code,
+                                   out, b"".join(kept))
+                await ex.end()
+        finally:
+            driver.active -= 1
+
+    async def _continue_sse(self, ex: Exchange, response: httpx.Response) -> None:
+        """After SSE comments the status is sent: relay an event stream, or turn any other
+        answer into one error event."""
+        content_type = response.headers.get("content-type", "")
+        if response.status_code == 200 and content_type.startswith("text/event-stream"):
+            async for chunk in response.aiter_raw():
+                await ex.body(chunk)
+            await ex.end()
+            return
+        text = await read_capped(response, MAX_ERROR_BODY_BYTES) or b""
+        try:
+            is_error = isinstance(json.loads(text).get("error"), dict)
+        except (ValueError, UnicodeDecodeError, AttributeError):
+            is_error = False
+        if is_error:
+            await ex.end(waking.error_event(text))
+        else:
+            await ex.fail(502, f"the backend answered {response.status_code}: "
+                          f"{text[:200].decode('utf-8', 'replace')}", "upstream_error")
+
+    def _count(self, backend: NodeBackend, outcome: str) -> None:
+        self.metrics.requests.labels(self.listen, backend.name, outcome).inc()
+
+
+def _lower(raw: list[tuple[bytes, bytes]]) -> list[tuple[bytes, bytes]]:
+    return [(name.lower(), value) for name, value in raw]
+
+
+async def _lifespan(receive: Receive, send: Send) -> None:
+    while True:
+        message = await receive()
+        if message["type"] == "lifespan.startup":
+            await send({"type": "lifespan.startup.complete"})
+        elif message["type"] == "lifespan.shutdown":
+            await send({"type": "lifespan.shutdown.complete"})
+            return

@@ -1,0 +1,147 @@
+"""Route by model across the nodes behind one listener: pure decisions, no I/O.
+
+A listener fronts one or more nodes (in config order). Each node serves the models its route
+names in config (``models = [...]``) plus those learned from its own ``GET /v1/models``
+answers. A request's ``model`` field chooses the node; when several nodes serve a model, an
+awake one is preferred so that a sleeping box is not woken for nothing, then config order.
+With a single node the field is not checked: that node serves whatever it serves.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Final
+
+# Models listed from config only (never seen in a live answer) carry this owner.
+CONFIG_OWNER: Final = "llamanap"
+
+
+@dataclass(frozen=True)
+class Routed:
+    """The request goes to ``node``; ``model`` is the label to count it under."""
+
+    node: str
+    model: str
+
+
+@dataclass(frozen=True)
+class Unroutable:
+    """No node can take the request: ``status`` and a message for an OpenAI-shaped error."""
+
+    status: int
+    message: str
+    code: str
+
+
+Decision = Routed | Unroutable
+
+
+def model_ids(body: bytes) -> list[str]:
+    """Model ids in a ``/v1/models`` answer (OpenAI ``data[].id``; Ollama ``models[].name``)."""
+    try:
+        doc = json.loads(body)
+    except (ValueError, UnicodeDecodeError):
+        return []
+    if not isinstance(doc, dict):
+        return []
+    found: list[str] = []
+    for key, id_key in (("data", "id"), ("models", "name")):
+        items = doc.get(key)
+        if isinstance(items, list):
+            found += [i[id_key] for i in items if isinstance(i, dict) and isinstance(i.get(id_key), str)]
+    return list(dict.fromkeys(found))
+
+
+def requested_model(body: bytes) -> str | None:
+    """The ``model`` field of a JSON request body, or None (no body, not JSON, no field)."""
+    if not body or body[:1] not in (b"{", b" ", b"\n", b"\r", b"\t"):
+        return None
+    try:
+        doc = json.loads(body)
+    except (ValueError, UnicodeDecodeError):
+        return None
+    model = doc.get("model") if isinstance(doc, dict) else None
+    return model if isinstance(model, str) else None
+
+
+def wants_stream(body: bytes) -> bool:
+    """Whether a JSON request body asks for ``"stream": true`` (an SSE answer)."""
+    if b'"stream"' not in body:
+        return False
+    try:
+        doc = json.loads(body)
+    except (ValueError, UnicodeDecodeError):
+        return False
+    return isinstance(doc, dict) and doc.get("stream") is True
+
+
+@dataclass
+class ModelTable:
+    """The models each node behind one listener serves, from config and from live answers."""
+
+    nodes: tuple[str, ...]
+    configured: Mapping[str, Sequence[str]] = field(default_factory=dict)
+    learned: dict[str, tuple[str, ...]] = field(default_factory=dict)
+
+    def __repr__(self) -> str:
+        return f"<ModelTable {', '.join(f'{n}={list(self.served_by(n))}' for n in self.nodes)}>"
+
+    def learn(self, node: str, body: bytes) -> None:
+        """Replace what ``node`` is known to serve with the ids in its ``/v1/models`` answer."""
+        ids = model_ids(body)
+        if ids:
+            self.learned[node] = tuple(ids)
+
+    def served_by(self, node: str) -> tuple[str, ...]:
+        return tuple(dict.fromkeys([*self.configured.get(node, ()), *self.learned.get(node, ())]))
+
+    def known(self) -> set[str]:
+        return {m for node in self.nodes for m in self.served_by(node)}
+
+    def route(self, model: str | None, is_awake: Callable[[str], bool]) -> Decision:
+        """Which node serves a request for ``model`` (None: the request names no model)."""
+        if len(self.nodes) == 1:
+            node = self.nodes[0]
+            return Routed(node, model if model in self.served_by(node) else "other")
+        if model is None:
+            return Routed(self.nodes[0], "none")
+        candidates = [n for n in self.nodes if model in self.served_by(n)]
+        if not candidates:
+            known = ", ".join(sorted(self.known())) or "(none yet)"
+            return Unroutable(404, f"The model '{model}' does not exist; models here: {known}",
+                              "model_not_found")
+        awake = [n for n in candidates if is_awake(n)]
+        return Routed((awake or candidates)[0], model)
+
+    def union(self, answers: Mapping[str, bytes | None]) -> dict[str, Any]:
+        """One ``/v1/models`` list for all nodes: each node's own entries (from a live or
+        cached answer) first, then config-only models; the first node to list an id wins."""
+        data: list[dict[str, Any]] = []
+        seen: set[str] = set()
+        for node in self.nodes:
+            for entry in _entries(answers.get(node)):
+                if entry["id"] not in seen:
+                    seen.add(entry["id"])
+                    data.append(entry)
+        for node in self.nodes:
+            for model in self.configured.get(node, ()):
+                if model not in seen:
+                    seen.add(model)
+                    data.append({"id": model, "object": "model", "created": 0,
+                                 "owned_by": CONFIG_OWNER})
+        return {"object": "list", "data": data}
+
+
+def _entries(body: bytes | None) -> Iterable[dict[str, Any]]:
+    if not body:
+        return []
+    try:
+        doc = json.loads(body)
+    except (ValueError, UnicodeDecodeError):
+        return []
+    items = doc.get("data") if isinstance(doc, dict) else None
+    if not isinstance(items, list):
+        return []
+    return [i for i in items if isinstance(i, dict) and isinstance(i.get("id"), str)]

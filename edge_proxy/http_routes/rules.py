@@ -1,0 +1,80 @@
+"""Which requests may wake a sleeping node: pure decisions on the method and path.
+
+A rule is written ``"METHOD /path"`` in config. ``METHOD`` is an HTTP method or ``*``; the
+path is matched as a whole against the request path (no query string), where ``*`` matches
+any run of characters (``/v1/models*`` also covers ``/v1/models/qwen``). Requests that match
+a rule never wake a node: while the node sleeps they are answered from the response cache.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from typing import Final
+
+from shared.config.edge import DEFAULT_NO_WAKE
+
+_METHOD_RE: Final = re.compile(r"^(\*|[A-Z]+)$")
+
+
+class RuleError(ValueError):
+    """A rule is not ``"METHOD /path"``; the message says what is wrong."""
+
+
+@dataclass(frozen=True)
+class NoWakeRule:
+    """One ``METHOD /path`` pattern."""
+
+    method: str
+    path: str
+    _regex: re.Pattern[str] = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "_regex", _compile(self.path))
+
+    def matches(self, method: str, path: str) -> bool:
+        return (self.method in ("*", method)) and self._regex.fullmatch(path) is not None
+
+    def __str__(self) -> str:
+        return f"{self.method} {self.path}"
+
+
+def parse_rule(text: str) -> NoWakeRule:
+    """``"GET /v1/models"`` into a rule; raises ``RuleError`` with the fix."""
+    parts = text.split()
+    if len(parts) != 2:
+        raise RuleError(f'found {text!r}; expected "METHOD /path" such as "GET /v1/models"')
+    method, path = parts
+    if not _METHOD_RE.match(method):
+        raise RuleError(f"found method {method!r}; expected an upper-case HTTP method or *")
+    if not path.startswith("/"):
+        raise RuleError(f"found path {path!r}; a path starts with /")
+    return NoWakeRule(method, path)
+
+
+def _compile(pattern: str) -> re.Pattern[str]:
+    return re.compile(".*".join(re.escape(part) for part in pattern.split("*")))
+
+
+@dataclass(frozen=True)
+class WakePolicy:
+    """The rules of one listener."""
+
+    no_wake: tuple[NoWakeRule, ...]
+
+    @classmethod
+    def from_texts(cls, texts: Iterable[str]) -> WakePolicy:
+        return cls(tuple(parse_rule(t) for t in texts))
+
+    def may_wake(self, method: str, path: str) -> bool:
+        """False when the request matches a no-wake rule."""
+        return not any(rule.matches(method, path) for rule in self.no_wake)
+
+    def rule_for(self, method: str, path: str) -> NoWakeRule | None:
+        return next((r for r in self.no_wake if r.matches(method, path)), None)
+
+
+def default_policy() -> WakePolicy:
+    """The rules a listener gets when its config names none."""
+    return WakePolicy.from_texts(DEFAULT_NO_WAKE)

@@ -1,0 +1,117 @@
+"""An HTTP-aware listener: hypercorn (trio worker) serving one ``HttpRouteApp``.
+
+``protocol = "http"`` routes with the same ``listen`` string form one listener that routes
+by model across their nodes (``group_http_routes``). Besides the server, the listener runs
+each node's upstream pool janitor and a learner that fetches a node's ``/v1/models`` each
+time it becomes AWAKE, so model routing and the poll cache are filled even before a client
+asks.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+from collections.abc import Iterable, Mapping
+from typing import Final
+
+import trio
+from hypercorn.config import Config as HypercornConfig
+from hypercorn.trio import serve as hypercorn_serve
+
+from edge_proxy.driver import NodeDriver
+from edge_proxy.errors import ListenError
+from edge_proxy.http_routes.app import HttpRouteApp, NodeBackend
+from edge_proxy.http_routes.metrics import HttpMetrics
+from edge_proxy.http_routes.upstream import Upstream
+from edge_proxy.listener import Shared
+from edge_proxy.node import State
+from shared.config.edge import HttpOptions, RouteConfig
+
+log = logging.getLogger(__name__)
+
+# How often the learner looks for a node that became AWAKE (a state read, no I/O).
+LEARN_POLL_S: Final = 1.0
+
+
+def group_http_routes(routes: Iterable[RouteConfig]) -> dict[str, list[RouteConfig]]:
+    """HTTP routes by listener, in config order: routes with the same ``listen`` string and
+    different nodes share one (the config check rejects a node twice on one fixed port; on
+    port 0 a repeated node starts another listener, keyed ``listen#N``)."""
+    groups: dict[str, list[RouteConfig]] = {}
+    for route in routes:
+        if route.protocol != "http":
+            continue
+        key, n = route.listen, 1
+        while any(r.node == route.node for r in groups.get(key, [])):
+            key, n = f"{route.listen}#{n}", n + 1
+        groups.setdefault(key, []).append(route)
+    return groups
+
+
+class HttpListener:
+    """One listening address in front of one or more nodes."""
+
+    def __init__(self, routes: list[RouteConfig], drivers: Mapping[str, NodeDriver],
+                 shared: Shared, metrics: HttpMetrics) -> None:
+        if not routes:
+            raise ValueError("an HTTP listener needs at least one route")
+        self.listen = routes[0].listen
+        self.options = next((r.http for r in routes if r.http is not None), HttpOptions())
+        backends = [NodeBackend(r, drivers[r.node], Upstream(r.node, r.backend_port))
+                    for r in routes]
+        self.app = HttpRouteApp(self.listen, backends, self.options, shared, metrics)
+        self.shared = shared
+        self.urls: list[str] = []
+        self._stopping = trio.Event()
+
+    def __repr__(self) -> str:
+        nodes = ", ".join(self.app.backends)
+        return f"<HttpListener {self.listen} -> {nodes} urls={self.urls}>"
+
+    def stop(self) -> None:
+        """Stop accepting; requests in flight get ``limits.shutdown_grace_s`` to finish."""
+        self._stopping.set()
+
+    async def serve(self, *, task_status: trio.TaskStatus[list[str]] = trio.TASK_STATUS_IGNORED
+                    ) -> None:
+        """Listen, report the bound URLs via ``task_status``, serve until ``stop()``."""
+        config = HypercornConfig()
+        config.bind = [self._addr()]
+        config.accesslog = None
+        config.errorlog = logging.getLogger("hypercorn.error")
+        config.keep_alive_timeout = self.options.client_keepalive_s
+        config.graceful_timeout = self.shared.limits.shutdown_grace_s
+        async with trio.open_nursery() as nursery:
+            for backend in self.app.backends.values():
+                nursery.start_soon(backend.upstream.run)
+                nursery.start_soon(self._learn, backend)
+
+            async def run_server(task_status: trio.TaskStatus[list[str]]) -> None:
+                await hypercorn_serve(self.app, config,  # type: ignore[arg-type]
+                                      shutdown_trigger=self._stopping.wait,
+                                      task_status=task_status)
+                nursery.cancel_scope.cancel()  # the server is done: so are its helpers
+
+            try:
+                self.urls = await nursery.start(run_server)
+            except OSError as exc:
+                hint = "stop the other program or pick another port" \
+                    if exc.errno == errno.EADDRINUSE else "use an address of this machine"
+                raise ListenError(f"route {self.listen}: cannot listen: "
+                                  f"{exc.strerror or exc}; {hint}") from exc
+            log.info("http route %s -> %s listening on %s", self.listen,
+                     ", ".join(self.app.backends), ", ".join(self.urls))
+            task_status.started(self.urls)
+        log.info("http route %s closed", self.listen)
+
+    def _addr(self) -> str:
+        return str(next(iter(self.app.backends.values())).route.listen_addr)
+
+    async def _learn(self, backend: NodeBackend) -> None:
+        learned_at: int | None = None
+        while True:
+            driver = backend.driver
+            if driver.state is State.AWAKE and driver.machine.generation != learned_at:
+                learned_at = driver.machine.generation
+                await self.app.fetch_models(backend)
+            await trio.sleep(LEARN_POLL_S)

@@ -1,0 +1,70 @@
+"""The HTTP-aware listeners of one proxy, kept in step with its config."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping
+from typing import Any
+
+import trio
+from prometheus_client import CollectorRegistry
+
+from edge_proxy.driver import NodeDriver
+from edge_proxy.errors import ListenError
+from edge_proxy.http_routes.metrics import HttpMetrics
+from edge_proxy.http_routes.server import HttpListener, group_http_routes
+from edge_proxy.listener import Shared
+from shared.config.edge import EdgeConfig, RouteConfig
+
+log = logging.getLogger(__name__)
+
+
+class HttpRoutes:
+    """Starts a listener per group of ``protocol = "http"`` routes; ``stop()`` stops them all."""
+
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self.metrics = HttpMetrics(registry)
+        self.listeners: dict[str, HttpListener] = {}
+        self._routes: dict[str, list[RouteConfig]] = {}
+
+    def __repr__(self) -> str:
+        return f"<HttpRoutes {list(self.listeners)}>"
+
+    async def apply(self, cfg: EdgeConfig, drivers: Mapping[str, NodeDriver], shared: Shared,
+                    services: trio.Nursery, *, initial: bool) -> None:
+        """Open listeners that are new in ``cfg``, stop those it no longer has. A listener
+        whose routes changed keeps serving as it was (a restart applies the change)."""
+        wanted = group_http_routes(cfg.routes)
+        for key in set(self.listeners) - set(wanted):
+            self.listeners.pop(key).stop()
+            self._routes.pop(key)
+        for key, routes in wanted.items():
+            if key in self.listeners:
+                if self._routes[key] != routes:
+                    log.warning("http route %s changed; restart the proxy to apply it", key)
+                continue
+            listener = HttpListener(routes, drivers, shared, self.metrics)
+            try:
+                await services.start(listener.serve)
+            except ListenError as exc:
+                if initial:
+                    raise
+                log.error("reload: %s", exc)
+                continue
+            self.listeners[key] = listener
+            self._routes[key] = routes
+
+    def stop(self) -> None:
+        for listener in self.listeners.values():
+            listener.stop()
+
+    def url(self, key: str) -> str:
+        """The first bound URL of the listener for ``key`` (a ``listen`` string)."""
+        return self.listeners[key].urls[0]
+
+    def status(self) -> list[dict[str, Any]]:
+        return [{"listen": key, "protocol": "http", "urls": listener.urls,
+                 "nodes": {name: {"backend_port": b.route.backend_port,
+                                  "models": list(listener.app.table.served_by(name))}
+                           for name, b in listener.app.backends.items()}}
+                for key, listener in self.listeners.items()]

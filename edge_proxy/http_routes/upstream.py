@@ -1,0 +1,136 @@
+"""One node's backend as seen by an HTTP listener: a small keep-alive pool that empties itself.
+
+Requests go out through httpx's transport directly (not ``AsyncClient``), so nothing is added
+or taken away on the way: no default ``Accept-Encoding``, no cookie jar, no redirects, and the
+response body is read raw (still compressed if the backend compressed it) and chunk by chunk
+as it arrives.
+
+Errors reach callers in two kinds: ``BackendUnavailable`` when no connection could be opened
+(nothing was sent, so the request may be held and sent again once the node is awake), and
+``UpstreamError`` for everything after that.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Final
+
+import httpx
+import trio
+
+from edge_proxy.http_routes.headers import RawHeaders
+from edge_proxy.node import Event
+from edge_proxy.probe import BackendUnavailable
+
+log = logging.getLogger(__name__)
+
+# The node agent counts open client connections to an instance's port as activity, so an
+# idle pooled connection would keep the GPU box from ever suspending. Idle connections are
+# closed after this long: long enough to reuse one across the back-to-back requests of a
+# chat turn, short enough not to matter next to any idle-suspend timeout.
+UPSTREAM_KEEPALIVE_EXPIRY_S: Final = 2.0
+# Idle connections kept per node; more concurrent requests open more, closed after use.
+UPSTREAM_KEEPALIVE_CONNECTIONS: Final = 16
+_UNREACHABLE: Final = {errno.EHOSTUNREACH, errno.ENETUNREACH, errno.ETIMEDOUT, errno.EHOSTDOWN}
+
+
+class UpstreamError(Exception):
+    """The backend failed after a connection was open (reset, malformed answer, ...)."""
+
+
+class Upstream:
+    """Requests to ``port`` on one node. ``run()`` must run (it closes idle connections)."""
+
+    def __init__(self, node: str, port: int) -> None:
+        self.node = node
+        self.port = port
+        self.in_flight = 0
+        self._transport: httpx.AsyncHTTPTransport | None = None
+        self._last_done = 0.0
+
+    def __repr__(self) -> str:
+        pooled = "pool open" if self._transport is not None else "no pool"
+        return f"<Upstream {self.node}:{self.port} in_flight={self.in_flight} {pooled}>"
+
+    def _pool(self) -> httpx.AsyncHTTPTransport:
+        if self._transport is None:
+            limits = httpx.Limits(max_connections=None,
+                                  max_keepalive_connections=UPSTREAM_KEEPALIVE_CONNECTIONS,
+                                  keepalive_expiry=UPSTREAM_KEEPALIVE_EXPIRY_S)
+            self._transport = httpx.AsyncHTTPTransport(limits=limits)
+        return self._transport
+
+    async def run(self) -> None:
+        """Close the pool whenever it has been idle for ``UPSTREAM_KEEPALIVE_EXPIRY_S``
+        (httpx only drops expired connections when the next request comes). Until cancelled."""
+        try:
+            while True:
+                await trio.sleep(UPSTREAM_KEEPALIVE_EXPIRY_S / 2)
+                idle_s = trio.current_time() - self._last_done
+                if self._transport is not None and not self.in_flight \
+                        and idle_s >= UPSTREAM_KEEPALIVE_EXPIRY_S:
+                    transport, self._transport = self._transport, None
+                    await transport.aclose()
+        finally:
+            if self._transport is not None:
+                with trio.CancelScope(shield=True):
+                    await self._transport.aclose()
+
+    @asynccontextmanager
+    async def exchange(self, host: str, method: str, target: bytes, headers: RawHeaders,
+                       body: bytes, connect_timeout_s: float) -> AsyncIterator[httpx.Response]:
+        """Send a request and yield the response once its headers arrived; read the body with
+        ``response.stream``. Raises ``BackendUnavailable`` (nothing sent) or ``UpstreamError``."""
+        url = httpx.URL(scheme="http", host=host, port=self.port, raw_path=target)
+        timeout = {"connect": connect_timeout_s, "read": None, "write": None, "pool": None}
+        request = httpx.Request(method, url, headers=headers, content=body,
+                                extensions={"timeout": timeout})
+        self.in_flight += 1
+        try:
+            try:
+                response = await self._pool().handle_async_request(request)
+            except httpx.ConnectTimeout as exc:
+                raise BackendUnavailable(Event.PROBE_TIMEOUT, self._say(f"timed out after "
+                                         f"{connect_timeout_s:g} s")) from exc
+            except httpx.ConnectError as exc:
+                event = Event.PROBE_TIMEOUT if _errno(exc) in _UNREACHABLE else Event.PROBE_REFUSED
+                raise BackendUnavailable(event, self._say(str(exc) or type(exc).__name__)) from exc
+            except httpx.TransportError as exc:
+                raise UpstreamError(f"{self.node}:{self.port}: {exc!r}") from exc
+            try:
+                yield response
+            except httpx.TransportError as exc:
+                raise UpstreamError(f"{self.node}:{self.port}: {exc!r}") from exc
+            finally:
+                with trio.CancelScope(shield=True):
+                    await response.aclose()
+        finally:
+            self.in_flight -= 1
+            self._last_done = trio.current_time()
+
+    def _say(self, what: str) -> str:
+        return f"connect to {self.node}:{self.port}: {what}"
+
+
+def _errno(exc: BaseException) -> int | None:
+    seen: BaseException | None = exc
+    while seen is not None:
+        if isinstance(seen, OSError) and seen.errno is not None:
+            return seen.errno
+        seen = seen.__cause__ or seen.__context__
+    return None
+
+
+async def read_capped(response: httpx.Response, limit: int) -> bytes | None:
+    """The whole body, or None once it passes ``limit`` bytes (the rest is not read)."""
+    chunks: list[bytes] = []
+    size = 0
+    async for chunk in response.aiter_raw():
+        size += len(chunk)
+        if size > limit:
+            return None
+        chunks.append(chunk)
+    return b"".join(chunks)

@@ -1,0 +1,42 @@
+"""What a client sees while its request waits for a node, and when the wait fails.
+
+A streaming request (``"stream": true``) that is held gets an SSE answer at once after
+``waking_comment_interval_s``: ``200 text/event-stream`` and a comment line per interval
+(``: waking gpubox 12 s``), which SSE clients ignore and which keep clients and reverse
+proxies in front from timing out. Errors are OpenAI-shaped JSON with ``source`` naming the
+proxy; once an SSE answer has started they go out as one ``data:`` event instead, which
+OpenAI clients raise as an API error.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any, Final
+
+from edge_proxy.http_routes.headers import RawHeaders
+from shared.http import error_body
+
+SOURCE: Final = "edge-proxy"
+
+SSE_HEADERS: Final[RawHeaders] = [
+    (b"content-type", b"text/event-stream"),
+    (b"cache-control", b"no-cache"),
+    # nginx buffers proxied answers unless told not to; comments must reach the client now
+    (b"x-accel-buffering", b"no"),
+]
+
+
+def comment(node: str, waited_s: float) -> bytes:
+    return f": waking {node} {waited_s:.0f} s\n\n".encode()
+
+
+def error_json(message: str, kind: str, code: str | None = None) -> bytes:
+    body: dict[str, Any] = error_body(message, kind, SOURCE)
+    if code is not None:
+        body["error"]["code"] = code
+    return json.dumps(body).encode()
+
+
+def error_event(payload: bytes) -> bytes:
+    """A JSON error as one SSE ``data:`` event (the payload must be one line of JSON)."""
+    return b"data: " + payload.replace(b"\n", b" ") + b"\n\n"
