@@ -124,13 +124,17 @@ def format_table(rows: list[dict[str, Any]], activity: dict[str, Any] | None = N
 def _logs(args: argparse.Namespace) -> int:
     client = _client(args)
     path = f"/v1/instances/{args.name}/logs"
-    after = 0
+    seen: tuple[float, str] | None = None
     while True:
-        lines = client.get(path, lines=str(max(args.lines, 1)), after=str(after))["lines"]
-        for line in lines:
+        lines = client.get(path, lines=str(max(args.lines, 1)))["lines"]
+        fresh = lines
+        if seen is not None:
+            keys = [(line["time"], line["text"]) for line in lines]
+            fresh = lines[keys.index(seen) + 1:] if seen in keys else lines
+        for line in fresh:
             print(line["text"], flush=True)
         if lines:
-            after = lines[-1]["seq"]
+            seen = (lines[-1]["time"], lines[-1]["text"])
         if not args.follow:
             return EXIT_OK
         time.sleep(FOLLOW_INTERVAL_S)
