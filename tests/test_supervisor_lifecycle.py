@@ -206,3 +206,18 @@ async def test_launch_planner_adds_args_env_and_gpus(sup: Supervisor, tmp_path: 
     assert b"PLANNED=z" in env and b"CUDA_VISIBLE_DEVICES=1,3" in env
     assert Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")[-3:-1] == [b"--ready-after", b"0"]
     assert asked == ["z"]
+
+
+async def test_a_failing_planner_fails_only_its_instance(sup: Supervisor, tmp_path: Path) -> None:
+    async def planner(name: str, config: InstanceConfig) -> LaunchOverrides | None:
+        if name == "broken":
+            raise ZeroDivisionError("planner bug")
+        return None
+
+    sup.launch_planner = planner
+    await sup.apply({n: instance(n, {"command": toy_command(free_port())}, tmp_path / "x.toml")
+                     for n in ("broken", "fine")}, {})
+    await wait_state(sup, "broken", State.FAILED)
+    await wait_state(sup, "fine", State.READY)
+    assert sup.get("broken").reason == (
+        "instances.broken: launch planning failed: ZeroDivisionError('planner bug')")

@@ -153,7 +153,14 @@ class Instance:
                     await self._wait_poke()
                     continue
                 self._restart_pending = False
-                delay = await self._run_once()
+                try:
+                    delay = await self._run_once()
+                except Exception as exc:  # a bug here must not take the other instances down
+                    log.exception("instance %s: supervision failed", self.name)
+                    if self.state is not State.STOPPED:
+                        self._set(State.STOPPED, "supervision failed")
+                    self._fail(f"instances.{self.name}: internal error while supervising: {exc!r}")
+                    continue
                 if delay is not None:
                     await self._backoff(delay)
         finally:
@@ -172,6 +179,10 @@ class Instance:
             spec = build_launch(self.name, config, await self._host.plan_launch(self.name, config))
         except LlamanapError as exc:
             self._fail(str(exc))
+            return None
+        except Exception as exc:  # the planner is another component: contain its bugs here
+            log.exception("instance %s: launch planner failed", self.name)
+            self._fail(f"instances.{self.name}: launch planning failed: {exc!r}")
             return None
         problems = preflight(spec, check_port=True)
         other = self._host.port_user(spec.port, self.name)
