@@ -139,23 +139,28 @@ def _components(agent: Agent) -> list[Component]:
     return [gpu_activity]
 
 
+ComponentFactory = Callable[[Agent], list[Component]]
+
+
 async def run_agent(
     cfg_path: Path,
     *,
     handle_signals: bool = True,
+    make_components: ComponentFactory | None = None,
     task_status: trio.TaskStatus[Agent] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Run the node-agent from ``cfg_path`` until SIGTERM/SIGINT or cancellation.
 
     ``task_status`` receives the ``Agent`` once the API listens and the enabled instances
-    are starting (not yet READY: a big model may load for minutes).
+    are starting (not yet READY: a big model may load for minutes). ``make_components``
+    replaces ``_components`` (the demo and tests build them with hardware fakes).
     """
     path = Path(cfg_path).absolute()
     config = load_node_config(path)
     agent = Agent(path, config)
     listen = parse_hostport(config.agent.api_listen, Context(path), "agent.api_listen",
                             allow_port_zero=True)
-    components = _components(agent)
+    components = (make_components or _components)(agent)
     async with trio.open_nursery() as nursery:
         await nursery.start(agent.supervisor.run)
         for component in components:

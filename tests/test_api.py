@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -11,9 +12,10 @@ import pytest
 import tomli_w
 import trio
 
-from inference_node.agent import Agent, run_agent
+from inference_node.agent import Agent, Component, run_agent
 from inference_node.supervisor import State
 from shared.errors import ConfigError
+from shared.http import App, Request, Response
 from tests.support.ports import free_port
 from tests.support.supervised import STATE_TIMEOUT_S, toy_command, wait_state
 
@@ -132,3 +134,43 @@ async def test_logs_after_a_seq_return_only_newer_lines(api: httpx.AsyncClient, 
             await trio.sleep(0.05)
     assert all(line["seq"] > last_seq for line in newer)
     assert any(line["text"] == "request /marker" for line in newer)
+
+
+class Recorder:
+    """A component as activity tracking or the power manager plugs in: watchers, a route, a task."""
+
+    def __init__(self, agent: Agent) -> None:
+        self.lines: list[str] = []
+        self.ready: list[str] = []
+        self.running = False
+        agent.supervisor.add_line_sink(lambda name, line, t: self.lines.append(f"{name}: {line}"))
+        agent.supervisor.add_state_listener(
+            lambda name, old, new, why: self.ready.append(name) if new is State.READY else None)
+        agent.route_registrars.append(self.routes)
+
+    def routes(self, app: App, agent: Agent) -> None:
+        @app.route("GET", "/v1/recorder")
+        async def show(req: Request) -> Response:
+            return Response.json({"lines": len(self.lines), "ready": self.ready})
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        self.running = True
+        task_status.started()
+        await trio.sleep_forever()
+
+
+async def test_components_plug_in_watchers_routes_and_tasks(nursery: trio.Nursery, tmp_path: Path) -> None:
+    cfg = write_config(tmp_path / "node-agent.toml", {"a": {"command": toy_command(free_port()), **FAST}})
+    made: list[Recorder] = []
+
+    def components(agent: Agent) -> list[Component]:
+        made.append(Recorder(agent))
+        return list(made)
+
+    agent: Agent = await nursery.start(functools.partial(run_agent, cfg, make_components=components))
+    await wait_state(agent.supervisor, "a", State.READY)
+    assert made[0].running
+    async with httpx.AsyncClient(base_url=agent.api_urls[0]) as client:
+        assert (await client.get("/v1/recorder")).status_code == 401
+        shown = (await client.get("/v1/recorder", headers={"Authorization": f"Bearer {TOKEN}"})).json()
+    assert shown["ready"] == ["a"] and shown["lines"] >= 1
