@@ -166,6 +166,15 @@ def test_refusal_when_nothing_fits() -> None:
     assert "the GPUs have 48128 MiB usable together (largest 24064 MiB)" in reason
 
 
+def test_refusal_when_only_the_split_overhead_does_not_fit() -> None:
+    # together the cards hold the model, but each would need its own compute buffer
+    need_one = 8.0 * GIB
+    result = plan_instances([req()], [gpu(0, need_one / 2 / GIB), gpu(1, need_one / 2 / GIB)],
+                            margin_mib=0)
+    reason = result.refusals["m"].reason
+    assert "no split fits either, as each GPU also needs its own compute buffer" in reason
+
+
 def test_refusal_without_gpus() -> None:
     result = plan_instances([req()], [], margin_mib=512)
     assert "no GPU is visible" in result.refusals["m"].reason

@@ -86,6 +86,14 @@ class InstancePlan:
             out += ["-sm", "layer", "-ts", ",".join(_num(x) for x in s.tensor_split)]
         return out
 
+    def launch_args(self) -> list[str]:
+        """``args()`` plus the split flags spelled out for one GPU too, so that flags appended
+        after an instance's own arguments (the last one wins) override any it had."""
+        out = self.args()
+        if len(self.gpus) == 1:
+            out += ["-sm", "layer", "-mg", "0", "-ts", "1"]
+        return out
+
 
 @dataclass(frozen=True)
 class Refusal:
@@ -274,12 +282,16 @@ def _refusal(req: InstanceRequest, s: LaunchSettings, gpus: Sequence[GpuFree],
         where = (f"the GPUs have {avail:.0f} MiB usable together "
                  f"(largest {max(usable.values()):.0f} MiB)")
     short = need - avail
+    if short > 0 or not gpus:
+        gap = f"{max(short, 0):.0f} MiB short"
+    else:
+        gap = "no split fits either, as each GPU also needs its own compute buffer"
     hints = _suggestions(req, s, gpus, usable)
     hint = "; " + " or ".join(hints) + " would fit" if hints else "; nothing smaller fits either"
     partial = "" if req.allow_partial_offload else \
         " (allow_partial_offload = true would run part of it on the CPU)"
     return (f"instance {req.name}: needs {need:.0f} MiB at -c {s.ctx}, {where}: "
-            f"{max(short, 0):.0f} MiB short{hint}{partial}")
+            f"{gap}{hint}{partial}")
 
 
 def _suggestions(req: InstanceRequest, s: LaunchSettings, gpus: Sequence[GpuFree],
