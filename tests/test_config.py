@@ -123,7 +123,7 @@ NODE_BAD = [
     ("both forms", NODE_OK.replace('command = "/usr', 'model = "x.gguf"\ncommand = "/usr'), "instances.other.command"),
     ("neither form", NODE_OK.replace('command = "/usr/bin/llama-server --model /m.gguf --port 8081"', "port = 9"), "instances.other"),
     ("port collision", NODE_OK.replace("--port 8081", "--port 8080"), "instances.other.port"),
-    ("auto gpus before placement", NODE_OK.replace("gpus = [0]", 'gpus = "auto"'), "instances.small.gpus"),
+    ("auto gpus without a model path", NODE_OK.replace("--model /m.gguf --port 8081\"", '--port 8081"\ngpus = "auto"'), "instances.other.gpus"),
     ("bad gpus type", NODE_OK.replace("gpus = [0]", "gpus = 0"), "instances.small.gpus"),
     ("bad env value", NODE_OK.replace("gpus = [0]", "env = { A = 1 }"), "instances.small.env.A"),
     ("unclosed quote in command", NODE_OK.replace("--port 8081", "--port 8081 '"), "instances.other.command"),

@@ -100,9 +100,10 @@ class InstanceConfig:
                 raise ctx.error(f"{key}.port", "missing; set port (or --port in command)")
         elif self.port is None:
             raise ctx.error(f"{key}.port", "missing; the structured form needs port = N")
-        if self.gpus == "auto":
-            raise ctx.error(f"{key}.gpus", 'found "auto", which placement does not support yet; '
-                            "list GPU indices or UUIDs")
+        if self.gpus == "auto" and self.command is not None and not any(
+                a in ("-m", "--model") or a.startswith("--model=") for a in self.argv_list or []):
+            raise ctx.error(f"{key}.gpus", '"auto" places the model by its size; give the '
+                            "command a --model PATH.gguf (or use model = ...)")
         for i, gpu in enumerate(self.gpus if isinstance(self.gpus, list) else []):
             bad_index = isinstance(gpu, int) and gpu < 0
             if bad_index or (isinstance(gpu, str) and not gpu.startswith(("GPU-", "MIG-"))):
