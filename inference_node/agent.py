@@ -28,6 +28,7 @@ from prometheus_client import CollectorRegistry
 from inference_node import api
 from inference_node.gpu.service import GpuActivityService
 from inference_node.supervisor import ReloadPlan, Supervisor
+from inference_node.supervisor.launch import port_problem
 from inference_node.supervisor.metrics import SupervisorCollector
 from inference_node.supervisor.overrides import EnabledOverrides
 from shared import systemd
@@ -160,6 +161,9 @@ async def run_agent(
     agent = Agent(path, config)
     listen = parse_hostport(config.agent.api_listen, Context(path), "agent.api_listen",
                             allow_port_zero=True)
+    if listen.port != 0 and (problem := port_problem(listen.host, listen.port)):
+        # Checked before anything starts, so a second agent on the same box fails in one line.
+        raise LlamanapError(f"{path}: agent.api_listen: {problem}")
     components = (make_components or _components)(agent)
     async with trio.open_nursery() as nursery:
         await nursery.start(agent.supervisor.run)

@@ -196,3 +196,20 @@ def test_unit_file_matches_what_the_agent_does() -> None:
     assert "Restart=on-failure" in unit
     assert "KillMode=mixed" in unit  # SIGTERM to the agent only: it stops its instances itself
     assert "StateDirectory=llamanap" in unit
+
+
+def test_api_port_in_use_is_one_line_and_starts_nothing(tmp_path: Path) -> None:
+    config = tmp_path / "node-agent.toml"
+    with socket.socket() as squatter:
+        squatter.bind(("127.0.0.1", 0))
+        squatter.listen()
+        port = squatter.getsockname()[1]
+        marker = tmp_path / "started"
+        write_config(config, port, {"a": {"command": ["sh", "-c", f"touch {marker}; sleep 60"],
+                                          "port": free_port()}})
+        out = subprocess.run([sys.executable, "-m", "inference_node", "run", "--config", str(config)],
+                             capture_output=True, text=True, timeout=STATE_TIMEOUT_S, cwd=REPO)
+    assert out.returncode == 1
+    assert out.stderr == (f"node-agent: error: {config}: agent.api_listen: port {port} on 127.0.0.1 "
+                          "is already in use by another program; stop it or pick another port\n")
+    assert not marker.exists()
