@@ -86,6 +86,8 @@ class AutoPlacer:
         self._margin_mib = margin_mib
         self._clock = clock
         self._reserved: dict[str, _Reservation] = {}
+        # what was decided for each instance, for the status API (JSON-ready)
+        self.decisions: dict[str, dict[str, object]] = {}
 
     def __repr__(self) -> str:
         return f"<AutoPlacer reserved={sorted(self._reserved)} margin={self._margin_mib} MiB>"
@@ -103,7 +105,9 @@ class AutoPlacer:
         if not gpus:
             # CPU-only box: everything on the host, said plainly in the flags
             s = req.settings.with_(ctx=req.settings.ctx or req.model.n_ctx_train)
-            estimate(req.model, s.with_(n_gpu_layers=0), [])  # raises for impossible settings
+            est = estimate(req.model, s.with_(n_gpu_layers=0), [])  # raises for bad settings
+            self.decisions[req.name] = {"gpus": [], "args": ["-ngl", "0", "-c", str(s.ctx)],
+                                        "host_mib": round(est.host.total / 2**20, 2)}
             return LaunchOverrides(args=("-ngl", "0", "-c", str(s.ctx)), gpus=())
         usable = {g.uuid: g.free_mib - self._margin_mib for g in gpus}
         for name, r in list(self._reserved.items()):
@@ -118,10 +122,20 @@ class AutoPlacer:
         in_use |= {u for r in self._reserved.values() for u in r.mib_by_gpu}
         plan = place_one(req, gpus, usable, in_use)
         if isinstance(plan, Refusal):
+            self.decisions[req.name] = {"refused": plan.reason}
             raise PlacementError(plan.reason)
         self._reserved[req.name] = _Reservation(now, {
             g.uuid: d.total / 2**20 for g, d in zip(plan.gpus, plan.estimate.devices, strict=True)
         })
+        self.decisions[req.name] = {
+            "gpus": [{"uuid": g.uuid, "index": g.index, "layers": d.layers,
+                      "weights_mib": round(d.weights / 2**20, 2), "kv_mib": round(d.kv / 2**20, 2),
+                      "compute_mib": round(d.compute / 2**20, 2),
+                      "total_mib": round(d.total / 2**20, 2)}
+                     for g, d in zip(plan.gpus, plan.estimate.devices, strict=True)],
+            "args": plan.launch_args(), "partial_offload": plan.partial,
+            "host_mib": round(plan.estimate.host.total / 2**20, 2),
+        }
         return LaunchOverrides(args=tuple(plan.launch_args()), gpus=tuple(plan.uuids))
 
 
