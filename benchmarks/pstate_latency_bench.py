@@ -136,16 +136,23 @@ async def latency(binary: Path, model: Path, tasks: int) -> list[float]:
         await nursery.start(controller.run)
         record = controller.control(gpu.uuid)
         for i in range(tasks):
+            # Start each task on an idle instance and a low GPU. The answer to the previous
+            # request can arrive before its release line, so wait for the log as well.
             with trio.fail_after(SWITCH_TIMEOUT_S):
-                while record.applied != LOW:
+                while (record.applied != LOW or tracker.busy("bench")
+                       or rig.switches[-1].pstate != LOW):
                     await trio.sleep(POLL_S)
             mark = len(rig.switches)
             r = await client.post(f"{server.url}/completion",
                                   json={"prompt": f"task {i}", "n_predict": 4})
             r.raise_for_status()
-            with trio.fail_after(SWITCH_TIMEOUT_S):
+            with trio.move_on_after(SWITCH_TIMEOUT_S) as scope:
                 while len(starts) <= i or not any(s.pstate == HIGH for s in rig.switches[mark:]):
                     await trio.sleep(POLL_S)
+            if scope.cancelled_caught:
+                raise RuntimeError(f"task {i}: no switch up within {SWITCH_TIMEOUT_S} s "
+                                   f"({len(starts)} start lines, {record!r}, "
+                                   f"{tracker.instance('bench')!r})")
             switch = next(s for s in rig.switches[mark:] if s.pstate == HIGH)
             samples.append(switch.t - starts[i])
         nursery.cancel_scope.cancel()
