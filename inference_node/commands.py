@@ -124,17 +124,13 @@ def format_table(rows: list[dict[str, Any]], activity: dict[str, Any] | None = N
 def _logs(args: argparse.Namespace) -> int:
     client = _client(args)
     path = f"/v1/instances/{args.name}/logs"
-    seen: tuple[float, str] | None = None
+    after = 0
     while True:
-        lines = client.get(path, lines=str(max(args.lines, 1)))["lines"]
-        fresh = lines
-        if seen is not None:
-            keys = [(line["time"], line["text"]) for line in lines]
-            fresh = lines[keys.index(seen) + 1:] if seen in keys else lines
-        for line in fresh:
+        lines = client.get(path, lines=str(max(args.lines, 1)), after=str(after))["lines"]
+        for line in lines:
             print(line["text"], flush=True)
         if lines:
-            seen = (lines[-1]["time"], lines[-1]["text"])
+            after = lines[-1]["seq"]
         if not args.follow:
             return EXIT_OK
         time.sleep(FOLLOW_INTERVAL_S)

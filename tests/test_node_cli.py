@@ -87,11 +87,11 @@ def test_status_logs_and_actions(agent: RunningAgent) -> None:
     agent.wait_state("b", "ready")
     table = agent.cli("status")
     assert table.returncode == 0
-    header, *lines = table.stdout.splitlines()
+    header, *lines = table.stdout.split("\n\n")[0].splitlines()  # then other tables (GPUs)
     assert header.split()[:4] == ["NAME", "STATE", "PID", "PORT"]
     assert [line.split()[:2] for line in lines] == [["a", "READY"], ["b", "READY"]]
-    same = agent.cli("get", "instances").stdout.splitlines()
-    assert [line.split()[:4] for line in same] == [line.split()[:4] for line in table.stdout.splitlines()]
+    same = agent.cli("get", "instances").stdout.split("\n\n")[0].splitlines()
+    assert [line.split()[:4] for line in same] == [line.split()[:4] for line in [header, *lines]]
 
     logs = agent.cli("logs", "a", "-n", "50")
     assert logs.returncode == 0 and "listening on 127.0.0.1" in logs.stdout

@@ -151,7 +151,6 @@ def test_launch_env_gpus_and_overrides(tmp_path: Path) -> None:
     ({"gpus": ["cuda0"]}, "instances.g.gpus[0]", "found 'cuda0'; expected a GPU index"),
     ({"gpus": [0], "env": {"CUDA_VISIBLE_DEVICES": "1"}}, "instances.g.env.CUDA_VISIBLE_DEVICES",
      "set either gpus or env.CUDA_VISIBLE_DEVICES"),
-    ({"gpus": "auto"}, "instances.g.gpus", 'found "auto"'),
 ])
 def test_gpu_mistakes_name_the_key(tmp_path: Path, table: dict[str, object], key: str, text: str) -> None:
     with pytest.raises(ConfigError) as err:
