@@ -113,8 +113,13 @@ def format_status(status: dict[str, Any]) -> str:
     lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths, strict=False)) + "  " + r[-1]
              for r in rows]
     lines.append("")
-    lines += [f"route {r['listen']} -> {r['node']}:{r['backend_port']} (ready: {r['ready']})"
-              for r in status["routes"]]
+    for r in status["routes"]:
+        if r.get("protocol") == "http":
+            nodes = ", ".join(f"{name}:{n['backend_port']}" for name, n in r["nodes"].items())
+            lines.append(f"route {r['listen']} -> {nodes} (http)")
+        else:
+            lines.append(f"route {r['listen']} -> {r['node']}:{r['backend_port']} "
+                         f"(ready: {r['ready']})")
     return "\n".join(lines)
 
 

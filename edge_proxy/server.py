@@ -107,6 +107,8 @@ class Proxy:
             log.warning("control.listen changed to %s; that takes a restart", cfg.control.listen)
         await self._apply(cfg, initial=False)
         self.app.token = cfg.control.token
+        if cfg.log_level != self.cfg.log_level:
+            logging.getLogger().setLevel(cfg.log_level.upper())
         self.cfg = cfg
         log.info("config reloaded: %d node(s), %d route(s)", len(cfg.nodes), len(cfg.routes))
 

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 
+from edge_proxy.cli import format_status
 from tests.support.edge import TEST_TIMEOUT_S, expected_packet, free_port, write_config
 
 REPO = Path(__file__).resolve().parent.parent
@@ -145,3 +146,21 @@ def test_status_without_a_running_proxy_says_so(tmp_path: Path) -> None:
     out = cli("status", "-c", str(path))
     assert out.returncode == 1
     assert "cannot reach the proxy" in out.stderr and "edge-proxy run" in out.stderr
+
+
+def test_status_table_shows_tcp_and_http_routes() -> None:
+    status = {
+        "nodes": {"box": {"state": "WAKING", "time_in_state_s": 3.2, "held": 4, "active": 1,
+                          "reason": "connection held while asleep",
+                          "last_wake": {"started_s_ago": 3.2, "duration_s": None, "outcome": None}}},
+        "routes": [{"listen": "0.0.0.0:8080", "node": "box", "backend_port": 8080,
+                    "ready": "http:/health"},
+                   {"listen": "0.0.0.0:8000", "protocol": "http", "urls": [],
+                    "nodes": {"box": {"backend_port": 8081, "models": []}}}],
+    }
+    lines = format_status(status).splitlines()
+    assert lines[0].split() == ["NODE", "STATE", "FOR", "HELD", "ACTIVE", "LAST", "WAKE", "REASON"]
+    assert lines[1].split()[:6] == ["box", "WAKING", "3s", "4", "1", "running"]
+    assert lines[1].endswith("connection held while asleep")
+    assert "route 0.0.0.0:8080 -> box:8080 (ready: http:/health)" in lines
+    assert "route 0.0.0.0:8000 -> box:8081 (http)" in lines
