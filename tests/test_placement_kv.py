@@ -130,3 +130,17 @@ def test_bad_settings_are_one_line() -> None:
         LaunchSettings(cache_type_v="q8_0", flash_attn="off")
     with pytest.raises(PlacementError, match="--parallel 0"):
         LaunchSettings(parallel=0)
+
+
+def test_row_split_cuts_matrices_across_devices(models: dict[str, Path]) -> None:
+    m = read_model(models["llama-gqa"])
+    layer = estimate(m, LaunchSettings(ctx=2048, tensor_split=(1, 1)),
+                     [DeviceSpec("A", "rpc"), DeviceSpec("B", "rpc")])
+    row = estimate(m, LaunchSettings(ctx=2048, tensor_split=(1, 1), split_mode="row"),
+                   [DeviceSpec("A", "rpc"), DeviceSpec("B", "rpc")])
+    total = sum(d.weights for d in layer.devices)
+    assert abs(sum(d.weights for d in row.devices) - total) < 64 * 4  # rounding per tensor
+    # matrices are halved, so the two devices hold about the same
+    assert abs(row.devices[0].weights - row.devices[1].weights) < 0.1 * total
+    # KV stays with the layers
+    assert [d.kv for d in row.devices] == [d.kv for d in layer.devices]

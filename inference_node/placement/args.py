@@ -33,6 +33,7 @@ SWITCHES: Final = {
     "-no-kvu": ("kv_unified", False), "--no-kv-unified": ("kv_unified", False),
     "--swa-full": ("swa_full", True),
     "-nkvo": ("kv_offload", False), "--no-kv-offload": ("kv_offload", False),
+    "--no-mmap": ("mmap", False), "--mmap": ("mmap", True),
 }
 # Flags a plan decides; apply_plan removes the user's copies.
 PLANNED: Final = frozenset({"-c", "--ctx-size", "-ngl", "--gpu-layers", "--n-gpu-layers",
@@ -132,4 +133,6 @@ def settings_to_args(s: LaunchSettings, *, unified_flag: bool = True) -> list[st
         out.append("--swa-full")
     if not s.kv_offload:
         out.append("-nkvo")
+    if not s.mmap:
+        out.append("--no-mmap")
     return out

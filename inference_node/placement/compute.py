@@ -50,6 +50,9 @@ HOST_EMBD: Final = 2.0
 HOST_ATTN_KV: Final = 2.0
 PIPELINE_FIRST_EMBD: Final = 12.0
 PIPELINE_OTHER_EMBD: Final = 3.0
+# Without pipeline parallelism: the host feeding devices, and the first device it feeds.
+HOST_INPUT_EMBD: Final = 4.0
+FIRST_DEVICE_EMBD: Final = 1.0
 # Without flash attention each device (and, with pipeline parallelism, the host) holds one
 # more input per copy that grows with the cache: measured at 1 byte per cell and KV value.
 NO_FA_KV_INPUT_BYTES: Final = 1
@@ -69,51 +72,50 @@ def compute_bytes(model: ModelInfo, s: LaunchSettings, assign: Sequence[int], de
     """Estimated compute buffer of device ``dev`` (HOST for the CPU) given the layer map."""
     _, ub = s.batch_sizes(model.n_ctx_train)
     n_layer = model.n_layer
+    e = model.n_embd
     layers = [il for il in range(n_layer) if assign[il] == dev]
-    has_output = assign[n_layer] == dev
     pp = pipeline_parallel(model, s, n_devices)
     copies = PIPELINE_COPIES if pp else 1
-    e = model.n_embd
+    # a host without layers still prepares the inputs (embeddings, masks) for the devices
+    feeds_only = dev == HOST and not layers and n_devices > 0
+    first = next((d for d in assign if d != HOST), HOST)
     total = 0.0
 
-    if layers:
-        mask_bytes = F16 if s.flash else F32
-        kinds = {model.swa_layers[il] for il in layers}
-        for swa in kinds:
-            il = next(i for i in layers if model.swa_layers[i] == swa)
-            total += copies * kv_cells(model, s, il) * ub * mask_bytes
-        peak = 0.0
-        for il in layers:
-            kv_embd = model.n_head_kv[il] * model.head_dim_k
-            extra = HOST_EMBD * e if dev == HOST else 0.0
-            attn = ub * F32 * (ATTN_EMBD * e + extra
-                               + (HOST_ATTN_KV * kv_embd if dev == HOST else 0.0))
-            if not s.flash:
-                attn += kv_cells(model, s, il) * ub * model.n_head[il] * F32
-            phase = attn
-            if il != n_layer - 1:
-                ffn = FFN_EMBD * e + extra + FFN_FF * _ffn_width(model)
-                phase = max(attn, ub * F32 * ffn)
-            peak = max(peak, phase)
-        total += peak
-    if not s.flash and ((layers and dev != HOST) or (pp and dev == HOST)):
+    mask_layers = layers or (list(range(n_layer)) if feeds_only else [])
+    for swa in {model.swa_layers[il] for il in mask_layers}:
+        il = next(i for i in mask_layers if model.swa_layers[i] == swa)
+        total += copies * kv_cells(model, s, il) * ub * (F16 if s.flash else F32)
+    if not s.flash and (layers or feeds_only) and not (dev == HOST and not feeds_only):
         kv_embd = max(model.n_head_kv) * model.head_dim_k
         cells = max(kv_cells(model, s, il) for il in range(n_layer))
         total += copies * cells * s.n_stream * kv_embd * NO_FA_KV_INPUT_BYTES
-    if pp:
-        first = next((d for d in assign if d != HOST), HOST)
-        if dev == HOST:
-            total += (PIPELINE_FIRST_EMBD - HOST_EMBD) * ub * e * F32
-        elif dev == first:
+    total += max((_layer_peak(model, s, il, dev == HOST, ub) for il in layers), default=0.0)
+
+    if feeds_only:
+        total += (PIPELINE_FIRST_EMBD - HOST_EMBD if pp else HOST_INPUT_EMBD) * ub * e * F32
+    elif dev == first and dev != HOST:
+        if pp:
             total += PIPELINE_FIRST_EMBD * ub * e * F32
-        elif layers:
-            total += PIPELINE_OTHER_EMBD * ub * e * F32
-        if dev == HOST and not layers:
-            cells = max(kv_cells(model, s, il) for il in range(n_layer))
-            total += copies * cells * ub * (F16 if s.flash else F32)
-    if has_output:
+        elif assign[0] != HOST:  # it receives the embeddings straight from the host
+            total += FIRST_DEVICE_EMBD * ub * e * F32
+    elif pp and layers:
+        total += PIPELINE_OTHER_EMBD * ub * e * F32
+    if assign[n_layer] == dev:
         total += LOGIT_BUFFERS * s.n_seq * model.n_vocab * F32
     return int(total)
+
+
+def _layer_peak(model: ModelInfo, s: LaunchSettings, il: int, on_host: bool, ub: int) -> float:
+    """Bytes of the widest phase (attention or feed-forward) of layer ``il``."""
+    e = model.n_embd
+    kv_embd = model.n_head_kv[il] * model.head_dim_k
+    extra = HOST_EMBD * e if on_host else 0.0
+    attn = ub * F32 * (ATTN_EMBD * e + extra + (HOST_ATTN_KV * kv_embd if on_host else 0.0))
+    if not s.flash:
+        attn += kv_cells(model, s, il) * ub * model.n_head[il] * F32
+    if il == model.n_layer - 1:
+        return attn  # the last layer's feed-forward runs on the output rows only
+    return max(attn, ub * F32 * (FFN_EMBD * e + extra + FFN_FF * _ffn_width(model)))
 
 
 def _ffn_width(model: ModelInfo) -> float:

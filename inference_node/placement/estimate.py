@@ -13,6 +13,8 @@ Three parts per device, each reproducing one of llama-server's ``-lv 4`` lines:
 - compute buffer (``compute buffer size``): no closed formula exists; ``compute.py`` holds a
   model of the peak activation memory calibrated against llama-server's reports.
 
+With ``--split-mode row`` each matrix is cut by rows across all devices in the split
+proportions (approximate); norms, KV and compute stay with the layer's device.
 The host (system RAM) is reported too, as ``Placement.host``; it is not what placement
 packs, so its compute estimate is coarse.
 """
@@ -130,9 +132,20 @@ def estimate(model: ModelInfo, s: LaunchSettings, devices: Sequence[DeviceSpec])
     def kind(dev: int) -> str:
         return "cpu" if dev == HOST else used[dev].kind
 
+    row_split = s.split_mode == "row" and len(used) > 1
+    shares = _shares(split, len(used))
+
     def add_weights(dev: int, tensors: Sequence[TensorInfo]) -> None:
         k = kind(dev)
-        target(dev).weights += sum(alloc_size(k, t.type_name, t.shape, t.n_bytes) for t in tensors)
+        for t in tensors:
+            if row_split and dev != HOST and len(t.shape) >= 2:
+                # row split: each matrix is cut by rows across every device (approximate:
+                # llama.cpp rounds the cut to whole row blocks)
+                for d, share in enumerate(shares):
+                    ests[d].weights += int(alloc_size(kind(d), t.type_name, t.shape,
+                                                      t.n_bytes) * share)
+                continue
+            target(dev).weights += alloc_size(k, t.type_name, t.shape, t.n_bytes)
 
     add_weights(HOST, model.input_tensors)
     for il in range(model.n_layer + 1):
@@ -150,8 +163,34 @@ def estimate(model: ModelInfo, s: LaunchSettings, devices: Sequence[DeviceSpec])
             for part in kv_layer_bytes(model, s, il):
                 target(kv_dev).kv += pad(part, ALIGNMENT[kind(kv_dev)])
 
+    if s.mmap:
+        host.weights = _mapped_span(model, assign)
     for dev, est in enumerate(ests):
         est.compute = compute_bytes(model, s, assign, dev, n_devices=len(used))
     host.compute = compute_bytes(model, s, assign, HOST, n_devices=len(used))
     return Estimate(devices=ests, host=host, n_ctx=s.n_ctx(model.n_ctx_train),
                     n_ctx_seq=s.n_ctx_seq(model.n_ctx_train), n_gpu_layers=ngl)
+
+
+def _mapped_span(model: ModelInfo, assign: Sequence[int]) -> int:
+    """Host weights with mmap: llama.cpp maps, per file, the span from the first to the last
+    byte of the tensors the host uses, so tensors of devices stored in between count too."""
+    host_tensors = list(model.input_tensors)
+    for il in range(model.n_layer):
+        if assign[il] == HOST:
+            host_tensors += model.layer_tensors(il)
+    if assign[model.n_layer] == HOST:
+        host_tensors += [t for t in model.output_tensors if t.name != "token_embd.weight"]
+    spans: dict[int, tuple[int, int]] = {}
+    for t in host_tensors:
+        lo, hi = spans.get(t.file_index, (t.offset, t.offset + t.n_bytes))
+        spans[t.file_index] = (min(lo, t.offset), max(hi, t.offset + t.n_bytes))
+    return sum(hi - lo for lo, hi in spans.values())
+
+
+def _shares(split: Sequence[float], n: int) -> list[float]:
+    weights = [float(x) for x in split[:n]] + [0.0] * (n - len(split[:n]))
+    if not any(weights):
+        weights = [1.0] * n
+    total = sum(weights)
+    return [w / total for w in weights]

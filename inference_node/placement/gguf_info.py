@@ -63,6 +63,8 @@ class TensorInfo:
     type_name: str
     shape: tuple[int, ...]
     n_bytes: int
+    file_index: int = 0  # which split part holds it
+    offset: int = 0  # where its data starts in that file
 
     @property
     def layer(self) -> int | None:
@@ -184,7 +186,7 @@ def read_model(path: Path | str) -> ModelInfo:
     readers = [_open(p) for p in parts]
     head = readers[0]
     tensors: list[TensorInfo] = []
-    for r in readers:
+    for index, r in enumerate(readers):
         for t in r.tensors:
             tensors.append(
                 TensorInfo(
@@ -192,6 +194,8 @@ def read_model(path: Path | str) -> ModelInfo:
                     type_name=gguf.GGMLQuantizationType(int(t.tensor_type)).name,
                     shape=tuple(int(x) for x in t.shape),
                     n_bytes=int(t.n_bytes),
+                    file_index=index,
+                    offset=int(t.data_offset),
                 )
             )
     try:

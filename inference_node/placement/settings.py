@@ -49,6 +49,7 @@ class LaunchSettings:
     n_ubatch: int = DEFAULT_UBATCH
     swa_full: bool = False
     kv_offload: bool = True
+    mmap: bool = True
 
     def __post_init__(self) -> None:
         for flag, value in (("--cache-type-k", self.cache_type_k),
