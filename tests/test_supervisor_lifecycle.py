@@ -206,6 +206,7 @@ async def test_launch_planner_adds_args_env_and_gpus(sup: Supervisor, tmp_path: 
     assert b"PLANNED=z" in env and b"CUDA_VISIBLE_DEVICES=1,3" in env
     assert Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")[-3:-1] == [b"--ready-after", b"0"]
     assert asked == ["z"]
+    assert {r.name: r.gpus for r in sup.snapshot()}["z"] == [1, 3]  # what the child got
 
 
 async def test_a_failing_planner_fails_only_its_instance(sup: Supervisor, tmp_path: Path) -> None:

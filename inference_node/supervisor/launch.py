@@ -50,6 +50,7 @@ class LaunchSpec:
     host: str  # where it listens (as configured)
     port: int
     model: Path | None
+    gpus: tuple[int | str, ...] | None = None  # what CUDA_VISIBLE_DEVICES lists; None: inherited
 
     @property
     def probe_host(self) -> str:
@@ -96,7 +97,8 @@ def build_launch(
     if gpus is not None:
         env["CUDA_VISIBLE_DEVICES"] = ",".join(str(g) for g in gpus)
     env.update(extra.env)
-    return LaunchSpec(name, tuple(argv), env, host, config.effective_port, model)
+    return LaunchSpec(name, tuple(argv), env, host, config.effective_port, model,
+                      None if gpus is None else tuple(gpus))
 
 
 def preflight(spec: LaunchSpec, *, check_port: bool) -> list[str]:

@@ -42,7 +42,7 @@ class InstanceStatus:
     pid: int | None
     host: str
     port: int
-    gpus: list[int | str] | str | None
+    gpus: list[int | str] | str | None  # while running: what the child got (placement's pick)
     uptime_s: float | None  # since the current process was spawned
     in_state_s: float
     restarts: int  # automatic restarts after crashes, since the agent started
@@ -261,7 +261,8 @@ class Supervisor:
             rows.append(InstanceStatus(
                 name=inst.name, state=inst.state, reason=inst.reason, enabled=inst.enabled,
                 pid=inst.child.pid if inst.child else None, host=cfg.host,
-                port=cfg.effective_port, gpus=cfg.gpus,
+                port=cfg.effective_port,
+                gpus=list(inst.spec.gpus) if inst.spec and inst.spec.gpus is not None else cfg.gpus,
                 uptime_s=(now - inst.started_at) if inst.started_at is not None else None,
                 in_state_s=now - inst.state_since, restarts=inst.restarts,
                 last_error=inst.last_error,
