@@ -96,9 +96,11 @@ async def relay(
 
     async def up() -> None:
         if held is not None and held.data:
-            await backend.send_all(held.data)
+            data, held.data = held.data, bytearray()  # not kept for the relay's lifetime
+            await backend.send_all(data)
             if count is not None:
-                count("up", len(held.data))
+                count("up", len(data))
+            del data
         if held is not None and held.eof:
             await backend.send_eof()
             return

@@ -213,3 +213,22 @@ async def test_bytes_sent_while_held_beyond_the_buffer_arrive_in_order(tmp_path:
             await stream.aclose()
             assert echoed[0] == payload
             nursery.cancel_scope.cancel()
+
+
+async def test_a_held_half_closed_request_is_delivered_with_its_eof(tmp_path: Path) -> None:
+    backend_port = free_port()
+    with trio.fail_after(TEST_TIMEOUT_S):
+        async with trio.open_nursery() as nursery:
+            packets = await PacketListener.open()
+            nursery.start_soon(packets.run)
+            proxy: Proxy = await nursery.start(serve_proxy,
+                                               load_config(tmp_path, backend_port, packets.port))
+            stream = await trio.open_tcp_stream(*proxy.route_address())
+            await stream.send_all(b"all of it")
+            await stream.send_eof()  # the echo backend answers only after this EOF arrives
+            await packets.wait_for(1)
+            await wait_until(lambda: proxy.drivers["box"].held == 1)
+            await nursery.start(serve_backend, backend_port, echo_backend)
+            assert await read_all(stream) == b"all of it"
+            await stream.aclose()
+            nursery.cancel_scope.cancel()
