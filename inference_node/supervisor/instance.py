@@ -72,7 +72,6 @@ class Instance:
         self.reason = "not started"
         self.state_since = trio.current_time()
         self.child: Child | None = None
-        self.spec: LaunchSpec | None = None  # what the current child runs (after planning)
         self.launch: LaunchSpec | None = None  # argv and env of the current (or last) child
         self.started_at: float | None = None
         self.restarts = 0
@@ -199,7 +198,7 @@ class Instance:
         except OSError as exc:
             self._fail(f"instances.{self.name}: cannot run {spec.argv[0]}: {exc.strerror or exc}")
             return None
-        self.child, self.spec, self.started_at = child, spec, trio.current_time()
+        self.child, self.started_at = child, trio.current_time()
         self._set(State.STARTING, f"spawned pid {child.pid}")
         ended: str | None = None  # why it ended by itself; None: it was asked to stop
         returncode: int | None = None
@@ -223,7 +222,7 @@ class Instance:
                     if ended is None and self.state is not State.STOPPING:
                         self._set(State.STOPPING, "supervisor shutting down")
                     returncode = await child.stop(config.stop_timeout_s)
-                    self.child, self.spec, self.started_at = None, None, None
+                    self.child, self.started_at = None, None
                     if ended is None:
                         self._set(State.STOPPED, f"{self._stop_reason}; {describe_exit(returncode)}")
                 pumps.cancel_scope.deadline = trio.current_time() + PUMP_DRAIN_S

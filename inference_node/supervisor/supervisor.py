@@ -262,7 +262,7 @@ class Supervisor:
                 name=inst.name, state=inst.state, reason=inst.reason, enabled=inst.enabled,
                 pid=inst.child.pid if inst.child else None, host=cfg.host,
                 port=cfg.effective_port,
-                gpus=list(inst.spec.gpus) if inst.spec and inst.spec.gpus is not None else cfg.gpus,
+                gpus=_running_gpus(inst),
                 uptime_s=(now - inst.started_at) if inst.started_at is not None else None,
                 in_state_s=now - inst.state_since, restarts=inst.restarts,
                 last_error=inst.last_error,
@@ -306,6 +306,14 @@ def _verb(name: str, plan: ReloadPlan) -> str:
     if name in plan.added:
         return "added"
     return "config changed" if name in plan.changed else "enabled"
+
+
+def _running_gpus(inst: Instance) -> list[int | str] | str | None:
+    """The GPUs the running child got (placement may have chosen them), else the config's."""
+    launch = inst.launch
+    if inst.child is not None and launch is not None and launch.gpus is not None:
+        return list(launch.gpus)
+    return inst.config.gpus
 
 
 def _round(value: float | None) -> float | None:
