@@ -77,6 +77,29 @@ async def test_two_rpc_devices_split_as_planned(llama_server_bin: Path, tmp_path
         assert_matches(dev, got.devices[f"RPC0[{ep}]"])
 
 
+async def test_llama_fit_params_agrees_per_device(tmp_path: Path) -> None:
+    """llama.cpp's own dry run over two RPC devices gives our weights and KV per device."""
+    import trio
+
+    from inference_node.placement.args import settings_to_args
+    from inference_node.placement.fit_check import run_fit_params
+    from shared.llama_bin import find_tool
+
+    spec = TinyModelSpec(n_layer=8, n_embd=256, n_ff=512, n_head=8, n_head_kv=2)
+    path = write_tiny_model(tmp_path / "fit.gguf", spec)
+    s = settings_from_args(["-c", "8192", "-np", "1", "-ngl", "99", "-ts", "1,3"])
+    est = estimate(read_model(path), s, [DeviceSpec("RPC0", "rpc"), DeviceSpec("RPC1", "rpc")])
+    async with rpc_servers(find_rpc_server(), 2) as endpoints:
+        flags = [*settings_to_args(s, unified_flag=False), "--rpc",
+                 ",".join(ep for ep, _ in endpoints)]
+        lines = await trio.to_thread.run_sync(run_fit_params, find_tool("llama-fit-params"),
+                                              path, flags)
+    assert [x.device for x in lines] == ["RPC0", "RPC1", "Host"]
+    for x, dev in zip(lines, est.devices, strict=False):
+        # llama-fit-params truncates to whole MiB
+        assert x.model_mib == int(mib(dev.weights)) and x.context_mib == int(mib(dev.kv))
+
+
 def test_parse_memory_of_captured_logs() -> None:
     cpu = parse_memory((DATA / "llama_server_lv4.log").read_text().splitlines())
     assert cpu.gpu_names() == []

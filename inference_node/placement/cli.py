@@ -16,7 +16,7 @@ from typing import Any
 
 from inference_node.placement.args import settings_to_args
 from inference_node.placement.errors import PlacementError
-from inference_node.placement.estimate import DeviceEstimate, Estimate, estimate
+from inference_node.placement.estimate import DeviceEstimate, DeviceSpec, Estimate, estimate
 from inference_node.placement.ggml_sizes import KV_CACHE_TYPES, mib
 from inference_node.placement.gguf_info import ModelInfo, read_model
 from inference_node.placement.planner import (
@@ -170,7 +170,8 @@ def _plan(args: argparse.Namespace) -> int:
             print(refusal.reason)
         return EXIT_FAILURE
     plan = result.plans[req.name]
-    check = _check(args, plan.settings, plan.env()) if args.check else None
+    check = (_check(args, model, plan.settings, [DeviceSpec(g.name) for g in plan.gpus],
+                    plan.env()) if args.check else None)
     if args.json:
         print(json.dumps(_plan_json(args.model, plan, check), indent=2))
     else:
@@ -182,7 +183,7 @@ def _host_plan(args: argparse.Namespace, model: ModelInfo, settings: LaunchSetti
                problem: str) -> int:
     s = settings.with_(ctx=settings.ctx or model.n_ctx_train, n_gpu_layers=0)
     est = estimate(model, s, [])
-    check = _check(args, s, {}) if args.check else None
+    check = _check(args, model, s, [], {}) if args.check else None
     if args.json:
         print(json.dumps({"model": str(args.model), "host_only": problem,
                           "host": _dev_json(est.host), "args": ["-ngl", "0", "-c", str(s.ctx)],
@@ -195,21 +196,41 @@ def _host_plan(args: argparse.Namespace, model: ModelInfo, settings: LaunchSetti
     return EXIT_OK
 
 
-def _check(args: argparse.Namespace, s: LaunchSettings, env: dict[str, str]) -> Any:
+def _check(args: argparse.Namespace, model: ModelInfo, s: LaunchSettings,
+           devices: list[DeviceSpec], env: dict[str, str]) -> list[dict[str, Any]]:
+    """llama-fit-params' numbers per device beside ours for the settings it runs with.
+
+    llama-fit-params has no ``--kv-unified``: with several slots it sizes one KV stream per
+    slot, so our side of the comparison is estimated for that too.
+    """
     from inference_node.placement.fit_check import run_fit_params
     from shared.llama_bin import find_tool
 
     tool = find_tool("llama-fit-params")
     lines = run_fit_params(tool, args.model, settings_to_args(s, unified_flag=False), env)
-    return [{"device": x.device, "model_mib": x.model_mib, "context_mib": x.context_mib,
-             "compute_mib": x.compute_mib, "total_mib": x.total_mib} for x in lines]
+    as_run = s.with_(parallel=s.n_seq, kv_unified=s.n_seq == 1)
+    ours_est = estimate(model, as_run, devices)
+    ours = [*ours_est.devices, ours_est.host]
+    rows = []
+    for i, x in enumerate(lines):
+        mine = ours[i] if i < len(ours) else None
+        rows.append({
+            "device": x.device,
+            "llama_cpp_mib": {"model": x.model_mib, "context": x.context_mib,
+                              "compute": x.compute_mib, "total": x.total_mib},
+            "ours_mib": None if mine is None else {
+                "model": round(mib(mine.weights), 2), "context": round(mib(mine.kv), 2),
+                "compute": round(mib(mine.compute), 2), "total": round(mib(mine.total), 2)},
+        })
+    return rows
 
 
 def _dev_json(d: DeviceEstimate) -> dict[str, Any]:
     return {"layers": d.layers, **{f"{k}_mib": round(v, 2) for k, v in d.mib().items()}}
 
 
-def _plan_json(path: Path, plan: InstancePlan, check: Any) -> dict[str, Any]:
+def _plan_json(path: Path, plan: InstancePlan, check: list[dict[str, Any]] | None
+               ) -> dict[str, Any]:
     return {
         "model": str(path), "partial_offload": plan.partial,
         "gpus": [{"uuid": g.uuid, "name": g.name, "index": g.index, "free_mib": g.free_mib,
@@ -221,7 +242,8 @@ def _plan_json(path: Path, plan: InstancePlan, check: Any) -> dict[str, Any]:
     }
 
 
-def _print_plan(path: Path, model: ModelInfo, plan: InstancePlan, check: Any) -> None:
+def _print_plan(path: Path, model: ModelInfo, plan: InstancePlan,
+                check: list[dict[str, Any]] | None) -> None:
     est = plan.estimate
     what = "partial offload" if plan.partial else "all layers on GPU"
     print(f"{path.name}: {len(plan.gpus)} GPU(s), {what}, n_ctx {est.n_ctx} "
@@ -252,10 +274,13 @@ def _layer_span(layers: list[int]) -> str:
     return f"{layers[0]}-{layers[-1]}" if len(layers) > 1 else str(layers[0])
 
 
-def _print_check(check: Any) -> None:
+def _print_check(check: list[dict[str, Any]] | None) -> None:
     if not check:
         return
-    print("llama-fit-params (llama.cpp's own dry run, MiB):")
-    for x in check:
-        print(f"  {x['device']:<26} model {x['model_mib']:>7} context {x['context_mib']:>7} "
-              f"compute {x['compute_mib']:>7} total {x['total_mib']:>7}")
+    print("check: llama-fit-params (llama.cpp's own dry run) vs this estimate, MiB:")
+    print(f"  {'device':<24} {'model':>15} {'context':>15} {'compute':>15} {'total':>15}")
+    for row in check:
+        theirs, ours = row["llama_cpp_mib"], row["ours_mib"] or {}
+        cells = " ".join(f"{theirs[k]:>7}/{ours.get(k, '-')!s:<7}"
+                         for k in ("model", "context", "compute", "total"))
+        print(f"  {row['device']:<24} {cells}")
