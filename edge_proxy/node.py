@@ -131,6 +131,7 @@ class WakeMachine:
     _wake_started: float = field(init=False, default=0.0)
     _next_packet: float = field(init=False, default=0.0)
     _deadline: float = field(init=False, default=0.0)
+    _slot: int = field(init=False, default=0)  # packets of this wake are due at start + slot * interval
 
     def __post_init__(self) -> None:
         self._since = self.now
@@ -198,15 +199,23 @@ class WakeMachine:
         self._wake_started = now
         self._deadline = now + self.timing.wake_timeout_s
         self.last_wake = LastWake(started=now)
+        self._slot = 0
         if packet:
             self._send(now, actions)
         else:
+            self._slot = 1
             self._next_packet = now + self.timing.wol_interval_s
 
     def _send(self, now: float, actions: list[Action]) -> None:
         actions.append(SendPacket())
         self.packets += 1
-        self._next_packet = now + self.timing.wol_interval_s
+        # packets keep to the grid start + n * interval (no drift); a late tick skips slots
+        interval = self.timing.wol_interval_s
+        self._slot += 1
+        self._next_packet = self._wake_started + self._slot * interval
+        if self._next_packet <= now:
+            self._slot = int((now - self._wake_started) // interval) + 1
+            self._next_packet = self._wake_started + self._slot * interval
 
     def _finish_wake(self, now: float, outcome: str, actions: list[Action]) -> None:
         duration = now - self._wake_started
