@@ -93,3 +93,40 @@ def test_plan_for_the_host_without_nvml(capsys: pytest.CaptureFixture[str], mode
     host_line = next(line for line in out.splitlines() if line.strip().startswith("Host"))
     # llama.cpp prints whole MiB (truncated); ours beside it
     assert host_line.split()[1:3] == ["17/17.53", "8/8.0"]
+
+
+def test_plan_config_places_auto_instances(capsys: pytest.CaptureFixture[str], model: Path,
+                                           tmp_path: Path) -> None:
+    cfg = tmp_path / "node-agent.toml"
+    cfg.write_text(f"""
+[agent]
+state_file = "{tmp_path / 'state.toml'}"
+
+[placement]
+safety_margin_mib = 0
+
+[instances.one]
+model = "{model}"
+port = 18090
+args = ["-c", "4096"]
+gpus = "auto"
+
+[instances.two]
+model = "{model}"
+port = 18091
+args = ["-c", "2048"]
+gpus = "auto"
+
+[instances.pinned]
+model = "{model}"
+port = 18092
+gpus = [0]
+""")
+    code, out, _ = run(capsys, "plan", "--config", str(cfg), "--json", "--assume-gpus", "100,100")
+    shown = json.loads(out)
+    assert code == 0 and set(shown["plans"]) == {"one", "two"} and not shown["refused"]
+    # both fit on the first card; the second stays empty
+    assert shown["plans"]["one"]["gpus"] == shown["plans"]["two"]["gpus"] == ["assumed-0"]
+    assert shown["free_after_mib"]["assumed-1"] == 100
+    code, out, _ = run(capsys, "plan", "--config", str(cfg), "--assume-gpus", "40")
+    assert code == 1 and "instance" in out and "needs" in out

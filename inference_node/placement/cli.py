@@ -43,7 +43,9 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p = sub.add_parser("plan", help="estimate VRAM per GPU and choose -ngl/--tensor-split",
                        description="Estimate memory per device as llama.cpp allocates it and "
                        "place the model on this box's GPUs.")
-    p.add_argument("model", type=Path)
+    p.add_argument("model", type=Path, nargs="?", help="the .gguf file (or use --config)")
+    p.add_argument("--config", type=Path, default=None, metavar="NODE_AGENT_TOML",
+                   help='place every enabled gpus = "auto" instance of this config instead')
     p.add_argument("-c", "--ctx", type=int, default=None, help="context (default: the model's)")
     p.add_argument("-np", "--parallel", type=int, default=None,
                    help="slots (default: llama-server's auto, 4 with a unified KV cache)")
@@ -152,6 +154,10 @@ def _assumed(spec: str) -> list[GpuFree]:
 
 
 def _plan(args: argparse.Namespace) -> int:
+    if args.config is not None:
+        return _plan_config(args)
+    if args.model is None:
+        raise PlacementError("plan: give a MODEL.gguf or --config NODE_AGENT_TOML")
     model = read_model(args.model)
     settings = _settings(args)
     if args.assume_gpus:
@@ -177,6 +183,42 @@ def _plan(args: argparse.Namespace) -> int:
     else:
         _print_plan(args.model, model, plan, check)
     return EXIT_OK
+
+
+def _plan_config(args: argparse.Namespace) -> int:
+    from inference_node.placement.autoplace import plan_config
+    from shared.config.node import load_node_config
+
+    cfg = load_node_config(args.config)
+    if args.assume_gpus:
+        gpus, problem = _assumed(args.assume_gpus), None
+    else:
+        gpus, problem = inventory_gpus(args.gpus)
+    result = plan_config(cfg, gpus)
+    if args.json:
+        print(json.dumps({
+            "config": str(args.config), "no_gpus": problem,
+            "plans": {n: {"gpus": p.uuids, "args": p.args(), "env": p.env(),
+                          "partial_offload": p.partial,
+                          "per_gpu_mib": [round(mib(d.total), 2) for d in p.estimate.devices]}
+                      for n, p in result.plans.items()},
+            "refused": {n: r.reason for n, r in result.refusals.items()},
+            "free_after_mib": {u: round(f, 2) for u, f in result.free_after_mib.items()},
+        }, indent=2))
+        return EXIT_FAILURE if result.refusals else EXIT_OK
+    if problem:
+        print(f"no GPUs ({problem}): every auto instance would run on the host")
+    for name, plan in result.plans.items():
+        where = ",".join(f"{g.index}" for g in plan.gpus)
+        sizes = " + ".join(f"{mib(d.total):.0f}" for d in plan.estimate.devices)
+        print(f"{name}: GPU {where} ({sizes} MiB){' partial' if plan.partial else ''}: "
+              f"CUDA_VISIBLE_DEVICES={plan.env()['CUDA_VISIBLE_DEVICES']} {' '.join(plan.args())}")
+    for refusal in result.refusals.values():
+        print(refusal.reason)
+    for g in gpus:
+        print(f"GPU {g.index} {g.name}: {result.free_after_mib[g.uuid]:.0f} of "
+              f"{g.free_mib:.0f} MiB free left")
+    return EXIT_FAILURE if result.refusals else EXIT_OK
 
 
 def _host_plan(args: argparse.Namespace, model: ModelInfo, settings: LaunchSettings,

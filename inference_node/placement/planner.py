@@ -127,7 +127,11 @@ def plan_instances(requests: Sequence[InstanceRequest], gpus: Sequence[GpuFree],
         for g, dev in zip(plan.gpus, plan.estimate.devices, strict=True):
             usable[g.uuid] -= dev.total / MIB
             in_use.add(g.uuid)
-    result.free_after_mib = {g.uuid: usable[g.uuid] + margin_mib for g in gpus}
+    planned = {g.uuid: 0.0 for g in gpus}
+    for plan in result.plans.values():
+        for g, dev in zip(plan.gpus, plan.estimate.devices, strict=True):
+            planned[g.uuid] += dev.total / MIB
+    result.free_after_mib = {g.uuid: g.free_mib - planned[g.uuid] for g in gpus}
     return result
 
 
