@@ -16,6 +16,7 @@ from __future__ import annotations
 import errno
 import logging
 from dataclasses import dataclass
+from typing import Any
 
 import trio
 
@@ -69,6 +70,7 @@ class Route:
         self.driver = driver
         self.shared = shared
         self.addresses: list[tuple[str, int]] = []
+        self.metrics = shared.metrics.route(cfg.node, cfg.listen)
         self._scope = trio.CancelScope()
 
     def __repr__(self) -> str:
@@ -78,6 +80,7 @@ class Route:
         """Point an open listener at a changed backend; open connections keep theirs."""
         self.cfg = cfg
         self.driver = driver
+        self.metrics = self.shared.metrics.route(cfg.node, cfg.listen)
 
     def stop(self) -> None:
         """Stop accepting (the listening sockets close); connections carry on."""
@@ -130,9 +133,10 @@ class Route:
                 await client.aclose()
 
     async def _serve_client(self, client: trio.SocketStream) -> None:
-        cfg, driver = self.cfg, self.driver  # a reload does not move a connection
-        metrics, node, route = self.shared.metrics, cfg.node, cfg.listen
-        metrics.connections.labels(node, route).inc()
+        # a reload does not move a connection
+        cfg, driver, metrics = self.cfg, self.driver, self.metrics
+        node, route = cfg.node, cfg.listen
+        metrics.connections.inc()
         tune(client)
         held: Held | None = None
         for _ in range(MAX_CONNECT_ATTEMPTS):
@@ -147,16 +151,16 @@ class Route:
                     continue
                 break
             if not self._admit():
-                metrics.refused.labels(node, route).inc()
+                metrics.refused.inc()
                 log.warning("route %s: connection refused: held limit reached (%d for node %s, "
                             "%d overall)", route, driver.held, node, self.shared.held_total)
                 reset(client)
                 return
             held = held or Held.empty(self.shared.limits.hold_buffer_bytes)
             try:
-                await self._hold(client, driver, held)
+                await self._hold(client, driver, held, metrics.held)
             except WakeFailed as exc:
-                metrics.timed_out.labels(node, route).inc()
+                metrics.timed_out.inc()
                 log.warning("route %s: closing held connection: %s", route, exc)
                 reset(client)
                 return
@@ -169,16 +173,15 @@ class Route:
             reset(client)
             return
         tune(backend)
-        up = metrics.bytes.labels(node, route, "up")
-        down = metrics.bytes.labels(node, route, "down")
+        up, down = metrics.up, metrics.down
         driver.active += 1
-        metrics.active.labels(node, route).inc()
+        metrics.active.inc()
         try:
             outcome = await relay(client, backend, held=held,
                                   count=lambda way, n: (up if way == "up" else down).inc(n))
         finally:
             driver.active -= 1
-            metrics.active.labels(node, route).dec()
+            metrics.active.dec()
         log.debug("route %s: relay %s", route, outcome)
 
     def _admit(self) -> bool:
@@ -186,9 +189,9 @@ class Route:
         return (self.driver.held < node_cfg.max_held
                 and self.shared.held_total < self.shared.limits.max_held_total)
 
-    async def _hold(self, client: trio.SocketStream, driver: NodeDriver, held: Held) -> None:
+    async def _hold(self, client: trio.SocketStream, driver: NodeDriver, held: Held,
+                    metrics: Any) -> None:
         """Keep ``client``'s bytes until the node is AWAKE; raise WakeFailed or ClientGone."""
-        metrics = self.shared.metrics.held.labels(self.cfg.node, self.cfg.listen)
         port = self.cfg.backend_port
         driver.hold(port)
         self.shared.held_total += 1

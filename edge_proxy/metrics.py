@@ -2,12 +2,28 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from typing import Any
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 from edge_proxy.node import State
 
 # Wakes take seconds (resume from suspend) to minutes (cold boot and model load).
 WAKE_BUCKETS_S = (0.1, 0.5, 1, 2, 5, 10, 20, 30, 60, 120, 300, 600)
+
+
+@dataclass(frozen=True)
+class RouteMetrics:
+    """One route's labelled counters and gauges."""
+
+    connections: Any
+    active: Any
+    held: Any
+    timed_out: Any
+    refused: Any
+    up: Any
+    down: Any
 
 
 class ProxyMetrics:
@@ -41,6 +57,18 @@ class ProxyMetrics:
                                labels, registry=r)
         self.bytes = Counter("edge_bytes_relayed", "Bytes relayed", [*labels, "direction"],
                              registry=r)
+
+    def route(self, node: str, route: str) -> RouteMetrics:
+        """The per-route children, looked up once (a label lookup per connection adds up)."""
+        return RouteMetrics(
+            connections=self.connections.labels(node, route),
+            active=self.active.labels(node, route),
+            held=self.held.labels(node, route),
+            timed_out=self.timed_out.labels(node, route),
+            refused=self.refused.labels(node, route),
+            up=self.bytes.labels(node, route, "up"),
+            down=self.bytes.labels(node, route, "down"),
+        )
 
     def set_state(self, node: str, state: State) -> None:
         for s in State:
