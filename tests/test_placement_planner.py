@@ -191,3 +191,16 @@ def test_margin_is_kept_free(margin: int) -> None:
     plan = only(plan_instances([req()], [gpu(0, 9), gpu(1, 9)], margin_mib=margin))
     for g, d in zip(plan.gpus, plan.estimate.devices, strict=True):
         assert d.total / MIB <= g.free_mib - margin
+
+
+def test_without_ctx_the_context_shrinks_to_fit() -> None:
+    # the model's own 131072 context needs 16 GiB of KV; 12 GiB holds a smaller one
+    result = plan_instances([req(ctx=None)], [gpu(0, 12)], margin_mib=512)  # type: ignore[arg-type]
+    plan = only(result)
+    ctx = plan.settings.ctx
+    assert ctx is not None and 4096 <= ctx < 131072 and ctx % 256 == 0
+    assert plan.args()[2:4] == ["-c", str(ctx)]
+    # one more 256-cell step would not fit (32 layers x 256 cells x 4 KiB = 32 MiB)
+    assert plan.estimate.devices[0].total / MIB > 12 * GIB - 512 - 64
+    # never below 4096: a card too small for that is a refusal
+    assert "m" in plan_instances([req(ctx=None)], [gpu(0, 7.5)], margin_mib=512).refusals  # type: ignore[arg-type]

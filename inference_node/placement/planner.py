@@ -11,9 +11,11 @@ per instance. Rules, in order:
    takes as many layers as fit its free memory (``--tensor-split`` as whole layer counts),
    which keeps what is left together on the last GPU for the next instance; shares in
    proportion to free memory are the fallback.
-3. Otherwise, when the instance allows partial offload, the most layers (``-ngl``) that fit,
+3. An instance without ``-c`` first gets a smaller context (down to ``FIT_MIN_CTX``), the
+   way llama.cpp's own fitting does; the plan's ``-c`` says which.
+4. Otherwise, when the instance allows partial offload, the most layers (``-ngl``) that fit,
    the rest running on the CPU.
-4. Otherwise a refusal that says how much is missing and what would fit (a smaller ``-c``,
+5. Otherwise a refusal that says how much is missing and what would fit (a smaller ``-c``,
    a q8_0 KV cache).
 
 Instances are placed largest first; each placement uses up the memory it was planned with.
@@ -37,6 +39,8 @@ from inference_node.placement.settings import CTX_PAD, LaunchSettings
 EMPTY_USED_MIB: Final = 256
 # Smallest context a refusal suggests; below this a chat model is of little use.
 MIN_SUGGESTED_CTX: Final = 1024
+# Without -c, the context shrinks to fit but not below this (llama.cpp's --fit-ctx default).
+FIT_MIN_CTX: Final = 4096
 
 
 @dataclass(frozen=True)
@@ -141,6 +145,13 @@ def place_one(req: InstanceRequest, gpus: Sequence[GpuFree], usable: dict[str, f
     s = req.settings.with_(ctx=req.settings.ctx or req.model.n_ctx_train, split_mode="layer",
                            n_gpu_layers=-1, tensor_split=())
     full = _fit_full(req.model, s, gpus, usable, in_use)
+    if full is None and not req.settings.ctx:
+        # No -c given: like llama.cpp's own fitting, shrink the context (not below
+        # FIT_MIN_CTX) before giving up; the plan's -c says what was chosen.
+        ctx = _largest_ctx(req.model, s, gpus, usable, floor=FIT_MIN_CTX)
+        if ctx is not None:
+            s = s.with_(ctx=ctx)
+            full = _fit_full(req.model, s, gpus, usable, in_use)
     if full is not None:
         return InstancePlan(req.name, full[0], full[1].settings_used, full[1].est)
     if req.allow_partial_offload:
@@ -318,9 +329,11 @@ def _suggestions(req: InstanceRequest, s: LaunchSettings, gpus: Sequence[GpuFree
 
 
 def _largest_ctx(model: ModelInfo, s: LaunchSettings, gpus: Sequence[GpuFree],
-                 usable: dict[str, float]) -> int | None:
-    """The largest -c (a multiple of 256, at least MIN_SUGGESTED_CTX) that fits, or None."""
-    lo, hi = MIN_SUGGESTED_CTX // CTX_PAD, max((s.ctx or 0) // CTX_PAD - 1, 0)
+                 usable: dict[str, float], floor: int = 0) -> int | None:
+    """The largest -c below ``s.ctx`` (a multiple of 256, at least ``floor`` or
+    MIN_SUGGESTED_CTX) that fits, or None."""
+    lo = max(floor, MIN_SUGGESTED_CTX) // CTX_PAD
+    hi = max((s.ctx or 0) // CTX_PAD - 1, 0)
     if hi < lo or _fit_full(model, s.with_(ctx=lo * CTX_PAD), gpus, usable, set()) is None:
         return None
     while lo < hi:
