@@ -18,6 +18,7 @@ from inference_node.placement.planner import (
     GpuFree,
     InstancePlan,
     InstanceRequest,
+    PlacementResult,
     plan_instances,
 )
 from inference_node.placement.settings import LaunchSettings
@@ -47,17 +48,15 @@ def gpu(index: int, total_gib: float, used_gib: float = 0.0) -> GpuFree:
     return GpuFree(f"GPU-{index:04d}", f"gpu{index}", index, total - used_gib * GIB, total)
 
 
-def req(name: str = "m", ctx: int = 8192, layer_mib: int = 200, partial: bool = False,
+def req(name: str = "m", ctx: int | None = 8192, layer_mib: int = 200, partial: bool = False,
         **settings: object) -> InstanceRequest:
     return InstanceRequest(name, model_8b(layer_mib, name), LaunchSettings(ctx=ctx, **settings),  # type: ignore[arg-type]
                            partial)
 
 
-def only(plan_result: object, name: str = "m") -> InstancePlan:
-    plans = plan_result.plans  # type: ignore[attr-defined]
-    assert name in plans, plan_result.refusals  # type: ignore[attr-defined]
-    plan: InstancePlan = plans[name]
-    return plan
+def only(result: PlacementResult, name: str = "m") -> InstancePlan:
+    assert name in result.plans, result.refusals
+    return result.plans[name]
 
 
 def test_one_gpu_when_it_fits() -> None:
@@ -195,7 +194,7 @@ def test_margin_is_kept_free(margin: int) -> None:
 
 def test_without_ctx_the_context_shrinks_to_fit() -> None:
     # the model's own 131072 context needs 16 GiB of KV; 12 GiB holds a smaller one
-    result = plan_instances([req(ctx=None)], [gpu(0, 12)], margin_mib=512)  # type: ignore[arg-type]
+    result = plan_instances([req(ctx=None)], [gpu(0, 12)], margin_mib=512)
     plan = only(result)
     ctx = plan.settings.ctx
     assert ctx is not None and 4096 <= ctx < 131072 and ctx % 256 == 0
@@ -203,4 +202,4 @@ def test_without_ctx_the_context_shrinks_to_fit() -> None:
     # one more 256-cell step would not fit (32 layers x 256 cells x 4 KiB = 32 MiB)
     assert plan.estimate.devices[0].total / MIB > 12 * GIB - 512 - 64
     # never below 4096: a card too small for that is a refusal
-    assert "m" in plan_instances([req(ctx=None)], [gpu(0, 7.5)], margin_mib=512).refusals  # type: ignore[arg-type]
+    assert "m" in plan_instances([req(ctx=None)], [gpu(0, 7.5)], margin_mib=512).refusals
