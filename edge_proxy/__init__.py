@@ -1,1 +1,17 @@
-"""edge-proxy: relays TCP/HTTP to a GPU box and wakes it with Wake-on-LAN when it sleeps."""
+"""edge-proxy: relays TCP/HTTP to a GPU box and wakes it with Wake-on-LAN when it sleeps.
+
+Module map:
+
+- ``node``: the wake state machine of one node, pure (events and ``now`` in, actions out).
+- ``driver``: runs a node's machine under trio: probes, magic packets, held connections;
+  ``await driver.wait_awake()`` is what every route calls before it connects.
+- ``probe``: backend connects and readiness checks (ready / refused / timed out).
+- ``wol``: magic packets and the ``WolSender`` that puts them on the wire.
+- ``relay``: bytes both ways with half-close; the client bytes kept while held.
+- ``listener``: TCP routes: accept, hold within limits, relay.
+- ``http_routes``: HTTP-aware routes (``protocol = "http"``) on the same drivers.
+- ``control``: ``/status``, ``/metrics``, agent events (schema in ``shared.events``).
+- ``metrics``: the Prometheus registry.
+- ``server``: the whole proxy (``serve_proxy`` in-process, ``run_service`` for ``run``).
+- ``cli``, ``doctor``, ``errors``.
+"""
