@@ -1,7 +1,7 @@
 """How close the VRAM estimate is to what llama-server really allocates.
 
 Writes tiny models of several shapes (plain llama, GQA, tied embeddings, sliding-window
-attention, attention biases, experts), loads each in the real llama-server (``-lv 4``) at
+attention, attention biases, experts, and a few layers as wide as a 7B model's), loads each in the real llama-server (``-lv 4``) at
 several context / slot / KV-cache settings, reads the ``model``, ``KV`` and ``compute``
 buffer sizes it reports per device, and prints them beside the estimate. Multi-device runs
 use two ggml RPC servers on 127.0.0.1 as devices (``--rpc``), so the per-device layer split
@@ -63,6 +63,9 @@ SHAPES: Final[dict[str, TinyModelSpec]] = {
                                 n_head_kv=1, n_ctx_train=32768, tensor_type="F16"),
     "llama-moe": TinyModelSpec(n_layer=6, n_embd=256, n_ff=512, n_head=8, n_head_kv=2,
                                n_expert=8, n_expert_used=2, n_ctx_train=32768, tensor_type="F16"),
+    # a 7B-wide layer (few of them, ~140 MiB): the activation terms at real widths
+    "wide-q8": TinyModelSpec(n_layer=3, n_embd=2048, n_ff=5632, n_head=16, n_head_kv=4,
+                             n_ctx_train=32768, tensor_type="Q8_0"),
 }
 
 # llama-server flags per run (memory-relevant ones; the estimate reads the same list)

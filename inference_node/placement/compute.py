@@ -22,7 +22,8 @@ them):
   ``PIPELINE_FIRST_EMBD·n_embd`` per token on the first device (and the host),
   ``PIPELINE_OTHER_EMBD·n_embd`` on the others.
 - without flash attention, ``NO_FA_KV_INPUT_BYTES`` per KV cell and KV value per copy.
-- logits for the output rows (``n_seq × n_vocab`` f32, twice) on the output device.
+- on the output device, the output rows (one per slot): logits twice and
+  ``OUTPUT_EMBD·n_embd`` of activations, f32.
 
 On tiny models of six shapes (``benchmarks/placement_accuracy.py``) this lands within 1% on
 one device and within 12% (5 MiB) per RPC device. CUDA allocates the same graph with the
@@ -57,6 +58,7 @@ FIRST_DEVICE_EMBD: Final = 1.0
 # more input per copy that grows with the cache: measured at 1 byte per cell and KV value.
 NO_FA_KV_INPUT_BYTES: Final = 1
 LOGIT_BUFFERS: Final = 2  # logits and their probabilities
+OUTPUT_EMBD: Final = 5.0  # the output rows' activations through norm and output matrix
 HOST: Final = -1
 
 
@@ -101,7 +103,7 @@ def compute_bytes(model: ModelInfo, s: LaunchSettings, assign: Sequence[int], de
     elif pp and layers:
         total += PIPELINE_OTHER_EMBD * ub * e * F32
     if assign[n_layer] == dev:
-        total += LOGIT_BUFFERS * s.n_seq * model.n_vocab * F32
+        total += s.n_seq * F32 * (LOGIT_BUFFERS * model.n_vocab + OUTPUT_EMBD * e)
     return int(total)
 
 
