@@ -5,6 +5,7 @@ from __future__ import annotations
 import itertools
 from pathlib import Path
 
+import httpx
 import pytest
 import trio
 
@@ -69,6 +70,24 @@ async def test_down_backend_is_woken_and_the_held_request_delivered(tmp_path: Pa
             assert all(b - a >= WOL_INTERVAL_S * 0.9 for a, b in itertools.pairwise(times))
             assert proxy.drivers["box"].state is State.AWAKE
             assert sample(proxy, "edge_wakes_total", node="box", outcome="ready") == 1
+            async with httpx.AsyncClient() as http:
+                text = (await http.get(proxy.control_url + "/metrics")).text
+            route = proxy.cfg.routes[0].listen
+            for line in [
+                'edge_wakes_total{node="box",outcome="ready"} 1.0',
+                'edge_wake_duration_seconds_count{node="box"} 1.0',
+                f'edge_magic_packets_sent_total{{node="box"}} {len(packets.packets)}.0',
+                f'edge_connections_total{{node="box",route="{route}"}} 1.0',
+                f'edge_connections_held{{node="box",route="{route}"}} 0.0',
+                f'edge_connections_timed_out_total{{node="box",route="{route}"}} 0.0',
+                f'edge_connections_refused_total{{node="box",route="{route}"}} 0.0',
+                'edge_node_state{node="box",state="AWAKE"} 1.0',
+                f'edge_bytes_relayed_total{{direction="up",node="box",route="{route}"}} '
+                f'{len(b"hello while asleep")+1}.0',
+                f'edge_bytes_relayed_total{{direction="down",node="box",route="{route}"}} '
+                f'{len(answers[0])}.0',
+            ]:
+                assert line in text.splitlines(), line
             nursery.cancel_scope.cancel()
 
 
