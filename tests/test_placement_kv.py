@@ -144,3 +144,31 @@ def test_row_split_cuts_matrices_across_devices(models: dict[str, Path]) -> None
     assert abs(row.devices[0].weights - row.devices[1].weights) < 0.1 * total
     # KV stays with the layers
     assert [d.kv for d in row.devices] == [d.kv for d in layer.devices]
+
+
+def test_latent_attention_caches_k_only(tmp_path: Path) -> None:
+    import gguf
+    import numpy as np
+
+    from inference_node.placement.gguf_info import read_model as read
+
+    path = tmp_path / "mla.gguf"
+    w = gguf.GGUFWriter(path, "deepseek2")
+    w.add_block_count(2)
+    w.add_embedding_length(256)
+    w.add_context_length(4096)
+    w.add_head_count(8)
+    w.add_head_count_kv(1)
+    w.add_key_length(576)  # the compressed row: kv_lora_rank 512 + 64 rope dims, one head
+    w.add_value_length(512)
+    w.add_uint32("deepseek2.attention.key_length_mla", 192)
+    w.add_uint32("deepseek2.attention.value_length_mla", 128)
+    w.add_tensor("token_embd.weight", np.zeros((10, 256), dtype=np.float32))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    m = read(path)
+    assert m.is_mla and not m.recurrent
+    # 576 values of f16 per cell and layer, no V
+    assert kv_total_bytes(m, LaunchSettings(ctx=4096)) == 2 * 4096 * 576 * 2

@@ -80,7 +80,8 @@ def analysis(model: ModelInfo) -> dict[str, Any]:
         "n_expert_used": model.n_expert_used, "sliding_window": model.sliding_window,
         "swa_layers": [i for i, s in enumerate(model.swa_layers) if s],
         "swa_pattern_known": model.swa_pattern_known,
-        "tied_embeddings": model.tied_embeddings, "total_mib": mib(model.total_bytes),
+        "tied_embeddings": model.tied_embeddings, "is_mla": model.is_mla,
+        "recurrent": model.recurrent, "total_mib": mib(model.total_bytes),
         "input_mib": mib(model.input_bytes), "output_mib": mib(model.output_bytes),
         "layer_mib": [mib(b) for b in sizes],
     }
@@ -110,6 +111,10 @@ def _analyze(args: argparse.Namespace) -> int:
         known = "" if model.swa_pattern_known else " (pattern unknown: all counted as full)"
         print(f"  sliding window  {model.sliding_window} tokens on {swa} of {model.n_layer} "
               f"layers{known}")
+    if model.is_mla:
+        print("  attention       multi-head latent (the KV cache holds one compressed K row)")
+    if model.recurrent:
+        print("  recurrent       yes: per-slot recurrent state is not in the estimate")
     print(f"  embeddings      {'tied (output reuses token_embd)' if model.tied_embeddings else 'separate output matrix'}")
     print(f"  input layer     {facts['input_mib']:.2f} MiB (stays on the host)")
     print(f"  output layer    {facts['output_mib']:.2f} MiB")

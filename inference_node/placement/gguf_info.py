@@ -104,6 +104,11 @@ class ModelInfo:
     swa_layers: tuple[bool, ...]  # per layer
     swa_pattern_known: bool
     tensors: tuple[TensorInfo, ...]
+    # multi-head latent attention (DeepSeek-style): the cache holds one compressed K row
+    # per layer (key_length values, one head) and no V
+    is_mla: bool = False
+    # recurrent layers (Mamba, RWKV, hybrids) keep a per-slot state the estimate omits
+    recurrent: bool = False
 
     @property
     def tied_embeddings(self) -> bool:
@@ -301,6 +306,9 @@ def _model_info(path: Path, parts: tuple[Path, ...], reader: gguf.GGUFReader,
         swa_layers=swa_layers,
         swa_pattern_known=known,
         tensors=tensors,
+        is_mla=meta.get(f"{arch}.attention.key_length_mla") is not None,
+        recurrent=any(meta.get(f"{arch}.{key}") is not None
+                      for key in ("ssm.state_size", "wkv.head_size", "rwkv.head_size")),
     )
 
 

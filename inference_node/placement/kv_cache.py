@@ -41,8 +41,10 @@ def kv_layer_bytes(model: ModelInfo, s: LaunchSettings, il: int) -> tuple[int, i
         kv_heads_v = max(model.n_head_kv)
     else:
         kv_heads_v = kv_heads
-    for flag, type_name, dim in (("--cache-type-k", s.cache_type_k, dk),
-                                 ("--cache-type-v", s.cache_type_v, dv)):
+    checks = [("--cache-type-k", s.cache_type_k, dk)]
+    if not model.is_mla:
+        checks.append(("--cache-type-v", s.cache_type_v, dv))
+    for flag, type_name, dim in checks:
         block = block_size(type_name)
         if dim % block:
             # llama.cpp refuses to create such a context (llama_init_from_model)
@@ -50,6 +52,8 @@ def kv_layer_bytes(model: ModelInfo, s: LaunchSettings, il: int) -> tuple[int, i
                                  f"model's head size {dim}; use f16")
     cells = kv_cells(model, s, il) * s.n_stream
     k = row_size(s.cache_type_k, dk * kv_heads) * cells
+    if model.is_mla:
+        return k, 0  # the latent K row serves as V too
     v = row_size(s.cache_type_v, dv * kv_heads_v) * cells
     return k, v
 
