@@ -22,7 +22,7 @@ import logging
 from dataclasses import dataclass
 from typing import Final
 
-import httpx
+import httpcore
 import trio
 
 from edge_proxy.driver import NodeDriver, WakeFailed
@@ -194,7 +194,7 @@ class HttpRouteApp:
                                                  [(b"accept", b"application/json")], b"",
                                                  driver.cfg.probe_timeout_s) as response:
                 body = await read_capped(response, MAX_CACHED_BODY_BYTES)
-                status, raw = response.status_code, response.headers.raw
+                status, raw = response.status, response.headers
         except (BackendUnavailable, UpstreamError) as exc:
             log.info("route %s: model list of %s not fetched: %s", self.listen, backend.name, exc)
             return None
@@ -301,14 +301,14 @@ class HttpRouteApp:
         try:
             async with backend.upstream.exchange(driver.cfg.host, ex.method, ex.target, headers,
                                                  body, driver.cfg.probe_timeout_s) as response:
-                out = response_headers(_lower(response.headers.raw))
+                out = response_headers(_lower(response.headers))
                 if ex.started:  # SSE comments went out while the node woke
                     await self._continue_sse(ex, response)
                     return
-                await ex.start(response.status_code, out)
-                kept: list[bytes] | None = [] if keep_as and response.status_code == 200 else None
+                await ex.start(response.status, out)
+                kept: list[bytes] | None = [] if keep_as and response.status == 200 else None
                 size = 0
-                async for chunk in response.aiter_raw():
+                async for chunk in response.aiter_stream():
                     await ex.body(chunk)
                     if kept is not None:
                         size += len(chunk)
@@ -316,18 +316,18 @@ class HttpRouteApp:
                         if kept is not None:
                             kept.append(chunk)
                 if kept is not None and keep_as is not None:
-                    self._remember(backend, ex.method, ex.path, keep_as, response.status_code,
-                                   out, b"".join(kept))
+                    self._remember(backend, ex.method, ex.path, keep_as, response.status, out,
+                                   b"".join(kept))
                 await ex.end()
         finally:
             driver.active -= 1
 
-    async def _continue_sse(self, ex: Exchange, response: httpx.Response) -> None:
+    async def _continue_sse(self, ex: Exchange, response: httpcore.Response) -> None:
         """After SSE comments the status is sent: relay an event stream, or turn any other
         answer into one error event."""
-        content_type = response.headers.get("content-type", "")
-        if response.status_code == 200 and content_type.startswith("text/event-stream"):
-            async for chunk in response.aiter_raw():
+        content_type = header(_lower(response.headers), b"content-type") or b""
+        if response.status == 200 and content_type.startswith(b"text/event-stream"):
+            async for chunk in response.aiter_stream():
                 await ex.body(chunk)
             await ex.end()
             return
@@ -339,7 +339,7 @@ class HttpRouteApp:
         if is_error:
             await ex.end(waking.error_event(text))
         else:
-            await ex.fail(502, f"the backend answered {response.status_code}: "
+            await ex.fail(502, f"the backend answered {response.status}: "
                           f"{text[:200].decode('utf-8', 'replace')}", "upstream_error")
 
     def _count(self, backend: NodeBackend, outcome: str) -> None:

@@ -1,9 +1,10 @@
 """One node's backend as seen by an HTTP listener: a small keep-alive pool that empties itself.
 
-Requests go out through httpx's transport directly (not ``AsyncClient``), so nothing is added
-or taken away on the way: no default ``Accept-Encoding``, no cookie jar, no redirects, and the
-response body is read raw (still compressed if the backend compressed it) and chunk by chunk
-as it arrives.
+Requests go out through httpcore (the connection layer of httpx) directly, so nothing is
+added or taken away on the way: no default ``Accept-Encoding``, no cookie jar, no redirects, no
+TLS set-up for plain-HTTP backends, and the response body is read raw (still compressed if
+the backend compressed it) and chunk by chunk as it arrives. Only ``Host`` and
+``Content-Length`` are written here, for the next hop.
 
 Errors reach callers in two kinds: ``BackendUnavailable`` when no connection could be opened
 (nothing was sent, so the request may be held and sent again once the node is awake), and
@@ -18,9 +19,10 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Final
 
-import httpx
+import httpcore
 import trio
 
+from edge_proxy.http_routes.connect import DirectBackend
 from edge_proxy.http_routes.headers import RawHeaders
 from edge_proxy.node import Event
 from edge_proxy.probe import BackendUnavailable
@@ -35,6 +37,8 @@ UPSTREAM_KEEPALIVE_EXPIRY_S: Final = 2.0
 # Idle connections kept per node; more concurrent requests open more, closed after use.
 UPSTREAM_KEEPALIVE_CONNECTIONS: Final = 16
 _UNREACHABLE: Final = {errno.EHOSTUNREACH, errno.ENETUNREACH, errno.ETIMEDOUT, errno.EHOSTDOWN}
+_FAILURES: Final = (httpcore.NetworkError, httpcore.ProtocolError, httpcore.TimeoutException)
+_BODY_METHODS: Final = frozenset({"POST", "PUT", "PATCH"})
 
 
 class UpstreamError(Exception):
@@ -48,61 +52,65 @@ class Upstream:
         self.node = node
         self.port = port
         self.in_flight = 0
-        self._transport: httpx.AsyncHTTPTransport | None = None
+        self._pool_: httpcore.AsyncConnectionPool | None = None
         self._last_done = 0.0
 
     def __repr__(self) -> str:
-        pooled = "pool open" if self._transport is not None else "no pool"
+        pooled = "pool open" if self._pool_ is not None else "no pool"
         return f"<Upstream {self.node}:{self.port} in_flight={self.in_flight} {pooled}>"
 
-    def _pool(self) -> httpx.AsyncHTTPTransport:
-        if self._transport is None:
-            limits = httpx.Limits(max_connections=None,
-                                  max_keepalive_connections=UPSTREAM_KEEPALIVE_CONNECTIONS,
-                                  keepalive_expiry=UPSTREAM_KEEPALIVE_EXPIRY_S)
-            self._transport = httpx.AsyncHTTPTransport(limits=limits)
-        return self._transport
+    def _pool(self) -> httpcore.AsyncConnectionPool:
+        if self._pool_ is None:
+            self._pool_ = httpcore.AsyncConnectionPool(
+                max_connections=None, max_keepalive_connections=UPSTREAM_KEEPALIVE_CONNECTIONS,
+                keepalive_expiry=UPSTREAM_KEEPALIVE_EXPIRY_S, network_backend=DirectBackend())
+        return self._pool_
 
     async def run(self) -> None:
         """Close the pool whenever it has been idle for ``UPSTREAM_KEEPALIVE_EXPIRY_S``
-        (httpx only drops expired connections when the next request comes). Until cancelled."""
+        (httpcore only drops expired connections when the next request comes). Until cancelled."""
         try:
             while True:
                 await trio.sleep(UPSTREAM_KEEPALIVE_EXPIRY_S / 2)
                 idle_s = trio.current_time() - self._last_done
-                if self._transport is not None and not self.in_flight \
+                if self._pool_ is not None and not self.in_flight \
                         and idle_s >= UPSTREAM_KEEPALIVE_EXPIRY_S:
-                    transport, self._transport = self._transport, None
-                    await transport.aclose()
+                    pool, self._pool_ = self._pool_, None
+                    await pool.aclose()
         finally:
-            if self._transport is not None:
+            if self._pool_ is not None:
                 with trio.CancelScope(shield=True):
-                    await self._transport.aclose()
+                    await self._pool_.aclose()
 
     @asynccontextmanager
     async def exchange(self, host: str, method: str, target: bytes, headers: RawHeaders,
-                       body: bytes, connect_timeout_s: float) -> AsyncIterator[httpx.Response]:
-        """Send a request and yield the response once its headers arrived; read the body with
-        ``response.stream``. Raises ``BackendUnavailable`` (nothing sent) or ``UpstreamError``."""
-        url = httpx.URL(scheme="http", host=host, port=self.port, raw_path=target)
+                       body: bytes, connect_timeout_s: float) -> AsyncIterator[httpcore.Response]:
+        """Send a request and yield the response once its headers arrived (``status``,
+        ``headers`` as sent, ``aiter_stream()`` for the body). Raises ``BackendUnavailable``
+        (nothing sent) or ``UpstreamError``."""
+        authority = f"[{host}]" if ":" in host else host
+        sent = [(b"host", f"{authority}:{self.port}".encode()), *headers]
+        if body or method in _BODY_METHODS:
+            sent.append((b"content-length", str(len(body)).encode()))
+        url = httpcore.URL(scheme=b"http", host=host.encode(), port=self.port, target=target)
         timeout = {"connect": connect_timeout_s, "read": None, "write": None, "pool": None}
-        request = httpx.Request(method, url, headers=headers, content=body,
-                                extensions={"timeout": timeout})
+        request = httpcore.Request(method.encode(), url, headers=sent, content=body,
+                                   extensions={"timeout": timeout})
         self.in_flight += 1
         try:
             try:
                 response = await self._pool().handle_async_request(request)
-            except httpx.ConnectTimeout as exc:
-                raise BackendUnavailable(Event.PROBE_TIMEOUT, self._say(f"timed out after "
-                                         f"{connect_timeout_s:g} s")) from exc
-            except httpx.ConnectError as exc:
+            except httpcore.ConnectTimeout as exc:
+                raise BackendUnavailable(Event.PROBE_TIMEOUT, self._say(
+                    f"timed out after {connect_timeout_s:g} s")) from exc
+            except httpcore.ConnectError as exc:
                 event = Event.PROBE_TIMEOUT if _errno(exc) in _UNREACHABLE else Event.PROBE_REFUSED
                 raise BackendUnavailable(event, self._say(str(exc) or type(exc).__name__)) from exc
-            except httpx.TransportError as exc:
+            except _FAILURES as exc:
                 raise UpstreamError(f"{self.node}:{self.port}: {exc!r}") from exc
             try:
                 yield response
-            except httpx.TransportError as exc:
+            except _FAILURES as exc:
                 raise UpstreamError(f"{self.node}:{self.port}: {exc!r}") from exc
             finally:
                 with trio.CancelScope(shield=True):
@@ -124,11 +132,11 @@ def _errno(exc: BaseException) -> int | None:
     return None
 
 
-async def read_capped(response: httpx.Response, limit: int) -> bytes | None:
+async def read_capped(response: httpcore.Response, limit: int) -> bytes | None:
     """The whole body, or None once it passes ``limit`` bytes (the rest is not read)."""
     chunks: list[bytes] = []
     size = 0
-    async for chunk in response.aiter_raw():
+    async for chunk in response.aiter_stream():
         size += len(chunk)
         if size > limit:
             return None

@@ -1,0 +1,225 @@
+"""HTTP route benchmark: streaming chat completions through an edge-proxy HTTP route vs
+directly to llama-server, on the tiny model, side by side in one run.
+
+Run: ``.venv/bin/python benchmarks/http_route_bench.py [--quick]``. Prints one table.
+
+Everything runs on 127.0.0.1: llama-server (the real one, tiny model, one thread), ``edge-proxy
+run`` as its own process with one ``protocol = "http"`` route, and a blocking h11 client in
+this process. Direct and proxied requests alternate, so drift on the shared machine hits both
+alike. Per request: time to first chunk (request written → first ``data:`` event read) and
+chunks per second (events after the first / time from the first to the last). Both paths use
+a new client connection per request (llama-server closes one after a streamed answer), timed
+from connect; "idle proxy" rows first wait out the proxy's upstream keep-alive expiry.
+
+Targets: added time to first chunk <= 2 ms p50; no loss in chunks per second.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+import h11
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+from edge_proxy.http_routes.upstream import UPSTREAM_KEEPALIVE_EXPIRY_S  # noqa: E402
+from shared.llama_bin import find_llama_server  # noqa: E402
+from shared.tiny_gguf import TinyModelSpec, write_tiny_model  # noqa: E402
+
+LOOPBACK = "127.0.0.1"
+START_TIMEOUT_S = 60.0
+POLL_S = 0.05
+TOKENS = 200  # per streamed answer (ignore_eos: always this many)
+RUNS, QUICK_RUNS = 40, 10  # per path, interleaved
+COLD_RUNS, QUICK_COLD_RUNS = 5, 2
+WARMUP = 3
+RECV_BYTES = 1 << 16
+LLAMA_ARGS = ("-c", "2048", "-np", "1", "-t", "1", "--alias", "tiny")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind((LOOPBACK, 0))
+        port: int = s.getsockname()[1]
+        return port
+
+
+@dataclass
+class Sample:
+    ttfc_s: float
+    chunks_per_s: float
+
+
+def stream(port: int, body: bytes) -> Sample:
+    """One streamed request on a new connection (llama-server closes a connection after a
+    streamed answer, so a client cannot keep one open to it; the proxy path does the same)."""
+    start = time.perf_counter()
+    with socket.create_connection((LOOPBACK, port)) as sock:
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        conn = h11.Connection(h11.CLIENT)
+        headers = [(b"host", b"bench"), (b"content-type", b"application/json"),
+                   (b"content-length", str(len(body)).encode())]
+        data = conn.send(h11.Request(method="POST", target="/v1/chat/completions",
+                                     headers=headers))
+        sock.sendall(data + conn.send(h11.Data(data=body)) + conn.send(h11.EndOfMessage()))
+        first = last = 0.0
+        events = 0
+        while True:
+            event = conn.next_event()
+            if event is h11.NEED_DATA:
+                conn.receive_data(sock.recv(RECV_BYTES))
+            elif isinstance(event, h11.Response):
+                assert event.status_code == 200, event
+            elif isinstance(event, h11.Data):
+                n = bytes(event.data).count(b"data: ")
+                if n:
+                    last = time.perf_counter()
+                    if not events:
+                        first = last
+                    events += n
+            elif isinstance(event, h11.EndOfMessage):
+                break
+    assert events > TOKENS // 2, events
+    return Sample(first - start, (events - 1) / (last - first))
+
+
+@contextmanager
+def process(command: list[str], log: Path) -> Iterator[subprocess.Popen[bytes]]:
+    with log.open("wb") as out:
+        proc = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT)
+    try:
+        yield proc
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+def wait_http(port: int, path: str, proc: subprocess.Popen[bytes], log: Path,
+              fresh: bool = False) -> None:
+    """Until GET path answers 200 (``fresh``: and not from the proxy's cache)."""
+    deadline = time.monotonic() + START_TIMEOUT_S
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            sys.exit(f"{proc.args[0]} exited:\n{log.read_text()[-3000:]}")
+        try:
+            with socket.create_connection((LOOPBACK, port), timeout=1) as s:
+                s.sendall(f"GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n".encode())
+                answer = b""
+                while chunk := s.recv(RECV_BYTES):
+                    answer += chunk
+            head = answer.split(b"\r\n\r\n", 1)[0].lower()
+            if head.startswith(b"http/1.1 200") and not (fresh and b"x-llamanap-cached" in head):
+                return
+        except OSError:
+            pass
+        time.sleep(POLL_S)
+    sys.exit(f"port {port} not ready after {START_TIMEOUT_S} s:\n{log.read_text()[-3000:]}")
+
+
+def write_config(folder: Path, proxy_port: int, backend_port: int) -> Path:
+    path = folder / "edge.toml"
+    path.write_text(f"""
+log_level = "warning"
+[control]
+listen = "127.0.0.1:{free_port()}"
+[nodes.box]
+host = "127.0.0.1"
+mac = "aa:bb:cc:dd:ee:01"
+wol = {{ broadcast = "127.0.0.1", port = {free_port()} }}
+probe_interval_s = 0.2
+[[routes]]
+listen = "127.0.0.1:{proxy_port}"
+node = "box"
+backend_port = {backend_port}
+ready = "http:/health"
+protocol = "http"
+""")
+    return path
+
+
+def pct(values: list[float], q: float) -> float:
+    return statistics.quantiles(values, n=100, method="inclusive")[int(q) - 1]
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true", help="fewer runs")
+    args = parser.parse_args()
+    runs = QUICK_RUNS if args.quick else RUNS
+    cold_runs = QUICK_COLD_RUNS if args.quick else COLD_RUNS
+    body = json.dumps({"model": "tiny", "messages": [{"role": "user", "content": "hi"}],
+                       "max_tokens": TOKENS, "ignore_eos": True, "stream": True}).encode()
+    with tempfile.TemporaryDirectory(prefix="http-route-bench-") as tmp:
+        folder = Path(tmp)
+        model = write_tiny_model(folder / "tiny.gguf", TinyModelSpec())
+        backend_port, proxy_port = free_port(), free_port()
+        llama_cmd = [str(find_llama_server()), "-m", str(model), "--host", LOOPBACK,
+                     "--port", str(backend_port), *LLAMA_ARGS]
+        proxy_cmd = [sys.executable, "-m", "edge_proxy", "run", "-c",
+                     str(write_config(folder, proxy_port, backend_port))]
+        with process(llama_cmd, folder / "llama.log") as llama:
+            wait_http(backend_port, "/health", llama, folder / "llama.log")
+            with process(proxy_cmd, folder / "proxy.log") as proxy:
+                wait_http(proxy_port, "/health", proxy, folder / "proxy.log", fresh=True)
+                paths = {"direct": backend_port, "proxy": proxy_port}
+                for _ in range(WARMUP):
+                    for port in paths.values():
+                        stream(port, body)
+                results: dict[str, list[Sample]] = {"direct": [], "proxy": []}
+                for i in range(runs):
+                    for name in sorted(paths, reverse=bool(i % 2)):
+                        results[name].append(stream(paths[name], body))
+                cold: list[Sample] = []
+                for _ in range(cold_runs):
+                    time.sleep(UPSTREAM_KEEPALIVE_EXPIRY_S * 1.5)  # the proxy's pool empties
+                    cold.append(stream(proxy_port, body))
+                results["proxy, after idle"] = cold
+    report(results, runs)
+    return 0
+
+
+def report(results: dict[str, list[Sample]], runs: int) -> None:
+    print(f"\nstreamed chat completions, {TOKENS} chunks each, tiny model, "
+          f"{runs} interleaved runs per path (llama-server -t 1, 2-core machine)\n")
+    header = (f"{'path':34} {'runs':>4}  {'TTFC p50':>9} {'TTFC p90':>9}  "
+              f"{'chunks/s p50':>12} {'chunks/s min':>12}")
+    print(header)
+    print("-" * len(header))
+    for name, samples in results.items():
+        ttfc = [s.ttfc_s * 1000 for s in samples]
+        rate = [s.chunks_per_s for s in samples]
+        p90 = f"{pct(ttfc, 90):7.2f}ms" if len(ttfc) >= 4 else f"{'-':>9}"
+        print(f"{name:34} {len(samples):4d}  {statistics.median(ttfc):7.2f}ms {p90}  "
+              f"{statistics.median(rate):12.0f} {min(rate):12.0f}")
+    d = [s.ttfc_s * 1000 for s in results["direct"]]
+    p = [s.ttfc_s * 1000 for s in results["proxy"]]
+    paired = [b - a for a, b in zip(d, p, strict=True)]
+    rate_d = statistics.median(s.chunks_per_s for s in results["direct"])
+    rate_p = statistics.median(s.chunks_per_s for s in results["proxy"])
+    print(f"\nadded time to first chunk, p50 (proxy - direct): "
+          f"{statistics.median(p) - statistics.median(d):.2f} ms "
+          f"(median of paired differences {statistics.median(paired):.2f} ms; target <= 2 ms)")
+    print(f"chunks per second through the proxy: {rate_p / rate_d * 100:.1f}% of direct "
+          f"(target: no loss)")
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("PYTHONUNBUFFERED", "1")
+    raise SystemExit(main())
