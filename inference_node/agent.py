@@ -137,6 +137,7 @@ def _components(agent: Agent) -> list[Component]:
     agent.gpu_activity = gpu_activity
     agent.route_registrars.append(gpu_activity.routes)
     agent.registry.register(gpu_activity.collector())
+    agent.reload_listeners.append(gpu_activity.on_reload)
     return [gpu_activity]
 
 

@@ -224,3 +224,24 @@ async def test_cpu_only_mode_runs_quietly(autojump_clock: trio.testing.MockClock
         status = controller.status()
         assert status["gpus"] == [] and "libnvidia-ml" in status["inventory_problem"]
         nursery.cancel_scope.cancel()
+
+
+async def test_reload_can_disable_and_enable_switching(
+        autojump_clock: trio.testing.MockClock) -> None:
+    rig = three_gpu_rig()
+    tracker = BusyTracker()
+    controller = PstateController(FakeNvml(rig), nvapi_over(rig), tracker, low=LOW,
+                                  low_delay_s=DELAY_S, enabled=False)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(controller.run)
+        await trio.sleep(DELAY_S * 2)
+        assert rig.switches == []  # disabled from the start: the backend is not even opened
+        controller.configure(low=LOW, high=HIGH, low_delay_s=DELAY_S, enabled=True)
+        await until(lambda: all(g.pstate == LOW for g in rig.gpus))
+        controller.configure(low=LOW, high=HIGH, low_delay_s=DELAY_S, enabled=False)
+        controls = [controller.control(g.uuid) for g in rig.gpus]
+        await until(lambda: all(c.applied == HIGH for c in controls))  # released
+        assert all(g.pstate == 0 for g in rig.gpus)
+        controller.configure(low=12, high=HIGH, low_delay_s=DELAY_S, enabled=True)
+        await until(lambda: all(g.pstate == 12 for g in rig.gpus))  # the new low state
+        nursery.cancel_scope.cancel()

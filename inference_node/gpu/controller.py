@@ -104,6 +104,7 @@ class PstateController:
         self._pulses: set[str] = set()  # instances that went busy since the last decision
         self._wakeup = trio.Event()
         self._accounted_at: float | None = None
+        self._backend_opened = False
         tracker.add_listener(self.on_busy)
 
     # -- inputs -------------------------------------------------------------------------------
@@ -121,6 +122,19 @@ class PstateController:
 
     def forget_instance(self, instance: str) -> None:
         self._instance_gpus.pop(instance, None)
+        self._wakeup.set()
+
+    def configure(self, *, low: int, high: int, low_delay_s: float, enabled: bool) -> None:
+        """New settings (a config reload), used from the next decision on.
+
+        Disabling releases every forced state; enabling opens the backend if it never was.
+        """
+        if (low, high, low_delay_s, enabled) != (self.policy.low, self.policy.high,
+                                                 self.policy.low_delay_s, self.enabled):
+            log.info("P-state settings: low P%d, high %d, low after %g s, %s", low, high,
+                     low_delay_s, "enabled" if enabled else "disabled")
+        self.policy.low, self.policy.high, self.policy.low_delay_s = low, high, low_delay_s
+        self.enabled = enabled
         self._wakeup.set()
 
     # -- outputs ------------------------------------------------------------------------------
@@ -178,7 +192,13 @@ class PstateController:
     async def _start(self) -> None:
         gpus = await trio.to_thread.run_sync(self.inventory.snapshot)
         self._gpus = {g.uuid: GpuControl(g) for g in gpus}
-        if not gpus or not self.enabled:
+        if self.enabled:
+            await self._open_backend()
+
+    async def _open_backend(self) -> None:
+        self._backend_opened = True
+        gpus = [c.gpu for c in self._gpus.values()]
+        if not gpus:
             return
         try:
             problems = await trio.to_thread.run_sync(self.backend.open, gpus)
@@ -210,8 +230,12 @@ class PstateController:
                 control.wanted = decision.wanted[uuid]
                 control.activity = decision.activity[uuid]
             if self.enabled:
+                if not self._backend_opened:
+                    await self._open_backend()
                 await self._apply(now)
                 await self._verify(trio.current_time())
+            else:
+                await self._release_all()
             wake_at = min([decision.wake_at, *self._pending_times()])
             with trio.move_on_at(wake_at):
                 await self._wakeup.wait()

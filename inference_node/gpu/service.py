@@ -24,7 +24,7 @@ from inference_node.gpu.inventory import GpuInventory, open_inventory
 from inference_node.gpu.metrics import GpuActivityCollector
 from inference_node.gpu.nvapi import NvapiBackend
 from inference_node.supervisor import State, Supervisor
-from shared.config.node import PstateSection
+from shared.config.node import NodeAgentConfig, PstateSection
 from shared.http import App, Request, Response
 
 if TYPE_CHECKING:
@@ -88,6 +88,12 @@ class GpuActivityService:
         elif new in _ENDED:
             self.tracker.reset(name, now)
             self.controller.forget_instance(name)
+
+    def on_reload(self, config: NodeAgentConfig) -> None:
+        """Reload listener: take the new ``[pstate]`` settings."""
+        p = config.pstate
+        self.controller.configure(low=p.low, high=p.high, low_delay_s=p.low_delay_s,
+                                  enabled=p.enabled)
 
     def endpoints(self) -> dict[str, str]:
         """Base URLs of the READY instances (for /slots and /metrics)."""
