@@ -234,25 +234,25 @@ def round_trips(port: int, concurrency: int, count: int) -> list[float]:
     pending = {s: len(MSG) for s in left}
     while left:
         for key, _ in sel.select():
-            s = key.fileobj
-            assert isinstance(s, socket.socket)
-            data = s.recv(65536)
+            conn = key.fileobj
+            assert isinstance(conn, socket.socket)
+            data = conn.recv(65536)
             if not data:
                 raise RuntimeError("connection closed mid-benchmark")
-            pending[s] -= len(data)
-            if pending[s] > 0:
+            pending[conn] -= len(data)
+            if pending[conn] > 0:
                 continue
             now = time.perf_counter()
-            samples.append(now - started[s])
-            left[s] -= 1
-            if left[s] == 0:
-                del left[s]
-                sel.unregister(s)
-                s.close()
+            samples.append(now - started[conn])
+            left[conn] -= 1
+            if left[conn] == 0:
+                del left[conn]
+                sel.unregister(conn)
+                conn.close()
                 continue
-            pending[s] = len(MSG)
-            started[s] = time.perf_counter()
-            s.sendall(MSG)
+            pending[conn] = len(MSG)
+            started[conn] = time.perf_counter()
+            conn.sendall(MSG)
     return samples
 
 

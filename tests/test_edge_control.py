@@ -76,7 +76,7 @@ async def test_bad_events_are_rejected_without_effect(tmp_path: Path) -> None:
         machine = proxy.drivers["box"].machine
         before = (machine.state, machine.generation)
         good = {"event": "suspending", "node": "box"}
-        cases = [
+        cases: list[tuple[bytes | dict[str, Any] | list[int], dict[str, str] | None, int]] = [
             (good, {"Authorization": "Bearer wrong"}, 401),
             (good, {}, 401),
             ({"event": "suspending", "node": "nosuchbox"}, None, 404),

@@ -9,7 +9,7 @@ from shared.events import EventError, EventReply, NodeEvent, decode_event, decod
 
 def test_events_and_replies_round_trip() -> None:
     for kind in ("suspending", "resumed", "ready"):
-        event = NodeEvent(kind, "gpubox", "idle for 900 s")  # type: ignore[arg-type]
+        event = NodeEvent(kind, "gpubox", "idle for 900 s")
         assert decode_event(event.encode()) == event
     reply = EventReply("gpubox", False, "AWAKE", in_flight=3, held=0, reason="3 connection(s) open")
     assert decode_reply(reply.encode()) == reply

@@ -47,7 +47,7 @@ async def test_held_request_reaches_llama_server_started_later(
             nursery.start_soon(client)
             await packets.wait_for(1)
             assert proxy.drivers["box"].held == 1
-            command = [llama_server_bin, "-m", tiny_model, "--host", "127.0.0.1",
+            command: list[str | Path] = [llama_server_bin, "-m", tiny_model, "--host", "127.0.0.1",
                        "--port", str(backend_port), "-c", "256", "-np", "1", "-t", "1"]
             async with child_process(command):
                 while not proxied:

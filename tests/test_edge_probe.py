@@ -40,7 +40,8 @@ def silent_host() -> Iterator[tuple[int, socket.socket]]:
 
 
 async def http_backend(statuses: list[int], port: int, *,
-                       task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+                       task_status: trio.TaskStatus[list[trio.SocketListener]]
+                       = trio.TASK_STATUS_IGNORED) -> None:
     """Answers GET /health with the next status of ``statuses`` (the last one repeats)."""
 
     async def handle(stream: trio.SocketStream) -> None:

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import hashlib
 import socket
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -30,7 +30,7 @@ NODE_DEFAULTS: dict[str, object] = {
 
 
 def write_config(tmp_path: Path, backend_port: int, wol_port: int, *,
-                 node: dict[str, object] | None = None, extra: str = "", routes: int = 1,
+                 node: Mapping[str, object] | None = None, extra: str = "", routes: int = 1,
                  ready: str = "tcp", name: str = "edge.toml") -> Path:
     """A real edge-proxy TOML file: one node on loopback, ``routes`` routes to ``backend_port``.
 
@@ -64,7 +64,7 @@ ready = "{ready}"
 
 
 def load_config(tmp_path: Path, backend_port: int, wol_port: int, *,
-                node: dict[str, object] | None = None, extra: str = "", routes: int = 1,
+                node: Mapping[str, object] | None = None, extra: str = "", routes: int = 1,
                 ready: str = "tcp") -> EdgeConfig:
     return load_edge_config(write_config(tmp_path, backend_port, wol_port, node=node,
                                          extra=extra, routes=routes, ready=ready))
