@@ -18,6 +18,8 @@ them):
   embeddings, needs ``HOST_EMBD·n_embd`` (and ``HOST_ATTN_KV·n_embd_kv`` in attention) more.
   The last layer computes its feed-forward for the output rows only, so a device holding
   just that layer needs attention memory only.
+- a host that holds no layer still prepares the inputs: the masks and
+  ``HOST_INPUT_EMBD·n_embd`` per token; the first device receives ``FIRST_DEVICE_EMBD·n_embd``.
 - pipeline parallelism also keeps copies of the activations passed between devices:
   ``PIPELINE_FIRST_EMBD·n_embd`` per token on the first device (and the host),
   ``PIPELINE_OTHER_EMBD·n_embd`` on the others.
@@ -25,10 +27,12 @@ them):
 - on the output device, the output rows (one per slot): logits twice and
   ``OUTPUT_EMBD·n_embd`` of activations, f32.
 
-On tiny models of six shapes (``benchmarks/placement_accuracy.py``) this lands within 1% on
-one device and within 12% (5 MiB) per RPC device. CUDA allocates the same graph with the
-same allocator, so the model carries over; its few CUDA-only scratch buffers (cuBLAS
-workspace, the flash-attention pool) are outside these buffers and inside the safety margin.
+Over seven model shapes (``benchmarks/placement_accuracy.py``) this lands within 1% on one
+device (CPU, or one RPC device) and within 12% (5 MiB) per device across two RPC devices;
+the largest misses are gemma2 without flash attention (soft-capped scores, scaled inputs).
+CUDA allocates the same graph with the same allocator, so the model carries over; its
+CUDA-only scratch (cuBLAS workspace, the flash-attention pool) lies outside these buffers
+and inside the safety margin.
 """
 
 from __future__ import annotations
