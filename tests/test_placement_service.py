@@ -84,3 +84,21 @@ async def test_refused_instance_fails_with_the_reason(nursery: trio.Nursery, tmp
         shown = (await client.get("/v1/placement")).json()
     reason = shown["instances"]["a"]["refused"]
     assert reason.startswith("instance a: needs ") and "MiB short" in reason
+
+
+async def test_reload_updates_the_margin(nursery: trio.Nursery, tmp_path: Path,
+                                         llama_server_bin: Path) -> None:
+    model = write_tiny_model(tmp_path / "m.gguf", TinyModelSpec())
+    cfg = write_config(tmp_path, model, llama_server_bin)
+    made: list[PlacementService] = []
+
+    def components(agent: Agent) -> list[Component]:
+        made.append(PlacementService(agent, NoGpus("no driver")))
+        return list(made)
+
+    agent: Agent = await nursery.start(functools.partial(run_agent, cfg, handle_signals=False,
+                                                         make_components=components))
+    assert made[0].placer.margin_mib == 0
+    cfg.write_text(cfg.read_text().replace("safety_margin_mib = 0", "safety_margin_mib = 768"))
+    await agent.reload("test")
+    assert made[0].placer.margin_mib == 768

@@ -83,14 +83,14 @@ class AutoPlacer:
     def __init__(self, inventory: GpuInventory, margin_mib: float,
                  clock: Callable[[], float] = time.monotonic) -> None:
         self._inventory = inventory
-        self._margin_mib = margin_mib
+        self.margin_mib = margin_mib
         self._clock = clock
         self._reserved: dict[str, _Reservation] = {}
         # what was decided for each instance, for the status API (JSON-ready)
         self.decisions: dict[str, dict[str, object]] = {}
 
     def __repr__(self) -> str:
-        return f"<AutoPlacer reserved={sorted(self._reserved)} margin={self._margin_mib} MiB>"
+        return f"<AutoPlacer reserved={sorted(self._reserved)} margin={self.margin_mib} MiB>"
 
     async def __call__(self, name: str, config: InstanceConfig) -> LaunchOverrides | None:
         if config.gpus != "auto":
@@ -109,7 +109,7 @@ class AutoPlacer:
             self.decisions[req.name] = {"gpus": [], "args": ["-ngl", "0", "-c", str(s.ctx)],
                                         "host_mib": round(est.host.total / 2**20, 2)}
             return LaunchOverrides(args=("-ngl", "0", "-c", str(s.ctx)), gpus=())
-        usable = {g.uuid: g.free_mib - self._margin_mib for g in gpus}
+        usable = {g.uuid: g.free_mib - self.margin_mib for g in gpus}
         for name, r in list(self._reserved.items()):
             if now - r.at > RESERVATION_S:
                 del self._reserved[name]

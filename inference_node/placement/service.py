@@ -2,7 +2,7 @@
 
 ``PlacementService(agent)`` installs an ``AutoPlacer`` as the supervisor's launch planner
 and adds ``GET /v1/placement`` (what was decided per instance: GPUs, layers, MiB per
-GPU, flags; or the refusal). It has no loop of its own: decisions happen when the
+GPU, flags; or the refusal). A config reload updates the safety margin for the next start. It has no loop of its own: decisions happen when the
 supervisor starts an instance.
 """
 
@@ -17,6 +17,7 @@ from inference_node.placement.autoplace import AutoPlacer
 
 if TYPE_CHECKING:
     from inference_node.agent import Agent
+    from shared.config.node import NodeAgentConfig
     from shared.http import App, Request, Response
 
 
@@ -28,6 +29,11 @@ class PlacementService:
                                  agent.config.placement.safety_margin_mib)
         agent.supervisor.launch_planner = self.placer
         agent.route_registrars.append(self.routes)
+        agent.reload_listeners.append(self._reloaded)
+
+    def _reloaded(self, config: NodeAgentConfig) -> None:
+        # the next start uses the new margin; running instances keep their place
+        self.placer.margin_mib = config.placement.safety_margin_mib
 
     def __repr__(self) -> str:
         return f"<PlacementService {self.placer!r}>"
