@@ -108,6 +108,25 @@ def test_structured_json_of_log_format_json(slot_key: str, task_key: str) -> Non
     assert parse_line(line("slot is processing task", **{slot_key: 3})) is None
 
 
+def test_key_value_text_of_the_structured_era() -> None:
+    """``INFO [function] message | key=value``: 2024 builds' text format, still in forks."""
+    start = ('INFO [   launch_slot_with_task] slot is processing task | tid="1404" '
+             "timestamp=1718000000 id_slot=1 id_task=57")
+    end = ('INFO [            update_slots] slot released | tid="1404" timestamp=1718000003 '
+           "id_slot=1 id_task=57 n_ctx=4096 n_past=90 n_system_tokens=0 truncated=false")
+    assert parse_line(start) == TaskStarted(1, 57)
+    assert parse_line(end) == TaskFinished(1, 57)
+    assert parse_line('INFO [            update_slots] all slots are idle | tid="1404" '
+                      "timestamp=1718000003") == AllIdle()
+    assert parse_line('INFO [                    main] model loaded | tid="1404"') == ModelLoaded()
+    assert parse_line('INFO [   launch_slot_with_task] slot is processing task | tid="1404" '
+                      "id_slot=1") is None
+    assert parse_line('INFO [            update_slots] kv cache rm [p0, end) | tid="1" '
+                      "id_slot=0 id_task=0 p0=0") is None
+    assert parse_line('VERB [      get_available_slot] selected slot by lcp similarity | '
+                      "id_slot=0 id_task=3") is None
+
+
 GARBAGE = [
     "", " ", "\x00\x01\x02", "{", "}", "{\"msg\": ", "[1,2,3]", "null", "{\"msg\": 5}",
     "{\"type\": \"log\", \"msg\": null}", "processing task", "stop processing",
@@ -120,6 +139,9 @@ GARBAGE = [
     "user text: model loaded",
     "load_tensors: CUDA0 model buffer size = lots MiB",
     "\ufffd\ufffd processing task \ufffd",
+    "INFO [",
+    "INFO [ x] slot is processing task | id_slot=x id_task=",
+    "INFO [ x] slot is processing task | id_slot=-1 id_task=2",
     "slot launch_slot_: id  1 | task 0 | processing task" + "x" * MAX_LINE_CHARS,
 ]
 

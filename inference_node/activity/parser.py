@@ -15,7 +15,9 @@ It understands three formats:
 - ``--log-jsonl`` of current builds: ``{"type":"log", "msg": "<one plain text line>"}``;
 - the structured JSON of ``--log-format json`` (removed in b3761, still in older deployments):
   ``{"msg":"slot is processing task","id_slot":0,"id_task":0,...}`` (``slot_id``/``task_id``
-  in even older builds), ``"slot released"``, ``"all slots are idle"``, ``"model loaded"``.
+  in even older builds), ``"slot released"``, ``"all slots are idle"``, ``"model loaded"``;
+  and the same messages in that era's text format, which forks such as ik_llama.cpp still
+  print: ``INFO [   launch_slot_with_task] slot is processing task | tid="1" id_slot=0 id_task=0``.
 
 Patterns are anchored at the start of the message, so text that merely contains the words
 (a prompt echoed at high verbosity, a partial line) never becomes a task.
@@ -95,6 +97,10 @@ _KIND_WORDS: Final[dict[str, BufferKind]] = {
     "model": "model", "KV": "kv", "compute": "compute", "output": "output",
 }
 
+# "INFO [            update_slots] slot released | tid="1" id_slot=0 id_task=0 ..."
+_KV_TEXT = re.compile(r"^(?:INFO|VERB|WARN|ERR)\s+\[\s*\w+\]\s+([^|]*?)\s*(?:\|(.*))?$")
+_KV_PAIR = re.compile(r"(\w+)=(\"[^\"]*\"|\S+)")
+
 # Structured JSON of --log-format json: message -> event kind.
 _JSON_TASK_START: Final = "slot is processing task"
 _JSON_TASK_END: Final = "slot released"
@@ -115,6 +121,8 @@ def parse_line(line: str) -> Event | None:
 def _parse_text(text: str) -> Event | None:
     if "\x1b" in text:
         text = _ANSI.sub("", text)
+    if text.startswith(("INFO [", "VERB [", "WARN [", "ERR [")):
+        return _parse_kv_text(text)
     # Cheap substring tests first: nearly every line is none of these.
     if "processing task" in text:
         m = _TASK_START.match(text)
@@ -152,6 +160,16 @@ def _parse_buffer(text: str) -> BufferSize | None:
     return BufferSize(kind, device, float(size))
 
 
+def _parse_kv_text(text: str) -> Event | None:
+    m = _KV_TEXT.match(text)
+    if not m:
+        return None
+    fields: dict[str, Any] = {}
+    for key, value in _KV_PAIR.findall(m[2] or ""):
+        fields[key] = int(value) if value.isdigit() else value
+    return _structured(m[1], fields)
+
+
 def _parse_json(text: str) -> Event | None:
     try:
         obj = json.loads(text)
@@ -164,6 +182,11 @@ def _parse_json(text: str) -> Event | None:
         return None
     if obj.get("type") == "log":  # --log-jsonl wraps one plain text line
         return _parse_text(msg.strip()) if len(msg) <= MAX_LINE_CHARS else None
+    return _structured(msg, obj)
+
+
+def _structured(msg: str, obj: dict[str, Any]) -> Event | None:
+    """The event of a message of the structured era (JSON or ``key=value`` text)."""
     if msg == _JSON_TASK_START:
         ids = _json_ids(obj)
         return TaskStarted(*ids) if ids else None
