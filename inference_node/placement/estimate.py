@@ -147,21 +147,23 @@ def estimate(model: ModelInfo, s: LaunchSettings, devices: Sequence[DeviceSpec])
                 continue
             target(dev).weights += alloc_size(k, t.type_name, t.shape, t.n_bytes)
 
+    kv = _kv_per_layer(model, s)
     add_weights(HOST, model.input_tensors)
     for il in range(model.n_layer + 1):
         dev = assign[il]
         target(dev).layers.append(il)
-        if il < model.n_layer:
-            add_weights(dev, model.layer_tensors(il))
-        elif dev == HOST and model.tied_embeddings:
+        if il == model.n_layer and dev == HOST and model.tied_embeddings:
             # on the host the "copy" of token_embd is the same mapped file data
             add_weights(dev, [t for t in model.output_tensors if t.name != "token_embd.weight"])
+        elif row_split:
+            add_weights(dev, model.layer_tensors(il) if il < model.n_layer
+                        else model.output_tensors)
         else:
-            add_weights(dev, model.output_tensors)
+            target(dev).weights += _layer_weights(model, kind(dev))[il]
         if il < model.n_layer:
             kv_dev = dev if s.kv_offload else HOST
-            for part in kv_layer_bytes(model, s, il):
-                target(kv_dev).kv += pad(part, ALIGNMENT[kind(kv_dev)])
+            align = ALIGNMENT[kind(kv_dev)]
+            target(kv_dev).kv += sum(pad(part, align) for part in kv[il])
 
     if s.mmap:
         host.weights = _mapped_span(model, assign)
@@ -194,3 +196,30 @@ def _shares(split: Sequence[float], n: int) -> list[float]:
         weights = [1.0] * n
     total = sum(weights)
     return [w / total for w in weights]
+
+
+def _layer_weights(model: ModelInfo, kind: str) -> tuple[int, ...]:
+    """Allocated bytes of layers 0..n_layer (the last is the output layer) on a backend kind;
+    computed once per model and kind (the planner asks for thousands of estimates)."""
+    key = ("layer_weights", kind)
+    cached = model.cache.get(key)
+    if cached is None:
+        groups = [model.layer_tensors(il) for il in range(model.n_layer)]
+        groups.append(model.output_tensors)
+        cached = tuple(sum(alloc_size(kind, t.type_name, t.shape, t.n_bytes) for t in g)
+                       for g in groups)
+        model.cache[key] = cached
+    result: tuple[int, ...] = cached  # type: ignore[assignment]
+    return result
+
+
+def _kv_per_layer(model: ModelInfo, s: LaunchSettings) -> tuple[tuple[int, int], ...]:
+    """(K, V) bytes per layer for the cache-shaping settings; computed once per combination."""
+    key = ("kv", s.cache_type_k, s.cache_type_v, s.flash, s.ctx, s.n_seq, s.unified,
+           s.n_batch, s.n_ubatch, s.swa_full)
+    cached = model.cache.get(key)
+    if cached is None:
+        cached = tuple(kv_layer_bytes(model, s, il) for il in range(model.n_layer))
+        model.cache[key] = cached
+    result: tuple[tuple[int, int], ...] = cached  # type: ignore[assignment]
+    return result

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
 from typing import Any, Final
@@ -109,8 +109,10 @@ class ModelInfo:
     is_mla: bool = False
     # recurrent layers (Mamba, RWKV, hybrids) keep a per-slot state the estimate omits
     recurrent: bool = False
+    # derived numbers the estimate computes once per model (not part of its identity)
+    cache: dict[object, object] = field(default_factory=dict, compare=False, repr=False)
 
-    @property
+    @cached_property
     def tied_embeddings(self) -> bool:
         """No ``output.weight``: llama.cpp reuses ``token_embd`` as the output matrix."""
         return not any(t.name == "output.weight" for t in self.tensors)
@@ -119,11 +121,11 @@ class ModelInfo:
     def total_bytes(self) -> int:
         return sum(t.n_bytes for t in self.tensors)
 
-    @property
+    @cached_property
     def input_tensors(self) -> tuple[TensorInfo, ...]:
         return tuple(t for t in self.tensors if t.is_input)
 
-    @property
+    @cached_property
     def output_tensors(self) -> tuple[TensorInfo, ...]:
         """What llama.cpp loads on the output layer's device (``token_embd`` again when tied)."""
         own = tuple(t for t in self.tensors if t.layer is None and not t.is_input)

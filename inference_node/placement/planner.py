@@ -39,6 +39,8 @@ from inference_node.placement.settings import CTX_PAD, LaunchSettings
 EMPTY_USED_MIB: Final = 256
 # Smallest context a refusal suggests; below this a chat model is of little use.
 MIN_SUGGESTED_CTX: Final = 1024
+# GPU sets tried per size: the best by the packing order; more only costs time.
+MAX_SETS_PER_SIZE: Final = 12
 # Without -c, the context shrinks to fit but not below this (llama.cpp's --fit-ctx default).
 FIT_MIN_CTX: Final = 4096
 
@@ -173,12 +175,15 @@ def _fits(est: Estimate, chosen: Sequence[GpuFree], usable: dict[str, float]) ->
 
 
 def _candidates(gpus: Sequence[GpuFree], usable: dict[str, float], in_use: set[str],
-                k: int) -> list[tuple[GpuFree, ...]]:
-    """GPU sets of size k, those using fewest empty GPUs first, then most usable memory."""
+                k: int, floor_mib: float = 0.0) -> list[tuple[GpuFree, ...]]:
+    """GPU sets of size k that hold at least ``floor_mib`` together, those using fewest
+    empty GPUs first, then most usable memory; at most MAX_SETS_PER_SIZE of them."""
     live = [g for g in gpus if usable[g.uuid] > 0]
-    combos = list(itertools.combinations(sorted(live, key=lambda g: g.index), k))
-    return sorted(combos, key=lambda c: (sum(g.uuid not in in_use for g in c),
-                                         -sum(usable[g.uuid] for g in c)))
+    combos = [c for c in itertools.combinations(sorted(live, key=lambda g: g.index), k)
+              if sum(usable[g.uuid] for g in c) >= floor_mib]
+    combos.sort(key=lambda c: (sum(g.uuid not in in_use for g in c),
+                               -sum(usable[g.uuid] for g in c)))
+    return combos[:MAX_SETS_PER_SIZE]
 
 
 def _fit_full(model: ModelInfo, s: LaunchSettings, gpus: Sequence[GpuFree],
@@ -192,8 +197,11 @@ def _fit_full(model: ModelInfo, s: LaunchSettings, gpus: Sequence[GpuFree],
     if singles:
         _, g, est = min(singles, key=lambda t: t[0])
         return [g], _Fit(s, est)
+    # weights and KV must fit somewhere: GPU sets with less memory than that cannot hold it
+    floor = estimate(model, s, [DeviceSpec("floor")]).devices[0]
+    floor_mib = (floor.weights + floor.kv) / MIB
     for k in range(2, len(gpus) + 1):
-        for combo in _candidates(gpus, usable, in_use, k):
+        for combo in _candidates(gpus, usable, in_use, k, floor_mib):
             fit = _split(model, s, list(combo), usable, model.n_layer + 1)
             if fit is not None:
                 return list(combo), fit
@@ -206,12 +214,17 @@ def _fit_partial(model: ModelInfo, s: LaunchSettings, gpus: Sequence[GpuFree],
     best: tuple[int, int, list[GpuFree], _Fit] | None = None
     for k in range(1, len(gpus) + 1):
         for combo in _candidates(gpus, usable, in_use, k)[:1]:
-            for ngl in range(model.n_layer, 0, -1):
-                fit = _split(model, s, list(combo), usable, ngl)
+            # fewer offloaded layers never need more: binary search the most that fit
+            lo, hi, found = 1, model.n_layer, None
+            while lo <= hi:
+                mid = (lo + hi) // 2
+                fit = _split(model, s, list(combo), usable, mid)
                 if fit is not None:
-                    if best is None or ngl > best[0]:
-                        best = (ngl, k, list(combo), fit)
-                    break
+                    found, lo = (mid, fit), mid + 1
+                else:
+                    hi = mid - 1
+            if found is not None and (best is None or found[0] > best[0]):
+                best = (found[0], k, list(combo), found[1])
     return None if best is None else (best[2], best[3])
 
 
@@ -258,21 +271,28 @@ def _greedy_counts(model: ModelInfo, s: LaunchSettings, chosen: list[GpuFree],
                    usable: dict[str, float], n_off: int) -> list[int] | None:
     """Fill each GPU in turn with as many layers as fit; the last takes the rest."""
     n_dev = len(chosen)
+    devices = [DeviceSpec(g.name) for g in chosen]
     counts = [0] * n_dev
     left = n_off
+
+    def fits(d: int, c: int) -> bool:
+        trial = [*counts[:d], c, *_spread(left - c, n_dev - 1 - d)]
+        est = estimate(model, s.with_(tensor_split=tuple(float(x) for x in trial)), devices)
+        return est.devices[d].total / MIB <= usable[chosen[d].uuid]
+
     for d in range(n_dev - 1):
-        best = 0
-        for c in range(1, left - (n_dev - 1 - d) + 1):
-            trial = [*counts[:d], c, *_spread(left - c, n_dev - 1 - d)]
-            est = estimate(model, s.with_(tensor_split=tuple(float(x) for x in trial)),
-                           [DeviceSpec(g.name) for g in chosen])
-            if est.devices[d].total / MIB > usable[chosen[d].uuid]:
-                break
-            best = c
-        if best == 0:
+        # a GPU's share grows with its layer count: binary search the largest that fits
+        lo, hi = 0, left - (n_dev - 1 - d)
+        while lo < hi:
+            mid = (lo + hi + 1) // 2
+            if fits(d, mid):
+                lo = mid
+            else:
+                hi = mid - 1
+        if lo == 0:
             return None
-        counts[d] = best
-        left -= best
+        counts[d] = lo
+        left -= lo
     counts[-1] = left
     return counts
 
