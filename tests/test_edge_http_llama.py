@@ -7,26 +7,32 @@ import json
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
-from typing import Final
+from typing import Final, NamedTuple
 
 import h11
 import httpx
 import openai
+import psutil
 import pytest
 import trio
 
+from edge_proxy.http_routes.upstream import UPSTREAM_KEEPALIVE_EXPIRY_S
 from edge_proxy.node import State
 from edge_proxy.server import Proxy, serve_proxy
 from shared.config.edge import load_edge_config
+from shared.events import EVENTS_PATH
 from tests.support.edge import PacketListener
 from tests.support.edge_http import (
+    POLL_S,
     TEST_TIMEOUT_S,
+    TOKEN,
     NodeSpec,
     llama_on_port,
     sse_payloads,
     wait_state,
     write_http_config,
 )
+from tests.support.llama import LogLines
 from tests.support.ports import LOOPBACK, free_port
 
 pytestmark = pytest.mark.llama
@@ -38,19 +44,29 @@ LARGE_TEXT_BYTES: Final = 300_000
 KEEPALIVE_ROUNDS: Final = 4
 
 
+class Setup(NamedTuple):
+    url: str  # the proxy's HTTP route
+    backend: str  # llama-server itself
+    control: str  # the proxy's control endpoint, for tests that speak as the node's agent
+    log: LogLines  # llama-server's output
+
+
 @asynccontextmanager
-async def awake_proxy(tmp_path: Path, binary: Path, model: Path) -> AsyncIterator[tuple[str, str]]:
-    """llama-server on a node's port and a proxy in front of it; yields (proxy, backend) URLs."""
+async def awake_proxy(tmp_path: Path, binary: Path, model: Path, *, http: str = ""
+                      ) -> AsyncIterator[Setup]:
+    """llama-server on a node's port and a proxy in front of it."""
     node = NodeSpec("box", "aa:bb:cc:dd:ee:01", free_port())
     packets = await PacketListener.open()
-    cfg = load_edge_config(write_http_config(tmp_path, [node], packets.port))
+    cfg = load_edge_config(write_http_config(tmp_path, [node], packets.port, http=http))
     args = ("-c", "2048", "-np", "2", "-t", "1", "--alias", MODEL_ALIAS)
     with trio.fail_after(TEST_TIMEOUT_S):
-        async with trio.open_nursery() as nursery, llama_on_port(binary, model, node.port, args):
+        async with trio.open_nursery() as nursery, \
+                llama_on_port(binary, model, node.port, args) as log:
             nursery.start_soon(packets.run)
             proxy: Proxy = await nursery.start(serve_proxy, cfg)
             await wait_state(proxy, "box", State.AWAKE)
-            yield proxy.http_routes.url("127.0.0.1:0"), f"http://{LOOPBACK}:{node.port}"
+            yield Setup(proxy.http_routes.url("127.0.0.1:0"), f"http://{LOOPBACK}:{node.port}",
+                        proxy.control_url, log)
             assert packets.packets == []  # an awake node is never sent a packet
             nursery.cancel_scope.cancel()
 
@@ -60,9 +76,9 @@ async def test_a_stream_arrives_while_it_is_generated(
     request = {"messages": [{"role": "user", "content": "hi"}], "stream": True,
                "max_tokens": LONG_GENERATION_TOKENS, "ignore_eos": True}
     async with (
-        awake_proxy(tmp_path, llama_server_bin, tiny_model) as (url, backend),
+        awake_proxy(tmp_path, llama_server_bin, tiny_model) as setup,
         httpx.AsyncClient(timeout=TEST_TIMEOUT_S) as client,
-        client.stream("POST", f"{url}/v1/chat/completions", json=request) as response,
+        client.stream("POST", f"{setup.url}/v1/chat/completions", json=request) as response,
     ):
         assert response.status_code == 200
         assert response.headers["content-type"].startswith("text/event-stream")
@@ -70,7 +86,7 @@ async def test_a_stream_arrives_while_it_is_generated(
         first = await anext(lines)
         assert first.startswith("data: ")
         # The first chunk is here and the slot is still generating: nothing was buffered.
-        slots = (await client.get(f"{backend}/slots")).json()
+        slots = (await client.get(f"{setup.backend}/slots")).json()
         assert any(slot["is_processing"] for slot in slots)
         rest = [line async for line in lines]
     payloads = sse_payloads([first, *rest])
@@ -82,7 +98,7 @@ async def test_a_stream_arrives_while_it_is_generated(
 
 async def test_plain_requests_on_one_keep_alive_connection(
         tmp_path: Path, llama_server_bin: Path, tiny_model: Path) -> None:
-    async with awake_proxy(tmp_path, llama_server_bin, tiny_model) as (url, _):
+    async with awake_proxy(tmp_path, llama_server_bin, tiny_model) as (url, *_):
         host, port = url.removeprefix("http://").rsplit(":", 1)
         stream = await trio.open_tcp_stream(host, int(port))
         conn = h11.Connection(h11.CLIENT)
@@ -124,7 +140,7 @@ async def test_large_request_bodies_pass_intact(
     text = bytes((i * 7919 + i // 255) % 255 + 1 for i in range(LARGE_TEXT_BYTES))
     content = text.decode("latin-1")
     async with (
-        awake_proxy(tmp_path, llama_server_bin, tiny_model) as (url, _),
+        awake_proxy(tmp_path, llama_server_bin, tiny_model) as (url, *_),
         httpx.AsyncClient(base_url=url, timeout=TEST_TIMEOUT_S) as client,
     ):
         tokens = (await client.post("/tokenize", json={"content": content})).json()["tokens"]
@@ -136,21 +152,84 @@ async def test_large_request_bodies_pass_intact(
 
 async def test_the_openai_sdk_streams_and_not(
         tmp_path: Path, llama_server_bin: Path, tiny_model: Path) -> None:
-    async with awake_proxy(tmp_path, llama_server_bin, tiny_model) as (url, _):
-        def use_sdk() -> tuple[str, list[str], list[str]]:
-            client = openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0,
+    async with awake_proxy(tmp_path, llama_server_bin, tiny_model) as setup:
+        def use_sdk() -> tuple[str | None, list[str | None], list[str]]:
+            client = openai.OpenAI(base_url=f"{setup.url}/v1", api_key="unused", max_retries=0,
                                    timeout=TEST_TIMEOUT_S)
             with client:
                 models = [m.id for m in client.models.list()]
                 messages = [{"role": "user", "content": "hi"}]
-                plain = client.chat.completions.create(model=MODEL_ALIAS, messages=messages,  # type: ignore[arg-type]
-                                                       max_tokens=4)
-                stream = client.chat.completions.create(model=MODEL_ALIAS, messages=messages,  # type: ignore[arg-type]
-                                                        max_tokens=6, stream=True)
-                deltas = [c.choices[0].delta.content or "" for c in stream if c.choices]
-            return plain.choices[0].finish_reason, deltas, models
+                plain = client.chat.completions.create(
+                    model=MODEL_ALIAS, messages=messages, max_tokens=4,  # type: ignore[arg-type]
+                    extra_body={"ignore_eos": True})
+                stream = client.chat.completions.create(
+                    model=MODEL_ALIAS, messages=messages, max_tokens=6,  # type: ignore[arg-type]
+                    stream=True, extra_body={"ignore_eos": True})
+                finishes = [c.choices[0].finish_reason for c in stream if c.choices]
+            return plain.choices[0].finish_reason, finishes, models
 
-        finish, deltas, models = await trio.to_thread.run_sync(use_sdk)
+        finish, finishes, models = await trio.to_thread.run_sync(use_sdk)
     assert MODEL_ALIAS in models
     assert finish == "length"
-    assert len([d for d in deltas if d]) >= 3
+    # several chunks (llama-server holds bytes back until they form whole UTF-8 characters)
+    assert len(finishes) >= 2 and finishes[:-1] == [None] * (len(finishes) - 1)
+    assert finishes[-1] == "length"
+
+
+async def test_a_stream_keeps_the_node_busy_and_a_client_that_leaves_stops_it(
+        tmp_path: Path, llama_server_bin: Path, tiny_model: Path) -> None:
+    request = {"messages": [{"role": "user", "content": "hi"}], "stream": True,
+               "max_tokens": LONG_GENERATION_TOKENS, "ignore_eos": True}
+    async with (
+        awake_proxy(tmp_path, llama_server_bin, tiny_model) as setup,
+        httpx.AsyncClient(timeout=TEST_TIMEOUT_S) as client,
+    ):
+        async with client.stream("POST", f"{setup.url}/v1/chat/completions",
+                                 json=request) as response:
+            await anext(response.aiter_lines())
+            # while a stream is open the node's agent is told no when it asks to suspend
+            veto = await client.post(f"{setup.control}{EVENTS_PATH}",
+                                     json={"event": "suspending", "node": "box"},
+                                     headers={"authorization": f"Bearer {TOKEN}"})
+            assert veto.json()["allowed"] is False
+            assert veto.json()["in_flight"] == 1
+        # the client hung up mid-stream: the proxy closes its upstream request, so llama-server
+        # stops generating instead of finishing a thousand tokens for nobody
+        (released,) = await setup.log.wait_for("stop processing: n_tokens =")
+        assert int(released.split("n_tokens =")[1].split(",")[0]) < LONG_GENERATION_TOKENS
+        assert setup.log.matching("cancel task")
+
+
+async def test_idle_upstream_connections_close_soon(
+        tmp_path: Path, llama_server_bin: Path, tiny_model: Path) -> None:
+    # The node agent counts open connections to llama-server as activity: an idle pooled
+    # connection must not outlive UPSTREAM_KEEPALIVE_EXPIRY_S by much.
+    async with (
+        awake_proxy(tmp_path, llama_server_bin, tiny_model) as setup,
+        httpx.AsyncClient(base_url=setup.url, timeout=TEST_TIMEOUT_S) as client,
+    ):
+        port = int(setup.backend.rsplit(":", 1)[1])
+        assert (await client.get("/props")).status_code == 200
+        opened = trio.current_time()
+        while _connections_to(port):
+            await trio.sleep(POLL_S)
+        assert trio.current_time() - opened < UPSTREAM_KEEPALIVE_EXPIRY_S * 10
+
+
+def _connections_to(port: int) -> int:
+    me = psutil.Process()
+    return sum(1 for c in me.net_connections("tcp") if c.raddr and c.raddr.port == port
+               and c.status == psutil.CONN_ESTABLISHED)
+
+
+async def test_a_body_over_the_limit_is_refused_in_openai_shape(
+        tmp_path: Path, llama_server_bin: Path, tiny_model: Path) -> None:
+    async with (
+        awake_proxy(tmp_path, llama_server_bin, tiny_model, http="max_request_bytes = 4096")
+        as setup,
+        httpx.AsyncClient(base_url=setup.url, timeout=TEST_TIMEOUT_S) as client,
+    ):
+        answer = await client.post("/v1/chat/completions", content=b"{" + b" " * 5000 + b"}")
+        assert answer.status_code == 413
+        assert answer.json()["error"]["source"] == "edge-proxy"
+        assert "max_request_bytes" in answer.json()["error"]["message"]
