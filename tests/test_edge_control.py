@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import socket
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -143,3 +144,54 @@ async def test_wake_endpoint_sends_a_packet_now(tmp_path: Path) -> None:
         await packets.wait_for(1)
         assert packets.packets[0][1] == expected_packet()
         assert (await post(proxy, b"", path="/v1/nodes/other/wake")).status_code == 404
+
+
+async def test_agreed_suspend_then_sleep_then_a_client_wakes_the_node(tmp_path: Path) -> None:
+    """The agent's whole cycle: suspending (agreed) → the host goes silent → a client arrives
+    and is held → the proxy sees the host asleep and wakes it → the client is served."""
+    backend_port = free_port()
+    with trio.fail_after(TEST_TIMEOUT_S):
+        async with trio.open_nursery() as nursery:
+            packets = await PacketListener.open()
+            nursery.start_soon(packets.run)
+            backend_scope = trio.CancelScope()
+            backend_stopped = trio.Event()
+
+            async def backend(task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
+                              ) -> None:
+                with backend_scope:
+                    await serve_backend(backend_port, answer_backend,
+                                        task_status=task_status)  # type: ignore[arg-type]
+                backend_stopped.set()
+
+            await nursery.start(backend)
+            cfg = load_config(tmp_path, backend_port, packets.port,
+                              node={"probe_timeout_s": 0.3})
+            proxy: Proxy = await nursery.start(serve_proxy, cfg)
+            driver = proxy.drivers["box"]
+            while driver.state is not State.AWAKE:
+                await trio.sleep(0.01)
+            reply = decode_reply((await post(proxy, {"event": "suspending", "node": "box"})).content)
+            assert reply.allowed and reply.state == "DRAINING"
+            backend_scope.cancel()
+            await backend_stopped.wait()
+            # the host sleeps: its port stops answering at all (a full accept queue drops SYNs)
+            with socket.socket() as silent, socket.socket() as filler:
+                silent.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+                silent.bind(("127.0.0.1", backend_port))
+                silent.listen(0)
+                filler.connect(("127.0.0.1", backend_port))
+                answers: list[bytes] = []
+
+                async def client() -> None:
+                    answers.append(await request(proxy.route_address()[1], b"morning\n"))
+
+                nursery.start_soon(client)
+                await packets.wait_for(1)
+                assert driver.state is State.WAKING and driver.held == 1
+            # the host resumes and its service comes back
+            await nursery.start(serve_backend, backend_port, answer_backend)
+            while not answers:
+                await trio.sleep(0.01)
+            assert answers == [response_for(b"morning\n")]
+            nursery.cancel_scope.cancel()
