@@ -16,6 +16,29 @@ node = "gpubox"
 backend_port = 8080
 ready = "http:/health"
 ```
+
+HTTP-aware routes (``protocol = "http"``) know which requests may wake a node: polls such as
+``GET /v1/models`` are answered from the last good answer while it sleeps. Several of them on
+one ``listen`` form one listener that routes by the request's ``model`` across their nodes::
+
+    [[routes]]
+    listen = "0.0.0.0:8000"
+    node = "gpubox"
+    backend_port = 8080
+    ready = "http:/health"
+    protocol = "http"
+    models = ["qwen2.5-7b"]        # more are learned from the node's /v1/models
+    [routes.http]                  # set once per listener; all optional
+    no_wake = ["GET /v1/models", "GET /health"]   # replaces DEFAULT_NO_WAKE
+    waking_comment_interval_s = 5.0
+
+    [[routes]]
+    listen = "0.0.0.0:8000"
+    node = "otherbox"
+    backend_port = 8080
+    ready = "http:/health"
+    protocol = "http"
+    models = ["llama-3.1-8b"]
 """
 
 from __future__ import annotations
