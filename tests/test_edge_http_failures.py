@@ -1,0 +1,124 @@
+"""HTTP routes when the backend misbehaves: a stream cut in the middle stays visibly cut, and
+an error answer after a held stream has started becomes one SSE error event.
+
+The backend here is a few lines of raw HTTP on a real loopback socket, so it can fail on cue.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Awaitable, Callable
+from functools import partial
+from pathlib import Path
+
+import httpx
+import pytest
+import trio
+
+from edge_proxy.node import State
+from edge_proxy.server import Proxy, serve_proxy
+from shared.config.edge import load_edge_config
+from tests.support.edge import PacketListener, read_line
+from tests.support.edge_http import (
+    TEST_TIMEOUT_S,
+    NodeSpec,
+    packets_for,
+    sse_payloads,
+    wait_state,
+    write_http_config,
+)
+from tests.support.ports import LOOPBACK, free_port
+
+Answer = Callable[[trio.SocketStream], Awaitable[None]]
+HEALTH_OK = b"HTTP/1.1 200 OK\r\nContent-Length: 15\r\n\r\n{\"status\":\"ok\"}"
+CHAT = {"messages": [{"role": "user", "content": "hi"}], "stream": True}
+
+
+def raw_backend(answer: Answer) -> Callable[[trio.SocketStream], Awaitable[None]]:
+    """Readiness probes (GET /health) get 200; every other request gets ``answer``."""
+    async def handle(stream: trio.SocketStream) -> None:
+        async with stream:
+            request_line = await read_line(stream)
+            head = b""
+            while (line := await read_line(stream)) not in (b"\r\n", b""):
+                head += line
+            length = next((int(h.split(b":")[1]) for h in head.split(b"\r\n")
+                           if h.lower().startswith(b"content-length:")), 0)
+            while length > 0:
+                length -= len(await stream.receive_some(length))
+            if request_line.startswith(b"GET /health"):
+                await stream.send_all(HEALTH_OK)
+            elif request_line:
+                await answer(stream)
+    return handle
+
+
+async def test_a_stream_cut_by_the_backend_is_cut_for_the_client(tmp_path: Path) -> None:
+    async def half_a_stream(stream: trio.SocketStream) -> None:
+        await stream.send_all(b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\n"
+                              b"Transfer-Encoding: chunked\r\n\r\n"
+                              b"e\r\ndata: {\"a\":1}\n\n\r\n")
+        # and then the box dies: no last chunk
+
+    node = NodeSpec("box", "aa:bb:cc:dd:ee:01", free_port())
+    path = write_http_config(tmp_path, [node], free_port())
+    with trio.fail_after(TEST_TIMEOUT_S):
+        async with trio.open_nursery() as nursery:
+            await nursery.start(partial(trio.serve_tcp, raw_backend(half_a_stream), node.port,
+                                        host=LOOPBACK))
+            proxy: Proxy = await nursery.start(serve_proxy, load_edge_config(path))
+            await wait_state(proxy, "box", State.AWAKE)
+            received: list[str] = []
+            async with httpx.AsyncClient(base_url=proxy.http_routes.url("127.0.0.1:0"),
+                                         timeout=TEST_TIMEOUT_S) as client:
+                with pytest.raises(httpx.RemoteProtocolError):
+                    async with client.stream("POST", "/v1/chat/completions",
+                                             json=CHAT) as response:
+                        assert response.status_code == 200
+                        async for line in response.aiter_lines():
+                            received.append(line)
+            assert received[:1] == ['data: {"a":1}']
+            nursery.cancel_scope.cancel()
+
+
+async def test_an_error_after_a_held_stream_started_is_one_sse_error_event(
+        tmp_path: Path) -> None:
+    error = {"error": {"code": 400, "message": "the request exceeds the context size",
+                       "type": "exceed_context_size_error"}}
+    body = json.dumps(error).encode()
+
+    async def refuse(stream: trio.SocketStream) -> None:
+        await stream.send_all(b"HTTP/1.1 400 Bad Request\r\nContent-Type: application/json\r\n"
+                              b"Content-Length: %d\r\n\r\n" % len(body) + body)
+
+    node = NodeSpec("box", "aa:bb:cc:dd:ee:01", free_port())
+    packets = await PacketListener.open()
+    path = write_http_config(tmp_path, [node], packets.port,
+                             http="waking_comment_interval_s = 0.05")
+    heard_comment = trio.Event()
+    with trio.fail_after(TEST_TIMEOUT_S):
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(packets.run)
+            proxy: Proxy = await nursery.start(serve_proxy, load_edge_config(path))
+            await wait_state(proxy, "box", State.ASLEEP)
+
+            async def wake() -> None:
+                await packets.wait_for(1)
+                await heard_comment.wait()
+                await trio.serve_tcp(raw_backend(refuse), node.port, host=LOOPBACK)
+
+            nursery.start_soon(wake)
+            lines: list[str] = []
+            async with (
+                httpx.AsyncClient(base_url=proxy.http_routes.url("127.0.0.1:0"),
+                                  timeout=TEST_TIMEOUT_S) as client,
+                client.stream("POST", "/v1/chat/completions", json=CHAT) as response,
+            ):
+                assert response.status_code == 200  # sent with the first comment
+                async for line in response.aiter_lines():
+                    lines.append(line)
+                    heard_comment.set()
+            assert lines[0].startswith(": waking box")
+            assert [json.loads(p) for p in sse_payloads(lines)] == [error]
+            assert packets_for(packets, node.mac) >= 1
+            nursery.cancel_scope.cancel()
