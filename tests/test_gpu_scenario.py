@@ -16,6 +16,9 @@ and go low only after all of its instances were idle for ``low_delay_s``.
 
 from __future__ import annotations
 
+import contextlib
+import os
+import signal
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -173,3 +176,45 @@ def check_timeline(switches: list[Switch], edges: list[Edge]) -> None:
         applied[bus] = switch.pstate
         caused[bus] = False
     assert not any(owed.values())
+
+
+async def test_a_child_killed_mid_task_releases_its_gpu(llama_server_bin: Path, tiny_model: Path,
+                                                        tmp_path: Path) -> None:
+    """The release line never comes; the supervisor's state change ends the task."""
+    rig = three_gpu_rig()
+    supervisor = Supervisor()
+    service = GpuActivityService(
+        supervisor, PstateSection(low=LOW, high=HIGH, low_delay_s=LOW_DELAY_S),
+        inventory=FakeNvml(rig), backend=NvapiBackend(loader=lambda name: FakeNvapiLibrary(rig)))
+    port = free_port()
+    config = instance("solo", {"binary": str(llama_server_bin), "model": str(tiny_model),
+                               "port": port, "gpus": [2],
+                               "args": ["-lv", "4", "-c", "2048", "-np", "1", "-t", "1"]},
+                      tmp_path / "node-agent.toml")
+    gpu = service.controller
+    async with trio.open_nursery() as nursery:
+        await nursery.start(supervisor.run)
+        await nursery.start(service.run)
+        await supervisor.apply({"solo": config}, {"solo": True}, "test")
+        assert await supervisor.wait_all_ready(STATE_TIMEOUT_S)
+        uuid = rig.by_bus(BUS[2]).uuid
+        await settle_low(gpu, rig)
+
+        async def long_request() -> None:
+            async with httpx.AsyncClient(timeout=REQUEST_TIMEOUT_S) as client:
+                with contextlib.suppress(httpx.TransportError):  # the server dies under it
+                    await client.post(f"http://127.0.0.1:{port}/completion",
+                                      json={"prompt": "go", "n_predict": 2000, "ignore_eos": True})
+
+        nursery.start_soon(long_request)
+        with trio.fail_after(SETTLE_TIMEOUT_S):
+            while not (service.tracker.busy("solo") and gpu.control(uuid).applied == HIGH):
+                await trio.sleep(0.01)
+        first_pid = supervisor.get("solo").child.pid  # type: ignore[union-attr]
+        os.kill(first_pid, signal.SIGKILL)
+        await settle_low(gpu, rig)  # no release line came: the state change reset the instance
+        assert not service.tracker.busy("solo")
+        assert await supervisor.wait_all_ready(STATE_TIMEOUT_S)
+        assert supervisor.get("solo").child.pid != first_pid  # type: ignore[union-attr]
+        assert service.assignments["solo"].gpus == (uuid,)
+        nursery.cancel_scope.cancel()
