@@ -28,7 +28,14 @@ import trio
 from edge_proxy.driver import NodeDriver, WakeFailed
 from edge_proxy.http_routes import waking
 from edge_proxy.http_routes.cache import MAX_CACHED_BODY_BYTES, ResponseCache, cache_key
-from edge_proxy.http_routes.exchange import BodyTooLarge, Exchange, Receive, Scope, Send
+from edge_proxy.http_routes.exchange import (
+    BodyTooLarge,
+    ClientLeft,
+    Exchange,
+    Receive,
+    Scope,
+    Send,
+)
 from edge_proxy.http_routes.headers import header, request_headers, response_headers
 from edge_proxy.http_routes.metrics import HttpMetrics
 from edge_proxy.http_routes.models import ModelTable, Unroutable, requested_model, wants_stream
@@ -98,6 +105,9 @@ class HttpRouteApp:
         except BodyTooLarge as exc:
             await ex.fail(413, f"{exc}; raise routes.http.max_request_bytes to allow it",
                           "invalid_request_error")
+            return
+        except ClientLeft as exc:
+            log.info("route %s: client left %s", self.listen, exc)
             return
         async with trio.open_nursery() as nursery:
             nursery.start_soon(self._watch_disconnect, ex, nursery.cancel_scope)

@@ -17,6 +17,10 @@ class BodyTooLarge(Exception):
     """The client's request body passed the route's limit."""
 
 
+class ClientLeft(Exception):
+    """The client went away before its request body was complete (nothing is forwarded)."""
+
+
 class Exchange:
     """The response side of one request. Once ``started`` the status and headers are sent;
     an error after that can only be an SSE ``data:`` event (see ``fail``)."""
@@ -56,7 +60,7 @@ class Exchange:
         while True:
             message = await self.receive()
             if message["type"] == "http.disconnect":
-                break
+                raise ClientLeft(f"after {size} bytes of the request body")
             chunk: bytes = message.get("body", b"")
             size += len(chunk)
             if size > limit:
