@@ -13,7 +13,7 @@ them):
   the scheduler keeps ``PIPELINE_COPIES`` copies of each input.
 - the per-token activations of the widest phase of a layer, in f32 values per token:
   feed-forward ``FFN_EMBD·n_embd + FFN_FF·n_ff`` (``n_ff`` of each used expert for MoE);
-  attention ``ATTN_EMBD·n_embd``, plus without flash attention the
+  attention ``ATTN_EMBD·n_embd + ATTN_KV·n_embd_kv``, plus without flash attention the
   ``n_kv × n_ubatch × n_head`` f32 score matrix. The host, which also holds the input
   embeddings, needs ``HOST_EMBD·n_embd`` (and ``HOST_ATTN_KV·n_embd_kv`` in attention) more.
   The last layer computes its feed-forward for the output rows only, so a device holding
@@ -23,13 +23,14 @@ them):
 - pipeline parallelism also keeps copies of the activations passed between devices:
   ``PIPELINE_FIRST_EMBD·n_embd`` per token on the first device (and the host),
   ``PIPELINE_OTHER_EMBD·n_embd`` on the others.
-- without flash attention, ``NO_FA_KV_INPUT_BYTES`` per KV cell and KV value per copy.
+- without flash attention, ``NO_FA_KV_INPUT_BYTES`` per KV cell and KV value per copy and
+  per KV cache (sliding-window models have two).
 - on the output device, the output rows (one per slot): logits twice and
   ``OUTPUT_EMBD·n_embd`` of activations, f32.
 
 Over seven model shapes (``benchmarks/placement_accuracy.py``) this lands within 1% on one
 device (CPU, or one RPC device) and within 12% (5 MiB) per device across two RPC devices;
-the largest misses are gemma2 without flash attention (soft-capped scores, scaled inputs).
+the largest misses are a few MiB on gemma2 (its feed-forward needs less than modeled).
 CUDA allocates the same graph with the same allocator, so the model carries over; its
 CUDA-only scratch (cuBLAS workspace, the flash-attention pool) lies outside these buffers
 and inside the safety margin.
@@ -50,6 +51,7 @@ PIPELINE_COPIES: Final = 4  # GGML_SCHED_MAX_COPIES
 FFN_EMBD: Final = 3.0
 FFN_FF: Final = 3.0
 ATTN_EMBD: Final = 4.0
+ATTN_KV: Final = 1.0
 # The host also holds the input embeddings and their copies on the way to a device.
 HOST_EMBD: Final = 2.0
 HOST_ATTN_KV: Final = 2.0
@@ -94,7 +96,9 @@ def compute_bytes(model: ModelInfo, s: LaunchSettings, assign: Sequence[int], de
     if not s.flash and (layers or feeds_only) and not (dev == HOST and not feeds_only):
         kv_embd = max(model.n_head_kv) * model.head_dim_k
         cells = max(kv_cells(model, s, il) for il in range(n_layer))
-        total += copies * cells * s.n_stream * kv_embd * NO_FA_KV_INPUT_BYTES
+        # one per KV cache: sliding-window models keep two (full and windowed layers)
+        n_caches = len(set(model.swa_layers)) if not s.swa_full else 1
+        total += n_caches * copies * cells * s.n_stream * kv_embd * NO_FA_KV_INPUT_BYTES
     total += max((_layer_peak(model, s, il, dev == HOST, ub) for il in layers), default=0.0)
 
     if feeds_only:
@@ -116,7 +120,8 @@ def _layer_peak(model: ModelInfo, s: LaunchSettings, il: int, on_host: bool, ub:
     e = model.n_embd
     kv_embd = model.n_head_kv[il] * model.head_dim_k
     extra = HOST_EMBD * e if on_host else 0.0
-    attn = ub * F32 * (ATTN_EMBD * e + extra + (HOST_ATTN_KV * kv_embd if on_host else 0.0))
+    attn = ub * F32 * (ATTN_EMBD * e + extra
+                       + (HOST_ATTN_KV if on_host else ATTN_KV) * kv_embd)
     if not s.flash:
         attn += kv_cells(model, s, il) * ub * model.n_head[il] * F32
     if il == model.n_layer - 1:
