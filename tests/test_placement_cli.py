@@ -32,6 +32,8 @@ def test_analyze(capsys: pytest.CaptureFixture[str], model: Path) -> None:
     assert "layers          8 (+1 output layer)" in out
     assert "heads           8, KV heads 2  (GQA)" in out
     assert "input layer     0.26 MiB (stays on the host)" in out
+    code, out, _ = run(capsys, "analyze", "--layers", str(model))
+    assert code == 0 and out.count("    blk.") == SPEC.n_layer
 
 
 def test_analyze_sliding_window_json(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:

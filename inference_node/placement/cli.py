@@ -37,6 +37,7 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
                        description="Read a GGUF header (never the weights) and print what "
                        "placement uses: layers, sizes, heads, KV heads, sliding window.")
     a.add_argument("model", type=Path, help="the .gguf file (first part of a split model)")
+    a.add_argument("--layers", action="store_true", help="also list every layer's size")
     a.add_argument("--json", action="store_true", help="print JSON")
     a.set_defaults(func=_analyze)
 
@@ -121,6 +122,10 @@ def _analyze(args: argparse.Namespace) -> int:
     if sizes:
         print(f"  repeating layer {mib(min(sizes)):.2f} .. {mib(max(sizes)):.2f} MiB each, "
               f"{mib(sum(sizes)):.2f} MiB together")
+    if args.layers:
+        for il, size in enumerate(sizes):
+            kind = "  sliding window" if model.swa_layers[il] else ""
+            print(f"    blk.{il:<4} {mib(size):>10.2f} MiB  KV heads {model.n_head_kv[il]}{kind}")
     return EXIT_OK
 
 
