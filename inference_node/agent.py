@@ -26,6 +26,7 @@ import trio
 from prometheus_client import CollectorRegistry
 
 from inference_node import api
+from inference_node.gpu import service as gpu_service
 from inference_node.gpu.service import GpuActivityService
 from inference_node.supervisor import ReloadPlan, Supervisor
 from inference_node.supervisor.launch import port_problem
@@ -133,12 +134,7 @@ class Agent:
 
 def _components(agent: Agent) -> list[Component]:
     """The agent's parts beside the supervisor and the API, in start order."""
-    gpu_activity = GpuActivityService(agent.supervisor, agent.config.pstate)
-    agent.gpu_activity = gpu_activity
-    agent.route_registrars.append(gpu_activity.routes)
-    agent.registry.register(gpu_activity.collector())
-    agent.reload_listeners.append(gpu_activity.on_reload)
-    return [gpu_activity]
+    return [gpu_service.attach(agent)]
 
 
 ComponentFactory = Callable[[Agent], list[Component]]

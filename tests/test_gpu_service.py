@@ -1,19 +1,23 @@
-"""The activity/P-state component inside a real node-agent (CPU-only here), its API routes,
-metrics and ``node-agent status``; and the GPU table on a fake rig."""
+"""The activity/P-state component inside a real node-agent: CPU-only (this machine) and on a
+fake 3-GPU rig; its API routes, metrics and ``node-agent status``; the GPU table."""
 
 from __future__ import annotations
 
+import functools
 import sys
 from pathlib import Path
+from typing import Any
 
 import httpx
 import tomli_w
 import trio
 
-from inference_node.agent import Agent, run_agent
+from inference_node.agent import Agent, Component, run_agent
+from inference_node.gpu.nvapi import NvapiBackend
 from inference_node.gpu.report import activity_cells, format_gpu_table
+from inference_node.gpu.service import attach
 from inference_node.supervisor import State
-from tests.fakes.gpu import FakeNvml, RecordingBackend, three_gpu_rig
+from tests.fakes.gpu import FakeNvapiLibrary, FakeNvml, RecordingBackend, three_gpu_rig
 from tests.support.ports import free_port
 from tests.support.supervised import STATE_TIMEOUT_S, wait_state
 
@@ -22,7 +26,7 @@ REQUEST_TIMEOUT_S = 60.0
 CLI_TIMEOUT_S = 60.0
 
 
-def write_config(tmp_path: Path, binary: Path, model: Path, port: int) -> Path:
+def write_config(tmp_path: Path, binary: Path, model: Path, port: int, **extra: Any) -> Path:
     path = tmp_path / "node-agent.toml"
     path.write_text(tomli_w.dumps({
         "agent": {"api_listen": "127.0.0.1:0", "state_file": str(tmp_path / "state.toml"),
@@ -31,7 +35,7 @@ def write_config(tmp_path: Path, binary: Path, model: Path, port: int) -> Path:
         "instances": {"tiny": {
             "binary": str(binary), "model": str(model), "port": port,
             "args": ["-lv", "4", "-c", "256", "-np", "2", "-t", "1", "--metrics"],
-            "health": {"interval_s": 0.05}, "stop_timeout_s": 5,
+            "health": {"interval_s": 0.05}, "stop_timeout_s": 5, **extra,
         }},
     }))
     return path
@@ -112,3 +116,55 @@ async def test_gpu_table_lists_cuda_order_and_problems(
     assert "qwen" in lines[2] and "P8 -> P8" in lines[2]
     assert lines[4].startswith("GPU 0000:81:00.0: not-working:")
     assert activity_cells(None) == ("-", "-", "-")
+
+
+async def test_agent_with_fake_gpus_switches_reports_and_releases(
+        llama_server_bin: Path, tiny_model: Path, tmp_path: Path) -> None:
+    rig = three_gpu_rig()
+    lib = FakeNvapiLibrary(rig)
+    port = free_port()
+    cfg = write_config(tmp_path, llama_server_bin, tiny_model, port, gpus=[1])
+
+    def components(agent: Agent) -> list[Component]:
+        return [attach(agent, inventory=FakeNvml(rig),
+                       backend=NvapiBackend(loader=lambda name: lib))]
+
+    target = rig.by_bus("0000:41:00.0")  # CUDA index 1 in PCI_BUS_ID order
+    async with trio.open_nursery() as nursery:
+        agent: Agent = await nursery.start(functools.partial(run_agent, cfg,
+                                                             make_components=components))
+        await wait_state(agent.supervisor, "tiny", State.READY)
+        service = agent.gpu_activity
+        assert service is not None
+        control = service.controller.control(target.uuid)
+        with trio.fail_after(STATE_TIMEOUT_S):
+            while control.applied != 8:
+                await trio.sleep(0.02)
+        async with httpx.AsyncClient(timeout=REQUEST_TIMEOUT_S) as client:
+            r = await client.post(f"http://127.0.0.1:{port}/completion",
+                                  json={"prompt": "hi", "n_predict": 8})
+            r.raise_for_status()
+        with trio.fail_after(STATE_TIMEOUT_S):
+            while not (rig.switches_of(target.pci_bus_id)[-2:] == [16, 8]
+                       and control.applied == 8):
+                await trio.sleep(0.02)
+        async with httpx.AsyncClient(base_url=agent.api_urls[0], timeout=REQUEST_TIMEOUT_S,
+                                     headers={"Authorization": f"Bearer {TOKEN}"}) as api:
+            gpus = (await api.get("/v1/gpus")).json()
+            metrics = (await api.get("/metrics")).text
+        cli = await trio.run_process(
+            [sys.executable, "-m", "inference_node", "status", "--url", agent.api_urls[0],
+             "--token-file", str(_token_file(tmp_path))],
+            capture_stdout=True, capture_stderr=True, check=False)
+        agent.request_shutdown()
+
+    entry = next(g for g in gpus["gpus"] if g["uuid"] == target.uuid)
+    assert entry["instances"] == ["tiny"] and entry["switches"] >= 3
+    assert [g["instances"] for g in gpus["gpus"] if g["uuid"] != target.uuid] == [[], []]
+    assert (f'llamanap_gpu_pstate_switches_total{{name="Tesla P40",pci_bus_id="0000:41:00.0",'
+            f'uuid="{target.uuid}"}}') in metrics
+    assert "llamanap_pstate_backend_available 1.0" in metrics
+    table = cli.stdout.decode().split("\n\n")[1].splitlines()
+    assert table[0].startswith("GPU") and "tiny" in table[2] and "0000:41:00.0" in table[2]
+    # The agent stopped: every GPU it forced low is back to "driver decides".
+    assert all(rig.switches_of(g.pci_bus_id)[-1] == 16 for g in rig.gpus)

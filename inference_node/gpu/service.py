@@ -5,7 +5,8 @@ constructor: its tracker is a line sink (every line of every instance), and a st
 learns each instance's GPUs from the environment its child starts with (``CUDA_VISIBLE_DEVICES``
 under ``CUDA_DEVICE_ORDER=PCI_BUS_ID``) and forgets its activity when the child ends. ``run``
 runs the P-state controller and the /slots check; ``routes`` adds ``GET /v1/gpus`` and
-``GET /v1/activity``; ``collector`` gives the Prometheus series.
+``GET /v1/activity``; ``collector`` gives the Prometheus series. ``attach(agent)`` does all of
+that for a node-agent (``run_agent``'s ``make_components`` can pass hardware fakes to it).
 """
 
 from __future__ import annotations
@@ -37,6 +38,19 @@ _ENDED: Final = frozenset({State.STOPPED, State.BACKOFF, State.FAILED})
 # NVML's compute process list is checked against the assignment this often (cheap, and a
 # wrong mapping only matters while the instance works).
 PROCESS_CHECK_INTERVAL_S: Final = 30.0
+
+
+def attach(agent: Agent, *, inventory: GpuInventory | None = None,
+           backend: PstateBackend | None = None) -> GpuActivityService:
+    """Build the service for ``agent`` and plug it in: ``agent.gpu_activity``, its API routes,
+    its metrics and its reload listener. Pass hardware fakes for a demo or a test."""
+    service = GpuActivityService(agent.supervisor, agent.config.pstate, inventory=inventory,
+                                 backend=backend)
+    agent.gpu_activity = service
+    agent.route_registrars.append(service.routes)
+    agent.registry.register(service.collector())
+    agent.reload_listeners.append(service.on_reload)
+    return service
 
 
 class GpuActivityService:
