@@ -79,6 +79,9 @@ class SlotsReconciler:
         self._no_metrics: set[str] = set()
         self._counters: dict[str, tuple[float, float]] = {}  # instance -> (tokens, seconds)
 
+    def __repr__(self) -> str:
+        return f"<SlotsReconciler every {self.interval_s:g} s, {self.checks} check(s)>"
+
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """Check every ``interval_s`` until cancelled."""
         async with httpx.AsyncClient(timeout=REQUEST_TIMEOUT_S) as client:

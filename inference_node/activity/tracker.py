@@ -88,6 +88,9 @@ class BusyTracker:
         self._instances: dict[str, InstanceActivity] = {}
         self._listeners: list[BusyListener] = []
 
+    def __repr__(self) -> str:
+        return f"<BusyTracker {len(self._instances)} instance(s), busy: {self.busy_instances()}>"
+
     def add_listener(self, listener: BusyListener) -> None:
         """Call ``listener(instance, busy, t)`` on every busy/idle edge (synchronously)."""
         self._listeners.append(listener)

@@ -107,6 +107,11 @@ class PstateController:
         self._backend_opened = False
         tracker.add_listener(self.on_busy)
 
+    def __repr__(self) -> str:
+        states = ", ".join(f"{c.gpu.pci_bus_id}={'-' if c.applied is None else c.applied}"
+                           f"/{c.health.value}" for c in self._gpus.values())
+        return f"<PstateController {'on' if self.enabled else 'off'} [{states}]>"
+
     # -- inputs -------------------------------------------------------------------------------
 
     def on_busy(self, instance: str, busy: bool, t: float) -> None:
