@@ -100,6 +100,40 @@ async def test_llama_fit_params_agrees_per_device(tmp_path: Path) -> None:
         assert x.model_mib == int(mib(dev.weights)) and x.context_mib == int(mib(dev.kv))
 
 
+@pytest.mark.parametrize(
+    "flags",
+    [
+        ("-ngl", "99", "-ts", "3,1,2"),
+        ("-ngl", "5", "-ts", "1,1,1"),
+        ("-ngl", "8", "-ts", "2,5,1"),  # -ngl == n_layer: layer 0 stays, the output goes
+        ("-ngl", "99", "-ts", "1,0,1"),
+    ],
+)
+async def test_layer_rule_matches_llama_cpp(llama_server_bin: Path, tmp_path: Path,
+                                            flags: tuple[str, ...]) -> None:
+    """llama.cpp logs each layer's device at -lv 5; the rule must give the same map."""
+    import re
+
+    from inference_node.placement.estimate import HOST, layer_devices
+
+    spec = TinyModelSpec(n_layer=8)
+    path = write_tiny_model(tmp_path / "rule.gguf", spec)
+    async with rpc_servers(find_rpc_server(), 3) as endpoints:
+        rpc = ",".join(ep for ep, _ in endpoints)
+        args = ("-lv", "5", "-t", "1", "--no-warmup", "-c", "512", *flags, "--rpc", rpc)
+        async with llama_server(llama_server_bin, path, args) as server:
+            lines = server.log.matching("assigned to device")
+    seen: dict[int, int] = {}
+    for line in lines:
+        m = re.search(r"layer\s+(\d+) assigned to device (\w+)", line)
+        assert m, line
+        name = m.group(2)
+        seen[int(m.group(1))] = HOST if name == "CPU" else int(name.removeprefix("RPC"))
+    s = settings_from_args(flags)
+    expected = layer_devices(spec.n_layer, 3, s.n_gpu_layers, s.tensor_split)
+    assert [seen[il] for il in range(spec.n_layer + 1)] == expected
+
+
 def test_parse_memory_of_captured_logs() -> None:
     cpu = parse_memory((DATA / "llama_server_lv4.log").read_text().splitlines())
     assert cpu.gpu_names() == []
