@@ -39,7 +39,8 @@ async def test_drift_is_corrected_from_slots_and_metrics_are_read(
     tracker.add_listener(lambda name, busy, t: edges.append(busy))
     async with llama_server(llama_server_bin, tiny_model, [*ARGS, "--metrics"]) as server, \
             httpx.AsyncClient(timeout=REQUEST_TIMEOUT_S) as client:
-        r = await client.post(f"{server.url}/completion", json={"prompt": "hi", "n_predict": 8})
+        r = await client.post(f"{server.url}/completion",
+                              json={"prompt": "hi", "n_predict": 8, "ignore_eos": True})
         r.raise_for_status()
         reconciler = SlotsReconciler(tracker, lambda: {"tiny": server.url})
         # A release line that never arrived: the log thinks slot 1 still works.
