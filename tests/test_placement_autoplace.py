@@ -171,3 +171,30 @@ async def test_planned_flags_give_the_planned_split_in_llama_server(
         assert abs(measured.model - dev.weights / MIB) < 0.01
         assert abs(measured.kv - dev.kv / MIB) < 0.01
         assert measured.total <= g.free_mib + 32  # the compute estimate's stated slack
+
+
+@pytest.mark.llama
+async def test_single_gpu_flags_are_accepted_and_override_the_instance(
+        llama_server_bin: Path, model: Path) -> None:
+    """One 'GPU' (an RPC device): the plan's flags follow the instance's own split flags,
+    and llama-server ends up with the plan's layout."""
+    from inference_node.placement.args import apply_plan, settings_from_args
+    from inference_node.placement.gguf_info import read_model
+
+    own = ["-c", "2048", "-ts", "3,1", "-ngl", "2"]
+    info = read_model(model)
+    req = InstanceRequest("m", info, settings_from_args(own))
+    plan = plan_instances([req], [GpuFree("GPU-a", "rpc", 0, 1024, 1024)], margin_mib=0).plans["m"]
+    assert plan.launch_args()[-6:] == ["-sm", "layer", "-mg", "0", "-ts", "1"]
+    async with rpc_servers(find_rpc_server(), 1) as endpoints:
+        args = ("-lv", "4", "-t", "1", "--no-warmup", *own, *plan.launch_args(),
+                "--rpc", endpoints[0][0])
+        async with llama_server(llama_server_bin, model, args) as server:
+            got = parse_memory(server.log.lines)
+    device = got.devices[f"RPC0[{endpoints[0][0]}]"]
+    assert abs(device.model - plan.estimate.devices[0].weights / MIB) < 0.01
+    assert abs(device.kv - plan.estimate.devices[0].kv / MIB) < 0.01
+    # apply_plan gives the same argv without the instance's own copies
+    assert apply_plan(own, plan.args()) == ["-ngl", str(SPEC.n_layer + 1), "-c", "2048"]
+    assert apply_plan(["--ctx-size=512", "--port", "9", "-ngl", "1"], ["-c", "64"]) == \
+        ["--port", "9", "-c", "64"]
