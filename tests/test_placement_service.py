@@ -43,7 +43,7 @@ class TinyGpus:
 
 def write_config(tmp_path: Path, model: Path, llama_server_bin: Path) -> Path:
     instances: dict[str, Any] = {"a": {"model": str(model), "binary": str(llama_server_bin),
-                                       "port": free_port(), "args": ["-c", "1024", "-t", "1"],
+                                       "port": free_port(), "args": ["-c", "1024", "-t", "1", "-lv", "4"],
                                        "gpus": "auto", **FAST}}
     path = tmp_path / "node-agent.toml"
     path.write_text(tomli_w.dumps({
@@ -70,8 +70,11 @@ async def test_auto_instance_on_a_cpu_only_box(nursery: trio.Nursery, tmp_path: 
     await wait_state(agent.supervisor, "a", State.READY)
     async with httpx.AsyncClient(base_url=agent.api_urls[0], headers=AUTH) as client:
         shown = (await client.get("/v1/placement")).json()
-    assert shown["instances"]["a"]["args"] == ["-ngl", "0", "-c", "1024"]
-    assert shown["instances"]["a"]["gpus"] == []
+    decision = shown["instances"]["a"]["decision"]
+    assert decision["args"] == ["-ngl", "0", "-c", "1024"] and decision["gpus"] == []
+    # what llama-server reported, beside the estimate of the host
+    measured = shown["instances"]["a"]["measured_mib"]["host"]
+    assert measured["kv"] > 0 and abs(measured["total"] - decision["host_mib"]) < 1.0
 
 
 async def test_refused_instance_fails_with_the_reason(nursery: trio.Nursery, tmp_path: Path,
@@ -82,7 +85,7 @@ async def test_refused_instance_fails_with_the_reason(nursery: trio.Nursery, tmp
     await wait_state(agent.supervisor, "a", State.FAILED)
     async with httpx.AsyncClient(base_url=agent.api_urls[0], headers=AUTH) as client:
         shown = (await client.get("/v1/placement")).json()
-    reason = shown["instances"]["a"]["refused"]
+    reason = shown["instances"]["a"]["decision"]["refused"]
     assert reason.startswith("instance a: needs ") and "MiB short" in reason
 
 

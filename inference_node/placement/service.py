@@ -2,7 +2,9 @@
 
 ``PlacementService(agent)`` installs an ``AutoPlacer`` as the supervisor's launch planner
 and adds ``GET /v1/placement`` (what was decided per instance: GPUs, layers, MiB per
-GPU, flags; or the refusal). A config reload updates the safety margin for the next start. It has no loop of its own: decisions happen when the
+GPU, flags; or the refusal), beside what each running llama-server reported it allocated
+(its ``model/KV/compute buffer size`` lines, printed with ``-lv 4``): on real GPUs this is
+the check of the estimate. A config reload updates the safety margin for the next start. It has no loop of its own: decisions happen when the
 supervisor starts an instance.
 """
 
@@ -14,6 +16,8 @@ import trio
 
 from inference_node.gpu.inventory import GpuInventory, open_inventory
 from inference_node.placement.autoplace import AutoPlacer
+from inference_node.placement.measured import BUFFER_LINE, parse_memory
+from inference_node.supervisor.state import State
 
 if TYPE_CHECKING:
     from inference_node.agent import Agent
@@ -30,6 +34,32 @@ class PlacementService:
         agent.supervisor.launch_planner = self.placer
         agent.route_registrars.append(self.routes)
         agent.reload_listeners.append(self._reloaded)
+        # buffer-size lines of each instance's current run, for "measured"
+        self._buffer_lines: dict[str, list[str]] = {}
+        agent.supervisor.add_line_sink(self._line)
+        agent.supervisor.add_state_listener(self._state)
+
+    def _line(self, name: str, line: str, t: float) -> None:
+        if BUFFER_LINE.search(line):
+            self._buffer_lines.setdefault(name, []).append(line)
+
+    def _state(self, name: str, old: State, new: State, why: str) -> None:
+        if new is State.STARTING:
+            self._buffer_lines.pop(name, None)  # a new run reports afresh
+
+    def status(self) -> dict[str, object]:
+        """Per instance: the decision and the MiB its llama-server reported per device."""
+        out: dict[str, object] = {}
+        for name in sorted(set(self.placer.decisions) | set(self._buffer_lines)):
+            measured = parse_memory(self._buffer_lines.get(name, []))
+            out[name] = {
+                "decision": self.placer.decisions.get(name),
+                "measured_mib": {dev: {"model": round(m.model, 2), "kv": round(m.kv, 2),
+                                       "compute": round(m.compute, 2),
+                                       "total": round(m.total, 2)}
+                                 for dev, m in measured.devices.items()},
+            }
+        return out
 
     def _reloaded(self, config: NodeAgentConfig) -> None:
         # the next start uses the new margin; running instances keep their place
@@ -44,7 +74,7 @@ class PlacementService:
 
         @app.route("GET", "/v1/placement")
         async def placement(req: Request) -> Response:
-            return Response.json({"instances": self.placer.decisions})
+            return Response.json({"instances": self.status()})
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         task_status.started()
