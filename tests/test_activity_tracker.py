@@ -120,3 +120,17 @@ async def test_real_server_tasks_drive_busy_edges(llama_server_bin: Path, tiny_m
     assert [busy for busy, _ in seen] == [True, False] * (len(seen) // 2) and seen
     assert ("kv", "CPU") in record.buffers and ("compute", "CPU") in record.buffers
     assert record.busy_total(trio.current_time()) > 0
+
+
+def test_counts_stay_right_when_slots_runs_ahead_of_the_log() -> None:
+    tracker = BusyTracker()
+    seq = tracker.instance("a").seq
+    # /slots sees a task whose "processing task" line has not been read yet.
+    assert tracker.reconcile("a", {0: 5}, seq, 1.0) is not None and tracker.busy("a")
+    tracker.apply("a", TaskStarted(0, 5), 1.1)
+    record = tracker.instance("a")
+    assert record.tasks_started == 1 and record.active == {0: 5}
+    # /slots sees it done before the release line arrives.
+    assert tracker.reconcile("a", {}, record.seq, 2.0) is not None
+    tracker.apply("a", TaskFinished(0, 5), 2.1)
+    assert record.tasks_finished == 1 and not tracker.busy("a")

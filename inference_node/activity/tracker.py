@@ -29,6 +29,10 @@ from inference_node.activity.parser import (
 
 log = logging.getLogger(__name__)
 
+# The task id of a slot that /slots reported busy before its log line arrived: the line, when
+# it comes, still counts the task.
+UNKNOWN_TASK = -1
+
 BusyListener = Callable[[str, bool, float], None]
 """``listener(instance, busy, t)``, called on each busy/idle edge."""
 
@@ -126,7 +130,7 @@ class BusyTracker:
         match event:
             case TaskStarted(slot, task):
                 previous = record.active.get(slot)
-                if previous is not None and previous != task:
+                if previous is not None and previous not in (task, UNKNOWN_TASK):
                     log.info("%s: slot %d started task %d without releasing task %d",
                              instance, slot, task, previous)
                 if previous != task:
@@ -165,7 +169,9 @@ class BusyTracker:
         was_busy = record.busy
         record.corrections += 1
         record.seq += 1
-        record.active = dict(processing)
+        # Tasks /slots no longer shows ended; their release lines, if late, count nothing twice.
+        record.tasks_finished += len(set(record.active) - set(processing))
+        record.active = {slot: record.active.get(slot, UNKNOWN_TASK) for slot in processing}
         self._edge(record, was_busy, t, "slots")
         return reason
 
