@@ -161,3 +161,15 @@ def test_gpu_mistakes_name_the_key(tmp_path: Path, table: dict[str, object], key
 def test_env_is_inherited_by_default(tmp_path: Path) -> None:
     spec = build_launch("e", instance("e", {"command": ["srv", "--port", "1"]}, tmp_path / "x.toml"))
     assert spec.env["PATH"] == os.environ["PATH"]
+
+
+def test_check_config_checks_the_files_of_auto_instances(tmp_path: Path) -> None:
+    cfg = tmp_path / "node-agent.toml"
+    cfg.write_text(tomli_w.dumps({"instances": {
+        "auto": {"binary": sys.executable, "model": "missing.gguf", "port": 8081, "gpus": "auto"},
+    }}))
+    out = check_config(cfg)
+    assert out.returncode == 0
+    assert out.stderr.splitlines() == [
+        f"node-agent: warning: instances.auto: model file {tmp_path / 'missing.gguf'} not found; "
+        "fix the path or download it"]

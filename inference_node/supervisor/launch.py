@@ -126,8 +126,10 @@ def instance_problems(config: NodeAgentConfig) -> list[str]:
     for name, inst in config.instances.items():
         if not inst.enabled:
             continue
+        # GPUs of an "auto" instance are chosen at start; here only its files are checked.
+        placed = LaunchOverrides(gpus=()) if inst.gpus == "auto" else None
         try:
-            problems += preflight(build_launch(name, inst), check_port=False)
+            problems += preflight(build_launch(name, inst, placed), check_port=False)
         except LaunchError as exc:
             problems.append(str(exc))
     return problems
