@@ -6,7 +6,9 @@ import json
 import random
 from pathlib import Path
 
+import httpx
 import pytest
+import trio
 
 from inference_node.activity.parser import (
     MAX_LINE_CHARS,
@@ -17,6 +19,7 @@ from inference_node.activity.parser import (
     TaskStarted,
     parse_line,
 )
+from tests.support.llama import llama_server
 
 DATA = Path(__file__).parent / "data"
 
@@ -170,3 +173,21 @@ def test_random_mutations_never_raise_or_invent_a_task() -> None:
             assert "processing task" in mutated or "stop processing" in mutated
             assert f"task {event.task}" in mutated.replace("  ", " ") or \
                 f"task  {event.task}" in mutated
+
+
+async def test_live_log_jsonl_of_the_real_binary(llama_server_bin: Path, tiny_model: Path) -> None:
+    """``--log-jsonl`` lines straight from the real server parse like the plain ones."""
+    args = ["--log-jsonl", "-lv", "4", "-c", "256", "-np", "1", "-t", "1"]
+    async with llama_server(llama_server_bin, tiny_model, args) as server, \
+            httpx.AsyncClient(timeout=60.0) as client:
+        r = await client.post(f"{server.url}/completion", json={"prompt": "x", "n_predict": 4})
+        r.raise_for_status()
+        with trio.fail_after(60.0):
+            await server.log.wait_for("stop processing")
+        lines = list(server.log.lines)
+    assert all(line.startswith("{") for line in lines if "processing" in line)
+    events = events_of(lines)
+    assert [e for e in events if isinstance(e, TaskStarted | TaskFinished)] == \
+        [TaskStarted(0, 0), TaskFinished(0, 0)]
+    assert ModelLoaded() in events
+    assert {e.kind for e in events if isinstance(e, BufferSize)} >= {"model", "kv", "compute"}
