@@ -172,3 +172,16 @@ def test_latent_attention_caches_k_only(tmp_path: Path) -> None:
     assert m.is_mla and not m.recurrent
     # 576 values of f16 per cell and layer, no V
     assert kv_total_bytes(m, LaunchSettings(ctx=4096)) == 2 * 4096 * 576 * 2
+
+
+def test_cuda_reserves_an_f16_copy_of_a_quantized_cache(models: dict[str, Path]) -> None:
+    m = read_model(models["head-32"])
+    q8 = LaunchSettings(ctx=4096, cache_type_k="q8_0", cache_type_v="q8_0", flash_attn="on")
+    f16 = q8.with_(cache_type_k="f16", cache_type_v="f16")
+
+    def compute(s: LaunchSettings, kind: str) -> int:
+        return estimate(m, s, [DeviceSpec("A", kind)]).devices[0].compute
+
+    # one layer's K and V as f16: 4096 cells x 128 values x 2 bytes, twice
+    assert compute(q8, "cuda") - compute(q8, "rpc") == 2 * 4096 * 128 * 2
+    assert compute(f16, "cuda") == compute(f16, "rpc")

@@ -25,6 +25,8 @@ them):
   ``PIPELINE_OTHER_EMBD·n_embd`` on the others.
 - without flash attention, ``NO_FA_KV_INPUT_BYTES`` per KV cell and KV value per copy and
   per KV cache (sliding-window models have two).
+- on CUDA with flash attention and a K/V cache that is not f16, an f16 copy of one
+  layer's cache (``_cuda_fa_staging``; from llama.cpp's source, not measured here).
 - on the output device, the output rows (one per slot): logits twice and
   ``OUTPUT_EMBD·n_embd`` of activations, f32.
 
@@ -76,8 +78,9 @@ def pipeline_parallel(model: ModelInfo, s: LaunchSettings, n_devices: int) -> bo
 
 
 def compute_bytes(model: ModelInfo, s: LaunchSettings, assign: Sequence[int], dev: int,
-                  *, n_devices: int) -> int:
-    """Estimated compute buffer of device ``dev`` (HOST for the CPU) given the layer map."""
+                  *, n_devices: int, kind: str = "cpu") -> int:
+    """Estimated compute buffer of device ``dev`` (HOST for the CPU) given the layer map;
+    ``kind`` is the device's backend (cuda, rpc, cpu)."""
     _, ub = s.batch_sizes(model.n_ctx_train)
     n_layer = model.n_layer
     e = model.n_embd
@@ -100,6 +103,8 @@ def compute_bytes(model: ModelInfo, s: LaunchSettings, assign: Sequence[int], de
         n_caches = len(set(model.swa_layers)) if not s.swa_full else 1
         total += n_caches * copies * cells * s.n_stream * kv_embd * NO_FA_KV_INPUT_BYTES
     total += max((_layer_peak(model, s, il, dev == HOST, ub) for il in layers), default=0.0)
+    if kind == "cuda" and layers:
+        total += _cuda_fa_staging(model, s, layers)
 
     if feeds_only:
         total += (PIPELINE_FIRST_EMBD - HOST_EMBD if pp else HOST_INPUT_EMBD) * ub * e * F32
@@ -127,6 +132,21 @@ def _layer_peak(model: ModelInfo, s: LaunchSettings, il: int, on_host: bool, ub:
     if il == model.n_layer - 1:
         return attn  # the last layer's feed-forward runs on the output rows only
     return max(attn, ub * F32 * (FFN_EMBD * e + extra + FFN_FF * _ffn_width(model)))
+
+
+def _cuda_fa_staging(model: ModelInfo, s: LaunchSettings, layers: Sequence[int]) -> float:
+    """CUDA's flash attention converts a non-f16 K/V cache to f16 for its tensor-core kernels
+    and reserves that copy in the compute buffer (``ggml_cuda_flash_attn_ext_get_alloc_size``):
+    the whole cache of one layer, K and V. Not measured here (no CUDA in the benchmark)."""
+    if not s.flash:
+        return 0.0
+    worst = 0.0
+    for il in layers:
+        cells = kv_cells(model, s, il) * s.n_stream
+        kv_embd = model.n_head_kv[il] * model.head_dim_k
+        size = sum(cells * kv_embd * F16 for t in (s.cache_type_k, s.cache_type_v) if t != "f16")
+        worst = max(worst, size)
+    return worst
 
 
 def _ffn_width(model: ModelInfo) -> float:

@@ -168,7 +168,8 @@ def estimate(model: ModelInfo, s: LaunchSettings, devices: Sequence[DeviceSpec])
     if s.mmap:
         host.weights = _mapped_span(model, assign)
     for dev, est in enumerate(ests):
-        est.compute = compute_bytes(model, s, assign, dev, n_devices=len(used))
+        est.compute = compute_bytes(model, s, assign, dev, n_devices=len(used),
+                                    kind=used[dev].kind)
     host.compute = compute_bytes(model, s, assign, HOST, n_devices=len(used))
     return Estimate(devices=ests, host=host, n_ctx=s.n_ctx(model.n_ctx_train),
                     n_ctx_seq=s.n_ctx_seq(model.n_ctx_train), n_gpu_layers=ngl)
