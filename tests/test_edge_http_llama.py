@@ -41,6 +41,7 @@ MODEL_ALIAS: Final = "tiny"
 # Long enough that generation is still running when the first chunk has crossed the proxy.
 LONG_GENERATION_TOKENS: Final = 1000
 LARGE_TEXT_BYTES: Final = 300_000
+CHUNKED_PIECE_BYTES: Final = 65_521  # a prime: pieces never line up with anything
 KEEPALIVE_ROUNDS: Final = 4
 
 
@@ -148,6 +149,18 @@ async def test_large_request_bodies_pass_intact(
         detok = await client.post("/detokenize", json={"tokens": tokens})
         assert detok.status_code == 200
         assert detok.json()["content"] == content
+
+        # the same body sent chunked (no Content-Length), in pieces of odd sizes
+        payload = json.dumps({"tokens": tokens}).encode()
+
+        async def pieces() -> AsyncIterator[bytes]:
+            for start in range(0, len(payload), CHUNKED_PIECE_BYTES):
+                yield payload[start:start + CHUNKED_PIECE_BYTES]
+
+        chunked = await client.post("/detokenize", content=pieces(),
+                                    headers={"content-type": "application/json"})
+        assert chunked.request.headers["transfer-encoding"] == "chunked"
+        assert chunked.json()["content"] == content
 
 
 async def test_the_openai_sdk_streams_and_not(
