@@ -26,13 +26,14 @@ import resource
 import selectors
 import shutil
 import socket
+import statistics
 import subprocess
 import sys
 import tempfile
 import threading
 import time
 import urllib.request
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
@@ -43,7 +44,8 @@ QUICK_STREAM_BYTES = 512 << 20
 SEND_CHUNK = 1 << 20
 ROUND_TRIPS = 2000  # per connection at concurrency 1
 ROUND_TRIPS_64 = 300  # per connection at concurrency 64
-LATENCY_REPEATS = 3
+LATENCY_REPEATS = 5  # rounds; medians over them
+STREAM_REPEATS = 2  # the best of these (a throughput run can only be slowed by other work)
 NEW_CONN_SECONDS = 3.0
 NEW_CONN_THREADS = 4
 HELD_CONNECTIONS = 10_000
@@ -278,12 +280,6 @@ def new_connections(port: int, seconds: float) -> float:
     return sum(counts) / seconds
 
 
-def best_of(run: Callable[[], list[float]]) -> list[float]:
-    """The quietest of LATENCY_REPEATS runs (lowest p99): other work on a shared machine only
-    ever adds latency, so the least disturbed run is the closest to the proxy's own cost."""
-    return min((run() for _ in range(LATENCY_REPEATS)), key=lambda s: pct(s, 0.99))
-
-
 def pct(samples: list[float], q: float) -> float:
     ordered = sorted(samples)
     return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
@@ -373,6 +369,31 @@ def ready_to_delivered(tmp: Path, wol: int, held: int) -> tuple[float, float]:
 
 # ---- the run ---------------------------------------------------------------------------
 
+def measure(ports: dict[str, int], stream_bytes: int) -> dict[str, dict[str, float]]:
+    """Every path measured in rounds, back to back: each round times direct, edge-proxy and
+    haproxy one after the other, and the added latency is taken within a round (against that
+    round's direct run), then the median over rounds. Load from elsewhere on a shared
+    machine then shifts both sides of a difference alike instead of one path's whole run."""
+    rounds: dict[str, list[dict[str, float]]] = {name: [] for name in ports}
+    for _ in range(LATENCY_REPEATS):
+        for name, port in ports.items():
+            one = round_trips(port, 1, ROUND_TRIPS)
+            many = round_trips(port, 64, ROUND_TRIPS_64)
+            rounds[name].append({"p50_1": pct(one, 0.5) * 1e3, "p99_1": pct(one, 0.99) * 1e3,
+                                 "p50_64": pct(many, 0.5) * 1e3, "p99_64": pct(many, 0.99) * 1e3})
+    results: dict[str, dict[str, float]] = {}
+    for name, port in ports.items():
+        r = {key: statistics.median(rnd[key] for rnd in rounds[name]) for key in rounds[name][0]}
+        for key in ("p50_1", "p99_1", "p50_64", "p99_64"):
+            r["add" + key[1:]] = statistics.median(
+                mine[key] - base[key] for mine, base in zip(rounds[name], rounds["direct"],
+                                                            strict=True))
+        r["gbps"] = max(throughput(port, stream_bytes) for _ in range(STREAM_REPEATS)) / 1e9
+        r["conn_s"] = new_connections(port, NEW_CONN_SECONDS)
+        results[name] = r
+    return results
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="smaller transfers (a smoke run)")
@@ -380,58 +401,35 @@ def main() -> int:
     _, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
     stream_bytes = QUICK_STREAM_BYTES if args.quick else STREAM_BYTES
-    results: dict[str, dict[str, float]] = {}
     with tempfile.TemporaryDirectory() as tmpdir, \
             socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as wol_sink:
         tmp = Path(tmpdir)
         wol_sink.bind((LOOPBACK, 0))  # magic packets land here and are never read
         wol = wol_sink.getsockname()[1]
         backend = free_port()
-        with process([sys.executable, "-c", BACKEND, str(backend)], backend):
-            paths: dict[str, Callable[[], contextlib.AbstractContextManager[int]]] = {}
-
-            @contextlib.contextmanager
-            def direct() -> Iterator[int]:
-                yield backend
-
-            @contextlib.contextmanager
-            def edge() -> Iterator[int]:
-                listen, ctl = free_port(), free_port()
-                cfg = edge_config(tmp, listen, backend, ctl, wol)
-                with process([sys.executable, "-m", "edge_proxy", "run", "-c", str(cfg)], listen):
-                    wait_port(ctl)
-                    yield listen
-
-            @contextlib.contextmanager
-            def haproxy() -> Iterator[int]:
+        with contextlib.ExitStack() as running:
+            running.enter_context(process([sys.executable, "-c", BACKEND, str(backend)], backend))
+            ports = {"direct": backend}
+            listen, ctl = free_port(), free_port()
+            cfg = edge_config(tmp, listen, backend, ctl, wol)
+            running.enter_context(
+                process([sys.executable, "-m", "edge_proxy", "run", "-c", str(cfg)], listen))
+            wait_port(ctl)
+            ports["edge-proxy"] = listen
+            exe = shutil.which("haproxy")
+            if exe is not None:
                 listen = free_port()
-                exe = shutil.which("haproxy")
-                assert exe is not None
-                with process([exe, "-f", str(haproxy_config(tmp, listen, backend))], listen):
-                    yield listen
-
-            paths["direct"] = direct
-            paths["edge-proxy"] = edge
-            if shutil.which("haproxy"):
-                paths["haproxy"] = haproxy
-            for name, make in paths.items():
-                with make() as port:
-                    r: dict[str, float] = {}
-                    r["gbps"] = throughput(port, stream_bytes) / 1e9
-                    one = best_of(lambda: round_trips(port, 1, ROUND_TRIPS))
-                    many = best_of(lambda: round_trips(port, 64, ROUND_TRIPS_64))
-                    r["p50_1"], r["p99_1"] = pct(one, 0.5) * 1e3, pct(one, 0.99) * 1e3
-                    r["p50_64"], r["p99_64"] = pct(many, 0.5) * 1e3, pct(many, 0.99) * 1e3
-                    r["conn_s"] = new_connections(port, NEW_CONN_SECONDS)
-                    results[name] = r
-        base = results["direct"]
+                running.enter_context(
+                    process([exe, "-f", str(haproxy_config(tmp, listen, backend))], listen))
+                ports["haproxy"] = listen
+            results = measure(ports, stream_bytes)
         print(f"{'path':<12} {'stream GB/s':>11} {'p50/p99 @1 ms':>16} {'added @1':>14} "
               f"{'p50/p99 @64 ms':>16} {'added @64':>14} {'conn/s':>8}")
         for name, r in results.items():
             added1 = added64 = "-"
             if name != "direct":
-                added1 = f"{r['p50_1'] - base['p50_1']:+.3f}/{r['p99_1'] - base['p99_1']:+.3f}"
-                added64 = f"{r['p50_64'] - base['p50_64']:+.3f}/{r['p99_64'] - base['p99_64']:+.3f}"
+                added1 = f"{r['add50_1']:+.3f}/{r['add99_1']:+.3f}"
+                added64 = f"{r['add50_64']:+.3f}/{r['add99_64']:+.3f}"
             print(f"{name:<12} {r['gbps']:>11.2f} {r['p50_1']:>7.3f}/{r['p99_1']:<8.3f} "
                   f"{added1:>14} {r['p50_64']:>7.3f}/{r['p99_64']:<8.3f} {added64:>14} "
                   f"{r['conn_s']:>8.0f}")
@@ -446,8 +444,8 @@ def main() -> int:
         print(f"ready -> delivered: {single[len(single) // 2] * 1e3:.1f} ms for one held client "
               f"(median of {READY_REPEATS}); with {READY_HELD} held: {first * 1e3:.1f} ms to the "
               f"first, {last * 1e3:.1f} ms to all")
-    print(f"(stream: {stream_bytes >> 20} MiB upload; latency: 64-byte echo, {ROUND_TRIPS} round "
-          f"trips at 1 connection, {ROUND_TRIPS_64} each at 64, best of {LATENCY_REPEATS}; conn/s: {NEW_CONN_THREADS} threads "
+    print(f"(stream: {stream_bytes >> 20} MiB upload, best of {STREAM_REPEATS}; latency: 64-byte echo, {ROUND_TRIPS} round "
+          f"trips at 1 connection, {ROUND_TRIPS_64} each at 64, medians of {LATENCY_REPEATS} interleaved rounds; conn/s: {NEW_CONN_THREADS} threads "
           f"for {NEW_CONN_SECONDS:g} s; {os.cpu_count()} CPUs shared by client, proxy, backend)")
     return 0
 
