@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Protocol
 
 import trio
-from prometheus_client import CollectorRegistry
+from prometheus_client import CollectorRegistry, Counter
 
 from inference_node import api
 from inference_node.gpu import service as gpu_service
@@ -76,6 +76,8 @@ class Agent:
         self.overrides = EnabledOverrides(config.agent.state_file)
         self.registry = CollectorRegistry()
         self.registry.register(SupervisorCollector(self.supervisor))
+        self.reloads = Counter("llamanap_agent_reloads", "Config reloads by result (ok, error)",
+                               ["result"], registry=self.registry)
         # Functions that add API routes; components append theirs before the API starts.
         self.route_registrars: list[api.RouteRegistrar] = [api.core_routes]
         self.reload_listeners: list[ReloadListener] = []
@@ -104,6 +106,7 @@ class Agent:
                 new = load_node_config(self.cfg_path)
             except LlamanapError as exc:
                 self.last_reload = ReloadRecord(False, str(exc), _wall())
+                self.reloads.labels("error").inc()
                 log.error("%s: config error, keeping the running instances: %s", reason, exc)
                 raise
             if new.agent != self.config.agent:
@@ -113,6 +116,7 @@ class Agent:
             self.config = dataclasses.replace(new, agent=self.config.agent)
             plan = await self.apply_config(reason)
             self.last_reload = ReloadRecord(True, _summary(plan), _wall())
+            self.reloads.labels("ok").inc()
             for listener in self.reload_listeners:
                 listener(self.config)
             return plan

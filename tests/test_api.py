@@ -113,6 +113,9 @@ async def test_reload_reports_the_plan_and_config_errors(api: httpx.AsyncClient,
     assert agent.supervisor.names == ["a", "b"]
     status = (await api.get("/v1/status")).json()
     assert status["last_reload"]["ok"] is False
+    metrics = (await api.get("/metrics")).text
+    assert 'llamanap_agent_reloads_total{result="ok"} 1.0' in metrics
+    assert 'llamanap_agent_reloads_total{result="error"} 1.0' in metrics
 
 
 async def test_refuses_to_listen_beyond_loopback_without_a_token(tmp_path: Path) -> None:
