@@ -123,9 +123,11 @@ async def test_backend_half_close_reaches_the_client_which_can_still_send(tmp_pa
             await stream.aclose()
 
 
-async def test_backend_dying_mid_stream_resets_the_client_promptly(tmp_path: Path) -> None:
+@pytest.mark.parametrize("sent", [100_000, 20_000_000])  # the second one is spliced
+async def test_backend_dying_mid_stream_resets_the_client_promptly(tmp_path: Path,
+                                                                   sent: int) -> None:
     async def die(stream: trio.SocketStream) -> None:
-        await stream.send_all(b"x" * 100_000)
+        await stream.send_all(b"x" * sent)
         await trio.sleep(0.1)
         stream.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
         await stream.aclose()  # RST
