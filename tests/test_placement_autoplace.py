@@ -93,7 +93,7 @@ def test_config_accepts_auto_and_requests_read_both_forms(tmp_path: Path, model:
 def test_plan_config_places_only_auto_instances(tmp_path: Path, model: Path) -> None:
     cfg = load_node_config(write_config(tmp_path, model))
     result = plan_config(cfg, [GpuFree("GPU-a", "g", 0, 1000, 1000),
-                               GpuFree("GPU-b", "g", 1, 1000, 1000)])
+                               GpuFree("GPU-b", "g", 1, 1000, 1000)], process_mib=0)
     assert set(result.plans) == {"a", "b"} and not result.refusals
     # both small instances share one GPU; the other stays empty
     assert result.plans["a"].uuids == result.plans["b"].uuids
@@ -132,7 +132,7 @@ def test_reservations_keep_two_starts_from_taking_the_same_memory(model: Path) -
     need = estimate(info, s, [DeviceSpec("g")]).total / MIB
     gpus = [GpuFree("GPU-a", "g", 0, need * 1.5, need * 1.5),
             GpuFree("GPU-b", "g", 1, need * 1.5, need * 1.5)]
-    placer = AutoPlacer(FixedInventory([]), margin_mib=0)
+    placer = AutoPlacer(FixedInventory([]), margin_mib=0, process_mib=0)
     first = placer.decide(InstanceRequest("one", info, s), gpus, now=0.0)
     # NVML still shows both GPUs free: the reservation sends the second start elsewhere
     second = placer.decide(InstanceRequest("two", info, s), gpus, now=1.0)
@@ -158,7 +158,7 @@ async def test_planned_flags_give_the_planned_split_in_llama_server(
     s = LaunchSettings(ctx=2048)
     need = estimate(info, s, [DeviceSpec("g", "rpc")]).total / MIB
     gpus = [GpuFree("GPU-a", "rpc", 0, need * 0.7, need), GpuFree("GPU-b", "rpc", 1, need * 0.7, need)]
-    result = plan_instances([InstanceRequest("m", info, s)], gpus, margin_mib=0)
+    result = plan_instances([InstanceRequest("m", info, s)], gpus, margin_mib=0, process_mib=0)
     plan = result.plans["m"]
     assert plan.uuids == ["GPU-a", "GPU-b"]
     async with rpc_servers(find_rpc_server(), 2) as endpoints:
@@ -184,7 +184,8 @@ async def test_single_gpu_flags_are_accepted_and_override_the_instance(
     own = ["-c", "2048", "-ts", "3,1", "-ngl", "2"]
     info = read_model(model)
     req = InstanceRequest("m", info, settings_from_args(own))
-    plan = plan_instances([req], [GpuFree("GPU-a", "rpc", 0, 1024, 1024)], margin_mib=0).plans["m"]
+    plan = plan_instances([req], [GpuFree("GPU-a", "rpc", 0, 1024, 1024)],
+                          margin_mib=0).plans["m"]
     assert plan.launch_args()[-6:] == ["-sm", "layer", "-mg", "0", "-ts", "1"]
     async with rpc_servers(find_rpc_server(), 1) as endpoints:
         args = ("-lv", "4", "-t", "1", "--no-warmup", *own, *plan.launch_args(),

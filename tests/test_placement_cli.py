@@ -56,7 +56,7 @@ def test_analyze_damaged_file_is_one_line(capsys: pytest.CaptureFixture[str],
 
 def test_plan_on_assumed_gpus(capsys: pytest.CaptureFixture[str], model: Path) -> None:
     code, out, _ = run(capsys, "plan", str(model), "-c", "4096", "--assume-gpus", "200,400",
-                       "--margin-mib", "0")
+                       "--margin-mib", "0", "--process-mib", "0")
     assert code == 0
     assert "1 GPU(s), all layers on GPU, n_ctx 4096" in out
     assert "CUDA_VISIBLE_DEVICES=assumed-0" in out  # the smaller card that fits
@@ -68,7 +68,7 @@ def test_plan_json_split(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> 
     wide = TinyModelSpec(n_layer=8, n_embd=512, n_ff=2048, n_head=8, n_head_kv=2)
     path = write_tiny_model(tmp_path / "wide.gguf", wide)
     code, out, _ = run(capsys, "plan", str(path), "-c", "2048", "-np", "2", "--json",
-                       "--assume-gpus", "100,100", "--margin-mib", "0")
+                       "--assume-gpus", "100,100", "--margin-mib", "0", "--process-mib", "0")
     plan = json.loads(out)
     assert code == 0, out
     assert [g["uuid"] for g in plan["gpus"]] == ["assumed-0", "assumed-1"]
@@ -124,7 +124,8 @@ model = "{model}"
 port = 18092
 gpus = [0]
 """)
-    code, out, _ = run(capsys, "plan", "--config", str(cfg), "--json", "--assume-gpus", "100,100")
+    code, out, _ = run(capsys, "plan", "--config", str(cfg), "--json", "--assume-gpus", "100,100",
+                       "--process-mib", "0")
     shown = json.loads(out)
     assert code == 0 and set(shown["plans"]) == {"one", "two"} and not shown["refused"]
     # both fit on the first card; the second stays empty

@@ -15,6 +15,7 @@ from inference_node.placement.estimate import layer_devices
 from inference_node.placement.ggml_sizes import MIB
 from inference_node.placement.gguf_info import ModelInfo, TensorInfo
 from inference_node.placement.planner import (
+    PROCESS_MIB,
     GpuFree,
     InstancePlan,
     InstanceRequest,
@@ -114,7 +115,8 @@ def test_uneven_gpus_get_uneven_shares() -> None:
     assert first + second == N_LAYER + 1
     # the first card is filled: one more layer (200 MiB weights + 32 MiB KV) would not fit
     d0 = plan.estimate.devices[0].total / MIB
-    assert 5 * GIB - 256 - 232 < d0 <= 5 * GIB - 256
+    room = 5 * GIB - 256 - PROCESS_MIB
+    assert room - 232 < d0 <= room
     for g, d in zip(plan.gpus, plan.estimate.devices, strict=True):
         assert d.total / MIB <= g.free_mib - 256
 
@@ -162,14 +164,15 @@ def test_refusal_when_nothing_fits() -> None:
     result = plan_instances([req(layer_mib=2000)], [gpu(0, 24), gpu(1, 24)], margin_mib=512)
     reason = result.refusals["m"].reason
     assert "nothing smaller fits either" in reason
-    assert "the GPUs have 48128 MiB usable together (largest 24064 MiB)" in reason
+    # 24 GiB less the 512 MiB margin and one process's 300 MiB, per card
+    assert "the GPUs have 47528 MiB usable together (largest 23764 MiB)" in reason
 
 
 def test_refusal_when_only_the_split_overhead_does_not_fit() -> None:
     # together the cards hold the model, but each would need its own compute buffer
     need_one = 8.0 * GIB
     result = plan_instances([req()], [gpu(0, need_one / 2 / GIB), gpu(1, need_one / 2 / GIB)],
-                            margin_mib=0)
+                            margin_mib=0, process_mib=0)
     reason = result.refusals["m"].reason
     assert "no split fits either, as each GPU also needs its own compute buffer" in reason
 
@@ -189,7 +192,7 @@ def test_partial_offload_refused_when_not_even_one_layer_fits() -> None:
 def test_margin_is_kept_free(margin: int) -> None:
     plan = only(plan_instances([req()], [gpu(0, 9), gpu(1, 9)], margin_mib=margin))
     for g, d in zip(plan.gpus, plan.estimate.devices, strict=True):
-        assert d.total / MIB <= g.free_mib - margin
+        assert d.total / MIB <= g.free_mib - margin - PROCESS_MIB
 
 
 def test_without_ctx_the_context_shrinks_to_fit() -> None:
@@ -200,6 +203,17 @@ def test_without_ctx_the_context_shrinks_to_fit() -> None:
     assert ctx is not None and 4096 <= ctx < 131072 and ctx % 256 == 0
     assert plan.args()[2:4] == ["-c", str(ctx)]
     # one more 256-cell step would not fit (32 layers x 256 cells x 4 KiB = 32 MiB)
-    assert plan.estimate.devices[0].total / MIB > 12 * GIB - 512 - 64
+    assert plan.estimate.devices[0].total / MIB > 12 * GIB - 512 - PROCESS_MIB - 64
     # never below 4096: a card too small for that is a refusal
     assert "m" in plan_instances([req(ctx=None)], [gpu(0, 7.5)], margin_mib=512).refusals
+
+
+def test_every_process_pays_its_own_overhead_on_a_shared_gpu() -> None:
+    one = plan_instances([req("a")], [gpu(0, 48)], margin_mib=0).plans["a"]
+    need = one.estimate.devices[0].total / MIB
+    # room for both instances' buffers and one process overhead, but not two
+    card = (2 * need + 1.5 * PROCESS_MIB) / GIB
+    result = plan_instances([req("a"), req("b")], [gpu(0, card), gpu(1, 48)], margin_mib=0)
+    assert only(result, "a").uuids != only(result, "b").uuids
+    assert plan_instances([req("a"), req("b")], [gpu(0, card)], margin_mib=0,
+                          process_mib=0).refusals == {}

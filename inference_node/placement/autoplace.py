@@ -31,10 +31,12 @@ from inference_node.placement.estimate import estimate
 from inference_node.placement.gguf_info import read_model
 from inference_node.placement.planner import (
     EMPTY_USED_MIB,
+    PROCESS_MIB,
     GpuFree,
     InstanceRequest,
     PlacementResult,
     Refusal,
+    need_mib,
     place_one,
     plan_instances,
 )
@@ -64,11 +66,12 @@ def request_for(name: str, config: InstanceConfig) -> InstanceRequest:
                            config.allow_partial_offload)
 
 
-def plan_config(cfg: NodeAgentConfig, gpus: Sequence[GpuFree]) -> PlacementResult:
+def plan_config(cfg: NodeAgentConfig, gpus: Sequence[GpuFree],
+                process_mib: float = PROCESS_MIB) -> PlacementResult:
     """Place every enabled ``gpus = "auto"`` instance of ``cfg`` on ``gpus``."""
     requests = [request_for(name, inst) for name, inst in cfg.instances.items()
                 if inst.enabled and inst.gpus == "auto"]
-    return plan_instances(requests, gpus, cfg.placement.safety_margin_mib)
+    return plan_instances(requests, gpus, cfg.placement.safety_margin_mib, process_mib)
 
 
 @dataclass(frozen=True)
@@ -81,9 +84,11 @@ class AutoPlacer:
     """Launch planner for ``gpus = "auto"`` instances (see module doc)."""
 
     def __init__(self, inventory: GpuInventory, margin_mib: float,
-                 clock: Callable[[], float] = time.monotonic) -> None:
+                 clock: Callable[[], float] = time.monotonic,
+                 process_mib: float = PROCESS_MIB) -> None:
         self._inventory = inventory
         self.margin_mib = margin_mib
+        self.process_mib = process_mib
         self._clock = clock
         self._reserved: dict[str, _Reservation] = {}
         # what was decided for each instance, for the status API (JSON-ready)
@@ -120,12 +125,13 @@ class AutoPlacer:
         usable = {k: max(v, 0.0) for k, v in usable.items()}
         in_use = {g.uuid for g in gpus if g.total_mib - g.free_mib >= EMPTY_USED_MIB}
         in_use |= {u for r in self._reserved.values() for u in r.mib_by_gpu}
-        plan = place_one(req, gpus, usable, in_use)
+        plan = place_one(req, gpus, usable, in_use, self.process_mib)
         if isinstance(plan, Refusal):
             self.decisions[req.name] = {"refused": plan.reason}
             raise PlacementError(plan.reason)
         self._reserved[req.name] = _Reservation(now, {
-            g.uuid: d.total / 2**20 for g, d in zip(plan.gpus, plan.estimate.devices, strict=True)
+            g.uuid: need_mib(d, self.process_mib)
+            for g, d in zip(plan.gpus, plan.estimate.devices, strict=True)
         })
         self.decisions[req.name] = {
             "gpus": [{"uuid": g.uuid, "index": g.index, "layers": d.layers,

@@ -20,6 +20,7 @@ from inference_node.placement.estimate import DeviceEstimate, DeviceSpec, Estima
 from inference_node.placement.ggml_sizes import KV_CACHE_TYPES, mib
 from inference_node.placement.gguf_info import ModelInfo, read_model
 from inference_node.placement.planner import (
+    PROCESS_MIB,
     GpuFree,
     InstancePlan,
     InstanceRequest,
@@ -60,6 +61,9 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
                    help="plan for hypothetical empty GPUs with this much free memory each")
     p.add_argument("--margin-mib", type=float, default=DEFAULT_MARGIN_MIB,
                    help=f"memory kept free on every GPU (default {DEFAULT_MARGIN_MIB})")
+    p.add_argument("--process-mib", type=float, default=PROCESS_MIB,
+                   help="GPU memory each llama-server process needs outside llama.cpp's "
+                   f"buffers (CUDA context, workspaces; default {PROCESS_MIB})")
     p.add_argument("--allow-partial-offload", action="store_true",
                    help="if it does not fit, offload fewer layers instead of refusing")
     p.add_argument("--check", action="store_true",
@@ -177,7 +181,7 @@ def _plan(args: argparse.Namespace) -> int:
     if not gpus:
         return _host_plan(args, model, settings, problem or "no GPU selected")
     req = InstanceRequest(args.model.stem, model, settings, args.allow_partial_offload)
-    result = plan_instances([req], gpus, args.margin_mib)
+    result = plan_instances([req], gpus, args.margin_mib, args.process_mib)
     if req.name in result.refusals:
         refusal: Refusal = result.refusals[req.name]
         if args.json:
@@ -204,7 +208,7 @@ def _plan_config(args: argparse.Namespace) -> int:
         gpus, problem = _assumed(args.assume_gpus), None
     else:
         gpus, problem = inventory_gpus(args.gpus)
-    result = plan_config(cfg, gpus)
+    result = plan_config(cfg, gpus, args.process_mib)
     if args.json:
         print(json.dumps({
             "config": str(args.config), "no_gpus": problem,

@@ -19,7 +19,9 @@ per instance. Rules, in order:
    a q8_0 KV cache).
 
 Instances are placed largest first; each placement uses up the memory it was planned with.
-Every GPU keeps ``margin_mib`` free (driver context, fragmentation, estimate error).
+Every GPU keeps ``margin_mib`` free (fragmentation, other programs, estimate error), and
+each instance on a GPU also needs ``PROCESS_MIB`` outside llama.cpp's buffers: its own CUDA
+context and library workspaces, which every llama-server process pays again.
 """
 
 from __future__ import annotations
@@ -30,7 +32,13 @@ from dataclasses import dataclass, field
 from typing import Final
 
 from inference_node.placement.errors import PlacementError
-from inference_node.placement.estimate import DeviceSpec, Estimate, estimate, layer_devices
+from inference_node.placement.estimate import (
+    DeviceEstimate,
+    DeviceSpec,
+    Estimate,
+    estimate,
+    layer_devices,
+)
 from inference_node.placement.ggml_sizes import MIB
 from inference_node.placement.gguf_info import ModelInfo
 from inference_node.placement.settings import CTX_PAD, LaunchSettings
@@ -39,6 +47,9 @@ from inference_node.placement.settings import CTX_PAD, LaunchSettings
 EMPTY_USED_MIB: Final = 256
 # Smallest context a refusal suggests; below this a chat model is of little use.
 MIN_SUGGESTED_CTX: Final = 1024
+# Per process and GPU, outside llama.cpp's buffers: the CUDA context with lazily loaded
+# kernels and the cuBLAS workspace (a few hundred MiB on current drivers).
+PROCESS_MIB: Final = 300
 # GPU sets tried per size: the best by the packing order; more only costs time.
 MAX_SETS_PER_SIZE: Final = 12
 # Without -c, the context shrinks to fit but not below this (llama.cpp's --fit-ctx default).
@@ -117,33 +128,35 @@ class PlacementResult:
 
 
 def plan_instances(requests: Sequence[InstanceRequest], gpus: Sequence[GpuFree],
-                   margin_mib: float) -> PlacementResult:
-    """Place every request on ``gpus`` (see module doc); never raises for a request that
-    does not fit, it is refused instead."""
+                   margin_mib: float, process_mib: float = PROCESS_MIB) -> PlacementResult:
+    """Place every request on ``gpus`` (see module doc); a request that does not fit is
+    refused, not raised (PlacementError only for settings llama.cpp itself would reject)."""
     usable = {g.uuid: max(g.free_mib - margin_mib, 0.0) for g in gpus}
     in_use = {g.uuid for g in gpus if g.total_mib - g.free_mib >= EMPTY_USED_MIB}
     result = PlacementResult()
     order = sorted(requests, key=lambda r: -_need_one_device(r))
     for req in order:
-        plan = place_one(req, gpus, usable, in_use)
+        plan = place_one(req, gpus, usable, in_use, process_mib)
         if isinstance(plan, Refusal):
             result.refusals[req.name] = plan
             continue
         result.plans[req.name] = plan
         for g, dev in zip(plan.gpus, plan.estimate.devices, strict=True):
-            usable[g.uuid] -= dev.total / MIB
+            usable[g.uuid] -= need_mib(dev, process_mib)
             in_use.add(g.uuid)
     planned = {g.uuid: 0.0 for g in gpus}
     for plan in result.plans.values():
         for g, dev in zip(plan.gpus, plan.estimate.devices, strict=True):
-            planned[g.uuid] += dev.total / MIB
+            planned[g.uuid] += need_mib(dev, process_mib)
     result.free_after_mib = {g.uuid: g.free_mib - planned[g.uuid] for g in gpus}
     return result
 
 
 def place_one(req: InstanceRequest, gpus: Sequence[GpuFree], usable: dict[str, float],
-              in_use: set[str]) -> InstancePlan | Refusal:
+              in_use: set[str], process_mib: float = PROCESS_MIB) -> InstancePlan | Refusal:
     """The plan for one instance given the memory still usable per GPU, or a refusal."""
+    # what this instance's buffers may take of each GPU, after its process's own share
+    usable = {u: max(v - process_mib, 0.0) for u, v in usable.items()}
     s = req.settings.with_(ctx=req.settings.ctx or req.model.n_ctx_train, split_mode="layer",
                            n_gpu_layers=-1, tensor_split=())
     full = _fit_full(req.model, s, gpus, usable, in_use)
@@ -170,8 +183,13 @@ class _Fit:
     est: Estimate
 
 
-def _fits(est: Estimate, chosen: Sequence[GpuFree], usable: dict[str, float]) -> bool:
-    return all(d.total / MIB <= usable[g.uuid] for d, g in zip(est.devices, chosen, strict=True))
+def need_mib(dev: DeviceEstimate, process_mib: float = PROCESS_MIB) -> float:
+    """What one instance takes of a GPU: llama.cpp's buffers plus the process's own."""
+    return dev.total / MIB + process_mib
+
+
+def _fits(est: Estimate, chosen: Sequence[GpuFree], room: dict[str, float]) -> bool:
+    return all(d.total / MIB <= room[g.uuid] for d, g in zip(est.devices, chosen, strict=True))
 
 
 def _candidates(gpus: Sequence[GpuFree], usable: dict[str, float], in_use: set[str],
