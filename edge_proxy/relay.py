@@ -1,8 +1,8 @@
 """Bytes both ways between a client and a backend, and the client's bytes kept while held.
 
 Contract of ``relay``: every byte read from one side is written to the other in order and
-unchanged; an EOF from one side becomes an EOF (``send_eof``, a TCP half-close) towards the
-other while the opposite direction keeps flowing; when both directions have ended, both
+unchanged; an EOF from one side becomes an EOF (``shutdown(SHUT_WR)``, a TCP half-close)
+towards the other while the opposite direction keeps flowing; when both directions have ended, both
 sockets close. If either side breaks (reset, error), the relay stops at once and the other
 side is closed with a reset, so a truncated stream never looks like a complete one.
 """
