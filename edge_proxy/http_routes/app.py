@@ -81,14 +81,21 @@ class HttpRouteApp:
     def __init__(self, listen: str, backends: list[NodeBackend], options: HttpOptions,
                  shared: Shared, metrics: HttpMetrics, cache: ResponseCache | None = None) -> None:
         self.listen = listen
-        self.backends = {b.name: b for b in backends}
-        self.options = options
-        self.policy = WakePolicy.from_texts(options.no_wake)
         self.shared = shared
         self.metrics = metrics
         self.cache = cache or ResponseCache()
+        self.table = ModelTable(())
+        self.configure(backends, options)
+
+    def configure(self, backends: list[NodeBackend], options: HttpOptions) -> None:
+        """Take the listener's (reloaded) nodes and options; what was learned about the nodes
+        that stay is kept. Requests already running finish with what they started with."""
+        self.backends = {b.name: b for b in backends}
+        self.options = options
+        self.policy = WakePolicy.from_texts(options.no_wake)
+        learned = {n: ids for n, ids in self.table.learned.items() if n in self.backends}
         self.table = ModelTable(tuple(self.backends),
-                                {b.name: tuple(b.route.models) for b in backends})
+                                {b.name: tuple(b.route.models) for b in backends}, learned)
 
     def __repr__(self) -> str:
         return f"<HttpRouteApp {self.listen} {self.table!r}>"

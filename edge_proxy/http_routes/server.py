@@ -63,6 +63,8 @@ class HttpListener:
         self.shared = shared
         self.urls: list[str] = []
         self._stopping = trio.Event()
+        self._helpers: trio.Nursery | None = None
+        self._learners: dict[str, trio.CancelScope] = {}
 
     def __repr__(self) -> str:
         nodes = ", ".join(self.app.backends)
@@ -71,6 +73,37 @@ class HttpListener:
     def stop(self) -> None:
         """Stop accepting; requests in flight get ``limits.shutdown_grace_s`` to finish."""
         self._stopping.set()
+
+    def update(self, routes: list[RouteConfig], drivers: Mapping[str, NodeDriver]) -> None:
+        """Apply reloaded routes of this listener: nodes added or removed, backend ports,
+        models and HTTP options changed (``client_keepalive_s`` excepted: that takes a
+        restart). Requests in flight finish on the connections they started with."""
+        options = next((r.http for r in routes if r.http is not None), HttpOptions())
+        if options.client_keepalive_s != self.options.client_keepalive_s:
+            log.warning("http route %s: client_keepalive_s changes at the next restart",
+                        self.listen)
+        old = self.app.backends
+        backends = []
+        for route in routes:
+            prev = old.get(route.node)
+            if prev is not None and prev.route.backend_port == route.backend_port \
+                    and prev.driver is drivers[route.node]:
+                backends.append(NodeBackend(route, prev.driver, prev.upstream))
+            else:
+                backends.append(NodeBackend(route, drivers[route.node],
+                                            Upstream(route.node, route.backend_port)))
+        kept = {id(b.upstream) for b in backends}
+        for prev in old.values():
+            if id(prev.upstream) not in kept:
+                prev.upstream.retire()
+                self._learners.pop(prev.name).cancel()
+        self.app.configure(backends, options)
+        self.options = options
+        previous = {id(b.upstream) for b in old.values()}
+        for backend in backends:
+            if id(backend.upstream) not in previous:
+                self._start_helpers(backend)
+        log.info("http route %s reloaded: %s", self.listen, self.app.table)
 
     async def serve(self, *, task_status: trio.TaskStatus[list[str]] = trio.TASK_STATUS_IGNORED
                     ) -> None:
@@ -82,9 +115,9 @@ class HttpListener:
         config.keep_alive_timeout = self.options.client_keepalive_s
         config.graceful_timeout = self.shared.limits.shutdown_grace_s
         async with trio.open_nursery() as nursery:
+            self._helpers = nursery
             for backend in self.app.backends.values():
-                nursery.start_soon(backend.upstream.run)
-                nursery.start_soon(self._learn, backend)
+                self._start_helpers(backend)
 
             async def run_server(task_status: trio.TaskStatus[list[str]]) -> None:
                 await hypercorn_serve(self.app, config,  # type: ignore[arg-type]
@@ -107,11 +140,19 @@ class HttpListener:
     def _addr(self) -> str:
         return str(next(iter(self.app.backends.values())).route.listen_addr)
 
-    async def _learn(self, backend: NodeBackend) -> None:
+    def _start_helpers(self, backend: NodeBackend) -> None:
+        """The backend's pool janitor, and its learner (cancelled when the node leaves)."""
+        assert self._helpers is not None, "serve() runs the helpers"
+        scope = self._learners[backend.name] = trio.CancelScope()
+        self._helpers.start_soon(backend.upstream.run)
+        self._helpers.start_soon(self._learn, backend, scope)
+
+    async def _learn(self, backend: NodeBackend, scope: trio.CancelScope) -> None:
         learned_at: int | None = None
-        while True:
-            driver = backend.driver
-            if driver.state is State.AWAKE and driver.machine.generation != learned_at:
-                learned_at = driver.machine.generation
-                await self.app.fetch_models(backend)
-            await trio.sleep(LEARN_POLL_S)
+        with scope:
+            while True:
+                driver = backend.driver
+                if driver.state is State.AWAKE and driver.machine.generation != learned_at:
+                    learned_at = driver.machine.generation
+                    await self.app.fetch_models(backend)
+                await trio.sleep(LEARN_POLL_S)

@@ -32,8 +32,8 @@ class HttpRoutes:
 
     async def apply(self, cfg: EdgeConfig, drivers: Mapping[str, NodeDriver], shared: Shared,
                     services: trio.Nursery, *, initial: bool) -> None:
-        """Open listeners that are new in ``cfg``, stop those it no longer has. A listener
-        whose routes changed keeps serving as it was (a restart applies the change)."""
+        """Open listeners that are new in ``cfg``, stop those it no longer has, update those
+        whose routes changed (``HttpListener.update``)."""
         wanted = group_http_routes(cfg.routes)
         for key in set(self.listeners) - set(wanted):
             self.listeners.pop(key).stop()
@@ -41,7 +41,8 @@ class HttpRoutes:
         for key, routes in wanted.items():
             if key in self.listeners:
                 if self._routes[key] != routes:
-                    log.warning("http route %s changed; restart the proxy to apply it", key)
+                    self.listeners[key].update(routes, drivers)
+                    self._routes[key] = routes
                 continue
             listener = HttpListener(routes, drivers, shared, self.metrics)
             try:

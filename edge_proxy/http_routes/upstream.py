@@ -54,6 +54,12 @@ class Upstream:
         self.in_flight = 0
         self._pool_: httpcore.AsyncConnectionPool | None = None
         self._last_done = 0.0
+        self._retired = False
+
+    def retire(self) -> None:
+        """The node left the listener (a reload): ``run()`` closes the pool and returns once
+        the requests still using it are done."""
+        self._retired = True
 
     def __repr__(self) -> str:
         pooled = "pool open" if self._pool_ is not None else "no pool"
@@ -68,9 +74,10 @@ class Upstream:
 
     async def run(self) -> None:
         """Close the pool whenever it has been idle for ``UPSTREAM_KEEPALIVE_EXPIRY_S``
-        (httpcore only drops expired connections when the next request comes). Until cancelled."""
+        (httpcore only drops expired connections when the next request comes). Until cancelled
+        or retired."""
         try:
-            while True:
+            while not (self._retired and not self.in_flight):
                 await trio.sleep(UPSTREAM_KEEPALIVE_EXPIRY_S / 2)
                 idle_s = trio.current_time() - self._last_done
                 if self._pool_ is not None and not self.in_flight \

@@ -42,10 +42,11 @@ class NodeSpec:
 
 
 def write_http_config(tmp_path: Path, nodes: Sequence[NodeSpec], wol_port: int, *,
-                      http: str = "", node_extra: str = "", listen: str = "127.0.0.1:0") -> Path:
-    """A real TOML file: each node with its own MAC, one ``protocol = "http"`` route per node,
-    all on the one ``listen`` (so one listener fronts them all). ``http`` is the body of the
-    first route's ``[routes.http]`` table."""
+                      http: str = "", node_extra: str = "", listen: str = "127.0.0.1:0",
+                      routed: Sequence[NodeSpec] | None = None) -> Path:
+    """A real TOML file: each node with its own MAC, one ``protocol = "http"`` route per node
+    (or per node in ``routed``), all on the one ``listen`` (so one listener fronts them all).
+    ``http`` is the body of the first route's ``[routes.http]`` table."""
     text = f'log_level = "debug"\n[control]\nlisten = "127.0.0.1:0"\ntoken = "{TOKEN}"\n'
     for n in nodes:
         text += f"""
@@ -60,7 +61,7 @@ probe_timeout_s = 0.5
 drain_timeout_s = 0.3
 {node_extra}
 """
-    for i, n in enumerate(nodes):
+    for i, n in enumerate(nodes if routed is None else routed):
         models = ", ".join(f'"{m}"' for m in n.models)
         text += f"""
 [[routes]]

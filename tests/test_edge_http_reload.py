@@ -1,0 +1,68 @@
+"""Reloading the config of an HTTP listener in place: nodes join and leave it, models change,
+and requests route by the new table at once."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import httpx
+import pytest
+import trio
+
+from edge_proxy.node import State
+from edge_proxy.server import Proxy, serve_proxy
+from shared.config.edge import load_edge_config
+from tests.support.edge import PacketListener
+from tests.support.edge_http import (
+    SERVER_ARGS,
+    TEST_TIMEOUT_S,
+    NodeSpec,
+    Waker,
+    packets_for,
+    wait_state,
+    write_http_config,
+)
+from tests.support.ports import free_port
+
+pytestmark = pytest.mark.llama
+
+
+async def test_a_reload_adds_and_removes_nodes_behind_a_running_listener(
+        tmp_path: Path, llama_server_bin: Path, tiny_model: Path) -> None:
+    alpha = NodeSpec("alpha-box", "aa:bb:cc:dd:ee:0a", free_port(), ("alpha",))
+    beta = NodeSpec("beta-box", "aa:bb:cc:dd:ee:0b", free_port(), ("beta",))
+    more_alpha = NodeSpec(alpha.name, alpha.mac, alpha.port, ("alpha", "alpha-2"))
+    packets = await PacketListener.open()
+    listen = f"127.0.0.1:{free_port()}"
+
+    def config(*routed: NodeSpec) -> Path:
+        return write_http_config(tmp_path, [alpha, beta], packets.port, listen=listen,
+                                 routed=routed)
+
+    async def listed(client: httpx.AsyncClient) -> list[str]:
+        return [m["id"] for m in (await client.get("/v1/models")).json()["data"]]
+
+    with trio.fail_after(TEST_TIMEOUT_S):
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(packets.run)
+            proxy: Proxy = await nursery.start(serve_proxy, load_edge_config(config(alpha)))
+            await wait_state(proxy, "beta-box", State.ASLEEP)
+            async with httpx.AsyncClient(base_url=f"http://{listen}",
+                                         timeout=TEST_TIMEOUT_S) as client:
+                assert await listed(client) == ["alpha"]
+
+                await proxy.reload(load_edge_config(config(more_alpha, beta)))
+                assert await listed(client) == ["alpha", "alpha-2", "beta"]
+                waker = Waker(beta, llama_server_bin, tiny_model, (*SERVER_ARGS, "--alias", "beta"))
+                nursery.start_soon(waker.run, packets)
+                chat = {"model": "beta", "messages": [{"role": "user", "content": "hi"}],
+                        "max_tokens": 3}
+                answer = await client.post("/v1/chat/completions", json=chat)
+                assert answer.status_code == 200, answer.text
+                assert answer.json()["model"] == "beta"
+                assert packets_for(packets, alpha.mac) == 0
+
+                await proxy.reload(load_edge_config(config(alpha)))
+                assert await listed(client) == ["alpha"]
+                assert proxy.http_routes.listeners[listen].app.table.nodes == ("alpha-box",)
+            nursery.cancel_scope.cancel()
