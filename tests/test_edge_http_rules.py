@@ -181,6 +181,7 @@ def test_hop_by_hop_headers_stop_at_the_proxy() -> None:
     assert (b"authorization", b"Bearer k") in out and (b"accept-encoding", b"gzip") in out
     assert (b"x-forwarded-for", b"10.0.0.9, 10.0.0.7") in out
     assert (b"x-forwarded-host", b"proxy:8080") in out and (b"x-forwarded-proto", b"http") in out
+    assert (b"via", b"1.1 llamanap") in out
 
 
 def test_response_headers_keep_encoding_and_length() -> None:

@@ -17,6 +17,7 @@ HOP_BY_HOP: Final = frozenset({
     b"connection", b"keep-alive", b"proxy-connection", b"te", b"trailer",
     b"transfer-encoding", b"upgrade", b"proxy-authenticate", b"proxy-authorization",
 })
+VIA: Final = b"1.1 llamanap"
 # Rebuilt by the sending library for the next hop from the URL and the body it sends.
 _REBUILT_UPSTREAM: Final = frozenset({b"host", b"content-length"})
 # Hypercorn writes its own (and the cache recomputes the length of what it stores).
@@ -38,7 +39,8 @@ def _strip(headers: RawHeaders, also: frozenset[bytes]) -> RawHeaders:
 
 def request_headers(headers: RawHeaders, client_host: str | None, host: bytes | None,
                     scheme: str) -> RawHeaders:
-    """Headers to send upstream for a client request, with ``X-Forwarded-*`` added."""
+    """Headers to send upstream for a client request, with ``X-Forwarded-*`` and ``Via``
+    added (an earlier ``Via`` stays: the recipient reads them as one list)."""
     out = _strip(headers, _REBUILT_UPSTREAM)
     if client_host:
         prior = [v for n, v in out if n == b"x-forwarded-for"]
@@ -49,6 +51,7 @@ def request_headers(headers: RawHeaders, client_host: str | None, host: bytes | 
         out.append((b"x-forwarded-host", host))
     if not any(n == b"x-forwarded-proto" for n, _ in out):
         out.append((b"x-forwarded-proto", scheme.encode()))
+    out.append((b"via", VIA))  # a gateway names itself in requests it forwards (§7.6.3)
     return out
 
 
