@@ -150,7 +150,8 @@ async def test_large_request_bodies_pass_intact(
         assert detok.status_code == 200
         assert detok.json()["content"] == content
 
-        # the same body sent chunked (no Content-Length), in pieces of odd sizes
+        # the same body sent chunked (no Content-Length), in pieces of odd sizes, after asking
+        # whether to send it at all (as curl does for large bodies)
         payload = json.dumps({"tokens": tokens}).encode()
 
         async def pieces() -> AsyncIterator[bytes]:
@@ -158,7 +159,8 @@ async def test_large_request_bodies_pass_intact(
                 yield payload[start:start + CHUNKED_PIECE_BYTES]
 
         chunked = await client.post("/detokenize", content=pieces(),
-                                    headers={"content-type": "application/json"})
+                                    headers={"content-type": "application/json",
+                                             "expect": "100-continue"})
         assert chunked.request.headers["transfer-encoding"] == "chunked"
         assert chunked.json()["content"] == content
 

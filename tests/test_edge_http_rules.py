@@ -173,10 +173,12 @@ def test_hop_by_hop_headers_stop_at_the_proxy() -> None:
     sent = [(b"Host", b"proxy:8080"), (b"Connection", b"keep-alive, X-Secret-Hop"),
             (b"Keep-Alive", b"timeout=5"), (b"X-Secret-Hop", b"1"), (b"TE", b"trailers"),
             (b"Content-Length", b"12"), (b"Authorization", b"Bearer k"),
-            (b"Accept-Encoding", b"gzip"), (b"X-Forwarded-For", b"10.0.0.9")]
+            (b"Accept-Encoding", b"gzip"), (b"X-Forwarded-For", b"10.0.0.9"),
+            (b"Expect", b"100-continue")]
     out = request_headers(sent, "10.0.0.7", b"proxy:8080", "http")
     names = [n for n, _ in out]
-    for gone in (b"host", b"connection", b"keep-alive", b"x-secret-hop", b"te", b"content-length"):
+    for gone in (b"host", b"connection", b"keep-alive", b"x-secret-hop", b"te", b"content-length",
+                 b"expect"):
         assert gone not in names
     assert (b"authorization", b"Bearer k") in out and (b"accept-encoding", b"gzip") in out
     assert (b"x-forwarded-for", b"10.0.0.9, 10.0.0.7") in out

@@ -18,8 +18,9 @@ HOP_BY_HOP: Final = frozenset({
     b"transfer-encoding", b"upgrade", b"proxy-authenticate", b"proxy-authorization",
 })
 VIA: Final = b"1.1 llamanap"
-# Rebuilt by the sending library for the next hop from the URL and the body it sends.
-_REBUILT_UPSTREAM: Final = frozenset({b"host", b"content-length"})
+# Rebuilt for the next hop from the URL and the body sent; and ``Expect: 100-continue`` was
+# answered by the proxy already (the whole body is read before the request goes on).
+_REBUILT_UPSTREAM: Final = frozenset({b"host", b"content-length", b"expect"})
 # Hypercorn writes its own (and the cache recomputes the length of what it stores).
 _REBUILT_DOWNSTREAM: Final = frozenset({b"date", b"server"})
 
