@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import resource
 import signal
 import socket
 import subprocess
@@ -85,6 +86,9 @@ def test_run_notifies_systemd_reloads_on_sighup_and_stops_on_sigterm(tmp_path: P
             out, _ = proc.communicate(timeout=TEST_TIMEOUT_S)
             assert proc.returncode == 0, out
             assert "config reloaded" in out
+            hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
+            if hard != resource.RLIM_INFINITY:  # raised to what the system allows
+                assert f"open-file limit: {hard}" in out
         finally:
             if proc.poll() is None:
                 proc.kill()
