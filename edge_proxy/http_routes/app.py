@@ -107,6 +107,14 @@ class HttpRouteApp:
             await self._serve(Exchange(scope, receive, send))
 
     async def _serve(self, ex: Exchange) -> None:
+        # Counted with the proxy's open connections, so a graceful stop waits for it too.
+        self.shared.opened()
+        try:
+            await self._serve_counted(ex)
+        finally:
+            self.shared.closed()
+
+    async def _serve_counted(self, ex: Exchange) -> None:
         try:
             body = await ex.read_body(self.options.max_request_bytes)
         except BodyTooLarge as exc:
