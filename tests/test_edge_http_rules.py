@@ -55,6 +55,15 @@ def test_globs_and_any_method() -> None:
     assert WakePolicy.from_texts(["GET /a.b"]).may_wake("GET", "/aXb")
 
 
+def test_a_cors_preflight_goes_by_the_method_it_asks_about() -> None:
+    policy = default_policy()
+    assert not policy.may_wake("OPTIONS", "/v1/models", preflight_for="GET")
+    assert not policy.may_wake("OPTIONS", "/health", preflight_for="get")
+    assert policy.may_wake("OPTIONS", "/v1/chat/completions", preflight_for="POST")
+    assert policy.may_wake("OPTIONS", "/v1/models")  # not a preflight
+    assert policy.may_wake("GET", "/v1/chat/completions", preflight_for="GET")
+
+
 @pytest.mark.parametrize("text, problem", [
     ("/health", "METHOD /path"), ("get /health", "upper-case"), ("GET health", "starts with /"),
     ("GET /a /b", "METHOD /path"),

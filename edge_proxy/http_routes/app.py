@@ -154,7 +154,9 @@ class HttpRouteApp:
                           code=decision.code)
             return
         backend = self.backends[decision.node]
-        if self.policy.may_wake(ex.method, ex.path):
+        preflight = header(ex.scope["headers"], b"access-control-request-method")
+        if self.policy.may_wake(ex.method, ex.path,
+                                preflight.decode("latin-1") if preflight else None):
             await self._forward_waking(ex, backend, decision.model, body)
         else:
             await self._forward_no_wake(ex, backend, body)

@@ -67,8 +67,13 @@ class WakePolicy:
     def from_texts(cls, texts: Iterable[str]) -> WakePolicy:
         return cls(tuple(parse_rule(t) for t in texts))
 
-    def may_wake(self, method: str, path: str) -> bool:
-        """False when the request matches a no-wake rule."""
+    def may_wake(self, method: str, path: str, preflight_for: str | None = None) -> bool:
+        """False when the request matches a no-wake rule. A CORS preflight (``OPTIONS`` with
+        ``Access-Control-Request-Method``, given as ``preflight_for``) goes by the method it
+        asks about: a browser polling ``/v1/models`` with an API key sends one before each
+        poll, and it must not wake the node either."""
+        if method == "OPTIONS" and preflight_for:
+            method = preflight_for.upper()
         return not any(rule.matches(method, path) for rule in self.no_wake)
 
     def rule_for(self, method: str, path: str) -> NoWakeRule | None:
