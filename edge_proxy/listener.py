@@ -26,6 +26,7 @@ from edge_proxy.metrics import ProxyMetrics
 from edge_proxy.node import State
 from edge_proxy.probe import BackendUnavailable, connect
 from edge_proxy.relay import ClientGone, Held, relay, reset, tune
+from edge_proxy.relay_loop import RelayLoop
 from shared.config.edge import LimitsConfig, RouteConfig
 
 log = logging.getLogger(__name__)
@@ -43,6 +44,7 @@ class Shared:
 
     limits: LimitsConfig
     metrics: ProxyMetrics
+    relay_loop: RelayLoop  # where established relays move their bytes
     held_total: int = 0
     open: int = 0
     _idle: trio.Event | None = None
@@ -177,7 +179,7 @@ class Route:
         driver.active += 1
         metrics.active.inc()
         try:
-            outcome = await relay(client, backend, held=held,
+            outcome = await relay(client, backend, self.shared.relay_loop, held=held,
                                   count=lambda way, n: (up if way == "up" else down).inc(n))
         finally:
             driver.active -= 1

@@ -2,35 +2,25 @@
 
 Contract of ``relay``: every byte read from one side is written to the other in order and
 unchanged; an EOF from one side becomes an EOF (``shutdown(SHUT_WR)``, a TCP half-close)
-towards the other while the opposite direction keeps flowing; when both directions have ended, both
-sockets close. If either side breaks (reset, error), the relay stops at once and the other
+towards the other while the opposite direction keeps flowing; when both directions have
+ended, both sockets close. If either side breaks (reset, error), the relay stops at once and the other
 side is closed with a reset, so a truncated stream never looks like a complete one.
 """
 
 from __future__ import annotations
 
 import contextlib
-import fcntl
-import os
 import socket
 import struct
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import trio
 
-# Large reads keep the per-chunk overhead of the event loop small next to the copy itself.
-RECEIVE_BYTES = 256 * 1024
+from edge_proxy.relay_loop import RECEIVE_BYTES, RelayLoop
+
 # Socket buffers big enough for a few chunks in flight each way on a fast link.
 SOCKET_BUFFER_BYTES = 1 << 20
-# Byte counters are updated in batches: a metrics update per small message costs more than
-# the message itself. Counts lag by at most this much per direction (and are exact at close).
-COUNT_EVERY_BYTES = 1 << 20
-# splice(2) moves bulk streams through a pipe of this size without copying into Python.
-PIPE_BYTES = 1 << 20
-_HAVE_SPLICE = hasattr(os, "splice")
-_SPLICE_FLAGS = getattr(os, "SPLICE_F_MOVE", 0) | getattr(os, "SPLICE_F_NONBLOCK", 0)
-_F_SETPIPE_SZ = getattr(fcntl, "F_SETPIPE_SZ", 1031)
 _LINGER_RESET = struct.pack("ii", 1, 0)  # SO_LINGER on, 0 s: close() sends RST
 
 ByteCounter = Callable[[str, int], None]  # (direction "up" | "down", byte count)
@@ -89,18 +79,19 @@ def reset(stream: trio.SocketStream) -> None:
 async def relay(
     client: trio.SocketStream,
     backend: trio.SocketStream,
+    loop: RelayLoop,
     *,
     held: Held | None = None,
     count: ByteCounter | None = None,
 ) -> str:
     """Relay until both directions end or one side breaks; always closes both streams.
 
-    ``held`` bytes (and a held EOF) go to the backend first. Returns a short outcome for the
-    log: ``"done"`` or ``"broken: ..."``.
+    ``held`` bytes (and a held EOF) go to the backend first, from here; then ``loop`` moves
+    the bytes both ways (see ``relay_loop``). Returns a short outcome for the log:
+    ``"done"``, ``"broken: ..."`` (both sides were reset) or ``"cancelled"``.
     """
-    outcome = "done"
-
-    async def up() -> None:
+    outcome = "cancelled"
+    try:
         if held is not None and held.data:
             data, held.data = held.data, bytearray()  # not kept for the relay's lifetime
             await backend.send_all(data)
@@ -109,131 +100,15 @@ async def relay(
             del data
         if held is not None and held.eof:
             await backend.send_eof()
-            return
-        await _pump(client, backend, "up", count)
-
-    async def down() -> None:
-        await _pump(backend, client, "down", count)
-
-    try:
-        async with trio.open_nursery() as nursery:
-            async def guard(direction: Callable[[], Awaitable[None]], way: str) -> None:
-                nonlocal outcome
-                try:
-                    await direction()
-                except _BROKEN as exc:
-                    outcome = f"broken {way}: {exc!r}"
-                    reset(client)
-                    reset(backend)
-                    nursery.cancel_scope.cancel()
-
-            nursery.start_soon(guard, down, "down")
-            nursery.start_soon(guard, up, "up")
+        outcome = await loop.relay(client, backend, up_open=not (held is not None and held.eof),
+                                   count=count)
+    except _BROKEN as exc:
+        outcome = f"broken up: {exc!r}"
     finally:
+        if outcome.startswith("broken"):
+            reset(client)
+            reset(backend)
         with trio.CancelScope(shield=True):
             await client.aclose()
             await backend.aclose()
     return outcome
-
-
-class _Tally:
-    """Byte counts for one direction, passed on in batches (see COUNT_EVERY_BYTES)."""
-
-    def __init__(self, way: str, count: ByteCounter | None) -> None:
-        self.way = way
-        self.count = count
-        self.pending = 0
-
-    def add(self, n: int) -> None:
-        self.pending += n
-        if self.pending >= COUNT_EVERY_BYTES:
-            self.flush()
-
-    def flush(self) -> None:
-        if self.pending and self.count is not None:
-            self.count(self.way, self.pending)
-        self.pending = 0
-
-
-async def _pump(src_stream: trio.SocketStream, dst_stream: trio.SocketStream, way: str,
-                count: ByteCounter | None) -> None:
-    """Copy until EOF, then half-close ``dst``. The hot loop of the proxy: it reads and writes
-    the non-blocking descriptors directly with trio's readiness waits, which costs a fraction
-    of the stream layer per chunk (that is what small request/response latency is made of).
-    A direction that turns out to be a bulk stream (a read fills the whole buffer) moves on
-    to splice(2), which keeps the bytes in the kernel. Both sockets stay owned by their
-    streams; errors surface as OSError."""
-    src = src_stream.socket
-    dst = dst_stream.socket
-    src_fd, dst_fd = src.fileno(), dst.fileno()
-    drained = False  # the last read came back short: the next read would find nothing yet
-    tally = _Tally(way, count)
-    try:
-        while True:
-            waited = False
-            if drained:
-                # request/response traffic: skip the read that would fail with EAGAIN
-                waited = True
-                await trio.lowlevel.wait_readable(src)
-            while True:
-                try:
-                    chunk = os.read(src_fd, RECEIVE_BYTES)
-                    break
-                except BlockingIOError:
-                    waited = True
-                    await trio.lowlevel.wait_readable(src)
-            if not chunk:
-                dst.shutdown(socket.SHUT_WR)
-                return
-            drained = len(chunk) < RECEIVE_BYTES
-            view = memoryview(chunk)
-            while view:
-                try:
-                    sent = os.write(dst_fd, view)
-                except BlockingIOError:
-                    waited = True
-                    await trio.lowlevel.wait_writable(dst)
-                    continue
-                view = view[sent:]
-            tally.add(len(chunk))
-            if not drained and _HAVE_SPLICE:
-                await _splice(src, dst, tally)
-                return
-            if not waited:  # a stream that never blocks must still let other tasks run
-                await trio.lowlevel.checkpoint()
-    finally:
-        tally.flush()
-
-
-async def _splice(src: trio.socket.SocketType, dst: trio.socket.SocketType, tally: _Tally) -> None:
-    """Move bytes socket → pipe → socket in the kernel until EOF, then half-close ``dst``.
-
-    The pipe lives only as long as the bulk stream, so idle relays keep two descriptors.
-    """
-    src_fd, dst_fd = src.fileno(), dst.fileno()
-    pipe_r, pipe_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
-    with contextlib.suppress(OSError):  # a bigger pipe means fewer calls; the default works too
-        fcntl.fcntl(pipe_w, _F_SETPIPE_SZ, PIPE_BYTES)
-    try:
-        while True:
-            waited = False
-            try:
-                n = os.splice(src_fd, pipe_w, PIPE_BYTES, flags=_SPLICE_FLAGS)
-            except BlockingIOError:  # the pipe is empty here, so the socket has nothing yet
-                await trio.lowlevel.wait_readable(src)
-                continue
-            if n == 0:
-                dst.shutdown(socket.SHUT_WR)
-                return
-            tally.add(n)
-            while n:
-                try:
-                    n -= os.splice(pipe_r, dst_fd, n, flags=_SPLICE_FLAGS)
-                except BlockingIOError:
-                    waited = True
-                    await trio.lowlevel.wait_writable(dst)
-            if not waited:
-                await trio.lowlevel.checkpoint()
-    finally:
-        os.close(pipe_r)
-        os.close(pipe_w)

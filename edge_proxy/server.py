@@ -22,6 +22,7 @@ from edge_proxy.errors import ListenError
 from edge_proxy.http_routes.service import HttpRoutes
 from edge_proxy.listener import Route, Shared
 from edge_proxy.metrics import ProxyMetrics
+from edge_proxy.relay_loop import RelayLoop
 from edge_proxy.wol import UdpWolSender, WolSender
 from shared import systemd
 from shared.config.edge import EdgeConfig, RouteConfig, load_edge_config
@@ -44,7 +45,8 @@ class Proxy:
         self.cfg = cfg
         self.metrics = ProxyMetrics()
         self.sender: WolSender = sender or UdpWolSender()
-        self.shared = Shared(cfg.limits, self.metrics)
+        self.relay_loop = RelayLoop()
+        self.shared = Shared(cfg.limits, self.metrics, relay_loop=self.relay_loop)
         self.drivers: dict[str, NodeDriver] = {}
         self.routes: dict[str, Route] = {}
         self.http_routes = HttpRoutes(self.metrics.registry)  # protocol = "http" listeners
@@ -72,6 +74,7 @@ class Proxy:
         self._started = trio.current_time()
         async with trio.open_nursery() as connections, trio.open_nursery() as services:
             self._connections, self._services = connections, services
+            await services.start(self.relay_loop.run)
             await self._apply(self.cfg, initial=True)
             addr = self.cfg.control.listen
             try:
