@@ -38,6 +38,8 @@ _SPLICE_FLAGS = getattr(os, "SPLICE_F_MOVE", 0) | getattr(os, "SPLICE_F_NONBLOCK
 _F_SETPIPE_SZ = getattr(fcntl, "F_SETPIPE_SZ", 1031)
 COUNT_EVERY_BYTES = 1 << 20  # byte counters are passed on in batches (exact at the end)
 _IN, _OUT = select.EPOLLIN, select.EPOLLOUT
+_READABLE = _IN | select.EPOLLERR | select.EPOLLHUP  # an error or hang-up shows on the next call
+_WRITABLE = _OUT | select.EPOLLERR | select.EPOLLHUP
 
 ByteCounter = Callable[[str, int], None]
 
@@ -195,24 +197,25 @@ class RelayLoop:
         return True
 
     def _service(self, entry: _Relay, fd: int, events: int) -> None:
+        up, down = entry.up, entry.down
+        before = (up.open, up.busy, down.open, down.busy)
+        way = up
         try:
-            for way in (entry.up, entry.down):
-                if way.dst == fd and way.busy and events & (_OUT | select.EPOLLERR
-                                                            | select.EPOLLHUP):
+            for way in (up, down):
+                if way.dst == fd and way.busy and events & _WRITABLE:
                     if way.in_pipe:
                         self._drain(way)
                     elif way.pending is not None:
                         self._write(way, way.pending)
-                if way.src == fd and way.open and not way.busy and events & (
-                        _IN | select.EPOLLERR | select.EPOLLHUP):
+                if way.src == fd and way.open and not way.busy and events & _READABLE:
                     self._read(way, entry)
         except OSError as exc:
             self._finish(entry, f"broken {way.name}: {exc!r}")
             return
-        if not entry.up.open and not entry.down.open:
+        if not up.open and not down.open:
             self._finish(entry, "done")
-        else:
-            self._update(entry)
+        elif (up.open, up.busy, down.open, down.busy) != before:
+            self._update(entry)  # most chunks go straight through and change nothing
 
     def _read(self, way: _Way, entry: _Relay) -> None:
         if way.pipe is not None:
