@@ -7,7 +7,9 @@ Module map:
   ``await driver.wait_awake()`` is what every route calls before it connects.
 - ``probe``: backend connects and readiness checks (ready / refused / timed out).
 - ``wol``: magic packets and the ``WolSender`` that puts them on the wire.
-- ``relay``: bytes both ways with half-close; the client bytes kept while held.
+- ``relay``: a connection's relay (held bytes first, then both ways with half-close); the
+  client bytes kept while held.
+- ``relay_loop``: the one thread that moves the bytes of every established relay.
 - ``listener``: TCP routes: accept, hold within limits, relay.
 - ``http_routes``: HTTP-aware routes (``protocol = "http"``) on the same drivers.
 - ``control``: ``/status``, ``/metrics``, agent events (schema in ``shared.events``).
