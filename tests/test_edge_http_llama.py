@@ -38,8 +38,9 @@ from tests.support.ports import LOOPBACK, free_port
 pytestmark = pytest.mark.llama
 
 MODEL_ALIAS: Final = "tiny"
-# Long enough that generation is still running when the first chunk has crossed the proxy.
-LONG_GENERATION_TOKENS: Final = 1000
+# Long enough that generation is still running when the first chunk has crossed the proxy
+# (seconds on a loaded machine), short enough to fit the slot's context with the prompt.
+LONG_GENERATION_TOKENS: Final = 1900
 LARGE_TEXT_BYTES: Final = 300_000
 CHUNKED_PIECE_BYTES: Final = 65_521  # a prime: pieces never line up with anything
 KEEPALIVE_ROUNDS: Final = 4
@@ -59,7 +60,7 @@ async def awake_proxy(tmp_path: Path, binary: Path, model: Path, *, http: str = 
     node = NodeSpec("box", "aa:bb:cc:dd:ee:01", free_port())
     packets = await PacketListener.open()
     cfg = load_edge_config(write_http_config(tmp_path, [node], packets.port, http=http))
-    args = ("-c", "2048", "-np", "2", "-t", "1", "--alias", MODEL_ALIAS)
+    args = ("-c", "2048", "-np", "1", "-t", "1", "--alias", MODEL_ALIAS)
     with trio.fail_after(TEST_TIMEOUT_S):
         async with trio.open_nursery() as nursery, \
                 llama_on_port(binary, model, node.port, args) as log:
