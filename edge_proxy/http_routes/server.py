@@ -63,7 +63,7 @@ class HttpListener:
         self.shared = shared
         self.urls: list[str] = []
         self._stopping = trio.Event()
-        self._helpers: trio.Nursery | None = None
+        self._backend_tasks: trio.Nursery | None = None
         self._learners: dict[str, trio.CancelScope] = {}
 
     def __repr__(self) -> str:
@@ -102,7 +102,7 @@ class HttpListener:
         previous = {id(b.upstream) for b in old.values()}
         for backend in backends:
             if id(backend.upstream) not in previous:
-                self._start_helpers(backend)
+                self._start_backend_tasks(backend)
         log.info("http route %s reloaded: %s", self.listen, self.app.table)
 
     async def serve(self, *, task_status: trio.TaskStatus[list[str]] = trio.TASK_STATUS_IGNORED
@@ -115,15 +115,15 @@ class HttpListener:
         config.keep_alive_timeout = self.options.client_keepalive_s
         config.graceful_timeout = self.shared.limits.shutdown_grace_s
         async with trio.open_nursery() as nursery:
-            self._helpers = nursery
+            self._backend_tasks = nursery
             for backend in self.app.backends.values():
-                self._start_helpers(backend)
+                self._start_backend_tasks(backend)
 
             async def run_server(task_status: trio.TaskStatus[list[str]]) -> None:
                 await hypercorn_serve(self.app, config,  # type: ignore[arg-type]
                                       shutdown_trigger=self._stopping.wait,
                                       task_status=task_status)
-                nursery.cancel_scope.cancel()  # the server is done: so are its helpers
+                nursery.cancel_scope.cancel()  # the server is done: so are the backend tasks
 
             try:
                 self.urls = await nursery.start(run_server)
@@ -140,12 +140,12 @@ class HttpListener:
     def _addr(self) -> str:
         return str(next(iter(self.app.backends.values())).route.listen_addr)
 
-    def _start_helpers(self, backend: NodeBackend) -> None:
+    def _start_backend_tasks(self, backend: NodeBackend) -> None:
         """The backend's pool janitor, and its learner (cancelled when the node leaves)."""
-        assert self._helpers is not None, "serve() runs the helpers"
+        assert self._backend_tasks is not None, "serve() runs the backend tasks"
         scope = self._learners[backend.name] = trio.CancelScope()
-        self._helpers.start_soon(backend.upstream.run)
-        self._helpers.start_soon(self._learn, backend, scope)
+        self._backend_tasks.start_soon(backend.upstream.run)
+        self._backend_tasks.start_soon(self._learn, backend, scope)
 
     async def _learn(self, backend: NodeBackend, scope: trio.CancelScope) -> None:
         learned_at: int | None = None
