@@ -139,3 +139,32 @@ async def test_a_port_in_use_is_one_line_naming_the_route(tmp_path: Path) -> Non
     assert isinstance(error, ListenError)
     assert str(error) == (f"route 127.0.0.1:{port}: cannot listen: Address already in use; "
                           "stop the other program or pick another port")
+
+
+async def test_reload_moves_a_route_to_another_backend_and_drops_a_removed_nodes_held(
+        tmp_path: Path) -> None:
+    old_backend, new_backend, port = free_port(), free_port(), free_port()
+    path = config_with_listen(tmp_path, old_backend, port)
+    with trio.fail_after(TEST_TIMEOUT_S):
+        async with trio.open_nursery() as nursery:
+            await nursery.start(trio.serve_tcp, echo_backend, new_backend)
+            proxy: Proxy = await nursery.start(serve_proxy, load_edge_config(path))
+            held = await trio.open_tcp_stream("127.0.0.1", port)  # old backend is down: held
+            while proxy.drivers["box"].held != 1:
+                await trio.sleep(0.01)
+            # the same listener now fronts another node (and port); "box" leaves the config
+            text = path.read_text().replace("[nodes.box]", "[nodes.other]").replace(
+                'node = "box"', 'node = "other"').replace(f"backend_port = {old_backend}",
+                                                          f"backend_port = {new_backend}")
+            path.write_text(text)
+            await proxy.reload(load_edge_config(path))
+            assert set(proxy.drivers) == {"other"}
+            with pytest.raises(trio.BrokenResourceError):  # the held client is let go
+                await read_all(held)
+            await held.aclose()
+            while proxy.drivers["other"].state is not State.AWAKE:
+                await trio.sleep(0.01)
+            fresh = await trio.open_tcp_stream("127.0.0.1", port)
+            assert await echo_round(fresh, b"to the new node") == b"to the new node"
+            await fresh.aclose()
+            nursery.cancel_scope.cancel()
