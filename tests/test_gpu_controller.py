@@ -17,6 +17,7 @@ from inference_node.activity.parser import TaskFinished, TaskStarted
 from inference_node.activity.tracker import BusyTracker
 from inference_node.gpu.backend import PstateBackend
 from inference_node.gpu.controller import (
+    INVENTORY_REFRESH_S,
     READBACK_TIMEOUT_S,
     SWITCH_RETRY_S,
     PstateController,
@@ -244,4 +245,22 @@ async def test_reload_can_disable_and_enable_switching(
         assert all(g.pstate == 0 for g in rig.gpus)
         controller.configure(low=12, high=HIGH, low_delay_s=DELAY_S, enabled=True)
         await until(lambda: all(g.pstate == 12 for g in rig.gpus))  # the new low state
+        nursery.cancel_scope.cancel()
+
+
+async def test_a_gpu_other_programs_compute_on_is_never_forced_low(
+        autojump_clock: trio.testing.MockClock) -> None:
+    rig = three_gpu_rig()
+    tracker = BusyTracker()
+    others: set[str] = {rig.gpus[1].uuid}  # say, a training job nobody told the agent about
+    controller = PstateController(FakeNvml(rig), nvapi_over(rig), tracker, low=LOW,
+                                  low_delay_s=DELAY_S, held_by_others=lambda gpus: set(others))
+    async with trio.open_nursery() as nursery:
+        await nursery.start(controller.run)
+        await until(lambda: rig.gpus[0].pstate == LOW and rig.gpus[2].pstate == LOW)
+        await trio.sleep(INVENTORY_REFRESH_S * 3)
+        assert rig.switches_of(rig.gpus[1].pci_bus_id) == [HIGH]
+        assert controller.status()["gpus"][1]["used_by_other_programs"] is True
+        others.clear()  # the job ended: the next inventory refresh lets the GPU go low
+        await until(lambda: rig.gpus[1].pstate == LOW)
         nursery.cancel_scope.cancel()

@@ -4,6 +4,7 @@ fake 3-GPU rig; its API routes, metrics and ``node-agent status``; the GPU table
 from __future__ import annotations
 
 import functools
+import os
 import sys
 from pathlib import Path
 from typing import Any
@@ -130,6 +131,8 @@ async def test_agent_with_fake_gpus_switches_reports_and_releases(
                        backend=NvapiBackend(loader=lambda name: lib))]
 
     target = rig.by_bus("0000:41:00.0")  # CUDA index 1 in PCI_BUS_ID order
+    busy_elsewhere = rig.by_bus("0000:81:00.0")
+    busy_elsewhere.processes = (os.getpid(),)  # a program the agent did not start
     async with trio.open_nursery() as nursery:
         agent: Agent = await nursery.start(functools.partial(run_agent, cfg,
                                                              make_components=components))
@@ -137,6 +140,10 @@ async def test_agent_with_fake_gpus_switches_reports_and_releases(
         service = agent.gpu_activity
         assert service is not None
         control = service.controller.control(target.uuid)
+        # Our own llama-server on a GPU is not "another program"; the test process is.
+        target.processes = (agent.supervisor.get("tiny").child.pid,)  # type: ignore[union-attr]
+        assert service.held_by_others(FakeNvml(rig).snapshot()) == {busy_elsewhere.uuid}
+        target.processes = ()
         with trio.fail_after(STATE_TIMEOUT_S):
             while control.applied != 8:
                 await trio.sleep(0.02)
@@ -166,5 +173,6 @@ async def test_agent_with_fake_gpus_switches_reports_and_releases(
     assert "llamanap_pstate_backend_available 1.0" in metrics
     table = cli.stdout.decode().split("\n\n")[1].splitlines()
     assert table[0].startswith("GPU") and "tiny" in table[2] and "0000:41:00.0" in table[2]
+    assert rig.switches_of(busy_elsewhere.pci_bus_id) == [16]  # never forced low
     # The agent stopped: every GPU it forced low is back to "driver decides".
     assert all(rig.switches_of(g.pci_bus_id)[-1] == 16 for g in rig.gpus)

@@ -13,7 +13,7 @@ from __future__ import annotations
 import enum
 import logging
 import math
-from collections.abc import Iterable
+from collections.abc import Callable, Collection, Iterable
 from dataclasses import dataclass, field
 from typing import Any, Final
 
@@ -92,7 +92,10 @@ class PstateController:
 
     def __init__(self, inventory: GpuInventory, backend: PstateBackend, tracker: BusyTracker, *,
                  low: int, high: int = PSTATE_DRIVER_DECIDES, low_delay_s: float,
-                 enabled: bool = True) -> None:
+                 enabled: bool = True,
+                 held_by_others: Callable[[list[GpuInfo]], Collection[str]] | None = None) -> None:
+        """``held_by_others(gpus)`` names the GPUs (UUIDs) other programs compute on: they are
+        never forced low, so the agent does not slow down work it did not start."""
         self.inventory = inventory
         self.backend = backend
         self.tracker = tracker
@@ -105,6 +108,8 @@ class PstateController:
         self._wakeup = trio.Event()
         self._accounted_at: float | None = None
         self._backend_opened = False
+        self._held_by_others = held_by_others
+        self._foreign: frozenset[str] = frozenset()  # GPUs other programs used at the last refresh
         tracker.add_listener(self.on_busy)
 
     def __repr__(self) -> str:
@@ -169,6 +174,7 @@ class PstateController:
                 "seconds_low": round(c.seconds["low"], 3),
                 "seconds_high": round(c.seconds["high"], 3),
                 "instances": self.instances_on(c.gpu.uuid),
+                "used_by_other_programs": c.gpu.uuid in self._foreign,
             })
             gpus.append(entry)
         return {"enabled": self.enabled, "inventory_problem": self.inventory.problem,
@@ -197,6 +203,7 @@ class PstateController:
     async def _start(self) -> None:
         gpus = await trio.to_thread.run_sync(self.inventory.snapshot)
         self._gpus = {g.uuid: GpuControl(g) for g in gpus}
+        self._check_foreign()  # before the first decision: never force a GPU in use low
         if self.enabled:
             await self._open_backend()
 
@@ -230,6 +237,8 @@ class PstateController:
                     for uuid in uuids & busy.keys():
                         busy[uuid] = True
             self._pulses.clear()
+            for uuid in self._foreign & busy.keys():
+                busy[uuid] = True
             decision = self.policy.decide(busy, now)
             for uuid, control in self._gpus.items():
                 control.wanted = decision.wanted[uuid]
@@ -345,6 +354,15 @@ class PstateController:
             for gpu in fresh:
                 if gpu.uuid in self._gpus:
                     self._gpus[gpu.uuid].gpu = gpu
+            self._check_foreign()
+
+    def _check_foreign(self) -> None:
+        if self._held_by_others is None:
+            return
+        foreign = frozenset(self._held_by_others(self.gpus()))
+        if foreign != self._foreign:
+            self._foreign = foreign
+            self._wakeup.set()
 
     def _account(self, now: float) -> None:
         """Add the time since the last call to each GPU's low/high total (by applied state)."""

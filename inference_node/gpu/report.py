@@ -39,7 +39,7 @@ def format_gpu_table(status: dict[str, Any]) -> str:
             "-" if g["power_w"] is None else f"{g['power_w']:.0f}W",
             f"{_pstate(g['pstate_wanted'])} -> {_pstate(_now(g))}",
             g["pstate_control"], "-" if total <= 0 else f"{g['seconds_low'] / total:.0%}",
-            str(g["switches"]), ",".join(g["instances"]) or "-",
+            str(g["switches"]), _users(g),
         ))
     widths = [max(len(r[i]) for r in rows) for i in range(len(header))]
     lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip() for r in rows]
@@ -50,6 +50,12 @@ def format_gpu_table(status: dict[str, Any]) -> str:
                 and g["pstate_reason"] != status.get("backend_problem"):
             lines.append(f"GPU {g['pci_bus_id']}: {g['pstate_control']}: {g['pstate_reason']}")
     return "\n".join(lines)
+
+
+def _users(gpu: dict[str, Any]) -> str:
+    names = list(gpu["instances"]) + (["(other programs)"] if gpu.get("used_by_other_programs")
+                                      else [])
+    return ",".join(names) or "-"
 
 
 def _now(gpu: dict[str, Any]) -> int | None:

@@ -14,6 +14,7 @@ from __future__ import annotations
 import logging
 from typing import TYPE_CHECKING, Any, Final
 
+import psutil
 import trio
 
 from inference_node.activity.reconcile import SLOTS_CHECK_INTERVAL_S, SlotsReconciler
@@ -21,7 +22,7 @@ from inference_node.activity.tracker import BusyTracker
 from inference_node.gpu.assign import GpuAssignment, check_processes, gpus_for_env
 from inference_node.gpu.backend import PstateBackend
 from inference_node.gpu.controller import PstateController
-from inference_node.gpu.inventory import GpuInventory, open_inventory
+from inference_node.gpu.inventory import GpuInfo, GpuInventory, open_inventory
 from inference_node.gpu.metrics import GpuActivityCollector
 from inference_node.gpu.nvapi import NvapiBackend
 from inference_node.supervisor import State, Supervisor
@@ -44,8 +45,9 @@ def attach(agent: Agent, *, inventory: GpuInventory | None = None,
            backend: PstateBackend | None = None) -> GpuActivityService:
     """Build the service for ``agent`` and plug it in: ``agent.gpu_activity``, its API routes,
     its metrics and its reload listener. Pass hardware fakes for a demo or a test."""
-    service = GpuActivityService(agent.supervisor, agent.config.pstate, inventory=inventory,
-                                 backend=backend)
+    service = GpuActivityService(
+        agent.supervisor, agent.config.pstate, inventory=inventory, backend=backend,
+        watch_foreign=agent.config.power.watch_foreign_gpu_processes)
     agent.gpu_activity = service
     agent.route_registrars.append(service.routes)
     agent.registry.register(service.collector())
@@ -58,17 +60,19 @@ class GpuActivityService:
 
     def __init__(self, supervisor: Supervisor, config: PstateSection, *,
                  inventory: GpuInventory | None = None, backend: PstateBackend | None = None,
-                 slots_interval_s: float = SLOTS_CHECK_INTERVAL_S) -> None:
+                 slots_interval_s: float = SLOTS_CHECK_INTERVAL_S,
+                 watch_foreign: bool = True) -> None:
         self.supervisor = supervisor
         self.tracker = BusyTracker()
         self.inventory = inventory if inventory is not None else open_inventory()
         self.controller = PstateController(
             self.inventory, backend if backend is not None else NvapiBackend(), self.tracker,
             low=config.low, high=config.high, low_delay_s=config.low_delay_s,
-            enabled=config.enabled)
+            enabled=config.enabled, held_by_others=self.held_by_others if watch_foreign else None)
         self.reconciler = SlotsReconciler(self.tracker, self.endpoints, interval_s=slots_interval_s)
         self.assignments: dict[str, GpuAssignment] = {}
         self.gpu_problems: dict[str, list[str]] = {}
+        self._foreign_seen: dict[str, list[int]] = {}
         supervisor.add_line_sink(self.tracker.feed)
         supervisor.add_state_listener(self.on_state)
 
@@ -120,6 +124,35 @@ class GpuActivityService:
                 host = launch.probe_host
                 urls[row.name] = f"http://{f'[{host}]' if ':' in host else host}:{launch.port}"
         return urls
+
+    def own_pids(self) -> set[int]:
+        """Pids of every running instance and of their descendants (a wrapper script's child
+        is the process CUDA sees)."""
+        pids: set[int] = set()
+        for row in self.supervisor.snapshot():
+            if row.pid is None:
+                continue
+            pids.add(row.pid)
+            try:
+                pids.update(p.pid for p in psutil.Process(row.pid).children(recursive=True))
+            except psutil.Error:
+                continue  # exited meanwhile
+        return pids
+
+    def held_by_others(self, gpus: list[GpuInfo]) -> set[str]:
+        """GPUs (UUIDs) on which NVML lists a compute process that is not one of ours."""
+        ours = self.own_pids()
+        foreign = {g.pci_bus_id: sorted(p.pid for p in g.processes if p.pid not in ours)
+                   for g in gpus}
+        foreign = {bus: pids for bus, pids in foreign.items() if pids}
+        if foreign != self._foreign_seen:
+            for bus, pids in sorted(foreign.items()):
+                log.info("GPU %s: compute processes the agent did not start: pid %s; it is "
+                         "not forced low while they run (power.watch_foreign_gpu_processes = "
+                         "false turns this off, e.g. when the agent runs in a PID namespace)",
+                         bus, ", ".join(map(str, pids)))
+            self._foreign_seen = foreign
+        return {g.uuid for g in gpus if g.pci_bus_id in foreign}
 
     def tasks_in_progress(self) -> dict[str, int]:
         """``{instance: busy slots}`` (what the power manager's busy check reads)."""
