@@ -4,8 +4,9 @@ It wakes on every busy/idle edge from the activity tracker (``on_busy`` is a tra
 listener), so a GPU goes high as soon as a ``processing task`` line is read, not at a poll
 tick; it also wakes when a low delay or a read-back check falls due. Each forced state is read
 back through NVML: a switch the backend called successful but NVML does not show makes the GPU
-NOT_WORKING, with the reason in its status. When ``run`` ends, for any reason, every GPU it
-forced is released to 16 ("driver decides").
+NOT_WORKING, with the reason in its status. A GPU other programs compute on (``held_by_others``,
+checked at each inventory refresh) counts as busy. When ``run`` ends, for any reason, every GPU
+it forced is released to 16 ("driver decides").
 """
 
 from __future__ import annotations

@@ -7,6 +7,9 @@ under ``CUDA_DEVICE_ORDER=PCI_BUS_ID``) and forgets its activity when the child 
 runs the P-state controller and the /slots check; ``routes`` adds ``GET /v1/gpus`` and
 ``GET /v1/activity``; ``collector`` gives the Prometheus series. ``attach(agent)`` does all of
 that for a node-agent (``run_agent``'s ``make_components`` can pass hardware fakes to it).
+
+A GPU on which NVML lists a compute process outside the instances' process trees (a training
+job, a notebook) is treated as busy: the agent never slows down work it did not start.
 """
 
 from __future__ import annotations
