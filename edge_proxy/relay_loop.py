@@ -161,8 +161,38 @@ class RelayLoop:
                         return
                     continue
                 entry = self._by_fd.get(fd)
-                if entry is not None:
-                    self._service(entry, fd, events)
+                if entry is None:
+                    continue
+                if events == _IN:
+                    # the common case, kept short: one way's source has a chunk. A socket
+                    # registered for reading is an open way with nothing waiting (see _update)
+                    way = entry.up if entry.up.src == fd else entry.down
+                    if way.pipe is None:
+                        self._pass_chunk(entry, way)
+                        continue
+                self._service(entry, fd, events)
+
+    def _pass_chunk(self, entry: _Relay, way: _Way) -> None:
+        try:
+            chunk = os.read(way.src, RECEIVE_BYTES)
+            if not 0 < len(chunk) < RECEIVE_BYTES:  # EOF or a bulk stream: the general path
+                before = (entry.up.open, entry.up.busy, entry.down.open, entry.down.busy)
+                self._after_read(way, entry, chunk)
+                self._settle(entry, before)
+                return
+            try:
+                sent = os.write(way.dst, chunk)
+            except BlockingIOError:
+                sent = 0
+        except BlockingIOError:
+            return
+        except OSError as exc:
+            self._finish(entry, f"broken {way.name}: {exc!r}")
+            return
+        self._counted(way, entry, len(chunk))
+        if sent < len(chunk):
+            way.pending = memoryview(chunk)[sent:]
+            self._update(entry)
 
     def _commands_run(self) -> bool:
         with contextlib.suppress(BlockingIOError):
@@ -212,6 +242,10 @@ class RelayLoop:
         except OSError as exc:
             self._finish(entry, f"broken {way.name}: {exc!r}")
             return
+        self._settle(entry, before)
+
+    def _settle(self, entry: _Relay, before: tuple[bool, bool, bool, bool]) -> None:
+        up, down = entry.up, entry.down
         if not up.open and not down.open:
             self._finish(entry, "done")
         elif (up.open, up.busy, down.open, down.busy) != before:
@@ -234,6 +268,9 @@ class RelayLoop:
                 chunk = os.read(way.src, RECEIVE_BYTES)
             except BlockingIOError:
                 return
+        self._after_read(way, entry, chunk)
+
+    def _after_read(self, way: _Way, entry: _Relay, chunk: bytes) -> None:
         if not chunk:
             _shutdown(way.dst)
             way.open = False
