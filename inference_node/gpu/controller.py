@@ -354,7 +354,10 @@ class PstateController:
             fresh = await trio.to_thread.run_sync(self.inventory.snapshot)
             for gpu in fresh:
                 if gpu.uuid in self._gpus:
-                    self._gpus[gpu.uuid].gpu = gpu
+                    control = self._gpus[gpu.uuid]
+                    control.gpu = gpu
+                    if gpu.pstate is not None:
+                        control.read_back = gpu.pstate  # the freshest reading wins
             self._check_foreign()
 
     def _check_foreign(self) -> None:

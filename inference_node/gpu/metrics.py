@@ -62,7 +62,8 @@ class GpuActivityCollector(Collector):
         for gpu in status["gpus"]:
             key = [gpu["uuid"], gpu["pci_bus_id"], gpu["name"]]
             _maybe(wanted, key, gpu["pstate_wanted"])
-            _maybe(read, key, gpu["pstate"])
+            _maybe(read, key, gpu["pstate"] if gpu["pstate_read_back"] is None
+                   else gpu["pstate_read_back"])
             for state in HEALTH_STATES:
                 health.add_metric([*key, state], 1.0 if gpu["pstate_control"] == state else 0.0)
             switches.add_metric(key, float(gpu["switches"]))
