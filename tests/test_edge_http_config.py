@@ -62,6 +62,15 @@ def test_http_routes_to_different_nodes_share_a_listener(tmp_path: Path) -> None
     assert [[r.node for r in rs] for rs in groups.values()] == [["a", "b"], ["a"]]
 
 
+def test_on_port_zero_a_repeated_node_gets_a_listener_of_its_own(tmp_path: Path) -> None:
+    any_port = "127.0.0.1:0"
+    cfg = load_edge_config(_write(tmp_path, route("a", any_port) + route("b", any_port)
+                                  + route("a", any_port) + route("a", any_port, protocol="tcp")))
+    groups = group_http_routes(cfg.routes)
+    assert {key: [r.node for r in rs] for key, rs in groups.items()} == {
+        any_port: ["a", "b"], f"{any_port}#1": ["a"]}
+
+
 @pytest.mark.parametrize("text, expected", [
     (route("a", extra='[routes.http]\nno_wake = ["GET /health", "health"]'),
      "routes[0].http.no_wake[1]: found 'health'; expected \"METHOD /path\""),

@@ -66,6 +66,11 @@ async def test_each_model_wakes_only_its_own_node(
                 assert packets_for(packets, beta.mac) >= 1
                 assert packets_for(packets, alpha.mac) == 0
                 assert proxy.drivers["alpha-box"].state is State.ASLEEP
+                mixed = {m["id"]: m["owned_by"] for m in
+                         (await client.get("/v1/models")).json()["data"]}
+                assert mixed.keys() == {"alpha", "beta"}
+                assert mixed["alpha"] == "llamanap"  # asleep, never seen: from config
+                assert mixed["beta"] != "llamanap"  # awake: llama-server's own entry
 
                 answer = await client.post("/v1/chat/completions", json=chat("alpha"))
                 assert answer.status_code == 200, answer.text
