@@ -184,13 +184,14 @@ def allowed_low(intervals: list[tuple[float, float]], start: float, stop: float,
     return sum(max(0.0, (b - a) - (delay if i else 0.0)) for i, (a, b) in enumerate(gaps))
 
 
-async def replay(binary: Path, model: Path, seconds: float, seed: int) -> list[list[str]]:
+async def replay(binary: Path, model: Path, seconds: float, seed: int,
+                 low_delay_s: float) -> list[list[str]]:
     rig = three_gpu_rig()
     cuda = sorted(rig.gpus, key=lambda g: g.pci_bus_id)
     layout = {"gamma": [cuda[0]], "alpha": [cuda[1]], "delta": [cuda[1], cuda[2]]}
     tracker = BusyTracker()
     controller = PstateController(FakeNvml(rig), RecordingBackend(rig), tracker, low=LOW,
-                                  high=HIGH, low_delay_s=REPLAY_LOW_DELAY_S)
+                                  high=HIGH, low_delay_s=low_delay_s)
     busy: dict[str, list[tuple[float, float]]] = {name: [] for name in layout}
     opened: dict[str, float] = {}
 
@@ -247,7 +248,7 @@ async def replay(binary: Path, model: Path, seconds: float, seed: int) -> list[l
                  for a, b in busy[name] if b > start]
         busy_frac = union_length(spans) / wall
         low_frac = (after[gpu.uuid] - before[gpu.uuid]) / wall
-        allowed = allowed_low(spans, start, end, REPLAY_LOW_DELAY_S) / wall
+        allowed = allowed_low(spans, start, end, low_delay_s) / wall
         rows.append([f"GPU {index} ({gpu.pci_bus_id})", f"{wall:.1f}", f"{busy_frac:.1%}",
                      f"{1 - busy_frac:.1%}", f"{allowed:.1%}", f"{low_frac:.1%}",
                      f"{(low_frac - allowed) * 100:+.1f} pt"])
@@ -274,8 +275,8 @@ async def main(args: argparse.Namespace) -> None:
             f"{statistics.fmean(ms):.2f}",
             f"p99 <= {TARGET_P99_MS:g} ms: {'ok' if p99 <= TARGET_P99_MS else 'MISSED'}"]]))
         print()
-        rows = await replay(binary, model, args.replay_s, args.seed)
-        print(f"bursty replay, low_delay_s = {REPLAY_LOW_DELAY_S}")
+        rows = await replay(binary, model, args.replay_s, args.seed, args.low_delay_s)
+        print(f"bursty replay, low_delay_s = {args.low_delay_s:g}")
         print(table(["gpu", "wall s", "busy", "idle", "low allowed", "low", "low - allowed"],
                     rows))
 
@@ -285,4 +286,6 @@ if __name__ == "__main__":
     parser.add_argument("--tasks", type=int, default=1000, help="sequential tasks to time")
     parser.add_argument("--replay-s", type=float, default=30.0, help="length of the replay")
     parser.add_argument("--seed", type=int, default=7)
+    parser.add_argument("--low-delay-s", type=float, default=REPLAY_LOW_DELAY_S,
+                        help="the policy's low delay during the replay")
     trio.run(main, parser.parse_args())
