@@ -164,10 +164,10 @@ class RelayLoop:
                 if entry is None:
                     continue
                 if events == _IN:
-                    # the common case, kept short: one way's source has a chunk. A socket
-                    # registered for reading is an open way with nothing waiting (see _update)
+                    # the common case, kept short: one way's source has a chunk (a socket is
+                    # registered for reading only while its way is open and idle; see _update)
                     way = entry.up if entry.up.src == fd else entry.down
-                    if way.pipe is None:
+                    if way.pipe is None and way.open and not way.busy:
                         self._pass_chunk(entry, way)
                         continue
                 self._service(entry, fd, events)
