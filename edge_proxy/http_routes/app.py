@@ -185,8 +185,7 @@ class HttpRouteApp:
             return
         if ex.path in MODEL_LIST_PATHS and self.table.served_by(node):
             self.metrics.no_wake.labels(self.listen, node, "config").inc()
-            body = json.dumps(ModelTable((node,), {node: self.table.served_by(node)})
-                              .union({})).encode()
+            body = json.dumps(self.table.listed(node)).encode()
             await ex.respond(200, [(b"content-type", b"application/json")], body)
             return
         self.metrics.no_wake.labels(self.listen, node, "unavailable").inc()
