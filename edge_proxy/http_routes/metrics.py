@@ -2,7 +2,9 @@
 
 ``route`` is the listen address (as for TCP routes). ``model`` is a model a node is known to
 serve, ``none`` (the request named none) or ``other``; never a raw client string, so a client
-cannot grow the label set.
+cannot grow the label set. ``outcome`` of ``edge_http_requests``: ``relayed``, ``refused``
+(held-request limit), ``wake_timeout``, ``gave_up`` (the backend kept refusing); polls answered
+while the node sleeps are counted in ``edge_http_answered_without_wake`` instead.
 """
 
 from __future__ import annotations
