@@ -188,14 +188,14 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="fewer runs")
     parser.add_argument("--pin", action="store_true",
-                        help="llama-server alone on CPU 0; proxy and client on the others "
-                        "(as when the proxy runs on another box than the GPU)")
+                        help="edge-proxy alone on the last CPU; llama-server and the client on "
+                        "the others (as when the proxy runs on a box of its own)")
     args = parser.parse_args()
     cpus = sorted(os.sched_getaffinity(0))
-    llama_cpus = {cpus[0]} if args.pin and len(cpus) > 1 else None
-    rest = set(cpus[1:]) if llama_cpus else None
-    if rest:
-        os.sched_setaffinity(0, rest)
+    proxy_cpus = {cpus[-1]} if args.pin and len(cpus) > 1 else None
+    others = set(cpus[:-1]) if proxy_cpus else None
+    if others:
+        os.sched_setaffinity(0, others)  # the client, and llama-server started from here
     runs = QUICK_RUNS if args.quick else RUNS
     cold_runs = QUICK_COLD_RUNS if args.quick else COLD_RUNS
     body = json.dumps({"model": "tiny", "messages": [{"role": "user", "content": "hi"}],
@@ -208,9 +208,9 @@ def main() -> int:
                      "--port", str(backend_port), *LLAMA_ARGS]
         proxy_cmd = [sys.executable, "-m", "edge_proxy", "run", "-c",
                      str(write_config(folder, proxy_port, backend_port))]
-        with process(llama_cmd, folder / "llama.log", llama_cpus) as llama:
+        with process(llama_cmd, folder / "llama.log", others) as llama:
             wait_http(backend_port, "/health", llama, folder / "llama.log")
-            with process(proxy_cmd, folder / "proxy.log", rest) as proxy:
+            with process(proxy_cmd, folder / "proxy.log", proxy_cpus) as proxy:
                 wait_http(proxy_port, "/health", proxy, folder / "proxy.log", fresh=True)
                 kept = KeptConnection(proxy_port)
                 paths: dict[str, Callable[[bytes], Sample]] = {
