@@ -22,7 +22,6 @@ import logging
 from dataclasses import dataclass
 from typing import Final
 
-import httpcore
 import trio
 
 from edge_proxy.driver import NodeDriver, WakeFailed
@@ -40,7 +39,7 @@ from edge_proxy.http_routes.headers import header, request_headers, response_hea
 from edge_proxy.http_routes.metrics import HttpMetrics
 from edge_proxy.http_routes.models import ModelTable, Unroutable, requested_model, wants_stream
 from edge_proxy.http_routes.rules import WakePolicy
-from edge_proxy.http_routes.upstream import Upstream, UpstreamError, read_capped
+from edge_proxy.http_routes.upstream import Response, Upstream, UpstreamError, read_capped
 from edge_proxy.listener import Shared
 from edge_proxy.node import State
 from edge_proxy.probe import BackendUnavailable
@@ -348,7 +347,7 @@ class HttpRouteApp:
         finally:
             driver.active -= 1
 
-    async def _continue_sse(self, ex: Exchange, response: httpcore.Response) -> None:
+    async def _continue_sse(self, ex: Exchange, response: Response) -> None:
         """After SSE comments the status is sent: relay an event stream, or turn any other
         answer into one error event."""
         content_type = header(_lower(response.headers), b"content-type") or b""

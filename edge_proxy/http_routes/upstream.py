@@ -1,10 +1,10 @@
-"""One node's backend as seen by an HTTP listener: a small keep-alive pool that empties itself.
+"""One node's backend as seen by an HTTP listener: keep-alive connections that expire soon.
 
-Requests go out through httpcore (the connection layer of httpx) directly, so nothing is
-added or taken away on the way: no default ``Accept-Encoding``, no cookie jar, no redirects, no
-TLS set-up for plain-HTTP backends, and the response body is read raw (still compressed if
-the backend compressed it) and chunk by chunk as it arrives. Only ``Host`` and
-``Content-Length`` are written here, for the next hop.
+Requests are framed and answers parsed by h11; this module only keeps the connections. Nothing
+is added or taken away on the way (no default ``Accept-Encoding``, no cookies, no redirects):
+only ``Host`` and ``Content-Length`` are written for the next hop, and the body is handed on
+raw (still compressed if the backend compressed it), chunk by chunk as it arrives. A request
+leaves in one write, head and body together, so the backend wakes once for it.
 
 Errors reach callers in two kinds: ``BackendUnavailable`` when no connection could be opened
 (nothing was sent, so the request may be held and sent again once the node is awake), and
@@ -14,15 +14,17 @@ Errors reach callers in two kinds: ``BackendUnavailable`` when no connection cou
 from __future__ import annotations
 
 import errno
+import ipaddress
 import logging
+import socket
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from dataclasses import dataclass
 from typing import Final
 
-import httpcore
+import h11
 import trio
 
-from edge_proxy.http_routes.connect import DirectBackend
 from edge_proxy.http_routes.headers import RawHeaders
 from edge_proxy.node import Event
 from edge_proxy.probe import BackendUnavailable
@@ -30,19 +32,62 @@ from edge_proxy.probe import BackendUnavailable
 log = logging.getLogger(__name__)
 
 # The node agent counts open client connections to an instance's port as activity, so an
-# idle pooled connection would keep the GPU box from ever suspending. Idle connections are
+# idle kept connection would keep the GPU box from ever suspending. Idle connections are
 # closed after this long: long enough to reuse one across the back-to-back requests of a
 # chat turn, short enough not to matter next to any idle-suspend timeout.
 UPSTREAM_KEEPALIVE_EXPIRY_S: Final = 2.0
 # Idle connections kept per node; more concurrent requests open more, closed after use.
 UPSTREAM_KEEPALIVE_CONNECTIONS: Final = 16
+READ_BYTES: Final = 64 * 1024
+# Bodies up to this size go out in the same write as the request head; larger ones after it
+# (joining them would copy the whole body once more).
+JOIN_BODY_BYTES: Final = 64 * 1024
 _UNREACHABLE: Final = {errno.EHOSTUNREACH, errno.ENETUNREACH, errno.ETIMEDOUT, errno.EHOSTDOWN}
-_FAILURES: Final = (httpcore.NetworkError, httpcore.ProtocolError, httpcore.TimeoutException)
 _BODY_METHODS: Final = frozenset({"POST", "PUT", "PATCH"})
+_BROKEN: Final = (trio.BrokenResourceError, trio.ClosedResourceError, OSError, h11.ProtocolError)
 
 
 class UpstreamError(Exception):
     """The backend failed after a connection was open (reset, malformed answer, ...)."""
+
+
+@dataclass
+class _Connection:
+    stream: trio.SocketStream
+    h11: h11.Connection
+    idle_since: float = 0.0
+
+    async def next_event(self) -> object:
+        while True:
+            event = self.h11.next_event()
+            if event is h11.NEED_DATA:
+                self.h11.receive_data(await self.stream.receive_some(READ_BYTES))
+                continue
+            return event
+
+    async def close(self) -> None:
+        with trio.CancelScope(shield=True):
+            await self.stream.aclose()
+
+
+class Response:
+    """An answer whose head has arrived: ``status``, ``headers`` (as sent), and the body
+    through ``aiter_stream()`` (readable once)."""
+
+    def __init__(self, connection: _Connection, status: int, headers: RawHeaders) -> None:
+        self._connection = connection
+        self.status = status
+        self.headers = headers
+
+    async def aiter_stream(self) -> AsyncIterator[bytes]:
+        while True:
+            event = await self._connection.next_event()
+            if isinstance(event, h11.Data):
+                yield bytes(event.data)
+            elif isinstance(event, h11.EndOfMessage):
+                return
+            else:  # ConnectionClosed before the end: the body is cut
+                raise h11.RemoteProtocolError(f"answer cut short ({type(event).__name__})")
 
 
 class Upstream:
@@ -52,94 +97,122 @@ class Upstream:
         self.node = node
         self.port = port
         self.in_flight = 0
-        self._pool_: httpcore.AsyncConnectionPool | None = None
-        self._last_done = 0.0
+        self._idle: list[_Connection] = []
         self._retired = False
 
+    def __repr__(self) -> str:
+        return (f"<Upstream {self.node}:{self.port} in_flight={self.in_flight} "
+                f"idle={len(self._idle)}>")
+
     def retire(self) -> None:
-        """The node left the listener (a reload): ``run()`` closes the pool and returns once
-        the requests still using it are done."""
+        """The node left the listener (a reload): ``run()`` closes the idle connections and
+        returns once the requests still running are done."""
         self._retired = True
 
-    def __repr__(self) -> str:
-        pooled = "pool open" if self._pool_ is not None else "no pool"
-        return f"<Upstream {self.node}:{self.port} in_flight={self.in_flight} {pooled}>"
-
-    def _pool(self) -> httpcore.AsyncConnectionPool:
-        if self._pool_ is None:
-            self._pool_ = httpcore.AsyncConnectionPool(
-                max_connections=None, max_keepalive_connections=UPSTREAM_KEEPALIVE_CONNECTIONS,
-                keepalive_expiry=UPSTREAM_KEEPALIVE_EXPIRY_S, network_backend=DirectBackend())
-        return self._pool_
-
     async def run(self) -> None:
-        """Close the pool whenever it has been idle for ``UPSTREAM_KEEPALIVE_EXPIRY_S``
-        (httpcore only drops expired connections when the next request comes). Until cancelled
-        or retired."""
+        """Close connections idle for ``UPSTREAM_KEEPALIVE_EXPIRY_S``. Until cancelled or
+        retired."""
         try:
             while not (self._retired and not self.in_flight):
                 await trio.sleep(UPSTREAM_KEEPALIVE_EXPIRY_S / 2)
-                idle_s = trio.current_time() - self._last_done
-                if self._pool_ is not None and not self.in_flight \
-                        and idle_s >= UPSTREAM_KEEPALIVE_EXPIRY_S:
-                    pool, self._pool_ = self._pool_, None
-                    await pool.aclose()
+                deadline = trio.current_time() - UPSTREAM_KEEPALIVE_EXPIRY_S
+                expired = [c for c in self._idle if c.idle_since <= deadline]
+                self._idle = [c for c in self._idle if c.idle_since > deadline]
+                for connection in expired:
+                    await connection.close()
         finally:
-            if self._pool_ is not None:
-                with trio.CancelScope(shield=True):
-                    await self._pool_.aclose()
+            idle, self._idle = self._idle, []
+            for connection in idle:
+                await connection.close()
 
     @asynccontextmanager
     async def exchange(self, host: str, method: str, target: bytes, headers: RawHeaders,
-                       body: bytes, connect_timeout_s: float) -> AsyncIterator[httpcore.Response]:
-        """Send a request and yield the response once its headers arrived (``status``,
-        ``headers`` as sent, ``aiter_stream()`` for the body). Raises ``BackendUnavailable``
-        (nothing sent) or ``UpstreamError``."""
+                       body: bytes, connect_timeout_s: float) -> AsyncIterator[Response]:
+        """Send a request and yield the response once its head arrived. Raises
+        ``BackendUnavailable`` (nothing sent) or ``UpstreamError``."""
         authority = f"[{host}]" if ":" in host else host
         sent = [(b"host", f"{authority}:{self.port}".encode()), *headers]
         if body or method in _BODY_METHODS:
             sent.append((b"content-length", str(len(body)).encode()))
-        url = httpcore.URL(scheme=b"http", host=host.encode(), port=self.port, target=target)
-        timeout = {"connect": connect_timeout_s, "read": None, "write": None, "pool": None}
-        request = httpcore.Request(method.encode(), url, headers=sent, content=body,
-                                   extensions={"timeout": timeout})
         self.in_flight += 1
+        connection: _Connection | None = None
         try:
+            connection = await self._take(host, connect_timeout_s)
             try:
-                response = await self._pool().handle_async_request(request)
-            except httpcore.ConnectTimeout as exc:
-                raise BackendUnavailable(Event.PROBE_TIMEOUT, self._say(
-                    f"timed out after {connect_timeout_s:g} s")) from exc
-            except httpcore.ConnectError as exc:
-                event = Event.PROBE_TIMEOUT if _errno(exc) in _UNREACHABLE else Event.PROBE_REFUSED
-                raise BackendUnavailable(event, self._say(str(exc) or type(exc).__name__)) from exc
-            except _FAILURES as exc:
-                raise UpstreamError(f"{self.node}:{self.port}: {exc!r}") from exc
-            try:
+                pieces = connection.h11.send_with_data_passthrough(
+                    h11.Request(method=method.encode(), target=target, headers=sent)) or []
+                if body:
+                    pieces += connection.h11.send_with_data_passthrough(h11.Data(data=body)) or []
+                pieces += connection.h11.send_with_data_passthrough(h11.EndOfMessage()) or []
+                if len(body) <= JOIN_BODY_BYTES:
+                    await connection.stream.send_all(b"".join(pieces))
+                else:
+                    for piece in pieces:
+                        await connection.stream.send_all(piece)
+                event = await connection.next_event()
+                while isinstance(event, h11.InformationalResponse):  # 100 Continue and such
+                    event = await connection.next_event()
+                if not isinstance(event, h11.Response):
+                    raise h11.RemoteProtocolError(f"no answer ({type(event).__name__})")
+                response = Response(connection, event.status_code, list(event.headers))
                 yield response
-            except _FAILURES as exc:
+            except _BROKEN as exc:
                 raise UpstreamError(f"{self.node}:{self.port}: {exc!r}") from exc
-            finally:
-                with trio.CancelScope(shield=True):
-                    await response.aclose()
         finally:
             self.in_flight -= 1
-            self._last_done = trio.current_time()
+            if connection is not None:
+                await self._release(connection)
+
+    async def _take(self, host: str, connect_timeout_s: float) -> _Connection:
+        while self._idle:
+            connection = self._idle.pop()
+            if not connection.stream.socket.is_readable():  # readable while idle: closed
+                return connection
+            await connection.close()
+        try:
+            with trio.fail_after(connect_timeout_s):
+                stream = await _open(host, self.port)
+        except trio.TooSlowError:
+            raise BackendUnavailable(Event.PROBE_TIMEOUT, self._say(
+                f"timed out after {connect_timeout_s:g} s")) from None
+        except OSError as exc:
+            event = Event.PROBE_TIMEOUT if exc.errno in _UNREACHABLE else Event.PROBE_REFUSED
+            raise BackendUnavailable(event, self._say(exc.strerror or str(exc))) from exc
+        return _Connection(stream, h11.Connection(h11.CLIENT))
+
+    async def _release(self, connection: _Connection) -> None:
+        state = connection.h11
+        if state.our_state is h11.DONE and state.their_state is h11.DONE \
+                and len(self._idle) < UPSTREAM_KEEPALIVE_CONNECTIONS and not self._retired:
+            state.start_next_cycle()
+            connection.idle_since = trio.current_time()
+            self._idle.append(connection)
+        else:
+            await connection.close()
 
     def _say(self, what: str) -> str:
         return f"connect to {self.node}:{self.port}: {what}"
 
 
-def _errno(exc: BaseException) -> int | None:
-    seen: BaseException | None = exc
-    while seen is not None:
-        if isinstance(seen, OSError) and seen.errno is not None:
-            return seen.errno
-        seen = seen.__cause__ or seen.__context__
-    return None
+async def _open(host: str, port: int) -> trio.SocketStream:
+    """One ``connect()`` for an IP address (trio's happy eyeballs costs a nursery and a task
+    per connect, about 0.3 ms, and llama-server closes its connection after every streamed
+    answer, so streamed requests connect anew); host names go through ``open_tcp_stream``."""
+    try:
+        address = ipaddress.ip_address(host)
+    except ValueError:
+        return await trio.open_tcp_stream(host, port)
+    family = socket.AF_INET6 if address.version == 6 else socket.AF_INET
+    sock = trio.socket.socket(family, socket.SOCK_STREAM)
+    try:
+        await sock.connect((host, port))
+    except BaseException:
+        sock.close()
+        raise
+    return trio.SocketStream(sock)  # sets TCP_NODELAY: chunks must not wait for ACKs
 
 
-async def read_capped(response: httpcore.Response, limit: int) -> bytes | None:
+async def read_capped(response: Response, limit: int) -> bytes | None:
     """The whole body, or None once it passes ``limit`` bytes (the rest is not read)."""
     chunks: list[bytes] = []
     size = 0
