@@ -112,6 +112,7 @@ class PstateController:
         self._held_by_others = held_by_others
         self._foreign: frozenset[str] = frozenset()  # GPUs other programs used at the last refresh
         tracker.add_listener(self.on_busy)
+        self._sleeping = False  # released for a suspend: force nothing until resume
 
     def __repr__(self) -> str:
         states = ", ".join(f"{c.gpu.pci_bus_id}={'-' if c.applied is None else c.applied}"
@@ -146,6 +147,18 @@ class PstateController:
                      low_delay_s, "enabled" if enabled else "disabled")
         self.policy.low, self.policy.high, self.policy.low_delay_s = low, high, low_delay_s
         self.enabled = enabled
+        self._wakeup.set()
+
+    async def release_all(self, reason: str) -> None:
+        """Give every GPU back to the driver now and keep it so until ``resume_control()``
+        (the machine is about to sleep: the driver must own the GPU across suspend)."""
+        self._sleeping = True
+        log.info("P-states: releasing every forced state (%s)", reason)
+        await self._release_all()
+
+    def resume_control(self) -> None:
+        """Switch P-states again after ``release_all`` (the machine is back)."""
+        self._sleeping = False
         self._wakeup.set()
 
     # -- outputs ------------------------------------------------------------------------------
@@ -244,7 +257,7 @@ class PstateController:
             for uuid, control in self._gpus.items():
                 control.wanted = decision.wanted[uuid]
                 control.activity = decision.activity[uuid]
-            if self.enabled:
+            if self.enabled and not self._sleeping:
                 if not self._backend_opened:
                     await self._open_backend()
                 await self._apply(now)
