@@ -14,7 +14,7 @@ import ctypes
 import threading
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from typing import Any
 
 from inference_node.gpu import nvapi
@@ -78,7 +78,6 @@ class FakeNvml:
 
     def __init__(self, rig: FakeRig) -> None:
         self.rig = rig
-        self.reads = 0
 
     @property
     def problem(self) -> str | None:
@@ -95,7 +94,6 @@ class FakeNvml:
         ]
 
     def performance_state(self, uuid: str) -> int | None:
-        self.reads += 1
         return next(g.pstate for g in self.rig.gpus if g.uuid == uuid)
 
 
@@ -216,9 +214,3 @@ def three_gpu_rig() -> FakeRig:
     ]
     return FakeRig(gpus, nvapi_order=[2, 1, 0])
 
-
-def with_gpu(rig: FakeRig, index: int, **changes: Any) -> FakeRig:
-    """A copy of ``rig`` with NVML GPU ``index`` changed."""
-    gpus = list(rig.gpus)
-    gpus[index] = replace(gpus[index], **changes)
-    return FakeRig(gpus, list(rig.nvapi_order))
