@@ -96,12 +96,14 @@ async def test_a_model_learned_while_awake_still_routes_once_its_node_sleeps(
         async with trio.open_nursery() as nursery:
             nursery.start_soon(packets.run)
             backend = trio.CancelScope()
+            backend_gone = trio.Event()
 
             async def first_life(task_status: trio.TaskStatus[None]) -> None:
                 with backend:
                     async with llama_on_port(llama_server_bin, tiny_model, alpha.port, args):
                         task_status.started()
                         await trio.sleep_forever()
+                backend_gone.set()  # stopped and reaped
 
             await nursery.start(first_life)
             proxy: Proxy = await nursery.start(serve_proxy, load_edge_config(path))
@@ -110,8 +112,9 @@ async def test_a_model_learned_while_awake_still_routes_once_its_node_sleeps(
                                          timeout=TEST_TIMEOUT_S) as client:
                 while "learned" not in [m["id"] for m in (await client.get("/v1/models")).json()["data"]]:
                     await trio.sleep(0.05)
+                backend.cancel()  # the agent stops llama-server, then says it suspends
+                await backend_gone.wait()
                 assert proxy.drivers["alpha-box"].suspending().allowed
-                backend.cancel()
                 await wait_state(proxy, "alpha-box", State.ASLEEP)
 
                 nursery.start_soon(Waker(alpha, llama_server_bin, tiny_model, args).run, packets)

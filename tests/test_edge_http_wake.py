@@ -44,12 +44,6 @@ async def agent_event(proxy: Proxy, node: str, event: str) -> bool:
     return allowed
 
 
-async def put_to_sleep(proxy: Proxy, node: str, stop_backend: trio.CancelScope) -> None:
-    """What a node's agent does before suspending: say so, then stop llama-server."""
-    assert await agent_event(proxy, node, "suspending")
-    stop_backend.cancel()
-
-
 async def test_polls_come_from_the_cache_and_a_chat_wakes_the_node(
         tmp_path: Path, llama_server_bin: Path, tiny_model: Path) -> None:
     node = NodeSpec("box", "aa:bb:cc:dd:ee:01", free_port())
@@ -62,16 +56,15 @@ async def test_polls_come_from_the_cache_and_a_chat_wakes_the_node(
             url = proxy.http_routes.url("127.0.0.1:0")
             async with httpx.AsyncClient(base_url=url, timeout=TEST_TIMEOUT_S) as client:
                 # awake: polls are relayed, and their answers remembered
-                with trio.CancelScope() as backend:
-                    async with llama_on_port(llama_server_bin, tiny_model, node.port):
-                        await agent_event(proxy, "box", "ready")
-                        await wait_state(proxy, "box", State.AWAKE)
-                        live_models = await client.get("/v1/models")
-                        live_health = await client.get("/health")
-                        assert live_models.status_code == live_health.status_code == 200
-                        assert "age" not in live_models.headers
-                        nursery.start_soon(put_to_sleep, proxy, "box", backend)
-                        await trio.sleep_forever()
+                async with llama_on_port(llama_server_bin, tiny_model, node.port):
+                    await agent_event(proxy, "box", "ready")
+                    await wait_state(proxy, "box", State.AWAKE)
+                    live_models = await client.get("/v1/models")
+                    live_health = await client.get("/health")
+                    assert live_models.status_code == live_health.status_code == 200
+                    assert "age" not in live_models.headers
+                # llama-server is stopped (and reaped); the node's agent says it suspends
+                assert await agent_event(proxy, "box", "suspending")
                 await wait_state(proxy, "box", State.ASLEEP)
 
                 for _ in range(POLLS):
