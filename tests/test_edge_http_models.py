@@ -81,6 +81,15 @@ async def test_each_model_wakes_only_its_own_node(
                 assert sorted(m["id"] for m in awake) == ["alpha", "beta"]
                 # now the live entries (llama-server's own), not the config placeholders
                 assert all(m["owned_by"] != "llamanap" for m in awake)
+
+                metrics = (await client.get(f"{proxy.control_url}/metrics")).text
+            wakes = {line.split("{")[1].split("}")[0]: float(line.rsplit(" ", 1)[1])
+                     for line in metrics.splitlines() if line.startswith("edge_http_wakes_total{")}
+            assert wakes == {  # one wake per node, counted under the model that asked
+                'model="beta",node="beta-box",route="127.0.0.1:0"': 1.0,
+                'model="alpha",node="alpha-box",route="127.0.0.1:0"': 1.0,
+            }, wakes
+            assert 'edge_http_unknown_model_total{route="127.0.0.1:0"} 1.0' in metrics
             nursery.cancel_scope.cancel()
 
 
