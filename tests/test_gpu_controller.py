@@ -18,6 +18,7 @@ from inference_node.activity.tracker import BusyTracker
 from inference_node.gpu.backend import PstateBackend
 from inference_node.gpu.controller import (
     INVENTORY_REFRESH_S,
+    READBACK_DELAY_S,
     READBACK_TIMEOUT_S,
     SWITCH_RETRY_S,
     PstateController,
@@ -263,4 +264,25 @@ async def test_a_gpu_other_programs_compute_on_is_never_forced_low(
         assert controller.status()["gpus"][1]["used_by_other_programs"] is True
         others.clear()  # the job ended: the next inventory refresh lets the GPU go low
         await until(lambda: rig.gpus[1].pstate == LOW)
+        nursery.cancel_scope.cancel()
+
+
+async def test_disabling_with_a_read_back_due_leaves_the_loop_asleep(
+        mock_clock: trio.testing.MockClock) -> None:
+    """A read-back that falls due while switching is off must not wake the loop for ever
+    (a busy loop there starves every other task, and froze virtual time in these tests)."""
+    rig = three_gpu_rig()
+    controller, _ = make(rig)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(controller.run)
+        mock_clock.jump(DELAY_S)
+        controls = [controller.control(g.uuid) for g in rig.gpus]
+        await spin_until(lambda: all(c.applied == LOW for c in controls))
+        controller.configure(low=LOW, high=HIGH, low_delay_s=DELAY_S, enabled=False)
+        mock_clock.jump(READBACK_DELAY_S * 2)  # the read-back of P8 falls due, unread
+        await spin_until(lambda: all(c.applied == HIGH for c in controls))
+        await spin_for(0.1)
+        turn = controller._wakeup  # a new event per loop turn
+        await spin_for(0.3)
+        assert controller._wakeup is turn, "the control loop keeps turning while disabled"
         nursery.cancel_scope.cancel()

@@ -257,14 +257,19 @@ class PstateController:
             for uuid, control in self._gpus.items():
                 control.wanted = decision.wanted[uuid]
                 control.activity = decision.activity[uuid]
-            if self.enabled and not self._sleeping:
+            controlling = self.enabled and not self._sleeping
+            if controlling:
                 if not self._backend_opened:
                     await self._open_backend()
                 await self._apply(now)
                 await self._verify(trio.current_time())
             else:
                 await self._release_all()
-            wake_at = min([decision.wake_at, *self._pending_times()])
+                # Nothing to read back or retry while released: a read-back that fell due
+                # would otherwise wake this loop again at once, for ever.
+                for control in self._gpus.values():
+                    control.verify_due = math.inf
+            wake_at = min([decision.wake_at, *(self._pending_times() if controlling else [])])
             with trio.move_on_at(wake_at):
                 await self._wakeup.wait()
 
