@@ -270,6 +270,12 @@ class WakeMachine:
             self._move(State.ASLEEP, now, "host went to sleep: " + reason)
             if self.demand:
                 self._start_wake(now, "connection held while asleep", actions, packet=True)
+        elif self.state is State.DRAINING and self.demand:
+            # The agent has stopped the service and the host is on its way down. Start the
+            # wake now: packets repeat every wol_interval_s, the first one that reaches the
+            # sleeping NIC wakes it (one that arrives too early is ignored by a NIC still up).
+            self._start_wake(now, "connection held while the node goes to sleep: " + reason,
+                             actions, packet=True)
 
     def _on_tick(self, now: float, reason: str, actions: list[Action]) -> None:
         if self.state is State.WAKING:

@@ -28,6 +28,8 @@ from prometheus_client import CollectorRegistry, Counter
 from inference_node import api
 from inference_node.gpu import service as gpu_service
 from inference_node.gpu.service import GpuActivityService
+from inference_node.placement.service import PlacementService
+from inference_node.power.service import PowerService
 from inference_node.supervisor import ReloadPlan, Supervisor
 from inference_node.supervisor.launch import port_problem
 from inference_node.supervisor.metrics import SupervisorCollector
@@ -138,7 +140,9 @@ class Agent:
 
 def _components(agent: Agent) -> list[Component]:
     """The agent's parts beside the supervisor and the API, in start order."""
-    return [gpu_service.attach(agent)]
+    gpu = gpu_service.attach(agent)
+    # Placement shares the GPU service's NVML inventory; power reads activity from it.
+    return [gpu, PlacementService(agent, gpu.inventory), PowerService(agent)]
 
 
 ComponentFactory = Callable[[Agent], list[Component]]

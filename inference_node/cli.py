@@ -46,8 +46,9 @@ def _command_modules() -> list[CommandModule]:
     # Each module adds its own subcommands; keep this list in the order of `--help`.
     from inference_node import commands, doctor
     from inference_node.placement import cli as placement
+    from inference_node.power import commands as power
 
-    return [commands, doctor, placement]
+    return [commands, power, doctor, placement]
 
 
 def main(argv: Sequence[str] | None = None) -> int:

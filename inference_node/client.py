@@ -69,6 +69,9 @@ class AgentClient:
              timeout_s: float = REQUEST_TIMEOUT_S) -> Any:
         return self._call("POST", path, json=body or {}, timeout_s=timeout_s)
 
+    def delete(self, path: str) -> Any:
+        return self._call("DELETE", path)
+
     def _call(self, method: str, path: str, *, timeout_s: float = REQUEST_TIMEOUT_S,
               **kwargs: Any) -> Any:
         headers = {"Authorization": f"Bearer {self.token}"} if self.token else {}

@@ -87,11 +87,17 @@ def _status(args: argparse.Namespace) -> int:
     data = client.get("/v1/status")
     activity, gpus = _optional(client, "/v1/activity"), _optional(client, "/v1/gpus")
     if args.json:
-        print(json.dumps(data | {"activity": activity, "gpus": gpus}, indent=1))
+        power = _optional(client, "/v1/power")
+        print(json.dumps(data | {"activity": activity, "gpus": gpus, "power": power}, indent=1))
         return EXIT_OK
     print(format_table(data["instances"], (activity or {}).get("instances", {})))
     if gpus is not None:
         print("\n" + format_gpu_table(gpus))
+    power = _optional(client, "/v1/power")
+    if power is not None:
+        from inference_node.power.commands import format_power
+
+        print("\n" + format_power(power))
     last = data.get("last_reload")
     if last and not last["ok"]:
         print(f"\nlast reload failed: {last['message']}")

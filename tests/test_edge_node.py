@@ -105,6 +105,18 @@ def test_suspending_is_vetoed_while_busy_and_drains_when_idle() -> None:
     assert m.state is State.WAKING
 
 
+def test_a_client_held_while_the_service_stops_for_a_suspend_starts_the_wake() -> None:
+    m = machine(State.AWAKE)
+    assert m.suspending(101.0, in_flight=0, held=0, veto_when_busy=True).allowed
+    assert m.handle(Event.PROBE_REFUSED, 101.5, "connect refused") == []  # nobody waits yet
+    assert m.state is State.DRAINING and not m.wants_probe()
+    m.handle(Event.DEMAND, 102.0)
+    # llama-server is stopped, the host still answers: packets go out until it sleeps and wakes
+    assert m.handle(Event.PROBE_REFUSED, 102.1, "connect refused") == [SendPacket()]
+    assert m.state is State.WAKING and "goes to sleep" in m.reason
+    assert m.handle(Event.TICK, 102.1 + TIMING.wol_interval_s) == [SendPacket()]  # and again
+
+
 def test_held_connections_veto_suspend_even_when_allowed_busy() -> None:
     m = machine(State.WAKING)
     assert not m.suspending(101.0, in_flight=0, held=1, veto_when_busy=False).allowed

@@ -58,6 +58,10 @@ class PstateRelease(Protocol):
         """Give every GPU back to the driver (P-state 16) before the machine sleeps."""
         ...
 
+    def resume_control(self) -> None:
+        """Switch P-states again (the machine is back, or the suspend did not happen)."""
+        ...
+
 
 class SuspendAction(Protocol):
     async def suspend(self) -> None:
@@ -268,6 +272,8 @@ class PowerManager:
                   why, self.cfg.failed_suspend_backoff_s)
         self.machine.apply(PowerEvent.SUSPEND_FAILED, self.clock(), why)
         self.policy.failed(self.clock(), self.cfg.failed_suspend_backoff_s)
+        if self.pstates is not None:
+            self.pstates.resume_control()
         await self.instances.start_enabled("suspend failed")
         await self._tell_proxy("resumed", "suspend failed; node stayed up")
         await self._announce_ready(record)
@@ -277,6 +283,8 @@ class PowerManager:
         self.resume.reset()
         self.machine.apply(PowerEvent.RESUME, self.clock(), how)
         self.policy.resumed(self.clock())
+        if self.pstates is not None:
+            self.pstates.resume_control()
         record.mark("starting instances", self.clock())
         await self.instances.start_enabled(f"resumed ({how})")
         await self._tell_proxy("resumed", how)
