@@ -121,8 +121,8 @@ class NodeDriver:
                 log.warning("node %s: %s", self.name, exc)
                 continue
             self.metrics.packets.labels(self.name).inc()
-            log.debug("node %s: magic packet sent to %s:%d", self.name, self.cfg.wol.broadcast,
-                      self.cfg.wol.port)
+            log.info("node %s: magic packet for %s sent to %s:%d", self.name, self.cfg.mac,
+                     self.cfg.wol.broadcast, self.cfg.wol.port)
 
     async def _tick(self) -> None:
         while True:
