@@ -201,12 +201,8 @@ async def start(nursery: trio.Nursery, folder: Path, hosts: Hosts, model: Path,
 
 
 async def stop(stack: Stack) -> None:
-    """Stop the agent (thawed first, in case a test ends while the box "sleeps")."""
-    # A "sleep" still waiting for its magic packet: end it and take its nftables rule away.
-    subprocess.run(["pkill", "-f", f"netns_sleep.py --iface {stack.hosts.veth_gpubox} "],
-                   capture_output=True, check=False)
-    subprocess.run(["ip", "netns", "exec", stack.hosts.gpubox, "nft", "delete", "table", "inet",
-                    netns_sleep.TABLE], capture_output=True, check=False)
+    """Stop the agent (thawed first, in case a test ends while the box "sleeps"), then any
+    "sleep" still waiting for its magic packet, and take its nftables rule away."""
     if stack.agent.returncode is None:
         os.kill(stack.agent.pid, signal.SIGCONT)  # `ip netns exec` became the agent
         stack.agent.terminate()
@@ -215,6 +211,10 @@ async def stop(stack: Stack) -> None:
         if stack.agent.returncode is None:
             stack.agent.kill()
             await stack.agent.wait()
+    subprocess.run(["pkill", "-f", f"netns_sleep.py --iface {stack.hosts.veth_gpubox} "],
+                   capture_output=True, check=False)
+    subprocess.run(["ip", "netns", "exec", stack.hosts.gpubox, "nft", "delete", "table", "inet",
+                    netns_sleep.TABLE], capture_output=True, check=False)
 
 
 @dataclass
