@@ -197,6 +197,7 @@ def raise_open_file_limit() -> int:
 async def run_service(path: Path) -> None:
     """``edge-proxy run``: serve ``path``'s config until SIGTERM/SIGINT; SIGHUP reloads it."""
     cfg = load_edge_config(path)
+    systemd.claim()
     limit = raise_open_file_limit()
     log.info("open-file limit: %d", limit)
     with trio.open_signal_receiver(signal.SIGHUP, signal.SIGTERM, signal.SIGINT) as signals:

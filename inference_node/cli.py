@@ -7,7 +7,6 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from inference_node.supervisor.launch import instance_problems
 from shared.cli import EXIT_FAILURE, EXIT_OK, CommandModule, make_parser, run
 from shared.config.node import load_node_config
 
@@ -20,6 +19,8 @@ DEFAULT_CONFIG = Path("/etc/llamanap/node-agent.toml")
 
 
 def _check_config(args: argparse.Namespace) -> int:
+    from inference_node.supervisor.launch import instance_problems
+
     cfg = load_node_config(args.path)
     enabled = sum(1 for i in cfg.instances.values() if i.enabled)
     print(f"{args.path}: ok ({len(cfg.instances)} instance(s), {enabled} enabled)")
@@ -52,4 +53,13 @@ def _command_modules() -> list[CommandModule]:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    return run("node-agent", build_parser(), argv)
+    args = list(sys.argv[1:] if argv is None else argv)
+    if args[:1] == ["hook"]:
+        # The sleep hook runs this on a resume's critical path: build only `hook`, so the
+        # other commands' imports (trio, NVML, numpy) do not delay the wake.
+        from inference_node.power import commands as power
+
+        parser, sub = make_parser("node-agent", DESCRIPTION)
+        power.register_hook(sub)
+        return run("node-agent", parser, args)
+    return run("node-agent", build_parser(), args)

@@ -16,6 +16,7 @@ import trio
 from inference_node.cli import DEFAULT_CONFIG
 from inference_node.client import AgentClient, AgentRefused
 from inference_node.gpu.report import activity_cells, format_gpu_table
+from shared import systemd
 from shared.cli import EXIT_FAILURE, EXIT_OK, setup_logging
 from shared.config.node import load_node_config
 
@@ -74,6 +75,7 @@ def _run(args: argparse.Namespace) -> int:
 
     cfg = load_node_config(args.config)
     setup_logging(cfg.log_level, debug=args.debug)
+    systemd.claim()  # children (llama-server, busctl, suspend) must not speak for the unit
     trio.run(run_agent, args.config)
     return EXIT_OK
 

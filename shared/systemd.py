@@ -9,10 +9,28 @@ import os
 import socket
 import time
 
+# systemd's variables, moved out of the environment by ``claim()`` so that no child (llama-server,
+# busctl, the suspend command) inherits them: systemd tools report their own exit status to
+# $NOTIFY_SOCKET (ERRNO=...), which the service manager would read as the service's.
+_claimed: dict[str, str] = {}
+_VARIABLES = ("NOTIFY_SOCKET", "WATCHDOG_USEC", "WATCHDOG_PID")
+
+
+def claim() -> None:
+    """Keep systemd's notify variables for this process only (call once, at start)."""
+    for name in _VARIABLES:
+        value = os.environ.pop(name, None)
+        if value is not None:
+            _claimed[name] = value
+
+
+def _get(name: str) -> str | None:
+    return _claimed.get(name) or os.environ.get(name)
+
 
 def notify(*fields: str) -> bool:
     """Send ``KEY=VALUE`` lines to ``$NOTIFY_SOCKET``; False (and nothing sent) outside systemd."""
-    addr = os.environ.get("NOTIFY_SOCKET")
+    addr = _get("NOTIFY_SOCKET")
     if not addr:
         return False
     if addr.startswith("@"):  # abstract namespace socket
@@ -51,8 +69,8 @@ def watchdog() -> bool:
 
 def watchdog_interval_s() -> float | None:
     """Half the unit's ``WatchdogSec`` (the interval to ping at), or None when not asked for."""
-    usec = os.environ.get("WATCHDOG_USEC")
-    pid = os.environ.get("WATCHDOG_PID")
+    usec = _get("WATCHDOG_USEC")
+    pid = _get("WATCHDOG_PID")
     if not usec or (pid and pid != str(os.getpid())):
         return None
     return int(usec) / 2e6

@@ -29,25 +29,34 @@ def parse_duration(text: str) -> float:
     return float(m.group(1)) * _UNIT_S[m.group(2)]
 
 
-def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+def _client_options() -> argparse.ArgumentParser:
     client = argparse.ArgumentParser(add_help=False)
     group = client.add_argument_group("where the agent is")
     group.add_argument("--config", type=Path, default=DEFAULT_CONFIG,
                        help=f"read api_listen and the token from it (default {DEFAULT_CONFIG})")
     group.add_argument("--url", help="the agent's API, e.g. http://127.0.0.1:9181 (skips --config)")
     group.add_argument("--token-file", type=Path, help="file holding the bearer token")
+    return client
 
+
+def register_hook(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    p = sub.add_parser("hook", parents=[_client_options()],
+                       help="tell the agent the system sleeps (pre) or woke (post)",
+                       description="Called by the system-sleep hook (deploy/system-sleep/llamanap).")
+    p.add_argument("phase", choices=["pre", "post"])
+    p.add_argument("when", nargs="?", help="what systemd passes second (suspend, hibernate, ...); ignored")
+    p.set_defaults(func=_hook)
+
+
+def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    client = _client_options()
     p = sub.add_parser("power", parents=[client], help="what keeps the node awake, when it would sleep",
                        description="Show the power state, what keeps the node awake right now, "
                                    "when it would suspend, inhibits, and the last suspend cycles.")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=_power)
 
-    p = sub.add_parser("hook", parents=[client], help="tell the agent the system sleeps (pre) or woke (post)",
-                       description="Called by the system-sleep hook (deploy/system-sleep/llamanap).")
-    p.add_argument("phase", choices=["pre", "post"])
-    p.add_argument("when", nargs="?", help="what systemd passes second (suspend, hibernate, ...); ignored")
-    p.set_defaults(func=_hook)
+    register_hook(sub)
 
     p = sub.add_parser("inhibit", parents=[client], help="keep the node awake for a while",
                        description='Keep the node awake: node-agent inhibit --for 2h "training run". '
