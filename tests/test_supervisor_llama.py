@@ -131,3 +131,18 @@ async def test_reload_changes_exactly_the_right_llama_servers(
     assert "--port" in Path(f"/proc/{after['added']}/cmdline").read_text()
     await complete(ports["changed"])
     await complete(ports["added"])
+
+
+async def test_the_model_loaded_line_probes_health_at_once(
+    sup: Supervisor, llama_server_bin: Path, tiny_model: Path, tmp_path: Path
+) -> None:
+    """A wake waits on READY: llama-server's end-of-load lines trigger the health probe instead
+    of the next interval (here far longer than the test may wait)."""
+    table = {"binary": str(llama_server_bin), "model": str(tiny_model), "port": free_port(),
+             "args": LLAMA_ARGS, "health": {"interval_s": 60.0}}
+    cfg = instance("hinted", table, tmp_path / "instances.toml")
+    await sup.apply({"hinted": cfg}, {})
+    started = trio.current_time()
+    await wait_state(sup, "hinted", State.READY)  # bounded well below interval_s
+    assert trio.current_time() - started < 60.0
+    assert any("model loaded" in line.text for line in sup.get("hinted").ring.tail(1000))

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import re
 import shlex
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Protocol
@@ -43,6 +44,9 @@ output_log = logging.getLogger("inference_node.output")
 # process group could hold them open, so the readers get this long to drain, then stop.
 PUMP_DRAIN_S = 1.0
 HEALTHY = 200
+# llama-server's lines at the end of a model load: seeing one probes health at once instead of
+# at the next interval (a wake waits on READY). Only a hint: the 200 from health decides.
+READY_HINT = re.compile(r"model loaded|listening on|all slots are idle")
 
 StateListener = Callable[[str, State, State, str], None]
 LaunchPlanner = Callable[[str, InstanceConfig], Awaitable[LaunchOverrides | None]]
@@ -70,6 +74,7 @@ class Instance:
         self.enabled = enabled  # the effective setting: config, or an override from the API
         self.state = State.STOPPED
         self.reason = "not started"
+        self._ready_hint = trio.Event()
         self.state_since = trio.current_time()
         self.child: Child | None = None
         self.launch: LaunchSpec | None = None  # argv and env of the current (or last) child
@@ -276,8 +281,12 @@ class Instance:
 
             race.start_soon(watch_exit)
             with trio.move_on_after(health.timeout_s):
-                while await probe_health(spec.probe_host, spec.port, health.path) != HEALTHY:
-                    await trio.sleep(health.interval_s)
+                while True:
+                    hint = self._ready_hint = trio.Event()  # before the probe: none is missed
+                    if await probe_health(spec.probe_host, spec.port, health.path) == HEALTHY:
+                        break
+                    with trio.move_on_after(health.interval_s):
+                        await hint.wait()
                 result = None
             if result == "":
                 result = (f"not healthy within health.timeout_s = {health.timeout_s:g} s "
@@ -313,6 +322,8 @@ class Instance:
 
     def _line(self, stream: str, text: str) -> None:
         self.ring.append(stream, text)
+        if self.state is State.STARTING and READY_HINT.search(text):
+            self._ready_hint.set()
         if output_log.isEnabledFor(logging.DEBUG):  # log_level = "debug" copies it to the journal
             output_log.debug("%s: %s", self.name, text)
         dispatch(self._host.line_sinks, self.name, text, trio.current_time())
