@@ -111,8 +111,11 @@ def inside(ns: str) -> Iterator[None]:
 
 
 def write_configs(folder: Path, hosts: Hosts, model: Path, llama_server: Path, *,
-                  idle_timeout_s: float) -> tuple[Path, Path, Path]:
-    """(edge config, agent config, sleep record file)."""
+                  idle_timeout_s: float, defaults: bool = False) -> tuple[Path, Path, Path]:
+    """(edge config, agent config, sleep record file). Timings are short for tests; with
+    ``defaults`` the wake-path timings (packets, probes, health checks) are the shipped ones."""
+    fast_node = {} if defaults else {"wol_interval_s": 0.5, "probe_interval_s": 0.05}
+    fast_health = {} if defaults else {"health": {"interval_s": 0.05}}
     token = folder / "token"
     token.write_text(TOKEN + "\n")
     token.chmod(0o600)
@@ -122,8 +125,7 @@ def write_configs(folder: Path, hosts: Hosts, model: Path, llama_server: Path, *
         "control": {"listen": f"{ROUTER_IP}:{CONTROL_PORT}", "token_file": str(token)},
         "nodes": {"gpubox": {"host": GPUBOX_IP, "mac": MAC,
                              "wol": {"broadcast": BROADCAST, "port": 9},
-                             "wol_interval_s": 0.5, "wake_timeout_s": 120,
-                             "probe_interval_s": 0.05, "probe_timeout_s": 0.5}},
+                             "wake_timeout_s": 120, "probe_timeout_s": 0.5, **fast_node}},
         "routes": [{"listen": "127.0.0.1:0", "node": "gpubox", "backend_port": BACKEND_PORT,
                     "ready": "http:/health"}],
     }))
@@ -142,7 +144,7 @@ def write_configs(folder: Path, hosts: Hosts, model: Path, llama_server: Path, *
         "pstate": {"enabled": False},
         "instances": {"tiny": {"binary": str(llama_server), "model": str(model),
                                "host": GPUBOX_IP, "port": BACKEND_PORT,
-                               "health": {"interval_s": 0.05},
+                               **fast_health,
                                "args": ["-c", "8192", "-np", "4", "-lv", "4"]}},
     }))
     return edge, agent, record
@@ -177,7 +179,7 @@ class Stack:
             return response.json()
 
     def sleeps(self) -> list[tuple[str, float]]:
-        """``("asleep" | "awake", wall time)`` lines the suspend command wrote."""
+        """``("asleep" | "packet" | "awake", wall time)`` lines the suspend command wrote."""
         if not self.record.exists():
             return []
         return [(w, float(t)) for w, t in (line.split() for line in self.record.read_text().split("\n")
@@ -185,10 +187,10 @@ class Stack:
 
 
 async def start(nursery: trio.Nursery, folder: Path, hosts: Hosts, model: Path,
-                llama_server: Path, *, idle_timeout_s: float) -> Stack:
+                llama_server: Path, *, idle_timeout_s: float, defaults: bool = False) -> Stack:
     """Start the proxy (this thread must be inside the router namespace) and the agent."""
     edge, agent_cfg, record = write_configs(folder, hosts, model, llama_server,
-                                            idle_timeout_s=idle_timeout_s)
+                                            idle_timeout_s=idle_timeout_s, defaults=defaults)
     proxy: Proxy = await nursery.start(serve_proxy, load_edge_config(edge))
     log = folder / "node-agent.log"
     env = {**os.environ, "NODE_AGENT": str(agent_wrapper(folder, agent_cfg)),

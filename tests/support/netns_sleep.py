@@ -54,7 +54,7 @@ def main() -> int:
     p.add_argument("--iface", required=True)
     p.add_argument("--mac", required=True)
     p.add_argument("--hook", required=True, help="the system-sleep hook to run with 'post suspend'")
-    p.add_argument("--record", help="append 'asleep TIME' and 'awake TIME' lines here")
+    p.add_argument("--record", help="append 'asleep|packet|awake TIME' lines here")
     args = p.parse_args()
     mac = bytes(int(x, 16) for x in args.mac.split(":"))
     agent = os.getppid()
@@ -75,6 +75,7 @@ def main() -> int:
         while True:
             data, _ = sock.recvfrom(2048)
             if is_magic_packet_for(data, mac):
+                record(args.record, "packet")
                 break
     finally:
         wake_up()
