@@ -117,8 +117,10 @@ async def test_twenty_cycles_of_sleep_and_one_wake_for_sixteen_held_clients(
         assert [r.text for r in held] == [reference.text] * CLIENTS, f"cycle {cycle}"
         assert (slept(stack), woke(stack)) == (cycle, cycle), "one wake per sleep"
     power = await stack.agent_get("/v1/power")
-    outcomes = [h["outcome"] for h in power["history"]]
-    assert outcomes[-5:] == ["slept and resumed"] * 5
+    outcomes = [h["outcome"] for h in power["history"]]  # the last five cycles
+    if outcomes[-1] == "running":  # idle again: the next suspend has begun
+        outcomes.pop()
+    assert outcomes and set(outcomes) == {"slept and resumed"}
 
 
 async def test_a_stream_longer_than_the_idle_timeout_is_never_cut(
