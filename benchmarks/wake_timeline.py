@@ -4,15 +4,20 @@ Each cycle: the node goes idle and "sleeps" (incoming TCP dropped, agent frozen)
 ``--clients`` clients connect through the proxy at once. Measured per cycle, on one clock:
 
     packet    the proxy sends the first magic packet (proxy's last wake)
-    heard     the box receives it (the simulated NIC; a real resume adds the hardware's time)
+    heard     the box receives it (the simulated NIC)
+    thawed    the simulated resume is done (nftables rule gone, agent thawed); a real machine
+              spends its hardware resume time here
     resume    the agent sees the resume (the sleep hook's ``post``: a shell and ``node-agent hook``)
     spawn     llama-server spawned
     READY     /health answered 200 (llama-server's own load: spawn -> READY)
-    byte      the first held client receives its first byte; ``all`` the last one
+    released  the proxy connects the held clients (the agent's ``ready``, or its own probe)
+    byte      the first held client receives its first byte (llama-server answering); ``all``
+              the last one
 
-Our overhead = heard -> first byte, minus llama-server's own load (spawn -> READY): the agent's
-and the proxy's share of a wake. Target: <= 200 ms. Timings in the configs are the shipped
-defaults (health checks every 0.25 s, probes every 1 s, packets every 2 s).
+Our overhead = thawed -> resume -> spawn, plus READY -> released: the agent's and the proxy's
+share of a wake, beyond the hardware, llama-server's load and its answer. Target: <= 200 ms.
+Timings in the configs are the shipped defaults (health checks every 0.25 s, probes every 1 s,
+packets every 2 s).
 
     sudo .venv/bin/python benchmarks/wake_timeline.py [--cycles 10] [--clients 16]
 """
@@ -94,7 +99,9 @@ async def one_cycle(stack: Stack, cycle: int, clients: int) -> dict[str, float]:
     now = time.time()
     wake = stack.node()["last_wake"]
     packet = now - wake["started_s_ago"]
+    released = packet + wake["duration_s"]  # the proxy connects the held clients
     heard = [t for w, t in stack.sleeps() if w == "packet"][cycle - 1]
+    thawed = [t for w, t in stack.sleeps() if w == "awake"][cycle - 1]
     await trio.sleep(0.3)  # let the agent's log lines reach the file
     log = stack.agent_log
     resume = log_times(log, "power: resume seen", heard)[0]
@@ -103,10 +110,12 @@ async def one_cycle(stack: Stack, cycle: int, clients: int) -> dict[str, float]:
     first = min(r.first_byte for r in results)
     last = max(r.first_byte for r in results)
     assert all(r.done for r in results), "a held client's stream was cut"
-    return {"packet->heard": heard - packet, "heard->resume": resume - heard,
-            "resume->spawn": spawn - resume, "spawn->READY": ready - spawn,
-            "READY->byte": first - ready, "byte->all": last - first,
-            "heard->byte": first - heard, "overhead": (first - heard) - (ready - spawn)}
+    return {"packet->heard": heard - packet, "heard->thawed": thawed - heard,
+            "thawed->resume": resume - thawed, "resume->spawn": spawn - resume,
+            "spawn->READY": ready - spawn, "READY->released": released - ready,
+            "released->byte": first - released, "byte->all": last - first,
+            "heard->byte": first - heard,
+            "overhead": (resume - thawed) + (spawn - resume) + (released - ready)}
 
 
 async def run(args: argparse.Namespace, hosts: Hosts, folder: Path) -> list[dict[str, float]]:

@@ -55,11 +55,9 @@ def _command_modules() -> list[CommandModule]:
 def main(argv: Sequence[str] | None = None) -> int:
     args = list(sys.argv[1:] if argv is None else argv)
     if args[:1] == ["hook"]:
-        # The sleep hook runs this on a resume's critical path: build only `hook`, so the
-        # other commands' imports (trio, NVML, numpy) do not delay the wake.
-        from inference_node.power import commands as power
+        # The sleep hook runs this on a resume's critical path: only `hook`, standard library
+        # only, so the other commands' imports (trio, httpx, NVML, numpy) do not delay the wake.
+        from inference_node.power import hook
 
-        parser, sub = make_parser("node-agent", DESCRIPTION)
-        power.register_hook(sub)
-        return run("node-agent", parser, args)
+        return hook.main(args[1:])
     return run("node-agent", build_parser(), args)

@@ -11,8 +11,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import httpx
-
 from shared.config.loader import Context, build, read_toml
 from shared.config.node import AgentSection
 from shared.errors import LlamanapError
@@ -74,6 +72,8 @@ class AgentClient:
 
     def _call(self, method: str, path: str, *, timeout_s: float = REQUEST_TIMEOUT_S,
               **kwargs: Any) -> Any:
+        import httpx  # here, so that finding the agent (``locate``) stays light
+
         headers = {"Authorization": f"Bearer {self.token}"} if self.token else {}
         url = self.base_url + path
         try:

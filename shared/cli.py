@@ -10,7 +10,6 @@ import argparse
 import logging
 import sys
 from collections.abc import Callable, Sequence
-from importlib.metadata import PackageNotFoundError, version
 from typing import Protocol
 
 from shared.errors import ConfigError, LlamanapError
@@ -30,6 +29,8 @@ class CommandModule(Protocol):
 
 
 def package_version() -> str:
+    from importlib.metadata import PackageNotFoundError, version  # 30 ms: only when asked
+
     try:
         return version("llamanap")
     except PackageNotFoundError:  # running from a source tree without install

@@ -40,12 +40,12 @@ def _client_options() -> argparse.ArgumentParser:
 
 
 def register_hook(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    p = sub.add_parser("hook", parents=[_client_options()],
-                       help="tell the agent the system sleeps (pre) or woke (post)",
+    from inference_node.power import hook
+
+    p = sub.add_parser("hook", help="tell the agent the system sleeps (pre) or woke (post)",
                        description="Called by the system-sleep hook (deploy/system-sleep/llamanap).")
-    p.add_argument("phase", choices=["pre", "post"])
-    p.add_argument("when", nargs="?", help="what systemd passes second (suspend, hibernate, ...); ignored")
-    p.set_defaults(func=_hook)
+    hook.add_arguments(p)
+    p.set_defaults(func=hook.run)
 
 
 def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -109,12 +109,6 @@ def format_power(data: dict[str, Any]) -> str:
     if data.get("last_error"):
         lines.append(f"  last suspend failed: {data['last_error']}")
     return "\n".join(lines)
-
-
-def _hook(args: argparse.Namespace) -> int:
-    result = _client(args).post("/v1/power/hook", {"phase": args.phase})
-    print(result["result"])
-    return EXIT_OK
 
 
 def _inhibit(args: argparse.Namespace) -> int:

@@ -77,7 +77,12 @@ class PowerService:
         return f"<PowerService {self.manager.machine!r}>"
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
-        await self.manager.run(task_status=task_status)
+        try:
+            await self.manager.run(task_status=task_status)
+        finally:
+            if self.manager.proxy is not None:
+                with trio.CancelScope(shield=True):
+                    await self.manager.proxy.aclose()
 
     def _reloaded(self, config: NodeAgentConfig) -> None:
         power = config.power

@@ -80,7 +80,7 @@ def main() -> int:
     finally:
         wake_up()
         os.kill(agent, signal.SIGCONT)
-    record(args.record, "awake")
+    record(args.record, "awake")  # the "hardware" is back; the sleep hook runs next
     subprocess.run([args.hook, "post", "suspend"], check=False)
     return 0
 
