@@ -42,7 +42,9 @@ MAC = "02:6c:6e:00:00:02"
 TOKEN = "e2e-token"
 BACKEND_PORT, API_PORT, CONTROL_PORT = 8080, 9181, 9180
 CLONE_NEWNET = 0x40000000
+HOSTS_ENV = "LLAMANAP_NETNS_HOSTS"  # the Hosts, as JSON, for a process started inside
 PROMPT = "The quick brown fox"
+SLOT_CTX = 8192  # context per llama-server slot (4 slots)
 N_PREDICT = 24
 
 
@@ -111,7 +113,8 @@ def inside(ns: str) -> Iterator[None]:
 
 
 def write_configs(folder: Path, hosts: Hosts, model: Path, llama_server: Path, *,
-                  idle_timeout_s: float, defaults: bool = False) -> tuple[Path, Path, Path]:
+                  idle_timeout_s: float, defaults: bool = False,
+                  power: dict[str, Any] | None = None) -> tuple[Path, Path, Path]:
     """(edge config, agent config, sleep record file). Timings are short for tests; with
     ``defaults`` the wake-path timings (packets, probes, health checks) are the shipped ones."""
     fast_node = {} if defaults else {"wol_interval_s": 0.5, "probe_interval_s": 0.05}
@@ -140,12 +143,13 @@ def write_configs(folder: Path, hosts: Hosts, model: Path, llama_server: Path, *
                   "suspend_command": [sys.executable, netns_sleep.__file__,
                                       "--iface", hosts.veth_gpubox, "--mac", MAC,
                                       "--hook", str(HOOK), "--record", str(record)],
-                  "resume_timeout_s": 3600.0, "watch_foreign_gpu_processes": False},
+                  "resume_timeout_s": 3600.0, "watch_foreign_gpu_processes": False,
+                  **(power or {})},
         "pstate": {"enabled": False},
         "instances": {"tiny": {"binary": str(llama_server), "model": str(model),
                                "host": GPUBOX_IP, "port": BACKEND_PORT,
                                **fast_health,
-                               "args": ["-c", "8192", "-np", "4", "-lv", "4"]}},
+                               "args": ["-c", str(SLOT_CTX * 4), "-np", "4", "-lv", "4"]}},
     }))
     return edge, agent, record
 
@@ -187,10 +191,13 @@ class Stack:
 
 
 async def start(nursery: trio.Nursery, folder: Path, hosts: Hosts, model: Path,
-                llama_server: Path, *, idle_timeout_s: float, defaults: bool = False) -> Stack:
-    """Start the proxy (this thread must be inside the router namespace) and the agent."""
+                llama_server: Path, *, idle_timeout_s: float, defaults: bool = False,
+                power: dict[str, Any] | None = None) -> Stack:
+    """Start the proxy (this thread must be inside the router namespace) and the agent;
+    ``power`` overrides the agent's [power] settings."""
     edge, agent_cfg, record = write_configs(folder, hosts, model, llama_server,
-                                            idle_timeout_s=idle_timeout_s, defaults=defaults)
+                                            idle_timeout_s=idle_timeout_s, defaults=defaults,
+                                            power=power)
     proxy: Proxy = await nursery.start(serve_proxy, load_edge_config(edge))
     log = folder / "node-agent.log"
     env = {**os.environ, "NODE_AGENT": str(agent_wrapper(folder, agent_cfg)),
