@@ -119,6 +119,7 @@ Try, in another terminal:
   .venv/bin/edge-proxy status --config {info['edge']}
   .venv/bin/node-agent status --config {info['agent']}
 
+The model is a generated tiny one with random weights: its answers are gibberish, on purpose.
 Watch below: the node goes to sleep when idle; the next curl wakes it. Ctrl-C stops the demo.
 """
 
