@@ -80,10 +80,26 @@ class Response:
         self.headers = headers
 
     async def aiter_stream(self) -> AsyncIterator[bytes]:
+        """The body as it arrives. Chunks already read together go on as one piece: a proxy
+        that falls behind a fast stream catches up with fewer writes, not more."""
+        connection = self._connection
+        event = await connection.next_event()
         while True:
-            event = await self._connection.next_event()
             if isinstance(event, h11.Data):
-                yield bytes(event.data)
+                parts = [bytes(event.data)]
+                broken: h11.RemoteProtocolError | None = None
+                try:
+                    event = connection.h11.next_event()  # no I/O: only what is buffered
+                    while isinstance(event, h11.Data):
+                        parts.append(bytes(event.data))
+                        event = connection.h11.next_event()
+                except h11.RemoteProtocolError as exc:
+                    broken = exc  # what came before the garbage still goes out
+                yield parts[0] if len(parts) == 1 else b"".join(parts)
+                if broken is not None:
+                    raise broken
+                if event is h11.NEED_DATA:
+                    event = await connection.next_event()
             elif isinstance(event, h11.EndOfMessage):
                 return
             else:  # ConnectionClosed before the end: the body is cut
