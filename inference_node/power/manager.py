@@ -146,6 +146,15 @@ class PowerManager:
         if getattr(new, "name", str(new)) == "READY":
             self._ready_send.send_nowait(instance)
 
+    def poke(self) -> None:
+        """Run a round now (an inhibit ended), not at the next interval."""
+        self._poke.set()
+
+    async def refresh_verdict(self) -> None:
+        """Run the checks and update what status shows now; acting on it is the loop's job."""
+        reasons = await gather_reasons(self.checks)
+        self.verdict = self.policy.observe(self.clock(), reasons)
+
     def hook(self, phase: str) -> str:
         """The system-sleep hook's call: ``pre`` before the kernel sleeps, ``post`` after."""
         if phase == "post":

@@ -123,6 +123,7 @@ class PowerService:
             if not isinstance(for_s, int | float) or isinstance(for_s, bool) or not 0 < for_s <= MAX_INHIBIT_S:
                 raise HTTPError(400, f"for_s: found {for_s!r}; allowed: seconds, up to {MAX_INHIBIT_S:.0f}")
             item = self.inhibits.add(reason.strip()[:200], float(for_s), trio.current_time())
+            await self.manager.refresh_verdict()  # `node-agent power` shows it at once
             return Response.json({"id": item.id, "reason": item.reason, "for_s": for_s})
 
         @app.route("DELETE", "/v1/power/inhibit/{id}")
@@ -131,4 +132,5 @@ class PowerService:
             if not raw.isdigit() or not self.inhibits.remove(int(raw)):
                 raise HTTPError(404, f"no inhibit with id {raw}; `node-agent inhibit --list` shows them",
                                 "not_found_error")
+            self.manager.poke()
             return Response.json({"removed": int(raw)})
