@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import functools
 import sys
+import tomllib
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -225,3 +226,16 @@ async def test_an_inhibit_keeps_the_node_awake_until_removed(
     await until(lambda: marker.exists(), "slept once the inhibit was removed")
     missing = await client.delete(f"/v1/power/inhibit/{added['id']}")
     assert missing.status_code == 404
+
+
+async def test_a_reload_applies_new_power_settings(nursery: trio.Nursery, tmp_path: Path) -> None:
+    old, new = tmp_path / "old-command-ran", tmp_path / "new-command-ran"
+    stack = await start_stack(nursery, tmp_path, lambda *_: ["touch", str(old)],
+                              idle_timeout_s=3600.0)
+    path = stack.agent.cfg_path
+    table = tomllib.loads(path.read_text())
+    table["power"] |= {"idle_timeout_s": 1.0, "suspend_command": ["touch", str(new)]}
+    path.write_text(tomli_w.dumps(table))
+    await stack.agent.reload("test")
+    await until(lambda: new.exists(), "the new command ran after the new timeout")
+    assert not old.exists()

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import logging
 from typing import TYPE_CHECKING, Any
 
 import trio
@@ -27,6 +28,8 @@ from shared.http import HTTPError, Request, Response
 if TYPE_CHECKING:
     from inference_node.agent import Agent
     from shared.http import App
+
+log = logging.getLogger(__name__)
 
 MAX_INHIBIT_S = 7 * 86400.0  # an inhibit longer than a week is a mistake, not a plan
 
@@ -86,10 +89,20 @@ class PowerService:
 
     def _reloaded(self, config: NodeAgentConfig) -> None:
         power = config.power
-        self.manager.cfg = power
-        self.manager.policy.idle_timeout_s = power.idle_timeout_s
-        self.manager.policy.min_awake_s = power.min_awake_s
-        self.manager.checks = build_checks(self.agent, self.inhibits)
+        manager = self.manager
+        manager.cfg = power
+        manager.policy.idle_timeout_s = power.idle_timeout_s
+        manager.policy.min_awake_s = power.min_awake_s
+        manager.resume_timeout_s = power.resume_timeout_s
+        manager.checks = build_checks(self.agent, self.inhibits)
+        if isinstance(manager.suspender, CommandSuspend):
+            argv = split_command(power.suspend_command, Context(self.agent.cfg_path),
+                                 "power.suspend_command")
+            manager.suspender = CommandSuspend(argv, power.suspend_command_timeout_s)
+        if (config.proxy is None) != (manager.proxy is None) or (
+                config.proxy is not None and manager.proxy is not None
+                and config.proxy != manager.proxy.cfg):
+            log.warning("reload: [proxy] changed; restart node-agent to apply it")
 
     def status(self) -> dict[str, Any]:
         now = trio.current_time()
