@@ -1,10 +1,10 @@
 """Two hosts on one machine for the sleep/wake end-to-end test and the wake-timeline benchmark.
 
 ``router`` and ``gpubox`` are network namespaces joined by a veth pair (10.201.0.1 and
-10.201.0.2/24). The edge-proxy runs in this process with the calling thread moved into the
-router namespace (sockets belong to the namespace of the thread that creates them, and trio
-creates every socket on its own thread); the node-agent and its real llama-server run as
-processes in the gpubox namespace. The agent's suspend command is ``netns_sleep.py``: the box
+10.201.0.2/24). The edge-proxy and the clients run in a process that lives in the router
+namespace (the test scenarios run under ``ip netns exec``; the benchmark moves its main thread
+there before it starts trio, so every thread it makes is there too); the node-agent and its
+real llama-server run as processes in the gpubox namespace. The agent's suspend command is ``netns_sleep.py``: the box
 drops every incoming TCP packet until a magic packet for its MAC reaches UDP port 9, which the
 proxy sends to 10.201.0.255, a broadcast address inside the namespace this harness made.
 
@@ -100,7 +100,10 @@ def two_hosts() -> Iterator[Hosts]:
 
 @contextmanager
 def inside(ns: str) -> Iterator[None]:
-    """Move the calling thread into namespace ``ns`` (and back on the way out)."""
+    """Move the calling thread into namespace ``ns`` (and back on the way out).
+
+    Threads it starts meanwhile stay there: use it around a whole ``trio.run`` in a process of
+    its own (the benchmark), never inside a longer-lived one such as a test run."""
     original = os.open("/proc/thread-self/ns/net", os.O_RDONLY)
     target = os.open(f"/run/netns/{ns}", os.O_RDONLY)
     try:
