@@ -7,10 +7,12 @@ loopback.
 
 from __future__ import annotations
 
+import argparse
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from inference_node.cli import DEFAULT_CONFIG
 from shared.config.loader import Context, build, read_toml
 from shared.config.node import AgentSection
 from shared.errors import LlamanapError
@@ -18,6 +20,17 @@ from shared.errors import LlamanapError
 # Control calls are quick; actions with --wait pass their own longer budget.
 REQUEST_TIMEOUT_S = 10.0
 WAIT_MARGIN_S = 10.0
+
+
+def client_options() -> argparse.ArgumentParser:
+    """``--config``, ``--url``, ``--token-file``: a parent parser for commands that call the agent."""
+    client = argparse.ArgumentParser(add_help=False)
+    group = client.add_argument_group("where the agent is")
+    group.add_argument("--config", type=Path, default=DEFAULT_CONFIG,
+                       help=f"read api_listen and the token from it (default {DEFAULT_CONFIG})")
+    group.add_argument("--url", help="the agent's API, e.g. http://127.0.0.1:9181 (skips --config)")
+    group.add_argument("--token-file", type=Path, help="file holding the bearer token")
+    return client
 
 
 class AgentUnreachable(LlamanapError):
@@ -59,6 +72,11 @@ class AgentClient:
                                 "the agent; pass --url http://HOST:PORT")
         secret = section.token
         return cls(f"http://{host}:{port}", token or (secret.reveal() if secret else None))
+
+    @classmethod
+    def from_args(cls, args: argparse.Namespace) -> AgentClient:
+        """The client for a command parsed with ``client_options()``."""
+        return cls.locate(args.url, args.token_file, args.config)
 
     def get(self, path: str, **params: str) -> Any:
         return self._call("GET", path, params=params)

@@ -14,7 +14,7 @@ from typing import Any
 import trio
 
 from inference_node.cli import DEFAULT_CONFIG
-from inference_node.client import AgentClient, AgentRefused
+from inference_node.client import AgentClient, AgentRefused, client_options
 from inference_node.gpu.report import activity_cells, format_gpu_table
 from shared import systemd
 from shared.cli import EXIT_FAILURE, EXIT_OK, setup_logging
@@ -38,12 +38,7 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p.add_argument("--config", type=Path, default=DEFAULT_CONFIG, help=f"default {DEFAULT_CONFIG}")
     p.set_defaults(func=_run)
 
-    client = argparse.ArgumentParser(add_help=False)
-    group = client.add_argument_group("where the agent is")
-    group.add_argument("--config", type=Path, default=DEFAULT_CONFIG,
-                       help=f"read api_listen and the token from it (default {DEFAULT_CONFIG})")
-    group.add_argument("--url", help="the agent's API, e.g. http://127.0.0.1:9181 (skips --config)")
-    group.add_argument("--token-file", type=Path, help="file holding the bearer token")
+    client = client_options()
 
     p = sub.add_parser("status", parents=[client], help="show the instances as a table")
     p.add_argument("--json", action="store_true", help="print the API's JSON instead")
@@ -80,22 +75,17 @@ def _run(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-def _client(args: argparse.Namespace) -> AgentClient:
-    return AgentClient.locate(args.url, args.token_file, args.config)
-
-
 def _status(args: argparse.Namespace) -> int:
-    client = _client(args)
+    client = AgentClient.from_args(args)
     data = client.get("/v1/status")
     activity, gpus = _optional(client, "/v1/activity"), _optional(client, "/v1/gpus")
+    power = _optional(client, "/v1/power")
     if args.json:
-        power = _optional(client, "/v1/power")
         print(json.dumps(data | {"activity": activity, "gpus": gpus, "power": power}, indent=1))
         return EXIT_OK
     print(format_table(data["instances"], (activity or {}).get("instances", {})))
     if gpus is not None:
         print("\n" + format_gpu_table(gpus))
-    power = _optional(client, "/v1/power")
     if power is not None:
         from inference_node.power.commands import format_power
 
@@ -130,7 +120,7 @@ def format_table(rows: list[dict[str, Any]], activity: dict[str, Any] | None = N
 
 
 def _logs(args: argparse.Namespace) -> int:
-    client = _client(args)
+    client = AgentClient.from_args(args)
     path = f"/v1/instances/{args.name}/logs"
     after = 0
     while True:
@@ -147,7 +137,7 @@ def _logs(args: argparse.Namespace) -> int:
 def _act(args: argparse.Namespace) -> int:
     body = {"wait": True, "timeout_s": args.timeout} if args.wait else {}
     budget = args.timeout + 10.0 if args.wait else 10.0
-    row = _client(args).post(f"/v1/instances/{args.name}/{args.action}", body, timeout_s=budget)
+    row = AgentClient.from_args(args).post(f"/v1/instances/{args.name}/{args.action}", body, timeout_s=budget)
     print(f"{row['name']}: {args.action}: now {row['state'].upper()} ({row['reason']})")
     if args.wait and (row["timed_out"] or row["state"] == "failed"):
         return EXIT_FAILURE
@@ -156,7 +146,7 @@ def _act(args: argparse.Namespace) -> int:
 
 def _reload(args: argparse.Namespace) -> int:
     try:
-        plan = _client(args).post("/v1/reload", timeout_s=120.0)
+        plan = AgentClient.from_args(args).post("/v1/reload", timeout_s=120.0)
     except AgentRefused as exc:
         print(f"node-agent: reload refused: {exc}", file=sys.stderr)
         return EXIT_FAILURE

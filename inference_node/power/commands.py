@@ -10,13 +10,12 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from inference_node.client import AgentClient
+from inference_node.client import AgentClient, client_options
 from shared.cli import EXIT_OK, EXIT_USAGE
 from shared.config.loader import Context
 from shared.config.values import parse_hostport, parse_mac
 from shared.errors import LlamanapError
 
-DEFAULT_CONFIG = Path("/etc/llamanap/node-agent.toml")
 _DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([smhd]?)\s*$")
 _UNIT_S = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400}
 
@@ -29,27 +28,18 @@ def parse_duration(text: str) -> float:
     return float(m.group(1)) * _UNIT_S[m.group(2)]
 
 
-def _client_options() -> argparse.ArgumentParser:
-    client = argparse.ArgumentParser(add_help=False)
-    group = client.add_argument_group("where the agent is")
-    group.add_argument("--config", type=Path, default=DEFAULT_CONFIG,
-                       help=f"read api_listen and the token from it (default {DEFAULT_CONFIG})")
-    group.add_argument("--url", help="the agent's API, e.g. http://127.0.0.1:9181 (skips --config)")
-    group.add_argument("--token-file", type=Path, help="file holding the bearer token")
-    return client
-
-
 def register_hook(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     from inference_node.power import hook
 
-    p = sub.add_parser("hook", help="tell the agent the system sleeps (pre) or woke (post)",
+    p = sub.add_parser("hook", parents=[client_options()],
+                       help="tell the agent the system sleeps (pre) or woke (post)",
                        description="Called by the system-sleep hook (deploy/system-sleep/llamanap).")
     hook.add_arguments(p)
     p.set_defaults(func=hook.run)
 
 
 def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    client = _client_options()
+    client = client_options()
     p = sub.add_parser("power", parents=[client], help="what keeps the node awake, when it would sleep",
                        description="Show the power state, what keeps the node awake right now, "
                                    "when it would suspend, inhibits, and the last suspend cycles.")
@@ -68,7 +58,7 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p.add_argument("--remove", type=int, metavar="ID", help="end the inhibit with this id")
     p.set_defaults(func=_inhibit)
 
-    p = sub.add_parser("simulate-sleep", help="a pretend suspend for demos and tests",
+    p = sub.add_parser("simulate-sleep", parents=[client], help="a pretend suspend for demos and tests",
                        description="Use as power.suspend_command to try llamanap without suspending. "
                                    "Like `systemctl suspend` it returns at once; behind it, a "
                                    "detached process waits for a magic packet for --mac on --listen "
@@ -76,20 +66,13 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
                                    "a resume.")
     p.add_argument("--mac", required=True, help="the node's MAC address")
     p.add_argument("--listen", required=True, help="UDP HOST:PORT to hear magic packets on")
-    p.add_argument("--config", type=Path, default=DEFAULT_CONFIG, help="the agent's config")
-    p.add_argument("--url", help="the agent's API (skips --config)")
-    p.add_argument("--token-file", type=Path, help="file holding the bearer token")
     p.add_argument("--log", type=Path, help="where the sleeping process writes what it hears")
     p.add_argument("--foreground", action="store_true", help="block until woken instead")
     p.set_defaults(func=_simulate_sleep)
 
 
-def _client(args: argparse.Namespace) -> AgentClient:
-    return AgentClient.locate(args.url, args.token_file, args.config)
-
-
 def _power(args: argparse.Namespace) -> int:
-    data = _client(args).get("/v1/power")
+    data = AgentClient.from_args(args).get("/v1/power")
     if args.json:
         print(json.dumps(data, indent=1))
         return EXIT_OK
@@ -112,7 +95,7 @@ def format_power(data: dict[str, Any]) -> str:
 
 
 def _inhibit(args: argparse.Namespace) -> int:
-    client = _client(args)
+    client = AgentClient.from_args(args)
     if args.remove is not None:
         client.delete(f"/v1/power/inhibit/{args.remove}")
         print(f"inhibit {args.remove} removed")
@@ -138,7 +121,7 @@ def _simulate_sleep(args: argparse.Namespace) -> int:
 
     mac = parse_mac(args.mac, Context(Path("--mac")), "")
     addr = parse_hostport(args.listen, Context(Path("--listen")), "")
-    client = _client(args)  # a bad --config fails here, before anything "sleeps"
+    client = AgentClient.from_args(args)  # a bad --config fails here, before anything "sleeps"
     try:
         sock = simulated.open_wol_socket(addr.host, addr.port)
     except OSError as exc:

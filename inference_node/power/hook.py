@@ -12,22 +12,16 @@ import json
 import sys
 import urllib.parse
 from collections.abc import Sequence
-from pathlib import Path
 
-from inference_node.client import AgentClient
+from inference_node.client import AgentClient, client_options
 from shared.errors import LlamanapError
 
-DEFAULT_CONFIG = Path("/etc/llamanap/node-agent.toml")
 HOOK_TIMEOUT_S = 5.0
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("phase", choices=["pre", "post"])
     p.add_argument("when", nargs="?", help="what systemd passes second (suspend, hibernate, ...); ignored")
-    p.add_argument("--config", type=Path, default=DEFAULT_CONFIG,
-                   help=f"read api_listen and the token from it (default {DEFAULT_CONFIG})")
-    p.add_argument("--url", help="the agent's API, e.g. http://127.0.0.1:9181 (skips --config)")
-    p.add_argument("--token-file", type=Path, help="file holding the bearer token")
 
 
 def send(base_url: str, token: str | None, phase: str, timeout_s: float = HOOK_TIMEOUT_S) -> str:
@@ -59,14 +53,14 @@ def send(base_url: str, token: str | None, phase: str, timeout_s: float = HOOK_T
 
 
 def run(args: argparse.Namespace) -> int:
-    client = AgentClient.locate(args.url, args.token_file, args.config)
+    client = AgentClient.from_args(args)
     print(send(client.base_url, client.token, args.phase))
     return 0
 
 
 def main(argv: Sequence[str]) -> int:
     """``node-agent hook ...`` without building the rest of the command line."""
-    p = argparse.ArgumentParser(prog="node-agent hook",
+    p = argparse.ArgumentParser(prog="node-agent hook", parents=[client_options()],
                                 description="Tell the agent the system sleeps (pre) or woke (post).")
     add_arguments(p)
     args = p.parse_args(argv)
