@@ -32,7 +32,6 @@ import tempfile
 import time
 from pathlib import Path
 
-import httpx
 import trio
 
 REPO = Path(__file__).resolve().parent.parent
@@ -73,13 +72,7 @@ def log_times(path: Path, needle: str, after: float) -> list[float]:
 
 async def wait_ready(stack: Stack) -> None:
     with trio.fail_after(WAIT_S):
-        while True:
-            try:
-                status = await stack.agent_get("/v1/status")
-                if all(i["state"] == "ready" for i in status["instances"]):
-                    return
-            except httpx.HTTPError:
-                pass
+        while not await stack.instances_ready():
             await trio.sleep(0.05)
 
 

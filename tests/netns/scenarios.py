@@ -17,7 +17,6 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
-import httpx
 import pytest
 import trio
 
@@ -91,7 +90,7 @@ async def stacks(nursery: trio.Nursery, tmp_path: Path, hosts: Hosts, model: Pat
                             idle_timeout_s=idle_timeout_s, power=power)
         made.append(stack)
         with trio.fail_after(WAIT_S):
-            while not await instances_ready(stack):
+            while not await stack.instances_ready():
                 assert stack.agent.returncode is None, stack.agent_log.read_text()[-3000:]
                 await trio.sleep(0.05)
         return stack
@@ -99,14 +98,6 @@ async def stacks(nursery: trio.Nursery, tmp_path: Path, hosts: Hosts, model: Pat
     yield make
     for stack in made:
         await stop(stack)
-
-
-async def instances_ready(stack: Stack) -> bool:
-    try:
-        status = await stack.agent_get("/v1/status")
-    except httpx.HTTPError:
-        return False
-    return all(i["state"] == "ready" for i in status["instances"])
 
 
 async def test_twenty_cycles_of_sleep_and_one_wake_for_sixteen_held_clients(
@@ -194,7 +185,7 @@ async def test_a_proxy_veto_aborts_the_suspend(stacks: Callable[..., Awaitable[S
         while not await vetoes():
             await trio.sleep(0.1)
     assert "proxy vetoed" in (await vetoes())[0]
-    assert slept(stack) == 0 and await instances_ready(stack)
+    assert slept(stack) == 0 and await stack.instances_ready()
     await conn.aclose()
     await until(lambda: slept(stack) == 1, "asleep once the connection closed")
 
@@ -211,7 +202,7 @@ async def test_a_failed_suspend_brings_the_instances_back(
             await trio.sleep(0.1)
     assert "exited 1: Failed to suspend: denied" in (await power())["last_error"]
     with trio.fail_after(WAIT_S):
-        while not await instances_ready(stack):
+        while not await stack.instances_ready():
             await trio.sleep(0.1)
     answer = await complete(stack.proxy.route_address())  # served, no wake needed
     assert answer.done and stack.node()["packets_sent"] == 0

@@ -185,6 +185,14 @@ class Stack:
             response.raise_for_status()
             return response.json()
 
+    async def instances_ready(self) -> bool:
+        """Whether the agent answers and every instance is READY."""
+        try:
+            status = await self.agent_get("/v1/status")
+        except httpx.HTTPError:
+            return False
+        return all(i["state"] == "ready" for i in status["instances"])
+
     def sleeps(self) -> list[tuple[str, float]]:
         """``("asleep" | "packet" | "awake", wall time)`` lines the suspend command wrote."""
         if not self.record.exists():

@@ -17,13 +17,13 @@ from __future__ import annotations
 import argparse
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
 
+from inference_node.power import simulated
+
 TABLE = "llamanap_e2e_sleep"
-SYNC = b"\xff" * 6
 
 
 def nft(script: str) -> None:
@@ -45,10 +45,6 @@ def wake_up() -> None:
     nft(f"delete table inet {TABLE}")
 
 
-def is_magic_packet_for(data: bytes, mac: bytes) -> bool:
-    return data[:6] == SYNC and data[6:102] == mac * 16
-
-
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__)
     p.add_argument("--iface", required=True)
@@ -58,31 +54,22 @@ def main() -> int:
     args = p.parse_args()
     mac = bytes(int(x, 16) for x in args.mac.split(":"))
     agent = os.getppid()
-    sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_BROADCAST, 1)
-    sock.bind(("0.0.0.0", 9))  # bound before returning: no packet can come too early
-    if os.fork() != 0:
+    sock = simulated.open_wol_socket("0.0.0.0", 9)  # before returning: no packet comes too early
+    if not simulated.detach(None):
         return 0  # the command returns; the "machine" goes to sleep right after
-    os.setsid()
-    devnull = os.open(os.devnull, os.O_RDWR)
-    for fd in (0, 1, 2):  # let go of the agent's pipes, or it would wait for our output
-        os.dup2(devnull, fd)
     time.sleep(0.05)  # systemctl has returned by now
     fall_asleep(args.iface)
     os.kill(agent, signal.SIGSTOP)
     record(args.record, "asleep")
     try:
-        while True:
-            data, _ = sock.recvfrom(2048)
-            if is_magic_packet_for(data, mac):
-                record(args.record, "packet")
-                break
+        simulated.wait_for_magic_packet(sock, mac)
+        record(args.record, "packet")
     finally:
         wake_up()
         os.kill(agent, signal.SIGCONT)
     record(args.record, "awake")  # the "hardware" is back; the sleep hook runs next
     subprocess.run([args.hook, "post", "suspend"], check=False)
-    return 0
+    os._exit(0)  # a forked child: skip the parent's exit handlers
 
 
 def record(path: str | None, what: str) -> None:
