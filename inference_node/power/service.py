@@ -22,7 +22,7 @@ from inference_node.power.checks import (
 from inference_node.power.manager import CommandSuspend, PowerManager, PstateRelease, SuspendAction
 from inference_node.power.proxy_client import ProxyClient
 from shared.config.loader import Context
-from shared.config.node import NodeAgentConfig, split_command
+from shared.config.node import NodeAgentConfig, PowerSection, split_command
 from shared.http import HTTPError, Request, Response
 
 if TYPE_CHECKING:
@@ -56,6 +56,12 @@ def build_checks(agent: Agent, registry: InhibitRegistry) -> list[Check]:
     return checks
 
 
+def command_suspend(agent: Agent, power: PowerSection) -> CommandSuspend:
+    """The configured suspend command (``systemctl suspend`` by default)."""
+    argv = split_command(power.suspend_command, Context(agent.cfg_path), "power.suspend_command")
+    return CommandSuspend(argv, power.suspend_command_timeout_s)
+
+
 class PowerService:
     """Component: the idle policy loop and the suspend/resume sequence."""
 
@@ -64,11 +70,10 @@ class PowerService:
         cfg = agent.config
         self.agent = agent
         self.inhibits = InhibitRegistry()
-        argv = split_command(cfg.power.suspend_command, Context(agent.cfg_path), "power.suspend_command")
         pstates: PstateRelease | None = agent.gpu_activity.controller if agent.gpu_activity else None
         self.manager = PowerManager(
             cfg.power, build_checks(agent, self.inhibits), agent.supervisor,
-            suspend or CommandSuspend(argv, cfg.power.suspend_command_timeout_s),
+            suspend or command_suspend(agent, cfg.power),
             proxy=ProxyClient(cfg.proxy, cfg.agent.node) if cfg.proxy else None,
             pstates=pstates, resume_timeout_s=cfg.power.resume_timeout_s,
             watch_system=watch_system)
@@ -96,9 +101,7 @@ class PowerService:
         manager.resume_timeout_s = power.resume_timeout_s
         manager.checks = build_checks(self.agent, self.inhibits)
         if isinstance(manager.suspender, CommandSuspend):
-            argv = split_command(power.suspend_command, Context(self.agent.cfg_path),
-                                 "power.suspend_command")
-            manager.suspender = CommandSuspend(argv, power.suspend_command_timeout_s)
+            manager.suspender = command_suspend(self.agent, power)
         if (config.proxy is None) != (manager.proxy is None) or (
                 config.proxy is not None and manager.proxy is not None
                 and config.proxy != manager.proxy.cfg):
