@@ -2,18 +2,19 @@
 
 Module map:
 
-- ``node``: the wake state machine of one node, pure (events and ``now`` in, actions out).
-- ``driver``: runs a node's machine under trio: probes, magic packets, held connections;
-  ``await driver.wait_awake()`` is what every route calls before it connects.
+- ``wake/``: waking a node. ``wake.machine``: the wake state machine of one node, pure
+  (events and ``now`` in, actions out); ``wake.driver``: runs a node's machine under trio
+  (probes, magic packets, held connections; ``await driver.wait_awake()`` is what every
+  route calls before it connects); ``wake.wol``: magic packets and the ``WolSender`` that
+  puts them on the wire.
 - ``probe``: backend connects and readiness checks (ready / refused / timed out).
-- ``wol``: magic packets and the ``WolSender`` that puts them on the wire.
-- ``relay``: a connection's relay (held bytes first, then both ways with half-close); the
-  client bytes kept while held.
-- ``relay_loop``: the one thread that moves the bytes of every established relay.
-- ``listener``: TCP routes: accept, hold within limits, relay.
-- ``http_routes``: HTTP-aware routes (``protocol = "http"``) on the same drivers.
+- ``tcp_routes/``: TCP routes. ``tcp_routes.listener``: accept, hold within limits, relay;
+  ``tcp_routes.relay``: a connection's relay (held bytes first, then both ways with
+  half-close) and the client bytes kept while held; ``tcp_routes.relay_loop``: the one
+  thread that moves the bytes of every established relay.
+- ``http_routes/``: HTTP-aware routes (``protocol = "http"``) on the same drivers.
 - ``control``: ``/status``, ``/metrics``, agent events (schema in ``shared.events``).
 - ``metrics``: the Prometheus registry.
-- ``server``: the whole proxy (``serve_proxy`` in-process, ``run_service`` for ``run``).
+- ``service``: the whole proxy service (``serve_proxy`` in-process, ``run_service`` for ``run``).
 - ``cli``, ``doctor``, ``errors``.
 """

@@ -14,8 +14,8 @@ from shared.events import EVENTS_PATH, EventError, EventReply, decode_event
 from shared.http import App, HTTPError, Request, Response, metrics_response
 
 if TYPE_CHECKING:
-    from edge_proxy.driver import NodeDriver
-    from edge_proxy.server import Proxy
+    from edge_proxy.service import Proxy
+    from edge_proxy.wake.driver import NodeDriver
 
 SOURCE = "edge-proxy"
 STATUS_PATH = "/status"

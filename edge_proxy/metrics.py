@@ -7,7 +7,7 @@ from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
-from edge_proxy.node import State
+from edge_proxy.wake.machine import State
 
 # Wakes take seconds (resume from suspend) to minutes (cold boot and model load).
 WAKE_BUCKETS_S = (0.1, 0.5, 1, 2, 5, 10, 20, 30, 60, 120, 300, 600)

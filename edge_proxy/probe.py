@@ -11,7 +11,7 @@ import socket
 
 import trio
 
-from edge_proxy.node import Event
+from edge_proxy.wake.machine import Event
 
 HTTP_ANSWER_TIMEOUT_S = 5.0  # a loading llama-server answers 503 at once; a silent one is not ready
 MAX_STATUS_LINE_BYTES = 4096

@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 import trio
 
-from edge_proxy.server import Proxy, serve_proxy
+from edge_proxy.service import Proxy, serve_proxy
 from inference_node.doctor import run_checks
 from inference_node.doctor.nvidia import (
     check_gpu_pstates,

@@ -12,8 +12,8 @@ from typing import Any
 import httpx
 import trio
 
-from edge_proxy.node import State
-from edge_proxy.server import Proxy, serve_proxy
+from edge_proxy.service import Proxy, serve_proxy
+from edge_proxy.wake.machine import State
 from shared.events import EVENTS_PATH, NodeEvent, decode_reply
 from tests.support.edge import (
     TEST_TIMEOUT_S,

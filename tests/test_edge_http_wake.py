@@ -10,8 +10,8 @@ import httpx
 import pytest
 import trio
 
-from edge_proxy.node import State
-from edge_proxy.server import Proxy, serve_proxy
+from edge_proxy.service import Proxy, serve_proxy
+from edge_proxy.wake.machine import State
 from shared.config.edge import load_edge_config
 from shared.events import EVENTS_PATH
 from tests.support.edge import PacketListener

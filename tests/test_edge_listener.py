@@ -9,9 +9,9 @@ import httpx
 import pytest
 import trio
 
-from edge_proxy.node import State
-from edge_proxy.server import Proxy, serve_proxy
-from edge_proxy.wol import PACKET_BYTES
+from edge_proxy.service import Proxy, serve_proxy
+from edge_proxy.wake.machine import State
+from edge_proxy.wake.wol import PACKET_BYTES
 from tests.support.edge import (
     TEST_TIMEOUT_S,
     PacketListener,

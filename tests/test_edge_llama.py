@@ -10,8 +10,8 @@ import httpx
 import pytest
 import trio
 
-from edge_proxy.node import State
-from edge_proxy.server import Proxy, serve_proxy
+from edge_proxy.service import Proxy, serve_proxy
+from edge_proxy.wake.machine import State
 from tests.support.edge import TEST_TIMEOUT_S, PacketListener, free_port, load_config
 from tests.support.llama import child_process
 

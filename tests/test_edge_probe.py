@@ -11,9 +11,9 @@ from pathlib import Path
 import pytest
 import trio
 
-from edge_proxy.node import Event, State
 from edge_proxy.probe import BackendUnavailable, check_ready
-from edge_proxy.server import Proxy, serve_proxy
+from edge_proxy.service import Proxy, serve_proxy
+from edge_proxy.wake.machine import Event, State
 from tests.support.edge import (
     TEST_TIMEOUT_S,
     PacketListener,

@@ -12,8 +12,8 @@ from pathlib import Path
 import pytest
 import trio
 
-from edge_proxy.node import State
-from edge_proxy.server import Proxy, serve_proxy
+from edge_proxy.service import Proxy, serve_proxy
+from edge_proxy.wake.machine import State
 from shared.config.edge import load_edge_config
 from tests.support.edge import (
     TEST_TIMEOUT_S,

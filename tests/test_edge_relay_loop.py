@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import trio
 
-from edge_proxy.relay_loop import RelayLoop
+from edge_proxy.tcp_routes.relay_loop import RelayLoop
 from tests.support.edge import TEST_TIMEOUT_S, read_all
 
 

@@ -21,7 +21,7 @@ import pytest
 import tomli_w
 import trio
 
-from edge_proxy.server import Proxy, serve_proxy
+from edge_proxy.service import Proxy, serve_proxy
 from inference_node.agent import Agent, _components, run_agent
 from inference_node.power.policy import PowerState
 from inference_node.power.service import PowerService

@@ -18,13 +18,13 @@ import trio
 from hypercorn.config import Config as HypercornConfig
 from hypercorn.trio import serve as hypercorn_serve
 
-from edge_proxy.driver import NodeDriver
 from edge_proxy.errors import ListenError
 from edge_proxy.http_routes.app import HttpRouteApp, NodeBackend
 from edge_proxy.http_routes.metrics import HttpMetrics
 from edge_proxy.http_routes.upstream import Upstream
-from edge_proxy.listener import Shared
-from edge_proxy.node import State
+from edge_proxy.tcp_routes.listener import Shared
+from edge_proxy.wake.driver import NodeDriver
+from edge_proxy.wake.machine import State
 from shared.config.edge import HttpOptions, RouteConfig
 
 log = logging.getLogger(__name__)

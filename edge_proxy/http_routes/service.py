@@ -9,11 +9,11 @@ from typing import Any
 import trio
 from prometheus_client import CollectorRegistry
 
-from edge_proxy.driver import NodeDriver
 from edge_proxy.errors import ListenError
 from edge_proxy.http_routes.metrics import HttpMetrics
 from edge_proxy.http_routes.server import HttpListener, group_http_routes
-from edge_proxy.listener import Shared
+from edge_proxy.tcp_routes.listener import Shared
+from edge_proxy.wake.driver import NodeDriver
 from shared.config.edge import EdgeConfig, RouteConfig
 
 log = logging.getLogger(__name__)

@@ -26,8 +26,8 @@ import h11
 import trio
 
 from edge_proxy.http_routes.headers import RawHeaders
-from edge_proxy.node import Event
 from edge_proxy.probe import BackendUnavailable
+from edge_proxy.wake.machine import Event
 
 log = logging.getLogger(__name__)
 

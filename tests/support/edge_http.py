@@ -17,8 +17,8 @@ from typing import Final
 import httpx
 import trio
 
-from edge_proxy.node import State
-from edge_proxy.server import Proxy
+from edge_proxy.service import Proxy
+from edge_proxy.wake.machine import State
 from tests.support.edge import PacketListener, expected_packet
 from tests.support.llama import LogLines, ServerFailed, child_process
 from tests.support.ports import LOOPBACK

@@ -31,7 +31,7 @@ import httpx
 import tomli_w
 import trio
 
-from edge_proxy.server import Proxy, serve_proxy
+from edge_proxy.service import Proxy, serve_proxy
 from shared.config.edge import load_edge_config
 from tests.support import netns_sleep
 

@@ -7,7 +7,7 @@ import re
 import pytest
 import trio
 
-from edge_proxy.wol import UdpWolSender, WolError, magic_packet
+from edge_proxy.wake.wol import UdpWolSender, WolError, magic_packet
 from shared.config.edge import WolConfig
 from tests.support.edge import TEST_TIMEOUT_S, PacketListener, expected_packet
 

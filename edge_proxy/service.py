@@ -17,13 +17,13 @@ from typing import Any
 import trio
 
 from edge_proxy.control import build_app
-from edge_proxy.driver import Backend, NodeDriver
 from edge_proxy.errors import ListenError
 from edge_proxy.http_routes.service import HttpRoutes
-from edge_proxy.listener import Route, Shared
 from edge_proxy.metrics import ProxyMetrics
-from edge_proxy.relay_loop import RelayLoop
-from edge_proxy.wol import UdpWolSender, WolSender
+from edge_proxy.tcp_routes.listener import Route, Shared
+from edge_proxy.tcp_routes.relay_loop import RelayLoop
+from edge_proxy.wake.driver import Backend, NodeDriver
+from edge_proxy.wake.wol import UdpWolSender, WolSender
 from shared import systemd
 from shared.config.edge import EdgeConfig, RouteConfig, load_edge_config
 from shared.config.values import HostPort

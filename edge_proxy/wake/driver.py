@@ -23,7 +23,8 @@ from typing import Any
 import trio
 
 from edge_proxy.metrics import ProxyMetrics
-from edge_proxy.node import (
+from edge_proxy.probe import BackendUnavailable, check_ready
+from edge_proxy.wake.machine import (
     Action,
     Event,
     FailHeld,
@@ -35,8 +36,7 @@ from edge_proxy.node import (
     WakeMachine,
     WakeTiming,
 )
-from edge_proxy.probe import BackendUnavailable, check_ready
-from edge_proxy.wol import WolError, WolSender, magic_packet
+from edge_proxy.wake.wol import WolError, WolSender, magic_packet
 from shared.config.edge import NodeConfig
 
 log = logging.getLogger(__name__)

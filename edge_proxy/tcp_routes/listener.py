@@ -20,13 +20,13 @@ from typing import Any
 
 import trio
 
-from edge_proxy.driver import NodeDriver, WakeFailed
 from edge_proxy.errors import ListenError
 from edge_proxy.metrics import ProxyMetrics
-from edge_proxy.node import State
 from edge_proxy.probe import BackendUnavailable, connect
-from edge_proxy.relay import ClientGone, Held, relay, reset, tune
-from edge_proxy.relay_loop import RelayLoop
+from edge_proxy.tcp_routes.relay import ClientGone, Held, relay, reset, tune
+from edge_proxy.tcp_routes.relay_loop import RelayLoop
+from edge_proxy.wake.driver import NodeDriver, WakeFailed
+from edge_proxy.wake.machine import State
 from shared.config.edge import LimitsConfig, RouteConfig
 
 log = logging.getLogger(__name__)

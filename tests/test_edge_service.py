@@ -9,8 +9,8 @@ import pytest
 import trio
 
 from edge_proxy.errors import ListenError
-from edge_proxy.node import State
-from edge_proxy.server import Proxy, first_user_error, serve_proxy
+from edge_proxy.service import Proxy, first_user_error, serve_proxy
+from edge_proxy.wake.machine import State
 from shared.config.edge import load_edge_config
 from tests.support.edge import TEST_TIMEOUT_S, echo_backend, free_port, read_all, write_config
 

@@ -10,9 +10,9 @@ import pytest
 import trio
 import trio.testing
 
-from edge_proxy.driver import Backend, NodeDriver, WakeFailed
 from edge_proxy.metrics import ProxyMetrics
-from edge_proxy.node import State
+from edge_proxy.wake.driver import Backend, NodeDriver, WakeFailed
+from edge_proxy.wake.machine import State
 from shared.config.edge import NodeConfig, WolConfig
 from tests.support.edge import free_port
 

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 import trio
 
-from edge_proxy.relay_loop import RECEIVE_BYTES, RelayLoop
+from edge_proxy.tcp_routes.relay_loop import RECEIVE_BYTES, RelayLoop
 
 # Socket buffers big enough for a few chunks in flight each way on a fast link.
 SOCKET_BUFFER_BYTES = 1 << 20

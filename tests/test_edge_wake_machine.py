@@ -6,7 +6,7 @@ import logging
 
 import pytest
 
-from edge_proxy.node import (
+from edge_proxy.wake.machine import (
     Event,
     FailHeld,
     IllegalTransition,
@@ -158,7 +158,7 @@ def test_illegal_moves_name_state_and_event() -> None:
 
 
 def test_every_transition_is_logged_with_its_reason(caplog: pytest.LogCaptureFixture) -> None:
-    caplog.set_level(logging.INFO, logger="edge_proxy.node")
+    caplog.set_level(logging.INFO, logger="edge_proxy.wake.machine")
     m = machine(State.ASLEEP)
     m.handle(Event.DEMAND, 101.0)
     m.handle(Event.PROBE_OK, 102.0, "GET /health answered 200")

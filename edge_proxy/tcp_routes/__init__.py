@@ -1,0 +1,1 @@
+"""TCP routes: accept, hold while the node wakes, then relay bytes both ways."""

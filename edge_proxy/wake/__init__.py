@@ -1,0 +1,1 @@
+"""Waking a node: the wake state machine (pure), its driver, magic packets."""
