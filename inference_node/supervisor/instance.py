@@ -23,9 +23,10 @@ from typing import Protocol
 
 import trio
 
+from inference_node.supervisor.health import START_PROBE_TIMEOUT_S, probe, watch_liveness
 from inference_node.supervisor.launch import LaunchOverrides, LaunchSpec, build_launch, preflight
 from inference_node.supervisor.output import LineSink, LogRing, dispatch, pump_lines
-from inference_node.supervisor.process import Child, probe_health, spawn
+from inference_node.supervisor.process import Child, spawn
 from inference_node.supervisor.state import (
     RUNNING_STATES,
     Action,
@@ -43,7 +44,6 @@ output_log = logging.getLogger("inference_node.output")
 # After a child is gone its pipes normally hit EOF at once; a grandchild that escaped the
 # process group could hold them open, so the readers get this long to drain, then stop.
 PUMP_DRAIN_S = 1.0
-HEALTHY = 200
 # llama-server's lines at the end of a model load: seeing one probes health at once instead of
 # at the next interval (a wake waits on READY). Only a hint: the 200 from health decides.
 READY_HINT = re.compile(r"model loaded|listening on|all slots are idle")
@@ -254,10 +254,11 @@ class Instance:
         return None
 
     async def _supervise(self, child: Child, spec: LaunchSpec, hooks: trio.Nursery) -> str:
-        """Wait for health, go READY, start hooks, wait for the child to exit.
+        """Wait for health, go READY, start hooks, probe liveness until the child exits.
 
         Returns "" when the child exited (the caller describes the exit once it has the
-        code) or a reason when it was stopped for never becoming healthy.
+        code) or a reason when it must be stopped: it never became healthy, or it stopped
+        answering its health probes while READY (then the state is already STOPPING).
         """
         unhealthy = await self._wait_healthy(child, spec)
         if unhealthy is not None:
@@ -266,8 +267,21 @@ class Instance:
         self._set(State.READY, f"GET {self.config.health.path} answered 200 after {took:.1f} s")
         for i, hook in enumerate(self.config.post_launch_hooks):
             hooks.start_soon(self._run_hook, i, hook, spec)
-        await child.wait_exited()
-        return ""
+        wedged = ""
+        async with trio.open_nursery() as race:
+
+            async def liveness() -> None:
+                nonlocal wedged
+                wedged = await watch_liveness(self.name, spec.probe_host, spec.port,
+                                              self.config.health)
+                race.cancel_scope.cancel()
+
+            race.start_soon(liveness)
+            await child.wait_exited()
+            race.cancel_scope.cancel()
+        if wedged:
+            self._set(State.STOPPING, f"{wedged}; stopping pid {child.pid}")
+        return wedged
 
     async def _wait_healthy(self, child: Child, spec: LaunchSpec) -> str | None:
         """None once health answers 200; "" if the child died first; a reason on timeout."""
@@ -283,7 +297,8 @@ class Instance:
             with trio.move_on_after(health.timeout_s):
                 while True:
                     hint = self._ready_hint = trio.Event()  # before the probe: none is missed
-                    if await probe_health(spec.probe_host, spec.port, health.path) == HEALTHY:
+                    if await probe(spec.probe_host, spec.port, health.path,
+                                   START_PROBE_TIMEOUT_S) is None:
                         break
                     with trio.move_on_after(health.interval_s):
                         await hint.wait()

@@ -19,9 +19,6 @@ import trio
 # After SIGKILL the kernel tears a process down promptly; this only bounds a child stuck in
 # uninterruptible sleep (a hung driver call) so the agent itself never hangs on it.
 KILL_REAP_TIMEOUT_S = 10.0
-# A health probe is one small request to loopback; a server that cannot answer in this time
-# is not ready yet.
-PROBE_TIMEOUT_S = 2.0
 PROBE_MAX_RESPONSE_BYTES = 4096
 
 
@@ -81,6 +78,9 @@ class Child:
         """
         if not self.exited:
             self.signal_group(signal.SIGTERM)
+            # A stopped process (SIGSTOP, a debugger let go) acts on SIGTERM only once
+            # continued; systemd sends SIGCONT after its stop signal for the same reason.
+            self.signal_group(signal.SIGCONT)
             with trio.move_on_after(grace_s):
                 await self.wait_exited()
         # Leftover members (grandchildren, or a leader that ignored SIGTERM) are killed now,
@@ -106,27 +106,30 @@ async def spawn(argv: Sequence[str], env: Mapping[str, str]) -> Child:
 
 
 async def probe_health(host: str, port: int, path: str) -> int | None:
-    """GET ``path`` over HTTP/1.1 and return the status code, or None if there is no answer."""
-    with trio.move_on_after(PROBE_TIMEOUT_S):
+    """GET ``path`` over HTTP/1.1 and return the status code, or None if there is no answer.
+
+    It has no timeout of its own: a server that accepts and never answers blocks it, so the
+    caller puts it in a cancel scope (``trio.move_on_after``) with its budget.
+    """
+    try:
+        stream = await trio.open_tcp_stream(host, port)
+    except OSError:
+        return None
+    async with stream:
+        request = (f"GET {path} HTTP/1.1\r\nHost: {host}:{port}\r\n"
+                   "Connection: close\r\nUser-Agent: llamanap-node-agent\r\n\r\n")
+        with contextlib.suppress(trio.BrokenResourceError):
+            await stream.send_all(request.encode())
+        head = b""
         try:
-            stream = await trio.open_tcp_stream(host, port)
-        except OSError:
+            while b"\r\n" not in head and len(head) < PROBE_MAX_RESPONSE_BYTES:
+                chunk = await stream.receive_some(PROBE_MAX_RESPONSE_BYTES)
+                if not chunk:
+                    break
+                head += chunk
+        except (trio.BrokenResourceError, OSError):
             return None
-        async with stream:
-            request = (f"GET {path} HTTP/1.1\r\nHost: {host}:{port}\r\n"
-                       "Connection: close\r\nUser-Agent: llamanap-node-agent\r\n\r\n")
-            with contextlib.suppress(trio.BrokenResourceError):
-                await stream.send_all(request.encode())
-            head = b""
-            try:
-                while b"\r\n" not in head and len(head) < PROBE_MAX_RESPONSE_BYTES:
-                    chunk = await stream.receive_some(PROBE_MAX_RESPONSE_BYTES)
-                    if not chunk:
-                        break
-                    head += chunk
-            except (trio.BrokenResourceError, OSError):
-                return None
-        parts = head.split(b"\r\n", 1)[0].split()
-        if len(parts) >= 2 and parts[0].startswith(b"HTTP/") and parts[1].isdigit():
-            return int(parts[1])
+    parts = head.split(b"\r\n", 1)[0].split()
+    if len(parts) >= 2 and parts[0].startswith(b"HTTP/") and parts[1].isdigit():
+        return int(parts[1])
     return None

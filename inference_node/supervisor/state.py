@@ -117,3 +117,37 @@ class RestartTracker:
             )
         delay = min(p.backoff_max_s, p.backoff_initial_s * 2 ** (count - 1))
         return Decision(Action.RESTART, f"{what}; restart {count} in {delay:g} s", delay)
+
+
+class HealthStreak:
+    """Liveness of a READY instance: counts failed probes in a row and says when it is wedged.
+
+    A probe outcome is None (200) or what went wrong; ``TIMED_OUT`` marks a probe that got no
+    answer at all within its budget. ``observe`` returns the reason to restart once
+    ``failures`` outcomes in a row failed, and None otherwise. Pure: no clock, no I/O.
+    """
+
+    TIMED_OUT = "no answer"
+
+    def __init__(self, failures: int, path: str, probe_timeout_s: float) -> None:
+        self.failures = failures
+        self.path = path
+        self.probe_timeout_s = probe_timeout_s
+        self._streak: list[str] = []
+
+    @property
+    def failed_in_a_row(self) -> int:
+        return len(self._streak)
+
+    def observe(self, problem: str | None) -> str | None:
+        """Record one probe's outcome; the wedged reason once the streak reaches ``failures``."""
+        if problem is None:
+            self._streak.clear()
+            return None
+        self._streak.append(problem)
+        if len(self._streak) < self.failures:
+            return None
+        n = len(self._streak)
+        if all(p == self.TIMED_OUT for p in self._streak):
+            return f"health: no answer to {self.path} for {n} probes of {self.probe_timeout_s:g} s"
+        return f"health: {self.path} failed {n} probes in a row (last: {problem})"

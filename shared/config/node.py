@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
+import math
 import shlex
 from dataclasses import dataclass
 from pathlib import Path
@@ -44,15 +45,29 @@ def split_command(command: Argv, ctx: Context, key: str) -> list[str]:
 
 @dataclass(frozen=True)
 class HealthConfig:
-    """How the supervisor decides an instance is READY."""
+    """How the supervisor decides an instance is READY, and later that it is still alive.
+
+    ``timeout_s`` and ``interval_s`` govern start-up. Once READY, ``path`` is probed every
+    ``liveness_interval_s``; a probe that has no 200 within ``liveness_timeout_s`` fails, and
+    ``failures_before_restart`` failures in a row mean the server is wedged (llama-server
+    answers ``/health`` while it generates): it is killed and respawned with backoff.
+    """
 
     path: str = "/health"
     timeout_s: float = setting(300.0, min=0.1, max=86400, help="start-up budget until healthy")
     interval_s: float = setting(0.25, min=0.01, max=60)
+    liveness_interval_s: float = setting(10.0, max=86400, help="while READY: seconds between probes")
+    liveness_timeout_s: float = setting(5.0, max=3600, help="while READY: a probe's own budget")
+    failures_before_restart: int = setting(3, min=1, max=1000,
+                                           help="failed probes in a row that mean wedged")
 
     def check(self, ctx: Context, key: str) -> None:
         if not self.path.startswith("/"):
             raise ctx.error(f"{key}.path", f"found {self.path!r}; expected a path starting with /")
+        for name in ("liveness_interval_s", "liveness_timeout_s"):
+            value = getattr(self, name)
+            if not (math.isfinite(value) and value > 0):  # the bounds let nan through
+                raise ctx.error(f"{key}.{name}", f"found {value!r}; expected seconds > 0, such as 10")
 
 
 @dataclass(frozen=True)
