@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import logging
+import os
 import signal
 import time
 from collections.abc import Callable
@@ -33,6 +34,7 @@ from inference_node.power.service import PowerService
 from inference_node.supervisor import ReloadPlan, Supervisor
 from inference_node.supervisor.launch import port_problem
 from inference_node.supervisor.metrics import SupervisorCollector
+from inference_node.supervisor.orphans import ChildMarker
 from inference_node.supervisor.overrides import EnabledOverrides
 from shared import systemd
 from shared.config.loader import Context
@@ -74,7 +76,9 @@ class Agent:
     def __init__(self, cfg_path: Path, config: NodeAgentConfig) -> None:
         self.cfg_path = cfg_path
         self.config = config
-        self.supervisor = Supervisor(ring_lines=config.agent.log_ring_lines)
+        # Children carry this agent's marker, so a restarted agent finds what a crash left.
+        marker = ChildMarker(config.agent.node, str(config.agent.state_file), os.getpid())
+        self.supervisor = Supervisor(ring_lines=config.agent.log_ring_lines, marker=marker)
         self.overrides = EnabledOverrides(config.agent.state_file)
         self.registry = CollectorRegistry()
         self.registry.register(SupervisorCollector(self.supervisor))

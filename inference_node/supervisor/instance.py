@@ -14,6 +14,7 @@ step. What each request does in each state:
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import logging
 import re
@@ -62,6 +63,8 @@ class InstanceHost(Protocol):
     async def plan_launch(self, name: str, config: InstanceConfig) -> LaunchOverrides | None: ...
 
     def port_user(self, port: int, asking: str) -> str | None: ...
+
+    def child_env(self, name: str) -> dict[str, str]: ...
 
 
 class Instance:
@@ -197,6 +200,8 @@ class Instance:
         if problems:
             self._fail(problems[0])
             return None
+        # The owner marker goes in last: what finds the child again after an agent crash.
+        spec = dataclasses.replace(spec, env={**spec.env, **self._host.child_env(self.name)})
         self.launch = spec  # listeners of STARTING read the child's env (its GPUs) here
         try:
             child = await spawn(spec.argv, spec.env)

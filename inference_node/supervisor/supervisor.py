@@ -9,6 +9,9 @@ Watchers plug in without the supervisor knowing them:
 - state listeners ``listener(instance, old, new, reason)`` see every transition;
 - a launch planner ``async planner(name, config) -> LaunchOverrides | None`` may add args,
   env or GPUs to each start (VRAM placement).
+
+With a ``ChildMarker`` every child is marked in its environment, and ``run`` first stops the
+marked processes an earlier run of the same agent left behind (see ``orphans``).
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ import trio
 
 from inference_node.supervisor.instance import Instance, LaunchPlanner, StateListener
 from inference_node.supervisor.launch import LaunchOverrides
+from inference_node.supervisor.orphans import ChildMarker, find_orphans, stop_orphan
 from inference_node.supervisor.output import LineSink, LogLine
 from inference_node.supervisor.state import State
 from shared.config.node import InstanceConfig
@@ -103,8 +107,9 @@ def _launch_view(cfg: InstanceConfig) -> InstanceConfig:
 class Supervisor:
     """Owns every instance. Create it, ``await nursery.start(sup.run)``, then ``apply(...)``."""
 
-    def __init__(self, *, ring_lines: int = 500) -> None:
+    def __init__(self, *, ring_lines: int = 500, marker: ChildMarker | None = None) -> None:
         self.ring_lines = ring_lines
+        self.marker = marker  # None: children are not marked, and no orphans are looked for
         self.line_sinks: list[LineSink] = []
         self.state_listeners: list[StateListener] = []
         self.launch_planner: LaunchPlanner | None = None
@@ -129,7 +134,13 @@ class Supervisor:
     # ---- the service ----
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
-        """Run until cancelled; on the way out every instance is stopped and reaped."""
+        """Run until cancelled; on the way out every instance is stopped and reaped.
+
+        With a marker it first stops what an earlier run left behind, so ``started`` comes
+        once their ports are free.
+        """
+        if self.marker is not None:
+            await self._stop_orphans(self.marker)
         async with trio.open_nursery() as nursery:
             self._nursery = nursery
             task_status.started()
@@ -137,6 +148,12 @@ class Supervisor:
                 await trio.sleep_forever()
             finally:
                 self._nursery = None
+
+    async def _stop_orphans(self, marker: ChildMarker) -> None:
+        orphans = await trio.to_thread.run_sync(find_orphans, marker)
+        async with trio.open_nursery() as nursery:
+            for orphan in orphans:
+                nursery.start_soon(stop_orphan, orphan)
 
     # ---- config ----
 
@@ -289,6 +306,9 @@ class Supervisor:
         if self.launch_planner is None:
             return None
         return await self.launch_planner(name, config)
+
+    def child_env(self, name: str) -> dict[str, str]:
+        return {} if self.marker is None else self.marker.env(name)
 
     def port_user(self, port: int, asking: str) -> str | None:
         for inst in self._instances.values():
