@@ -14,7 +14,7 @@ from typing import Any
 import trio
 
 from inference_node.cli import DEFAULT_CONFIG
-from inference_node.client import AgentClient, AgentRefused, client_options
+from inference_node.client import WAIT_MARGIN_S, AgentClient, AgentRefused, client_options
 from inference_node.gpu.report import activity_cells, format_gpu_table
 from shared import systemd
 from shared.cli import EXIT_FAILURE, EXIT_OK, setup_logging
@@ -22,6 +22,10 @@ from shared.config.node import load_node_config
 
 DEFAULT_LOG_LINES = 100
 FOLLOW_INTERVAL_S = 1.0
+# enable/disable without --wait still wait this long for the state they lead to (READY or
+# STOPPED), so what they print is what the agent did, not the state before it acted.
+SETTLE_TIMEOUT_S = 10.0
+SETTLING_ACTIONS = ("enable", "disable")
 ACTION_HELP = {
     "start": "start an instance now (until stopped; does not change enabled)",
     "stop": "stop an instance now (does not change enabled)",
@@ -135,10 +139,18 @@ def _logs(args: argparse.Namespace) -> int:
 
 
 def _act(args: argparse.Namespace) -> int:
-    body = {"wait": True, "timeout_s": args.timeout} if args.wait else {}
-    budget = args.timeout + 10.0 if args.wait else 10.0
+    settle = not args.wait and args.action in SETTLING_ACTIONS
+    body: dict[str, Any] = {}
+    if args.wait or settle:
+        body = {"wait": True, "timeout_s": args.timeout if args.wait else SETTLE_TIMEOUT_S}
+    budget = body.get("timeout_s", 0.0) + WAIT_MARGIN_S
     row = AgentClient.from_args(args).post(f"/v1/instances/{args.name}/{args.action}", body, timeout_s=budget)
-    print(f"{row['name']}: {args.action}: now {row['state'].upper()} ({row['reason']})")
+    state = row["state"].upper()
+    if settle and row["timed_out"]:
+        print(f"{row['name']}: {args.action}: still {state} after {SETTLE_TIMEOUT_S:g} s "
+              f"({row['reason']}); see `node-agent status`")
+    else:
+        print(f"{row['name']}: {args.action}: now {state} ({row['reason']})")
     if args.wait and (row["timed_out"] or row["state"] == "failed"):
         return EXIT_FAILURE
     return EXIT_OK

@@ -110,6 +110,22 @@ def test_status_logs_and_actions(agent: RunningAgent) -> None:
     assert agent.rows()["b"]["state"] == "ready"
 
 
+def test_enable_and_disable_print_the_state_they_led_to(agent: RunningAgent) -> None:
+    """Without --wait they still report what the agent did, not the state before it acted."""
+    old = agent.wait_state("b", "ready")["pid"]
+    out = agent.cli("disable", "b")
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.startswith("b: disable: now STOPPED (disable requested through the API; ")
+    row = agent.rows()["b"]
+    assert row["state"] == "stopped" and row["enabled"] is False and not process_alive(old)
+
+    out = agent.cli("enable", "b")
+    assert out.returncode == 0, out.stderr
+    row = agent.rows()["b"]
+    assert out.stdout == f"b: enable: now READY ({row['reason']})\n"
+    assert row["state"] == "ready" and row["enabled"] is True and row["pid"] not in (None, old)
+
+
 def test_reload_by_command_and_by_sighup(agent: RunningAgent) -> None:
     a_pid = agent.wait_state("a", "ready")["pid"]
     b_pid = agent.wait_state("b", "ready")["pid"]
