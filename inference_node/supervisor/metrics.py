@@ -28,7 +28,7 @@ class SupervisorCollector(Collector):
                                    "Seconds since the current process was spawned",
                                    labels=["instance"])
         restarts = CounterMetricFamily("llamanap_instance_restarts",
-                                       "Automatic restarts after a crash since the agent started",
+                                       "Automatic restarts after a crash or failed liveness probes since the agent started",
                                        labels=["instance"])
         for row in rows:
             for s in State:

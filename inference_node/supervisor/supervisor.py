@@ -49,7 +49,7 @@ class InstanceStatus:
     gpus: list[int | str] | str | None  # while running: what the child got (placement's pick)
     uptime_s: float | None  # since the current process was spawned
     in_state_s: float
-    restarts: int  # automatic restarts after crashes, since the agent started
+    restarts: int  # automatic restarts (crashes, failed liveness), since the agent started
     last_error: str | None
 
     def to_json(self) -> dict[str, object]:
