@@ -50,7 +50,10 @@ class HealthConfig:
     ``timeout_s`` and ``interval_s`` govern start-up. Once READY, ``path`` is probed every
     ``liveness_interval_s``; a probe that has no 200 within ``liveness_timeout_s`` fails, and
     ``failures_before_restart`` failures in a row mean the server is wedged (llama-server
-    answers ``/health`` while it generates): it is killed and respawned with backoff.
+    answers ``/health`` while it generates): it is killed and respawned with backoff. Probes
+    never overlap, so a wedged server is noticed within ``liveness_interval_s +
+    (failures_before_restart - 1) * max(liveness_interval_s, liveness_timeout_s) +
+    liveness_timeout_s`` (35 s with the defaults).
     """
 
     path: str = "/health"
