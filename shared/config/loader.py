@@ -14,6 +14,7 @@ schema dataclasses. A schema may define ``check(self, ctx, key)`` for rules acro
 from __future__ import annotations
 
 import dataclasses
+import math
 import tomllib
 import types
 import typing
@@ -119,7 +120,7 @@ def build(cls: type[T], table: Any, ctx: Context, key: str) -> T:
     for name, f in fields.items():
         sub = _join(key, name)
         if name in table:
-            values[name] = convert(hints[name], table[name], ctx, sub)
+            values[name] = convert(hints[name], table[name], ctx, sub, f.metadata)
             _check_bounds(f, values[name], ctx, sub)
         elif f.default is _MISSING and f.default_factory is _MISSING:
             raise ctx.error(sub, "missing; this key is required")
@@ -130,11 +131,15 @@ def build(cls: type[T], table: Any, ctx: Context, key: str) -> T:
     return obj
 
 
-def convert(hint: Any, value: Any, ctx: Context, key: str) -> Any:
-    """Convert one TOML value to ``hint`` or raise a ``ConfigError`` naming ``key``."""
+def convert(hint: Any, value: Any, ctx: Context, key: str,
+            meta: Mapping[str, Any] | None = None) -> Any:
+    """Convert one TOML value to ``hint`` or raise a ``ConfigError`` naming ``key``.
+
+    ``meta`` is the field's ``setting()`` metadata (its bounds name what a float may be).
+    """
     origin = get_origin(hint)
     if origin in (typing.Union, types.UnionType):
-        return _convert_union(get_args(hint), value, ctx, key)
+        return _convert_union(get_args(hint), value, ctx, key, meta)
     if origin is Literal:
         allowed = get_args(hint)
         if value in allowed and type(value) in {type(a) for a in allowed}:
@@ -153,10 +158,11 @@ def convert(hint: Any, value: Any, ctx: Context, key: str) -> Any:
         return {k: convert(item, v, ctx, _join(key, k)) for k, v in value.items()}
     if dataclasses.is_dataclass(hint) and isinstance(hint, type):
         return build(hint, value, ctx, key)
-    return _convert_scalar(hint, value, ctx, key)
+    return _convert_scalar(hint, value, ctx, key, meta or {})
 
 
-def _convert_union(options: tuple[Any, ...], value: Any, ctx: Context, key: str) -> Any:
+def _convert_union(options: tuple[Any, ...], value: Any, ctx: Context, key: str,
+                   meta: Mapping[str, Any] | None) -> Any:
     if value is None and type(None) in options:
         return None
     errors: list[ConfigError] = []
@@ -164,7 +170,7 @@ def _convert_union(options: tuple[Any, ...], value: Any, ctx: Context, key: str)
         if option is type(None):
             continue
         try:
-            return convert(option, value, ctx, key)
+            return convert(option, value, ctx, key, meta)
         except ConfigError as exc:
             errors.append(exc)
     # A nested table error is more useful than "expected one of"; prefer the deepest one.
@@ -175,7 +181,7 @@ def _convert_union(options: tuple[Any, ...], value: Any, ctx: Context, key: str)
     raise ctx.error(key, f"found {_describe(value)}; expected {allowed}")
 
 
-def _convert_scalar(hint: Any, value: Any, ctx: Context, key: str) -> Any:
+def _convert_scalar(hint: Any, value: Any, ctx: Context, key: str, meta: Mapping[str, Any]) -> Any:
     if hint is bool:
         if isinstance(value, bool):
             return value
@@ -184,6 +190,10 @@ def _convert_scalar(hint: Any, value: Any, ctx: Context, key: str) -> Any:
             return value
     elif hint is float:
         if isinstance(value, int | float) and not isinstance(value, bool):
+            if not math.isfinite(value):
+                # TOML has nan and inf; no duration or size here means "never" or "undefined",
+                # and either would crash a timer or hold a client forever at run time
+                raise ctx.error(key, f"found {value!r}; allowed: {_finite(key, meta)}")
             return float(value)
     elif hint is str:
         if isinstance(value, str):
@@ -209,10 +219,21 @@ def _check_bounds(f: dataclasses.Field[Any], value: Any, ctx: Context, key: str)
     if not isinstance(value, int | float) or isinstance(value, bool):
         return
     if (lo is not None and value < lo) or (hi is not None and value > hi):
-        bounds = f"between {lo} and {hi}" if lo is not None and hi is not None else (
-            f">= {lo}" if lo is not None else f"<= {hi}"
-        )
-        raise ctx.error(key, f"found {value!r}; allowed: {bounds}")
+        raise ctx.error(key, f"found {value!r}; allowed: {_bounds(lo, hi)}")
+
+
+def _bounds(lo: float | None, hi: float | None) -> str:
+    if lo is not None and hi is not None:
+        return f"between {lo} and {hi}"
+    return f">= {lo}" if lo is not None else f"<= {hi}"
+
+
+def _finite(key: str, meta: Mapping[str, Any]) -> str:
+    """What a float key allows: ``a finite number of seconds between 1 and 604800``."""
+    unit = " of seconds" if key.endswith("_s") else ""
+    lo, hi = meta.get("min"), meta.get("max")
+    bounds = "" if lo is None and hi is None else " " + _bounds(lo, hi)
+    return f"a finite number{unit}{bounds}"
 
 
 def _join(key: str, name: str) -> str:
