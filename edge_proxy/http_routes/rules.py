@@ -11,11 +11,9 @@ from __future__ import annotations
 import re
 from collections.abc import Iterable
 from dataclasses import dataclass, field
-from typing import Final
 
 from shared.config.edge import DEFAULT_NO_WAKE
-
-_METHOD_RE: Final = re.compile(r"^(\*|[A-Z]+)$")
+from shared.config.values import split_rule
 
 
 class RuleError(ValueError):
@@ -42,14 +40,10 @@ class NoWakeRule:
 
 def parse_rule(text: str) -> NoWakeRule:
     """``"GET /v1/models"`` into a rule; raises ``RuleError`` with the fix."""
-    parts = text.split()
-    if len(parts) != 2:
-        raise RuleError(f'found {text!r}; expected "METHOD /path" such as "GET /v1/models"')
-    method, path = parts
-    if not _METHOD_RE.match(method):
-        raise RuleError(f"found method {method!r}; expected an upper-case HTTP method or *")
-    if not path.startswith("/"):
-        raise RuleError(f"found path {path!r}; a path starts with /")
+    try:
+        method, path = split_rule(text)
+    except ValueError as exc:
+        raise RuleError(str(exc)) from None
     return NoWakeRule(method, path)
 
 

@@ -21,8 +21,7 @@ from inference_node.power.checks import (
 )
 from inference_node.power.manager import CommandSuspend, PowerManager, PstateRelease, SuspendAction
 from inference_node.power.proxy_client import ProxyClient
-from shared.config.loader import Context
-from shared.config.node import NodeAgentConfig, PowerSection, split_command
+from shared.config.node import NodeAgentConfig, PowerSection
 from shared.http import HTTPError, Request, Response
 
 if TYPE_CHECKING:
@@ -50,16 +49,14 @@ def build_checks(agent: Agent, registry: InhibitRegistry) -> list[Check]:
         checks.append(LoggedInUsersCheck())
     if cfg.watch_inhibitor_locks:
         checks.append(InhibitorLockCheck())
-    if cfg.busy_command is not None:
-        argv = split_command(cfg.busy_command, Context(agent.cfg_path), "power.busy_command")
-        checks.append(CommandCheck(argv))
+    if cfg.busy_argv is not None:
+        checks.append(CommandCheck(cfg.busy_argv))
     return checks
 
 
 def command_suspend(agent: Agent, power: PowerSection) -> CommandSuspend:
     """The configured suspend command (``systemctl suspend`` by default)."""
-    argv = split_command(power.suspend_command, Context(agent.cfg_path), "power.suspend_command")
-    return CommandSuspend(argv, power.suspend_command_timeout_s)
+    return CommandSuspend(power.suspend_argv, power.suspend_command_timeout_s)
 
 
 class PowerService:

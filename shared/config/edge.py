@@ -49,7 +49,7 @@ from pathlib import Path
 from typing import Literal
 
 from shared.config.loader import Context, Secret, load, read_secret, setting
-from shared.config.values import HostPort, parse_hostport, parse_mac
+from shared.config.values import HostPort, check_host, parse_hostport, parse_mac, split_rule
 
 
 @dataclass(frozen=True)
@@ -101,12 +101,15 @@ class NodeConfig:
     veto_suspend_when_busy: bool = setting(True, help="refuse `suspending` while relays are open")
 
     def check(self, ctx: Context, key: str) -> None:
-        if not self.host:
-            raise ctx.error(f"{key}.host", "found an empty string; expected a host name or address")
+        check_host(self.host, ctx, f"{key}.host")
         parse_mac(self.mac, ctx, f"{key}.mac")
         if self.probe_timeout_s >= self.wake_timeout_s:
             raise ctx.error(f"{key}.probe_timeout_s", f"found {self.probe_timeout_s:g}; expected "
                             f"less than wake_timeout_s ({self.wake_timeout_s:g})")
+        # the first packet goes out at once; one interval past the timeout would be the only resend
+        if self.wol_interval_s > self.wake_timeout_s:
+            raise ctx.error(f"{key}.wol_interval_s", f"found {self.wol_interval_s:g}; expected at "
+                            f"most wake_timeout_s ({self.wake_timeout_s:g}) so packets are resent")
 
     @property
     def mac_bytes(self) -> bytes:
@@ -137,11 +140,10 @@ class HttpOptions:
 
     def check(self, ctx: Context, key: str) -> None:
         for i, rule in enumerate(self.no_wake):
-            method, _, path = rule.partition(" ")
-            if not (method == "*" or (method.isalpha() and method.isupper())) \
-                    or not path.startswith("/") or " " in path:
-                raise ctx.error(f"{key}.no_wake[{i}]", f'found {rule!r}; expected "METHOD /path" '
-                                'such as "GET /v1/models" (METHOD may be *)')
+            try:
+                split_rule(rule)  # the listener parses the rules with it, so no rule fails there
+            except ValueError as exc:
+                raise ctx.error(f"{key}.no_wake[{i}]", str(exc)) from None
 
 
 @dataclass(frozen=True)
@@ -191,6 +193,11 @@ class ControlConfig:
             raise ctx.error(f"{key}.token", f"missing while listening on {self.listen}; "
                             "set token_file, or listen on 127.0.0.1")
 
+    @property
+    def listen_addr(self) -> HostPort:
+        host, _, port = self.listen.rpartition(":")
+        return HostPort(host.strip("[]"), int(port))
+
 
 @dataclass(frozen=True)
 class LimitsConfig:
@@ -217,14 +224,23 @@ class EdgeConfig:
             raise ctx.error("nodes", "empty; define at least one [nodes.NAME] table")
         if not self.routes:
             raise ctx.error("routes", "empty; define at least one [[routes]] table")
-        seen: dict[str, list[int]] = {}
+        control = self.control.listen_addr
         for i, route in enumerate(self.routes):
             if route.node not in self.nodes:
                 known = ", ".join(sorted(self.nodes))
                 raise ctx.error(f"routes[{i}].node", f"found {route.node!r}; known nodes: {known}")
-            addr = str(route.listen_addr)
-            for j in seen.get(addr, []) if route.listen_addr.port != 0 else []:
-                other = self.routes[j]
+            addr = route.listen_addr
+            if addr.overlaps(control):
+                raise ctx.error(f"routes[{i}].listen", f"{route.listen} takes the port of "
+                                f"control.listen ({self.control.listen}); use another port")
+            for j, other in enumerate(self.routes[:i]):
+                if not addr.overlaps(other.listen_addr):
+                    continue
+                if route.listen != other.listen:
+                    # a wildcard beside a specific address, or one address spelt two ways: two
+                    # listeners on one port, and the second fails to bind at run time
+                    raise ctx.error(f"routes[{i}].listen", f"{route.listen} takes the port of "
+                                    f"routes[{j}].listen ({other.listen}); use another port")
                 if not _shares_listener(other, route):
                     raise ctx.error(f"routes[{i}].listen", f"{addr} is also routes[{j}].listen; "
                                     'use another port (only protocol = "http" routes to '
@@ -232,7 +248,6 @@ class EdgeConfig:
                 if None not in (other.http, route.http) and other.http != route.http:
                     raise ctx.error(f"routes[{i}].http", f"differs from routes[{j}].http on the "
                                     "same listener; set it on one of them only")
-            seen.setdefault(addr, []).append(i)
 
 
 def _shares_listener(a: RouteConfig, b: RouteConfig) -> bool:

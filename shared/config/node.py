@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Literal
 
 from shared.config.loader import Context, Secret, build, read_secret, read_toml, setting
-from shared.config.values import parse_hostport
+from shared.config.values import HostPort, check_host, parse_hostport
 from shared.errors import ConfigError
 
 Argv = list[str] | str
@@ -41,6 +41,11 @@ def split_command(command: Argv, ctx: Context, key: str) -> list[str]:
     if not argv or not argv[0]:
         raise ctx.error(key, "empty command; expected a program and its arguments")
     return argv
+
+
+def _argv(command: Argv) -> list[str]:
+    """The argv of a command ``split_command`` accepted at load time."""
+    return command if isinstance(command, list) else shlex.split(command)
 
 
 @dataclass(frozen=True)
@@ -83,6 +88,11 @@ class RestartConfig:
     max_restarts: int = setting(5, min=0, max=1000, help="crashes within window_s before FAILED")
     window_s: float = setting(300.0, min=1, max=86400)
 
+    def check(self, ctx: Context, key: str) -> None:
+        if self.backoff_initial_s > self.backoff_max_s:
+            raise ctx.error(f"{key}.backoff_initial_s", f"found {self.backoff_initial_s:g}; "
+                            f"expected at most backoff_max_s ({self.backoff_max_s:g})")
+
 
 @dataclass(frozen=True)
 class InstanceConfig:
@@ -118,6 +128,14 @@ class InstanceConfig:
                 raise ctx.error(f"{key}.port", "missing; set port (or --port in command)")
         elif self.port is None:
             raise ctx.error(f"{key}.port", "missing; the structured form needs port = N")
+        check_host(self.host, ctx, f"{key}.host")
+        if self.command is not None:
+            command_host = _flag(self.argv_list or [], "--host")
+            if command_host is not None:
+                check_host(command_host, ctx, f"{key}.command")
+            port = self.command_port
+            if self.port is None and port is not None and not 1 <= port <= 65535:
+                raise ctx.error(f"{key}.command", f"found --port {port}; allowed: 1 to 65535")
         if self.gpus == "auto" and self.command is not None and not any(
                 a in ("-m", "--model") or a.startswith("--model=") for a in self.argv_list or []):
             raise ctx.error(f"{key}.gpus", '"auto" places the model by its size; give the '
@@ -143,7 +161,7 @@ class InstanceConfig:
     def command_port(self) -> int | None:
         argv = self.argv_list or []
         for flag, value in itertools.pairwise(argv):
-            if flag == "--port" and value.isdigit():
+            if flag == "--port" and value.isascii() and value.isdigit():
                 return int(value)
         return None
 
@@ -152,6 +170,15 @@ class InstanceConfig:
         port = self.port if self.port is not None else self.command_port
         assert port is not None, "checked at load time"
         return port
+
+    @property
+    def effective_host(self) -> str:
+        """Where the instance listens: ``--host`` of the command, else ``host``."""
+        return _flag(self.argv_list or [], "--host") or self.host
+
+
+def _flag(argv: list[str], flag: str) -> str | None:
+    return next((value for arg, value in itertools.pairwise(argv) if arg == flag), None)
 
 
 @dataclass(frozen=True)
@@ -173,6 +200,11 @@ class AgentSection:
         if self.token is None and not addr.is_loopback:
             raise ctx.error(f"{key}.token", f"missing while api_listen is {self.api_listen}; "
                             "set token_file, or listen on 127.0.0.1")
+
+    @property
+    def api_addr(self) -> HostPort:
+        host, _, port = self.api_listen.rpartition(":")
+        return HostPort(host.strip("[]"), int(port))
 
 
 @dataclass(frozen=True)
@@ -211,6 +243,22 @@ class PowerSection:
     watch_inhibitor_locks: bool = False
     busy_command: Argv | None = setting(None, help="exit 0 means busy; its stdout is the reason")
 
+    def check(self, ctx: Context, key: str) -> None:
+        split_command(self.suspend_command, ctx, f"{key}.suspend_command")
+        if self.busy_command is not None:
+            split_command(self.busy_command, ctx, f"{key}.busy_command")
+
+    @property
+    def suspend_argv(self) -> list[str]:
+        return _argv(self.suspend_command)
+
+    @property
+    def busy_argv(self) -> list[str] | None:
+        return None if self.busy_command is None else _argv(self.busy_command)
+
+
+PSTATE_DRIVER_DECIDES = 16  # nvidia-pstate's "let the driver decide"
+
 
 @dataclass(frozen=True)
 class PstateSection:
@@ -220,6 +268,15 @@ class PstateSection:
     low: int = setting(8, min=0, max=16)
     high: int = setting(16, min=0, max=16, help="16 lets the driver decide")
     low_delay_s: float = setting(2.0, min=0, max=3600, help="idle time before switching low")
+
+    def check(self, ctx: Context, key: str) -> None:
+        # P0 is the fastest and hungriest state; 16 lets the driver pick one as load needs
+        if self.low == PSTATE_DRIVER_DECIDES:
+            raise ctx.error(f"{key}.low", f"found {self.low}; the low state must be a P-state "
+                            "0-15 such as 8 (to never switch, set enabled = false)")
+        if self.high != PSTATE_DRIVER_DECIDES and self.low <= self.high:
+            raise ctx.error(f"{key}.low", f"found {self.low}; expected a slower P-state than high "
+                            f"({self.high}): a larger number, or high = 16")
 
 
 @dataclass(frozen=True)
@@ -245,12 +302,18 @@ class NodeAgentConfig:
         for name in self.instances:
             if not name.replace("-", "").replace("_", "").isalnum():
                 raise ctx.error(f"instances.{name}", "bad name; use letters, digits, - and _")
-        _check_ports(self.instances, dict.fromkeys(self.instances, ctx.source))
+        _check_ports(self.agent, self.instances, dict.fromkeys(self.instances, ctx.source))
 
 
-def _check_ports(instances: dict[str, InstanceConfig], origin: dict[str, Path]) -> None:
+def _check_ports(agent: AgentSection, instances: dict[str, InstanceConfig],
+                 origin: dict[str, Path]) -> None:
     ports: dict[int, str] = {}
+    api = agent.api_addr
     for name, inst in instances.items():
+        # also a disabled one: `node-agent enable` would start it on the API's port
+        if api.overlaps(HostPort(inst.effective_host, inst.effective_port)):
+            raise ConfigError(origin[name], f"instances.{name}.port", f"{inst.effective_port} "
+                              f"is the port of agent.api_listen ({agent.api_listen}); pick another")
         if not inst.enabled:
             continue
         port = inst.effective_port
@@ -288,5 +351,5 @@ def load_node_config(path: Path) -> NodeAgentConfig:
                 raise ConfigError(file, f"instances.{name}", f"already defined in {origin[name]}")
             instances[name] = build(InstanceConfig, table, Context(file), f"instances.{name}")
             origin[name] = file
-    _check_ports(instances, origin)
+    _check_ports(cfg.agent, instances, origin)
     return dataclasses.replace(cfg, instances=instances)
