@@ -19,6 +19,7 @@ from edge_proxy.service import first_user_error, run_service
 from edge_proxy.wake.wol import UdpWolSender, WolError, magic_packet
 from shared.cli import EXIT_FAILURE, EXIT_OK, make_parser, run, setup_logging
 from shared.config.edge import EdgeConfig, load_edge_config
+from shared.config.notes import edge_notes
 
 DESCRIPTION = """\
 Relay TCP (and HTTP) connections to a GPU box that sleeps, waking it with Wake-on-LAN.
@@ -33,8 +34,10 @@ _ANY_HOST = {"0.0.0.0": "127.0.0.1", "::": "::1", "": "127.0.0.1"}
 
 
 def _check_config(args: argparse.Namespace) -> int:
-    cfg = load_edge_config(args.path)
+    cfg = load_edge_config(args.path)  # the same load and checks as `run` and a reload
     print(f"{args.path}: ok ({len(cfg.nodes)} node(s), {len(cfg.routes)} route(s))")
+    for note in edge_notes(cfg):
+        print(f"note: {note}")
     return EXIT_OK
 
 

@@ -9,6 +9,7 @@ from pathlib import Path
 
 from shared.cli import EXIT_FAILURE, EXIT_OK, CommandModule, make_parser, run
 from shared.config.node import load_node_config
+from shared.config.notes import node_notes
 
 DESCRIPTION = """\
 Supervise llama-server instances on a GPU box, keep each GPU in its low-power P-state while
@@ -21,9 +22,11 @@ DEFAULT_CONFIG = Path("/etc/llamanap/node-agent.toml")
 def _check_config(args: argparse.Namespace) -> int:
     from inference_node.supervisor.launch import instance_problems
 
-    cfg = load_node_config(args.path)
+    cfg = load_node_config(args.path)  # the same load and checks as `run` and `reload`
     enabled = sum(1 for i in cfg.instances.values() if i.enabled)
     print(f"{args.path}: ok ({len(cfg.instances)} instance(s), {enabled} enabled)")
+    for note in node_notes(cfg):
+        print(f"note: {note}")
     problems = instance_problems(cfg)  # files on this machine: warnings unless --strict
     for line in problems:
         print(f"node-agent: warning: {line}", file=sys.stderr)
