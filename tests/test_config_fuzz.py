@@ -54,10 +54,11 @@ NUMBERS: tuple[Any, ...] = (math.nan, math.inf, -math.inf, -1, 0, -0.5, 1e-9, 1e
 STRINGS: tuple[Any, ...] = (
     "", "x", "999.999.999.999", "256.1.1.1:80", "0.0.0.0:8080", "127.0.0.1:8080",
     "127.0.0.1:9180", "127.0.0.1:9181", "0.0.0.0:8081", "[::]:8080", "[::1]", "host:",
-    "localhost:9181", "aa:bb", "GET", "http:/", "* /x*", "\u00c4B /x", 0, False,
+    "localhost:9181", "aa:bb", "GET", "http:/", "* /x*", "\u00c4B /x", "a\u0000b", "http://",
+    "http://h:99999", 0, False,
 )
 ARRAYS: tuple[Any, ...] = ([], [""], ["x"], [math.nan], [0], "x", {})
-TABLES: tuple[Any, ...] = ({}, {"x": 1}, [], "x", 0)
+TABLES: tuple[Any, ...] = ({}, {"x": 1}, {"A=B": "x"}, [], "x", 0)
 
 
 def _read(path: Path) -> dict[str, Any]:

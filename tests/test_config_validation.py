@@ -304,3 +304,23 @@ def test_examples_still_load() -> None:
     examples = Path(__file__).parent.parent / "deploy" / "examples"
     assert isinstance(load_node_config(examples / "node-agent.toml"), NodeAgentConfig)
     assert isinstance(load_edge_config(examples / "edge-proxy.toml"), EdgeConfig)
+
+
+@pytest.mark.parametrize("url", ["http://", "http://:9180", "http://router:0",
+                                 "http://router:99999", "http://256.1.1.1:9180",
+                                 "http://[::1:9180", "http://a b:9180"])
+def test_a_proxy_url_without_a_usable_host_or_port_is_refused(tmp_path: Path, url: str) -> None:
+    table = node_table()
+    table["proxy"]["url"] = url
+    assert load_error(tmp_path, table, edge=False).key == "proxy.url"
+
+
+@pytest.mark.parametrize("where, value", [
+    ("args", ["-c", "2048\u0000"]), ("model", "small\u0000.gguf"), ("env", {"A": "x\u0000"}),
+    ("env", {"A=B": "x"}), ("env", {"": "x"}),
+])
+def test_what_a_spawn_refuses_is_refused_at_load(tmp_path: Path, where: str, value: Any) -> None:
+    # exec raises ValueError (not OSError) for these, which the supervisor did not expect
+    table = node_table()
+    table["instances"]["small"][where] = value
+    assert load_error(tmp_path, table, edge=False).key.startswith(f"instances.small.{where}")

@@ -182,6 +182,9 @@ def _convert_union(options: tuple[Any, ...], value: Any, ctx: Context, key: str,
 
 
 def _convert_scalar(hint: Any, value: Any, ctx: Context, key: str, meta: Mapping[str, Any]) -> Any:
+    if isinstance(value, str) and "\0" in value:
+        # TOML allows "\u0000"; no path, argument or variable can carry it (exec refuses it)
+        raise ctx.error(key, "found a string with a NUL character (\\u0000); remove it")
     if hint is bool:
         if isinstance(value, bool):
             return value

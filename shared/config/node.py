@@ -18,6 +18,7 @@ import dataclasses
 import itertools
 import math
 import shlex
+import urllib.parse
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -145,6 +146,11 @@ class InstanceConfig:
             if bad_index or (isinstance(gpu, str) and not gpu.startswith(("GPU-", "MIG-"))):
                 raise ctx.error(f"{key}.gpus[{i}]", f"found {gpu!r}; expected a GPU index (0, 1, ...) "
                                 'or a UUID such as "GPU-5f1c..." (nvidia-smi -L)')
+        for name in self.env:
+            if not name or "=" in name:
+                # the child's spawn would raise at start: "illegal environment variable name"
+                raise ctx.error(f"{key}.env", f"found variable name {name!r}; a name is not "
+                                "empty and has no =")
         if isinstance(self.gpus, list) and "CUDA_VISIBLE_DEVICES" in self.env:
             raise ctx.error(f"{key}.env.CUDA_VISIBLE_DEVICES", "set either gpus or "
                             "env.CUDA_VISIBLE_DEVICES, not both (gpus sets it)")
@@ -218,8 +224,18 @@ class ProxySection:
     timeout_s: float = setting(3.0, min=0.1, max=60)
 
     def check(self, ctx: Context, key: str) -> None:
+        expected = f"found {self.url!r}; expected http://HOST:PORT"
         if not self.url.startswith(("http://", "https://")):
-            raise ctx.error(f"{key}.url", f"found {self.url!r}; expected http://HOST:PORT")
+            raise ctx.error(f"{key}.url", expected)
+        try:
+            parts = urllib.parse.urlsplit(self.url)
+            if parts.port == 0:  # .port raises for a port out of range or not a number
+                raise ValueError("port 0")
+        except ValueError:
+            raise ctx.error(f"{key}.url", f"{expected} (PORT 1 to 65535)") from None
+        if not parts.hostname:
+            raise ctx.error(f"{key}.url", expected)
+        check_host(parts.hostname, ctx, f"{key}.url", shown=self.url)
         object.__setattr__(self, "token", read_secret(self.token, self.token_file, ctx, key))
 
 
