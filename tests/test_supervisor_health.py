@@ -76,10 +76,11 @@ def test_liveness_defaults(tmp_path: Path) -> None:
 @pytest.mark.parametrize(("line", "key", "problem"), [
     ("liveness_interval_s = 0", "liveness_interval_s", "found 0.0; expected seconds > 0"),
     ("liveness_interval_s = -1", "liveness_interval_s", "found -1.0; expected seconds > 0"),
-    ("liveness_interval_s = nan", "liveness_interval_s", "found nan; expected seconds > 0"),
-    ("liveness_interval_s = inf", "liveness_interval_s", "found inf; allowed: <= 86400"),
+    # nan and inf are refused by the loader for every number, with the key's bounds
+    ("liveness_interval_s = nan", "liveness_interval_s", "found nan; allowed: a finite number of seconds <= 86400"),
+    ("liveness_interval_s = inf", "liveness_interval_s", "found inf; allowed: a finite number of seconds <= 86400"),
     ("liveness_timeout_s = 0.0", "liveness_timeout_s", "found 0.0; expected seconds > 0"),
-    ("liveness_timeout_s = -inf", "liveness_timeout_s", "expected seconds > 0"),
+    ("liveness_timeout_s = -inf", "liveness_timeout_s", "found -inf; allowed: a finite number of seconds"),
     ("failures_before_restart = 0", "failures_before_restart", "found 0; allowed: between 1"),
     ("failures_before_restart = 1.5", "failures_before_restart", "found a number 1.5; expected an integer"),
     ("failures_before_restart = true", "failures_before_restart", "expected an integer"),
