@@ -7,7 +7,8 @@ import re
 import pytest
 import trio
 
-from edge_proxy.wake.wol import UdpWolSender, WolError, magic_packet
+from edge_proxy.errors import WolError
+from edge_proxy.wake.wol import UdpWolSender, magic_packet
 from shared.config.edge import WolConfig
 from tests.support.edge import TEST_TIMEOUT_S, PacketListener, expected_packet
 

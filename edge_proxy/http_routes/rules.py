@@ -13,13 +13,10 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Final
 
+from edge_proxy.errors import RuleError
 from shared.config.edge import DEFAULT_NO_WAKE
 
 _METHOD_RE: Final = re.compile(r"^(\*|[A-Z]+)$")
-
-
-class RuleError(ValueError):
-    """A rule is not ``"METHOD /path"``; the message says what is wrong."""
 
 
 @dataclass(frozen=True)

@@ -14,16 +14,13 @@ from typing import Protocol
 
 import trio
 
+from edge_proxy.errors import WolError
 from shared.config.edge import WolConfig
 
 MAC_BYTES = 6
 MAC_REPEATS = 16
 SYNC_STREAM = b"\xff" * 6
 PACKET_BYTES = len(SYNC_STREAM) + MAC_BYTES * MAC_REPEATS  # 102
-
-
-class WolError(Exception):
-    """A magic packet could not be sent (bad source address, no route, ...)."""
 
 
 def magic_packet(mac: bytes, password: bytes = b"") -> bytes:

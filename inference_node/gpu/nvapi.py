@@ -18,7 +18,7 @@ from collections import Counter
 from collections.abc import Callable, Sequence
 from typing import Any, Final
 
-from inference_node.gpu.backend import PstateBackendUnavailable, PstateError
+from inference_node.errors import NvapiCallError, PstateBackendUnavailable, PstateError
 from inference_node.gpu.inventory import GpuInfo, pci_bus_number
 
 log = logging.getLogger(__name__)
@@ -42,12 +42,6 @@ ID_GPU_SET_FORCE_PSTATE: Final = 0x025BFB10
 
 _HandleArray = ctypes.c_void_p * MAX_PHYSICAL_GPUS
 Loader = Callable[[str], Any]
-
-
-class NvapiCallError(Exception):
-    def __init__(self, call: str, code: int, message: str) -> None:
-        super().__init__(f"{call} returned {code} ({message})")
-        self.code = code
 
 
 class _Nvapi:
