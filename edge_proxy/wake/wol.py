@@ -3,8 +3,10 @@
 A magic packet is 6 bytes of 0xFF, the target MAC 16 times (102 bytes), and optionally a
 6-byte SecureOn password (108 bytes). It goes out as one UDP datagram to the node's LAN
 broadcast address (``wol.broadcast``, port ``wol.port``), optionally from ``wol.source`` to pick
-the interface. Sending is behind the small ``WolSender`` protocol: ``UdpWolSender`` is the real
-one; tests may record instead.
+the interface. The bytes come from ``wakeonlan.create_magic_packet``; its own sending is
+blocking and cannot bind a source port per packet, so sending stays here, on a trio UDP socket,
+behind the small ``WolSender`` protocol: ``UdpWolSender`` is the real one; tests may record
+instead.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ import socket
 from typing import Protocol
 
 import trio
+import wakeonlan
 
 from edge_proxy.errors import WolError
 from shared.config.edge import WolConfig
@@ -29,7 +32,8 @@ def magic_packet(mac: bytes, password: bytes = b"") -> bytes:
         raise ValueError(f"a MAC address has 6 bytes, got {len(mac)}")
     if password and len(password) != MAC_BYTES:
         raise ValueError(f"a SecureOn password has 6 bytes, got {len(password)}")
-    return SYNC_STREAM + mac * MAC_REPEATS + password
+    # wakeonlan takes text: the MAC in hex, and a SecureOn password after a "/"
+    return wakeonlan.create_magic_packet(mac.hex() + (f"/{password.hex()}" if password else ""))
 
 
 class WolSender(Protocol):
