@@ -14,9 +14,9 @@ import trio
 
 from edge_proxy import doctor
 from edge_proxy.control import STATUS_PATH, WAKE_PATH
-from edge_proxy.errors import ControlError
+from edge_proxy.errors import ControlError, WolError
 from edge_proxy.service import first_user_error, run_service
-from edge_proxy.wake.wol import UdpWolSender, WolError, magic_packet
+from edge_proxy.wake.wol import UdpWolSender, magic_packet
 from shared.cli import EXIT_FAILURE, EXIT_OK, make_parser, run, setup_logging
 from shared.config.edge import EdgeConfig, load_edge_config
 from shared.config.notes import edge_notes

@@ -24,7 +24,8 @@ from typing import Final
 import psutil
 import trio
 
-from edge_proxy.probe import BackendUnavailable, check_ready, connect
+from edge_proxy.errors import BackendUnavailable
+from edge_proxy.probe import check_ready, connect
 from edge_proxy.wake.machine import Event
 from shared.config.edge import EdgeConfig, NodeConfig, load_edge_config
 from shared.doctor import CheckResult, add_output_arguments, fail, ok, report, warn

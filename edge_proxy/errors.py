@@ -1,8 +1,25 @@
-"""Errors the edge-proxy shows to people: one line naming the thing, the place and the fix."""
+"""Every exception the edge-proxy raises on purpose, in one tree.
+
+* ``LlamanapError`` (from ``shared.errors``): errors a person sees, one line naming the
+  thing, the place and the fix.
+* Control flow inside a request, grouped by whose fault it is: ``ClientFault`` (the client
+  left or sent too much) and ``BackendFault`` (the backend or its wake failed). The routes
+  catch them and answer the client (or close the connection); they never reach ``main()``.
+* A bug: ``IllegalWakeTransition``, the wake state machine was fed an event its table does
+  not allow; the message names the node, the state and the event.
+"""
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 from shared.errors import LlamanapError
+
+if TYPE_CHECKING:
+    from edge_proxy.wake.machine import Event, State
+
+
+# --- user-facing ------------------------------------------------------------------------------
 
 
 class ListenError(LlamanapError):
@@ -11,3 +28,66 @@ class ListenError(LlamanapError):
 
 class ControlError(LlamanapError):
     """The running proxy's control endpoint could not be reached or refused a request."""
+
+
+class RuleError(ValueError):
+    """A rule is not ``"METHOD /path"``; the message says what is wrong."""
+
+
+# --- control flow: the client's side ----------------------------------------------------------
+
+
+class ClientFault(Exception):
+    """The client ended or broke its exchange; nothing more is sent to it."""
+
+
+class ClientGone(ClientFault):
+    """The client went away while its connection was held."""
+
+
+class ClientLeft(ClientFault):
+    """The client went away before its request body was complete (nothing is forwarded)."""
+
+
+class BodyTooLarge(ClientFault):
+    """The client's request body passed the route's limit."""
+
+
+# --- control flow: the backend's side ---------------------------------------------------------
+
+
+class BackendFault(Exception):
+    """The backend (or waking it) failed; the client gets an error or a closed connection."""
+
+
+class BackendUnavailable(BackendFault):
+    """The backend could not be reached; ``event`` is PROBE_REFUSED or PROBE_TIMEOUT."""
+
+    def __init__(self, event: Event, reason: str) -> None:
+        super().__init__(reason)
+        self.event = event
+        self.reason = reason
+
+
+class UpstreamError(BackendFault):
+    """The backend failed after a connection was open (reset, malformed answer, ...)."""
+
+
+class WakeFailed(BackendFault):
+    """The node did not become ready in time (or was removed); held connections close."""
+
+
+class WolError(BackendFault):
+    """A magic packet could not be sent (bad source address, no route, ...)."""
+
+
+# --- a bug: the wake state machine refused an event -------------------------------------------
+
+
+class IllegalWakeTransition(Exception):
+    """The driver fed an event the table does not allow in this state (a bug, not a user error)."""
+
+    def __init__(self, node: str, state: State, event: Event) -> None:
+        super().__init__(f"node {node}: event {event.value} is not allowed in state {state.name}")
+        self.state = state
+        self.event = event

@@ -11,21 +11,13 @@ import socket
 
 import trio
 
+from edge_proxy.errors import BackendUnavailable
 from edge_proxy.wake.machine import Event
 
 HTTP_ANSWER_TIMEOUT_S = 5.0  # a loading llama-server answers 503 at once; a silent one is not ready
 MAX_STATUS_LINE_BYTES = 4096
 # Errors that mean "nobody answered" rather than "somebody said no".
 _UNREACHABLE = {errno.EHOSTUNREACH, errno.ENETUNREACH, errno.ETIMEDOUT, errno.EHOSTDOWN}
-
-
-class BackendUnavailable(Exception):
-    """The backend could not be reached; ``event`` is PROBE_REFUSED or PROBE_TIMEOUT."""
-
-    def __init__(self, event: Event, reason: str) -> None:
-        super().__init__(reason)
-        self.event = event
-        self.reason = reason
 
 
 async def connect(host: str, port: int, timeout_s: float) -> trio.SocketStream:

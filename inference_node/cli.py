@@ -6,6 +6,7 @@ import argparse
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Final
 
 from shared.cli import EXIT_FAILURE, EXIT_OK, CommandModule, make_parser, run
 from shared.config.node import load_node_config
@@ -17,6 +18,8 @@ its models are idle, place models in VRAM, and suspend the machine when nobody u
 """
 
 DEFAULT_CONFIG = Path("/etc/llamanap/node-agent.toml")
+# Modules of the `node` extra (pyproject.toml) that the edge box does not install.
+NODE_EXTRA_MODULES: Final = frozenset({"pynvml", "gguf", "numpy", "tomli_w"})
 
 
 def _check_config(args: argparse.Namespace) -> int:
@@ -63,4 +66,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         from inference_node.power import hook
 
         return hook.main(args[1:])
-    return run("node-agent", build_parser(), args)
+    try:
+        return run("node-agent", build_parser(), args)
+    except ModuleNotFoundError as exc:
+        if exc.name not in NODE_EXTRA_MODULES:
+            raise
+        # An edge-box install (`pip install llamanap`) has no NVML, GGUF or numpy.
+        print(f"node-agent: error: Python package {exc.name!r} is missing; the node-agent needs "
+              "the node extra: pip install 'llamanap[node]'", file=sys.stderr)
+        return EXIT_FAILURE

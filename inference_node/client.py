@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from inference_node.cli import DEFAULT_CONFIG
+from inference_node.errors import AgentRefused, AgentUnreachable
 from shared.config.loader import Context, build, read_toml
 from shared.config.node import AgentSection
 from shared.errors import LlamanapError
@@ -31,18 +32,6 @@ def client_options() -> argparse.ArgumentParser:
     group.add_argument("--url", help="the agent's API, e.g. http://127.0.0.1:9181 (skips --config)")
     group.add_argument("--token-file", type=Path, help="file holding the bearer token")
     return client
-
-
-class AgentUnreachable(LlamanapError):
-    """No node-agent answered at the address."""
-
-
-class AgentRefused(LlamanapError):
-    """The agent answered with an error (its message is the text)."""
-
-    def __init__(self, status: int, message: str) -> None:
-        super().__init__(message)
-        self.status = status
 
 
 @dataclass(frozen=True)

@@ -14,7 +14,8 @@ from typing import Any
 import trio
 
 from inference_node.cli import DEFAULT_CONFIG
-from inference_node.client import WAIT_MARGIN_S, AgentClient, AgentRefused, client_options
+from inference_node.client import WAIT_MARGIN_S, AgentClient, client_options
+from inference_node.errors import AgentRefused
 from inference_node.gpu.report import activity_cells, format_gpu_table
 from shared import systemd
 from shared.cli import EXIT_FAILURE, EXIT_OK, setup_logging

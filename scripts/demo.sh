@@ -5,5 +5,5 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-scripts/setup-venv.sh
+scripts/setup-venv.sh node
 exec .venv/bin/python -m inference_node.demo "$@"

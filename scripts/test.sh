@@ -4,7 +4,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-scripts/setup-venv.sh test
+scripts/setup-venv.sh node,test
 
 # The sleep/wake end-to-end test builds network namespaces and makes the "GPU box" unreachable
 # with nftables: it needs root and the nft tool (Debian package nftables).

@@ -7,6 +7,7 @@ import json
 
 import pytest
 
+from edge_proxy.errors import RuleError
 from edge_proxy.http_routes.cache import (
     CACHED_FROM_HEADER,
     MAX_CACHED_BODY_BYTES,
@@ -23,7 +24,7 @@ from edge_proxy.http_routes.models import (
     requested_model,
     wants_stream,
 )
-from edge_proxy.http_routes.rules import RuleError, WakePolicy, default_policy, parse_rule
+from edge_proxy.http_routes.rules import WakePolicy, default_policy, parse_rule
 
 # ---- rules ---------------------------------------------------------------------------------
 

@@ -11,7 +11,8 @@ from pathlib import Path
 import pytest
 import trio
 
-from edge_proxy.probe import BackendUnavailable, check_ready
+from edge_proxy.errors import BackendUnavailable
+from edge_proxy.probe import check_ready
 from edge_proxy.service import Proxy, serve_proxy
 from edge_proxy.wake.machine import Event, State
 from tests.support.edge import (

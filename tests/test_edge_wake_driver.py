@@ -10,8 +10,9 @@ import pytest
 import trio
 import trio.testing
 
+from edge_proxy.errors import WakeFailed
 from edge_proxy.metrics import ProxyMetrics
-from edge_proxy.wake.driver import Backend, NodeDriver, WakeFailed
+from edge_proxy.wake.driver import Backend, NodeDriver
 from edge_proxy.wake.machine import State
 from shared.config.edge import NodeConfig, WolConfig
 from tests.support.edge import free_port

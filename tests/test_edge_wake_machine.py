@@ -6,10 +6,10 @@ import logging
 
 import pytest
 
+from edge_proxy.errors import IllegalWakeTransition
 from edge_proxy.wake.machine import (
     Event,
     FailHeld,
-    IllegalTransition,
     ReleaseHeld,
     SendPacket,
     State,
@@ -151,9 +151,9 @@ def test_operator_wake_sends_in_every_state() -> None:
 
 
 def test_illegal_moves_name_state_and_event() -> None:
-    with pytest.raises(IllegalTransition, match="probe_ok is not allowed in state ASLEEP"):
+    with pytest.raises(IllegalWakeTransition, match="probe_ok is not allowed in state ASLEEP"):
         machine(State.ASLEEP).handle(Event.PROBE_OK, 101.0)
-    with pytest.raises(IllegalTransition, match="demand is not allowed in state AWAKE"):
+    with pytest.raises(IllegalWakeTransition, match="demand is not allowed in state AWAKE"):
         machine(State.AWAKE).handle(Event.DEMAND, 101.0)
 
 

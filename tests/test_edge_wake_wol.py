@@ -7,7 +7,8 @@ import re
 import pytest
 import trio
 
-from edge_proxy.wake.wol import UdpWolSender, WolError, magic_packet
+from edge_proxy.errors import WolError
+from edge_proxy.wake.wol import UdpWolSender, magic_packet
 from shared.config.edge import WolConfig
 from tests.support.edge import TEST_TIMEOUT_S, PacketListener, expected_packet
 
@@ -24,6 +25,15 @@ def test_packet_layout() -> None:
     assert len(secure) == 108 and secure.endswith(bytes.fromhex("010203040506"))
     with pytest.raises(ValueError, match="6 bytes"):
         magic_packet(b"\x00" * 5)
+
+
+def test_packet_is_six_ff_then_sixteen_macs_then_the_password() -> None:
+    # The bytes come from the wakeonlan library: pin them to the layout NICs expect.
+    assert magic_packet(MAC) == bytes([0xFF] * 6) + MAC * 16
+    password = bytes.fromhex("a1b2c3d4e5f6")
+    assert magic_packet(MAC, password) == bytes([0xFF] * 6) + MAC * 16 + password
+    with pytest.raises(ValueError, match="SecureOn password has 6 bytes"):
+        magic_packet(MAC, b"\x01\x02")
 
 
 async def test_udp_sender_delivers_the_packet_from_the_chosen_source() -> None:

@@ -7,7 +7,7 @@ import logging
 
 import pytest
 
-from inference_node.gpu.backend import PstateBackendUnavailable, PstateError
+from inference_node.errors import PstateBackendUnavailable, PstateError
 from inference_node.gpu.inventory import NoGpus, open_inventory
 from inference_node.gpu.nvapi import FALLBACK_LOW, NvapiBackend
 from tests.fakes.gpu import FakeNvapiLibrary, FakeNvml, FakeRig, three_gpu_rig

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
+from inference_node.errors import PlacementError
 from inference_node.placement.args import apply_plan, settings_from_args, settings_to_args
-from inference_node.placement.errors import PlacementError
 from inference_node.placement.settings import LaunchSettings
 
 

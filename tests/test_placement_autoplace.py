@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 
+from inference_node.errors import PlacementError
 from inference_node.gpu.inventory import GpuInfo, NoGpus
 from inference_node.placement.autoplace import (
     RESERVATION_S,
@@ -15,7 +16,6 @@ from inference_node.placement.autoplace import (
     plan_config,
     request_for,
 )
-from inference_node.placement.errors import PlacementError
 from inference_node.placement.estimate import DeviceSpec, estimate
 from inference_node.placement.measured import parse_memory
 from inference_node.placement.planner import GpuFree, InstanceRequest, plan_instances

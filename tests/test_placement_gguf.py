@@ -9,7 +9,7 @@ import gguf
 import numpy as np
 import pytest
 
-from inference_node.placement.errors import ModelFileError
+from inference_node.errors import ModelFileError
 from inference_node.placement.gguf_info import read_model, swa_pattern
 from shared.llama_bin import find_tool
 from shared.tiny_gguf import PRESETS, TinyModelSpec, write_tiny_model

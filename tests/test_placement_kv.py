@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from inference_node.placement.errors import PlacementError
+from inference_node.errors import PlacementError
 from inference_node.placement.estimate import DeviceSpec, estimate
 from inference_node.placement.gguf_info import read_model
 from inference_node.placement.kv_cache import kv_cells, kv_total_bytes

@@ -4,13 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from inference_node.power.policy import (
-    IdlePolicy,
-    IllegalPowerTransition,
-    PowerEvent,
-    PowerMachine,
-    PowerState,
-)
+from inference_node.errors import IllegalPowerTransition
+from inference_node.power.policy import IdlePolicy, PowerEvent, PowerMachine, PowerState
 from inference_node.power.resume import MIN_SLEEP_GAP_S, GapDetector
 
 

@@ -6,10 +6,10 @@ from pathlib import Path
 
 import pytest
 
+from inference_node.errors import IllegalInstanceTransition
 from inference_node.supervisor.output import LogRing
 from inference_node.supervisor.state import (
     Action,
-    IllegalTransition,
     RestartTracker,
     State,
     check_transition,
@@ -25,7 +25,7 @@ def policy(**table: object) -> RestartConfig:
 
 def test_illegal_transition_names_both_states() -> None:
     check_transition(State.STOPPED, State.STARTING)
-    with pytest.raises(IllegalTransition, match="instance state STOPPED cannot move to READY"):
+    with pytest.raises(IllegalInstanceTransition, match="instance state STOPPED cannot move to READY"):
         check_transition(State.STOPPED, State.READY)
 
 

@@ -24,24 +24,23 @@ from typing import Final
 
 import trio
 
-from edge_proxy.http_routes import waking
-from edge_proxy.http_routes.cache import MAX_CACHED_BODY_BYTES, ResponseCache, cache_key
-from edge_proxy.http_routes.exchange import (
+from edge_proxy.errors import (
+    BackendUnavailable,
     BodyTooLarge,
     ClientLeft,
-    Exchange,
-    Receive,
-    Scope,
-    Send,
+    UpstreamError,
+    WakeFailed,
 )
+from edge_proxy.http_routes import waking
+from edge_proxy.http_routes.cache import MAX_CACHED_BODY_BYTES, ResponseCache, cache_key
+from edge_proxy.http_routes.exchange import Exchange, Receive, Scope, Send
 from edge_proxy.http_routes.headers import header, request_headers, response_headers
 from edge_proxy.http_routes.metrics import HttpMetrics
 from edge_proxy.http_routes.models import ModelTable, Unroutable, requested_model, wants_stream
 from edge_proxy.http_routes.rules import WakePolicy
-from edge_proxy.http_routes.upstream import Response, Upstream, UpstreamError, read_capped
-from edge_proxy.probe import BackendUnavailable
+from edge_proxy.http_routes.upstream import Response, Upstream, read_capped
 from edge_proxy.tcp_routes.listener import Shared
-from edge_proxy.wake.driver import NodeDriver, WakeFailed
+from edge_proxy.wake.driver import NodeDriver
 from edge_proxy.wake.machine import State
 from shared.config.edge import HttpOptions, RouteConfig
 

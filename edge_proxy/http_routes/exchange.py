@@ -5,20 +5,13 @@ from __future__ import annotations
 from collections.abc import Awaitable, Callable
 from typing import Any
 
+from edge_proxy.errors import BodyTooLarge, ClientLeft
 from edge_proxy.http_routes import waking
 from edge_proxy.http_routes.headers import RawHeaders
 
 Scope = dict[str, Any]
 Receive = Callable[[], Awaitable[dict[str, Any]]]
 Send = Callable[[dict[str, Any]], Awaitable[None]]
-
-
-class BodyTooLarge(Exception):
-    """The client's request body passed the route's limit."""
-
-
-class ClientLeft(Exception):
-    """The client went away before its request body was complete (nothing is forwarded)."""
 
 
 class Exchange:

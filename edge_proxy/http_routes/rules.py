@@ -12,12 +12,9 @@ import re
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
+from edge_proxy.errors import RuleError
 from shared.config.edge import DEFAULT_NO_WAKE
 from shared.config.values import split_rule
-
-
-class RuleError(ValueError):
-    """A rule is not ``"METHOD /path"``; the message says what is wrong."""
 
 
 @dataclass(frozen=True)

@@ -25,8 +25,8 @@ from typing import Final
 import h11
 import trio
 
+from edge_proxy.errors import BackendUnavailable, UpstreamError
 from edge_proxy.http_routes.headers import RawHeaders
-from edge_proxy.probe import BackendUnavailable
 from edge_proxy.wake.machine import Event
 
 log = logging.getLogger(__name__)
@@ -45,10 +45,6 @@ JOIN_BODY_BYTES: Final = 64 * 1024
 _UNREACHABLE: Final = {errno.EHOSTUNREACH, errno.ENETUNREACH, errno.ETIMEDOUT, errno.EHOSTDOWN}
 _BODY_METHODS: Final = frozenset({"POST", "PUT", "PATCH"})
 _BROKEN: Final = (trio.BrokenResourceError, trio.ClosedResourceError, OSError, h11.ProtocolError)
-
-
-class UpstreamError(Exception):
-    """The backend failed after a connection was open (reset, malformed answer, ...)."""
 
 
 @dataclass

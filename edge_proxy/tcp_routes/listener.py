@@ -20,12 +20,12 @@ from typing import Any
 
 import trio
 
-from edge_proxy.errors import ListenError
+from edge_proxy.errors import BackendUnavailable, ClientGone, ListenError, WakeFailed
 from edge_proxy.metrics import ProxyMetrics
-from edge_proxy.probe import BackendUnavailable, connect
-from edge_proxy.tcp_routes.relay import ClientGone, Held, relay, reset, tune
+from edge_proxy.probe import connect
+from edge_proxy.tcp_routes.relay import Held, relay, reset, tune
 from edge_proxy.tcp_routes.relay_loop import RelayLoop
-from edge_proxy.wake.driver import NodeDriver, WakeFailed
+from edge_proxy.wake.driver import NodeDriver
 from edge_proxy.wake.machine import State
 from shared.config.edge import LimitsConfig, RouteConfig
 

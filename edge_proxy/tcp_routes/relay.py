@@ -17,6 +17,7 @@ from dataclasses import dataclass
 
 import trio
 
+from edge_proxy.errors import ClientGone
 from edge_proxy.tcp_routes.relay_loop import RECEIVE_BYTES, RelayLoop
 
 # Socket buffers big enough for a few chunks in flight each way on a fast link.
@@ -25,10 +26,6 @@ _LINGER_RESET = struct.pack("ii", 1, 0)  # SO_LINGER on, 0 s: close() sends RST
 
 ByteCounter = Callable[[str, int], None]  # (direction "up" | "down", byte count)
 _BROKEN = (trio.BrokenResourceError, trio.ClosedResourceError, OSError)
-
-
-class ClientGone(Exception):
-    """The client went away while its connection was held."""
 
 
 @dataclass

@@ -22,8 +22,9 @@ from typing import Any
 
 import trio
 
+from edge_proxy.errors import BackendUnavailable, WakeFailed, WolError
 from edge_proxy.metrics import ProxyMetrics
-from edge_proxy.probe import BackendUnavailable, check_ready
+from edge_proxy.probe import check_ready
 from edge_proxy.wake.machine import (
     Action,
     Event,
@@ -36,14 +37,10 @@ from edge_proxy.wake.machine import (
     WakeMachine,
     WakeTiming,
 )
-from edge_proxy.wake.wol import WolError, WolSender, magic_packet
+from edge_proxy.wake.wol import WolSender, magic_packet
 from shared.config.edge import NodeConfig
 
 log = logging.getLogger(__name__)
-
-
-class WakeFailed(Exception):
-    """The node did not become ready in time (or was removed); held connections close."""
 
 
 @dataclass(frozen=True)

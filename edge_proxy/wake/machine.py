@@ -20,7 +20,7 @@ them, and the host may be on its way down).
 
 ``WakeMachine.handle(event, now)`` applies one event and returns the actions for the trio
 driver (send a packet, release held connections, fail them). Every transition is logged as
-``node: OLD -> NEW (reason)``; a move the table does not allow raises ``IllegalTransition``
+``node: OLD -> NEW (reason)``; a move the table does not allow raises ``IllegalWakeTransition``
 naming the state and the event. The driver guarantees it never feeds a stale probe result
 (see ``generation``).
 """
@@ -31,6 +31,8 @@ import enum
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass, field
+
+from edge_proxy.errors import IllegalWakeTransition
 
 log = logging.getLogger(__name__)
 
@@ -53,15 +55,6 @@ class Event(enum.Enum):
     AGENT_RESUMED = "resumed"
     AGENT_READY = "ready"
     WAKE_NOW = "wake_now"  # an operator asked for a magic packet now
-
-
-class IllegalTransition(Exception):
-    """The driver fed an event the table does not allow in this state (a bug, not a user error)."""
-
-    def __init__(self, node: str, state: State, event: Event) -> None:
-        super().__init__(f"node {node}: event {event.value} is not allowed in state {state.name}")
-        self.state = state
-        self.event = event
 
 
 @dataclass(frozen=True)
@@ -167,7 +160,7 @@ class WakeMachine:
         """Apply ``event`` at time ``now``; return what the driver must do."""
         handler = _TABLE.get((self.state, event))
         if handler is None:
-            raise IllegalTransition(self.name, self.state, event)
+            raise IllegalWakeTransition(self.name, self.state, event)
         actions: list[Action] = []
         handler(self, now, reason or event.value, actions)
         return actions

@@ -3,8 +3,10 @@
 A magic packet is 6 bytes of 0xFF, the target MAC 16 times (102 bytes), and optionally a
 6-byte SecureOn password (108 bytes). It goes out as one UDP datagram to the node's LAN
 broadcast address (``wol.broadcast``, port ``wol.port``), optionally from ``wol.source`` to pick
-the interface. Sending is behind the small ``WolSender`` protocol: ``UdpWolSender`` is the real
-one; tests may record instead.
+the interface. The bytes come from ``wakeonlan.create_magic_packet``; its own sending is
+blocking and cannot bind a source port per packet, so sending stays here, on a trio UDP socket,
+behind the small ``WolSender`` protocol: ``UdpWolSender`` is the real one; tests may record
+instead.
 """
 
 from __future__ import annotations
@@ -13,7 +15,9 @@ import socket
 from typing import Protocol
 
 import trio
+import wakeonlan
 
+from edge_proxy.errors import WolError
 from shared.config.edge import WolConfig
 
 MAC_BYTES = 6
@@ -22,17 +26,14 @@ SYNC_STREAM = b"\xff" * 6
 PACKET_BYTES = len(SYNC_STREAM) + MAC_BYTES * MAC_REPEATS  # 102
 
 
-class WolError(Exception):
-    """A magic packet could not be sent (bad source address, no route, ...)."""
-
-
 def magic_packet(mac: bytes, password: bytes = b"") -> bytes:
     """The packet that wakes ``mac`` (6 bytes), with an optional 6-byte SecureOn password."""
     if len(mac) != MAC_BYTES:
         raise ValueError(f"a MAC address has 6 bytes, got {len(mac)}")
     if password and len(password) != MAC_BYTES:
         raise ValueError(f"a SecureOn password has 6 bytes, got {len(password)}")
-    return SYNC_STREAM + mac * MAC_REPEATS + password
+    # wakeonlan takes text: the MAC in hex, and a SecureOn password after a "/"
+    return wakeonlan.create_magic_packet(mac.hex() + (f"/{password.hex()}" if password else ""))
 
 
 class WolSender(Protocol):

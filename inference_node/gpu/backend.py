@@ -11,18 +11,9 @@ from collections.abc import Sequence
 from typing import Final, Protocol
 
 from inference_node.gpu.inventory import GpuInfo
-from shared.errors import LlamanapError
 
 # NvAPI_GPU_SetForcePstate's "no forced state": the driver decides (nvidia-pstate's high).
 PSTATE_DRIVER_DECIDES: Final = 16
-
-
-class PstateError(LlamanapError):
-    """A P-state switch failed; ``str()`` names the GPU, the call and the code."""
-
-
-class PstateBackendUnavailable(LlamanapError):
-    """The backend cannot switch any GPU (library missing, init failed); ``str()`` says why."""
 
 
 class PstateBackend(Protocol):

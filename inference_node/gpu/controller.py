@@ -21,12 +21,8 @@ from typing import Any, Final
 import trio
 
 from inference_node.activity.tracker import BusyTracker
-from inference_node.gpu.backend import (
-    PSTATE_DRIVER_DECIDES,
-    PstateBackend,
-    PstateBackendUnavailable,
-    PstateError,
-)
+from inference_node.errors import PstateBackendUnavailable, PstateError
+from inference_node.gpu.backend import PSTATE_DRIVER_DECIDES, PstateBackend
 from inference_node.gpu.inventory import GpuInfo, GpuInventory
 from inference_node.gpu.policy import GpuActivity, PstatePolicy
 

@@ -96,7 +96,8 @@ class NoGpus:
 
 def open_inventory() -> GpuInventory:
     """The NVML inventory, or ``NoGpus`` (logged once, at info level) when NVML is unusable."""
-    from inference_node.gpu.nvml import NvmlInventory, NvmlUnavailable
+    from inference_node.errors import NvmlUnavailable
+    from inference_node.gpu.nvml import NvmlInventory
 
     try:
         return NvmlInventory.open()

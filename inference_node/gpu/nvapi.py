@@ -3,8 +3,11 @@
 nvidia-pstate loads the same library, gets functions by id through ``nvapi_QueryInterface``
 and calls ``NvAPI_GPU_SetForcePstate(handle, pstate, 2)``. But it indexes GPUs in NVAPI's
 enumeration order (which differs from NVML's and CUDA's on mixed rigs), prints instead of
-raising, and turns into a silent no-op when the library is missing. This module talks to NVAPI
-itself: every return code is checked and turned into an error with NVAPI's own message, and
+raising, and turns into a silent no-op when the library is missing; its ``nvapi`` module,
+which only binds the calls, loads the library on import (so it cannot be handed another one)
+and calls each function pointer without checking it is there (a NULL one is a segfault, not an
+error). So llamanap does not depend on it and talks to NVAPI itself: every function pointer is
+checked before use, every return code is turned into an error with NVAPI's own message, and
 each NVML GPU is matched to its NVAPI handle by PCI bus number (``NvAPI_GPU_GetBusId``).
 Whether a switch took is the controller's business: it reads the P-state back through NVML.
 """
@@ -18,7 +21,7 @@ from collections import Counter
 from collections.abc import Callable, Sequence
 from typing import Any, Final
 
-from inference_node.gpu.backend import PstateBackendUnavailable, PstateError
+from inference_node.errors import NvapiCallError, PstateBackendUnavailable, PstateError
 from inference_node.gpu.inventory import GpuInfo, pci_bus_number
 
 log = logging.getLogger(__name__)
@@ -42,12 +45,6 @@ ID_GPU_SET_FORCE_PSTATE: Final = 0x025BFB10
 
 _HandleArray = ctypes.c_void_p * MAX_PHYSICAL_GPUS
 Loader = Callable[[str], Any]
-
-
-class NvapiCallError(Exception):
-    def __init__(self, call: str, code: int, message: str) -> None:
-        super().__init__(f"{call} returned {code} ({message})")
-        self.code = code
 
 
 class _Nvapi:

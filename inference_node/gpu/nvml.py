@@ -14,6 +14,7 @@ from typing import Any, Final, TypeVar
 
 import pynvml
 
+from inference_node.errors import NvmlUnavailable
 from inference_node.gpu.inventory import GpuInfo, GpuProcess, normalize_pci_bus_id
 
 log = logging.getLogger(__name__)
@@ -25,10 +26,6 @@ MW_PER_W: Final = 1000.0
 # nvmlDeviceGetPerformanceState answers 32 when it cannot tell.
 NVML_PSTATE_UNKNOWN: Final = 32
 MAX_PSTATE: Final = 15
-
-
-class NvmlUnavailable(Exception):
-    """NVML cannot be used on this machine; ``str()`` says why, in one line."""
 
 
 def _text(value: bytes | str) -> str:

@@ -11,7 +11,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Final, cast
 
-from inference_node.placement.errors import PlacementError
+from inference_node.errors import PlacementError
 from inference_node.placement.settings import FlashAttn, LaunchSettings
 
 # flag spellings -> LaunchSettings field (flags taking one value)

@@ -24,9 +24,9 @@ from typing import Final
 
 import trio
 
+from inference_node.errors import PlacementError
 from inference_node.gpu.inventory import GpuInfo, GpuInventory
 from inference_node.placement.args import settings_from_args
-from inference_node.placement.errors import PlacementError
 from inference_node.placement.estimate import estimate
 from inference_node.placement.gguf_info import read_model
 from inference_node.placement.planner import (

@@ -14,8 +14,8 @@ import json
 from pathlib import Path
 from typing import Any
 
+from inference_node.errors import PlacementError
 from inference_node.placement.args import settings_to_args
-from inference_node.placement.errors import PlacementError
 from inference_node.placement.estimate import DeviceEstimate, DeviceSpec, Estimate, estimate
 from inference_node.placement.ggml_sizes import KV_CACHE_TYPES, mib
 from inference_node.placement.gguf_info import ModelInfo, read_model

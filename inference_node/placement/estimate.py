@@ -27,8 +27,8 @@ from typing import Final
 
 import numpy as np
 
+from inference_node.errors import PlacementError
 from inference_node.placement.compute import compute_bytes
-from inference_node.placement.errors import PlacementError
 from inference_node.placement.ggml_sizes import ALIGNMENT, alloc_size, mib, pad
 from inference_node.placement.gguf_info import ModelInfo, TensorInfo
 from inference_node.placement.kv_cache import kv_layer_bytes

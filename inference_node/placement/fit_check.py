@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Final
 
-from inference_node.placement.errors import PlacementError
+from inference_node.errors import PlacementError
 
 # A dry run reads the header and reserves graphs: seconds, even for large models.
 FIT_TIMEOUT_S: Final = 120.0

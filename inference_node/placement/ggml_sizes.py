@@ -10,7 +10,7 @@ from typing import Final
 
 import gguf
 
-from inference_node.placement.errors import PlacementError
+from inference_node.errors import PlacementError
 
 MIB: Final = 1024 * 1024
 

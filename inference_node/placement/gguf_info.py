@@ -24,7 +24,7 @@ from typing import Any, Final
 
 import gguf
 
-from inference_node.placement.errors import ModelFileError
+from inference_node.errors import ModelFileError
 
 SPLIT_NAME: Final = re.compile(r"^(?P<stem>.*)-(?P<no>\d{5})-of-(?P<count>\d{5})\.gguf$")
 GGUF_MAGIC: Final = b"GGUF"

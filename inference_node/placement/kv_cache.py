@@ -10,7 +10,7 @@ unless ``--swa-full``.
 
 from __future__ import annotations
 
-from inference_node.placement.errors import PlacementError
+from inference_node.errors import PlacementError
 from inference_node.placement.ggml_sizes import block_size, pad, row_size
 from inference_node.placement.gguf_info import ModelInfo
 from inference_node.placement.settings import CTX_PAD, LaunchSettings

@@ -31,7 +31,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Final
 
-from inference_node.placement.errors import PlacementError
+from inference_node.errors import PlacementError
 from inference_node.placement.estimate import (
     DeviceEstimate,
     DeviceSpec,

@@ -11,7 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 from typing import Final, Literal
 
-from inference_node.placement.errors import PlacementError
+from inference_node.errors import PlacementError
 from inference_node.placement.ggml_sizes import KV_CACHE_TYPES, is_quantized, pad
 
 # llama.cpp rounds the context up to a multiple of 256 cells (llama_context constructor).

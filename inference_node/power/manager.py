@@ -19,9 +19,10 @@ from typing import Any, Protocol
 
 import trio
 
+from inference_node.errors import ProxyUnreachable, SuspendFailed
 from inference_node.power.checks import Check, gather_reasons
 from inference_node.power.policy import IdlePolicy, PowerEvent, PowerMachine, PowerState, Verdict
-from inference_node.power.proxy_client import ProxyClient, ProxyUnreachable
+from inference_node.power.proxy_client import ProxyClient
 from inference_node.power.resume import ResumeSignal, watch_clock_gap, watch_logind
 from shared.config.node import PowerSection
 from shared.errors import LlamanapError
@@ -33,10 +34,6 @@ log = logging.getLogger(__name__)
 # anyway (the proxy then falls back to its own readiness probes, so nothing is lost).
 READY_WAIT_S = 600.0
 HISTORY_LEN = 20  # suspend/resume records kept for `status`
-
-
-class SuspendFailed(LlamanapError):
-    """The suspend command failed or the machine did not go to sleep."""
 
 
 class InstanceControl(Protocol):

@@ -12,6 +12,8 @@ import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+from inference_node.errors import IllegalPowerTransition
+
 log = logging.getLogger(__name__)
 
 
@@ -102,11 +104,6 @@ _TRANSITIONS: dict[tuple[PowerState, PowerEvent], PowerState] = {
     (PowerState.AWAKE, PowerEvent.RESUME): PowerState.RESUMING,
     (PowerState.FAILED, PowerEvent.RESUME): PowerState.RESUMING,
 }
-
-
-class IllegalPowerTransition(RuntimeError):
-    def __init__(self, state: PowerState, event: PowerEvent) -> None:
-        super().__init__(f"power: event {event.name} is not allowed in state {state.name}")
 
 
 class PowerMachine:

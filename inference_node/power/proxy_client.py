@@ -6,15 +6,11 @@ import logging
 
 import httpx
 
+from inference_node.errors import ProxyUnreachable
 from shared.config.node import ProxySection
-from shared.errors import LlamanapError
 from shared.events import EVENTS_PATH, EventError, EventKind, EventReply, NodeEvent, decode_reply
 
 log = logging.getLogger(__name__)
-
-
-class ProxyUnreachable(LlamanapError):
-    """The proxy did not answer, or answered something that is not an event reply."""
 
 
 class ProxyClient:

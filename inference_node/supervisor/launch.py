@@ -22,13 +22,10 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from inference_node.errors import LaunchError
 from shared.config.node import InstanceConfig, NodeAgentConfig
 from shared.errors import LlamanapError
 from shared.llama_bin import find_llama_server
-
-
-class LaunchError(LlamanapError):
-    """An instance cannot be started as configured; the message names the instance."""
 
 
 @dataclass(frozen=True)

@@ -23,16 +23,12 @@ from pathlib import Path
 
 import tomli_w
 
+from inference_node.errors import StateFileError
 from shared.config.node import InstanceConfig
-from shared.errors import LlamanapError
 
 log = logging.getLogger(__name__)
 
 HEADER = b"# Written by node-agent: enable/disable made with `node-agent enable|disable NAME`.\n\n"
-
-
-class StateFileError(LlamanapError):
-    """The state file cannot be written."""
 
 
 @dataclass(frozen=True)

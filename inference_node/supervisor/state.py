@@ -13,6 +13,7 @@ import signal
 from collections import deque
 from dataclasses import dataclass
 
+from inference_node.errors import IllegalInstanceTransition
 from shared.config.node import RestartConfig
 
 
@@ -43,14 +44,10 @@ TRANSITIONS: dict[State, frozenset[State]] = {
 RUNNING_STATES = frozenset({State.STARTING, State.READY, State.STOPPING})
 
 
-class IllegalTransition(RuntimeError):
-    """A bug: the lifecycle code tried a move the table does not allow."""
-
-
 def check_transition(old: State, new: State) -> None:
-    """Raise ``IllegalTransition`` unless ``old -> new`` is in ``TRANSITIONS``."""
+    """Raise ``IllegalInstanceTransition`` unless ``old -> new`` is in ``TRANSITIONS``."""
     if new not in TRANSITIONS[old]:
-        raise IllegalTransition(f"instance state {old.name} cannot move to {new.name}")
+        raise IllegalInstanceTransition(old, new)
 
 
 def describe_exit(returncode: int) -> str:

@@ -17,8 +17,9 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from inference_node.errors import PstateError
 from inference_node.gpu import nvapi
-from inference_node.gpu.backend import PSTATE_DRIVER_DECIDES, PstateError
+from inference_node.gpu.backend import PSTATE_DRIVER_DECIDES
 from inference_node.gpu.inventory import GpuInfo, GpuProcess, pci_bus_number
 
 IDLE_PSTATE = 0  # what a P40 shows with a CUDA context and no forced state
