@@ -32,8 +32,11 @@ class ProxyMetrics:
     def __init__(self) -> None:
         self.registry = CollectorRegistry()
         r = self.registry
-        self.wakes = Counter("edge_wakes", "Wakes that ended, by outcome (ready, timeout, aborted)",
+        self.wakes = Counter("edge_wakes", "Wakes that ended, by outcome (ready, timeout)",
                              ["node", "outcome"], registry=r)
+        self.wake_failures = Counter("edge_wake_failures",
+                                     "Wakes that failed (no ready backend within wake_timeout_s)",
+                                     ["node"], registry=r)
         self.wake_seconds = Histogram("edge_wake_duration_seconds",
                                       "Time from the first magic packet to a ready backend",
                                       ["node"], buckets=WAKE_BUCKETS_S, registry=r)

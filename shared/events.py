@@ -10,6 +10,9 @@ bearer token; the proxy answers with an ``EventReply``::
 ``suspending``: the agent is about to suspend the node. The proxy answers with the node's
 in-flight (relayed) connection count and whether it agrees (``allowed``); after it agrees it
 holds new connections for the node instead of forwarding them to a dying backend.
+``suspended``: the agent is running the suspend command now (its instances are stopped): the
+proxy takes the node as asleep at once instead of waiting for probes to time out. A proxy that
+does not know it answers 400, which the agent logs and ignores (probes still find out).
 ``resumed``: the node is back from sleep (its services may still be starting).
 ``ready``: the node's services are ready; held connections are released at once.
 
@@ -26,7 +29,7 @@ from typing import Any, Literal, get_args
 from shared.errors import LlamanapError
 
 EVENTS_PATH = "/v1/events"
-EventKind = Literal["suspending", "resumed", "ready"]
+EventKind = Literal["suspending", "resumed", "ready", "suspended"]
 EVENT_KINDS: tuple[str, ...] = get_args(EventKind)
 MAX_REASON_CHARS = 500  # reasons go into logs; a longer one is a bug on the sending side
 MAX_NODE_CHARS = 100

@@ -122,3 +122,45 @@ async def test_an_error_after_a_held_stream_started_is_one_sse_error_event(
             assert [json.loads(p) for p in sse_payloads(lines)] == [error]
             assert packets_for(packets, node.mac) >= 1
             nursery.cancel_scope.cancel()
+
+
+async def test_requests_inside_the_wake_cooldown_fail_at_once_with_the_reason(
+        tmp_path: Path) -> None:
+    node = NodeSpec("box", "aa:bb:cc:dd:ee:01", free_port())
+    packets = await PacketListener.open()
+    path = write_http_config(tmp_path, [node], packets.port,
+                             node_extra="wake_cooldown_s = 3.0",
+                             http="waking_comment_interval_s = 0.05")
+    path.write_text(path.read_text().replace("wake_timeout_s = 60", "wake_timeout_s = 0.6"))
+    plain = {"messages": [{"role": "user", "content": "hi"}]}
+    with trio.fail_after(TEST_TIMEOUT_S):
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(packets.run)
+            proxy: Proxy = await nursery.start(serve_proxy, load_edge_config(path))
+            await wait_state(proxy, "box", State.ASLEEP)
+            async with httpx.AsyncClient(base_url=proxy.http_routes.url("127.0.0.1:0"),
+                                         timeout=TEST_TIMEOUT_S) as client:
+                first = await client.post("/v1/chat/completions", json=plain)
+                assert first.status_code == 504
+                assert "wake timed out after 0.6 s" in first.json()["error"]["message"]
+                sent = packets_for(packets, node.mac)
+                assert sent >= 1
+                # the frontend's follow-ups (a title, a retry): no second wake, the same error
+                for body in (plain, CHAT):
+                    again = await client.post("/v1/chat/completions", json=body)
+                    assert again.status_code == 504  # not a stream held open: an answer at once
+                    error = again.json()["error"]
+                    assert error["source"] == "edge-proxy" and error["type"] == "wake_timeout"
+                    assert "wake of box failed" in error["message"]
+                    assert "; not retrying for another" in error["message"]
+                assert packets_for(packets, node.mac) == sent
+                assert proxy.drivers["box"].state is State.ASLEEP
+                status = proxy.status()["nodes"]["box"]
+                assert 0 < status["wake_cooldown_left_s"] <= 3.0
+                # once it is over, a request wakes the node again
+                await trio.sleep(status["wake_cooldown_left_s"])
+                later = await client.post("/v1/chat/completions", json=plain)
+                assert later.status_code == 504
+                assert "wake timed out" in later.json()["error"]["message"]
+                assert packets_for(packets, node.mac) > sent
+            nursery.cancel_scope.cancel()

@@ -146,7 +146,9 @@ async def test_a_wake_that_times_out_is_an_openai_error_from_the_proxy(tmp_path:
     packets = await PacketListener.open()
     path = write_http_config(tmp_path, [node], packets.port,
                              http="waking_comment_interval_s = 0.05")
-    path.write_text(path.read_text().replace("wake_timeout_s = 60", "wake_timeout_s = 1.0"))
+    # no cooldown: each request below starts its own wake
+    path.write_text(path.read_text().replace("wake_timeout_s = 60",
+                                             "wake_timeout_s = 1.0\nwake_cooldown_s = 0"))
     with trio.fail_after(TEST_TIMEOUT_S):
         async with trio.open_nursery() as nursery:
             nursery.start_soon(packets.run)

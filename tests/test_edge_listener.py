@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+import re
 from pathlib import Path
 
 import httpx
@@ -250,4 +251,47 @@ async def test_a_held_half_closed_request_is_delivered_with_its_eof(tmp_path: Pa
             await nursery.start(serve_backend, backend_port, echo_backend)
             assert await read_all(stream) == b"all of it"
             await stream.aclose()
+            nursery.cancel_scope.cancel()
+
+
+async def test_after_a_failed_wake_clients_are_closed_at_once_until_the_cooldown_ends(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    backend_port = free_port()
+    cooldown_s = 3.0
+    with trio.fail_after(TEST_TIMEOUT_S):
+        async with trio.open_nursery() as nursery:
+            packets = await PacketListener.open()
+            nursery.start_soon(packets.run)
+            cfg = load_config(tmp_path, backend_port, packets.port,
+                              node={"wake_timeout_s": 0.6, "wake_cooldown_s": cooldown_s})
+            proxy: Proxy = await nursery.start(serve_proxy, cfg)
+            port = proxy.route_address()[1]
+            driver = proxy.drivers["box"]
+            with pytest.raises(trio.BrokenResourceError):  # the first wake times out
+                await request(port, b"first\n")
+            failed_at, sent = trio.current_time(), len(packets.packets)
+            assert sent >= 1 and driver.state is State.ASLEEP
+            # the frontend's follow-ups inside the cooldown: closed at once, no second wake
+            for _ in range(3):
+                with pytest.raises(trio.BrokenResourceError):
+                    await request(port, b"again\n")
+            assert trio.current_time() - failed_at < cooldown_s  # all inside the cooldown
+            assert len(packets.packets) == sent and driver.state is State.ASLEEP
+            closed = [r.getMessage() for r in caplog.records if "not retrying" in r.getMessage()]
+            assert len(closed) == 3
+            # on loopback the port refuses (up, not ready); a sleeping host would not answer
+            assert re.search(r"closing held connection: wake of box failed \d+ s ago \(not ready "
+                             rf"within 0.6 s: connect to 127.0.0.1:{backend_port}: .*\); not "
+                             r"retrying for another \d+ s$", closed[0]), closed[0]
+            route = proxy.cfg.routes[0].listen
+            assert sample(proxy, "edge_connections_timed_out_total", node="box", route=route) == 4
+            assert sample(proxy, "edge_wake_failures_total", node="box") == 1
+            assert sample(proxy, "edge_wakes_total", node="box", outcome="timeout") == 1
+            # after it, a client starts a new wake (and the backend is back to answer it)
+            await trio.sleep_until(failed_at + cooldown_s)
+            await nursery.start(serve_backend, backend_port, answer_backend)
+            answer = await request(port, b"later\n")
+            assert answer == response_for(b"later\n")
+            assert len(packets.packets) > sent
+            assert sample(proxy, "edge_wakes_total", node="box", outcome="ready") == 1
             nursery.cancel_scope.cancel()

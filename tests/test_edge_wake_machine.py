@@ -166,3 +166,81 @@ def test_every_transition_is_logged_with_its_reason(caplog: pytest.LogCaptureFix
     assert "node box: ASLEEP -> WAKING (connection held while asleep)" in lines
     assert "node box: WAKING -> AWAKE (GET /health answered 200)" in lines
     assert "WAKING" in repr(m) or "AWAKE" in repr(m)
+
+
+COOLDOWN = WakeTiming(wol_interval_s=2.0, wake_timeout_s=30.0, drain_timeout_s=60.0,
+                      wake_cooldown_s=20.0)
+
+
+def failed_wake(timing: WakeTiming = COOLDOWN, refused: str = "") -> WakeMachine:
+    """A machine whose wake started at 0 and timed out at 30."""
+    m = WakeMachine("gpubox", timing, 0.0)
+    m.handle(Event.PROBE_TIMEOUT, 0.0, "connect timed out")
+    m.handle(Event.DEMAND, 0.0)
+    if refused:
+        m.handle(Event.PROBE_REFUSED, 10.0, refused)
+    assert FailHeld("wake timed out after 30 s") in m.handle(Event.TICK, 30.0)
+    m.handle(Event.NO_DEMAND, 30.0)
+    assert m.state is State.ASLEEP
+    return m
+
+
+def test_after_a_failed_wake_new_demand_fails_at_once_until_the_cooldown_ends() -> None:
+    m = failed_wake()
+    packets = m.packets
+    assert m.cooldown_left(42.0) == 8.0
+    assert m.handle(Event.DEMAND, 42.0) == [FailHeld(
+        "wake of gpubox failed 12 s ago (no answer within 30 s); not retrying for another 8 s")]
+    assert m.state is State.ASLEEP and not m.demand and m.packets == packets
+    assert m.handle(Event.DEMAND, 49.9) != [SendPacket()]  # still cooling down
+    assert m.handle(Event.DEMAND, 50.0) == [SendPacket()]  # over: a new wake
+    assert m.state is State.WAKING and m.cooldown_left(50.0) == 0.0
+
+
+def test_the_cooldown_error_says_what_the_probes_saw() -> None:
+    m = failed_wake(refused="GET /health answered 503")
+    (fail,) = m.handle(Event.DEMAND, 31.0)
+    assert isinstance(fail, FailHeld)
+    assert fail.reason == ("wake of gpubox failed 1 s ago (not ready within 30 s: GET /health "
+                           "answered 503); not retrying for another 19 s")
+
+
+def test_signs_of_life_end_the_cooldown() -> None:
+    m = failed_wake()
+    assert m.handle(Event.WAKE_NOW, 31.0, "cli") == [SendPacket()]  # an operator insists
+    assert m.state is State.WAKING and m.cooldown_left(31.0) == 0.0
+    m = failed_wake()
+    m.handle(Event.AGENT_RESUMED, 31.0, "resumed")
+    assert m.state is State.WAKING and m.handle(Event.DEMAND, 31.5) == []  # joins that wake
+
+
+def test_without_a_cooldown_the_next_demand_wakes_again() -> None:
+    m = failed_wake(TIMING)
+    assert m.handle(Event.DEMAND, 30.1) == [SendPacket()]
+    assert m.state is State.WAKING
+
+
+def test_suspending_is_vetoed_while_a_wake_is_in_flight_even_with_nobody_held() -> None:
+    m = machine(State.ASLEEP)
+    m.handle(Event.WAKE_NOW, 101.0, "cli")
+    verdict = m.suspending(104.0, in_flight=0, held=0, veto_when_busy=False)
+    assert not verdict.allowed and verdict.reason == "a wake is in flight (started 3 s ago)"
+    assert m.state is State.WAKING
+
+
+def test_agent_suspended_makes_the_node_asleep_at_once() -> None:
+    m = machine(State.DRAINING)
+    assert m.handle(Event.AGENT_SUSPENDED, 101.0, "running the suspend command") == []
+    assert m.state is State.ASLEEP and not m.wants_probe()
+    assert m.reason == "agent suspended: running the suspend command"
+    assert m.next_deadline() is None  # no drain_timeout_s wait
+    m = machine(State.DRAINING)
+    m.handle(Event.DEMAND, 100.5)  # a client held while draining wakes it again
+    assert m.handle(Event.AGENT_SUSPENDED, 101.0, "suspend") == [SendPacket()]
+    assert m.state is State.WAKING
+    m = machine(State.AWAKE)  # the proxy missed `suspending` (restarted, unreachable)
+    m.handle(Event.AGENT_SUSPENDED, 101.0, "suspend")
+    assert m.state is State.ASLEEP
+    m = machine(State.WAKING)  # held clients: the packets going out wake it
+    assert m.handle(Event.AGENT_SUSPENDED, 101.0, "suspend") == []
+    assert m.state is State.WAKING

@@ -276,7 +276,7 @@ class HttpRouteApp:
     async def _hold(self, ex: Exchange, backend: NodeBackend, model: str, streaming: bool) -> None:
         """Wait for the node's shared wake; raise ``WakeFailed`` when it times out."""
         driver, port = backend.driver, backend.route.backend_port
-        if driver.state is not State.WAKING:
+        if driver.state is not State.WAKING and not driver.cooling_down():
             self.metrics.wakes.labels(self.listen, backend.name, model).inc()
         self.metrics.held.labels(self.listen, backend.name, model).inc()
         driver.hold(port)

@@ -43,6 +43,10 @@ from shared.config.edge import NodeConfig
 log = logging.getLogger(__name__)
 
 
+_AGENT_EVENTS = {"resumed": Event.AGENT_RESUMED, "ready": Event.AGENT_READY,
+                 "suspended": Event.AGENT_SUSPENDED}
+
+
 @dataclass(frozen=True)
 class Backend:
     """One route's backend on this node: what to probe for readiness."""
@@ -84,7 +88,8 @@ class NodeDriver:
 
     @staticmethod
     def _timing(cfg: NodeConfig) -> WakeTiming:
-        return WakeTiming(cfg.wol_interval_s, cfg.wake_timeout_s, cfg.drain_timeout_s)
+        return WakeTiming(cfg.wol_interval_s, cfg.wake_timeout_s, cfg.drain_timeout_s,
+                          cfg.wake_cooldown_s)
 
     def update(self, cfg: NodeConfig) -> None:
         """Take a reloaded config; the state and held connections stay."""
@@ -185,6 +190,8 @@ class NodeDriver:
                 self.metrics.wakes.labels(self.name, action.outcome).inc()
                 if action.outcome == "ready":
                     self.metrics.wake_seconds.labels(self.name).observe(action.duration_s)
+                else:
+                    self.metrics.wake_failures.labels(self.name).inc()
                 log.info("node %s: wake %s after %.3f s", self.name, action.outcome,
                          action.duration_s)
         self.metrics.set_state(self.name, self.machine.state)
@@ -207,8 +214,9 @@ class NodeDriver:
     async def wait_awake(self) -> None:
         """Return once the node is AWAKE, starting the shared wake if needed.
 
-        Raises ``WakeFailed`` if the wake times out. The caller counts itself as held (see
-        ``holding``) so limits and probes see it.
+        Raises ``WakeFailed`` if the wake times out, or at once while the cooldown after a
+        failed wake lasts. The caller counts itself as held (see ``hold``) so limits and
+        probes see it.
         """
         while self.machine.state is not State.AWAKE:
             current = self._round
@@ -233,7 +241,12 @@ class NodeDriver:
             self.apply(exc.event, exc.reason)
 
     def agent_event(self, kind: str, reason: str) -> None:
-        self.apply(Event.AGENT_READY if kind == "ready" else Event.AGENT_RESUMED, reason)
+        """``resumed``, ``ready`` or ``suspended`` from the node's agent."""
+        self.apply(_AGENT_EVENTS[kind], reason)
+
+    def cooling_down(self) -> bool:
+        """Whether a held connection would fail at once (a wake failed moments ago)."""
+        return self.machine.cooldown_left(trio.current_time()) > 0
 
     def suspending(self) -> Verdict:
         before = self.machine.generation
@@ -261,5 +274,6 @@ class NodeDriver:
         return {"state": m.state.name, "reason": m.reason,
                 "time_in_state_s": round(m.time_in_state(now), 3), "held": self.held,
                 "active": self.active, "packets_sent": m.packets, "last_wake": last,
+                "wake_cooldown_left_s": round(m.cooldown_left(now), 3),
                 "last_packet_error": self.last_packet_error, "host": self.cfg.host,
                 "mac": self.cfg.mac}

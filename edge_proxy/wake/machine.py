@@ -6,7 +6,8 @@ States::
     AWAKE     the backend is ready: connections are relayed at once
     DRAINING  the node's agent said `suspending` and the proxy agreed: relays already open go
               on, new connections are held (they would reach a dying backend)
-    ASLEEP    unreachable (connect timed out: no ARP answer), suspended, or not serving
+    ASLEEP    unreachable (connect timed out: no ARP answer), suspended (the agent said
+              `suspended` as it ran the suspend command), or not serving
     WAKING    connections are held; magic packets go out at once and every `wol_interval_s`
               until a readiness probe passes (or the agent says `ready`) or
               `wake_timeout_s` passes
@@ -17,6 +18,12 @@ llama-server loads) and ``PROBE_TIMEOUT`` (no answer: a sleeping host has no ARP
 connect times out). A refused connection proves the host is up, so it never makes a node
 ASLEEP while a wake is running; magic packets continue anyway (a NIC that is up ignores
 them, and the host may be on its way down).
+
+A wake that times out starts a cooldown of ``wake_cooldown_s``: while it lasts, a new held
+connection fails at once with the same error (saying how long ago and for how much longer)
+instead of starting a second wake; frontends fire follow-up requests right after the user saw
+the error, and a wake that just failed is unlikely to work a few seconds later. Anything that
+shows the node alive (an agent event, an operator's wake) ends the cooldown.
 
 ``WakeMachine.handle(event, now)`` applies one event and returns the actions for the trio
 driver (send a packet, release held connections, fail them). Every transition is logged as
@@ -29,6 +36,7 @@ from __future__ import annotations
 
 import enum
 import logging
+import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -54,6 +62,7 @@ class Event(enum.Enum):
     TICK = "tick"  # time passed: resend packets, check deadlines
     AGENT_RESUMED = "resumed"
     AGENT_READY = "ready"
+    AGENT_SUSPENDED = "suspended"  # the agent is running the suspend command now
     WAKE_NOW = "wake_now"  # an operator asked for a magic packet now
 
 
@@ -78,7 +87,7 @@ class FailHeld:
 class WakeFinished:
     """A wake (entry into WAKING) ended; for logs and metrics."""
 
-    outcome: str  # "ready", "timeout" or "aborted" (the agent suspended an idle node mid-wake)
+    outcome: str  # "ready" or "timeout"
     duration_s: float
 
 
@@ -90,6 +99,15 @@ class WakeTiming:
     wol_interval_s: float
     wake_timeout_s: float
     drain_timeout_s: float
+    wake_cooldown_s: float = 0.0  # after a failed wake, held connections fail at once
+
+
+@dataclass(frozen=True)
+class FailedWake:
+    """The last wake that timed out: when, and what the probes saw."""
+
+    at: float
+    detail: str  # "no answer within 60 s" or "not ready within 60 s: GET /health answered 503"
 
 
 @dataclass(frozen=True)
@@ -125,6 +143,8 @@ class WakeMachine:
     _next_packet: float = field(init=False, default=0.0)
     _deadline: float = field(init=False, default=0.0)
     _slot: int = field(init=False, default=0)  # packets of this wake are due at start + slot * interval
+    _failed: FailedWake | None = field(init=False, default=None)  # set only while ASLEEP after it
+    _refused: str = field(init=False, default="")  # the last "up, not ready" probe of this wake
 
     def __post_init__(self) -> None:
         self._since = self.now
@@ -148,6 +168,19 @@ class WakeMachine:
             return self._since + self.timing.drain_timeout_s
         return None
 
+    def cooldown_left(self, now: float) -> float:
+        """Seconds until a held connection may start a wake again (0: it may now)."""
+        if self._failed is None:
+            return 0.0
+        return max(0.0, self._failed.at + self.timing.wake_cooldown_s - now)
+
+    def cooldown_error(self, now: float) -> str:
+        """The one line a connection refused during the cooldown is closed with."""
+        assert self._failed is not None
+        return (f"wake of {self.name} failed {now - self._failed.at:.0f} s ago "
+                f"({self._failed.detail}); not retrying for another "
+                f"{math.ceil(self.cooldown_left(now)):.0f} s")
+
     def wants_probe(self) -> bool:
         """Whether the driver should run readiness probes now."""
         if self.state in (State.UNKNOWN, State.WAKING):
@@ -169,11 +202,14 @@ class WakeMachine:
         """The agent asks to suspend: agree (→ DRAINING) or veto, and say why."""
         if held > 0:
             return Verdict(False, f"{held} connection(s) held, waiting for the node")
+        if self.state is State.WAKING:
+            # A wake in flight means someone wants the node (or a client just left while it
+            # woke); suspending now would kill the instances it is starting.
+            return Verdict(False, f"a wake is in flight (started {now - self._wake_started:.0f} s "
+                                  "ago)")
         if veto_when_busy and in_flight > 0:
             return Verdict(False, f"{in_flight} connection(s) open")
         if self.state is not State.DRAINING:
-            if self.state is State.WAKING:
-                self._finish_wake(now, "aborted", [])
             self._move(State.DRAINING, now, "agent is suspending")
         why = f"{in_flight} connection(s) open, allowed by config" if in_flight else "no connections open"
         return Verdict(True, why)
@@ -186,6 +222,7 @@ class WakeMachine:
         self.reason = reason
         self._since = now
         self.generation += 1
+        self._failed = None  # any move after a failed wake ends its cooldown
 
     def _start_wake(self, now: float, reason: str, actions: list[Action], *, packet: bool) -> None:
         self._move(State.WAKING, now, reason)
@@ -193,6 +230,7 @@ class WakeMachine:
         self._deadline = now + self.timing.wake_timeout_s
         self.last_wake = LastWake(started=now)
         self._slot = 0
+        self._refused = ""
         if packet:
             self._send(now, actions)
         else:
@@ -225,6 +263,9 @@ class WakeMachine:
         actions.append(ReleaseHeld())
 
     def _on_demand(self, now: float, reason: str, actions: list[Action]) -> None:
+        if self.state is State.ASLEEP and self.cooldown_left(now) > 0:
+            actions.append(FailHeld(self.cooldown_error(now)))
+            return
         self.demand = True
         if self.state is State.ASLEEP:
             self._start_wake(now, "connection held while asleep", actions, packet=True)
@@ -234,6 +275,9 @@ class WakeMachine:
 
     def _nothing(self, now: float, reason: str, actions: list[Action]) -> None:
         pass
+
+    def _on_refused_waking(self, now: float, reason: str, actions: list[Action]) -> None:
+        self._refused = reason  # up, not ready: keep waiting, remember why for a failure
 
     def _on_ok(self, now: float, reason: str, actions: list[Action]) -> None:
         if self.state is State.DRAINING:
@@ -274,9 +318,13 @@ class WakeMachine:
         if self.state is State.WAKING:
             if now >= self._deadline:
                 self._finish_wake(now, "timeout", actions)
-                why = f"wake timed out after {self.timing.wake_timeout_s:g} s"
+                timeout = self.timing.wake_timeout_s
+                why = f"wake timed out after {timeout:g} s"
                 self._move(State.ASLEEP, now, why)
                 self.demand = False
+                detail = (f"not ready within {timeout:g} s: {self._refused}" if self._refused
+                          else f"no answer within {timeout:g} s")
+                self._failed = FailedWake(now, detail)
                 actions.append(FailHeld(why))
             elif now >= self._next_packet:
                 self._send(now, actions)
@@ -288,6 +336,15 @@ class WakeMachine:
         if self.state in (State.ASLEEP, State.DRAINING, State.UNKNOWN):
             # the host is up, so no packet is needed; probes find the service when it is ready
             self._start_wake(now, "agent resumed: " + reason, actions, packet=False)
+
+    def _on_suspended(self, now: float, reason: str, actions: list[Action]) -> None:
+        # The suspend command is running: the node is asleep now, whatever probes would say
+        # (on loopback, or where the service stops before the host, they would be refused).
+        if self.state in (State.AWAKE, State.DRAINING, State.UNKNOWN):
+            self._move(State.ASLEEP, now, "agent suspended: " + reason)
+            if self.demand:
+                self._start_wake(now, "connection held while asleep", actions, packet=True)
+        # ASLEEP: nothing new. WAKING: connections are held; the packets going out wake it.
 
     def _on_ready(self, now: float, reason: str, actions: list[Action]) -> None:
         if self.state is not State.AWAKE:
@@ -310,6 +367,7 @@ for _state in _ANY:
     _TABLE[_state, _E.TICK] = WakeMachine._on_tick
     _TABLE[_state, _E.AGENT_RESUMED] = WakeMachine._on_resumed
     _TABLE[_state, _E.AGENT_READY] = WakeMachine._on_ready
+    _TABLE[_state, _E.AGENT_SUSPENDED] = WakeMachine._on_suspended
     _TABLE[_state, _E.WAKE_NOW] = WakeMachine._on_wake_now
 # A connection is held only when the node is not AWAKE (an AWAKE node gets a connect first).
 for _state in (_S.UNKNOWN, _S.ASLEEP, _S.WAKING, _S.DRAINING):
@@ -321,5 +379,5 @@ for _state in (_S.UNKNOWN, _S.AWAKE, _S.DRAINING, _S.WAKING):
 for _state in (_S.UNKNOWN, _S.AWAKE, _S.DRAINING):
     _TABLE[_state, _E.PROBE_REFUSED] = WakeMachine._on_refused
     _TABLE[_state, _E.PROBE_TIMEOUT] = WakeMachine._on_timeout
-_TABLE[_S.WAKING, _E.PROBE_REFUSED] = WakeMachine._nothing  # keep waiting for readiness
+_TABLE[_S.WAKING, _E.PROBE_REFUSED] = WakeMachine._on_refused_waking  # keep waiting
 _TABLE[_S.WAKING, _E.PROBE_TIMEOUT] = WakeMachine._nothing

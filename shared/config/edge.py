@@ -97,6 +97,8 @@ class NodeConfig:
                                      help="connect timeout of probes and of relays to the node")
     drain_timeout_s: float = setting(120.0, min=0.1, max=86400,
                                      help="after an agreed `suspending`, how long to wait for it")
+    wake_cooldown_s: float = setting(30.0, min=0, max=86400,
+                                     help="after a failed wake, requests fail at once this long")
     max_held: int = setting(2000, min=0, max=1_000_000, help="held connections for this node")
     veto_suspend_when_busy: bool = setting(True, help="refuse `suspending` while relays are open")
 
