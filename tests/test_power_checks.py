@@ -13,6 +13,7 @@ from inference_node.power.checks import (
     ForeignGpuProcessCheck,
     InhibitRegistry,
     InstanceBusyCheck,
+    InstanceStartingCheck,
     gather_reasons,
     inhibitor_reason,
 )
@@ -106,3 +107,13 @@ async def test_a_crashing_check_keeps_the_node_awake() -> None:
             raise RuntimeError("boom")
 
     assert await gather_reasons([Broken()]) == ["check broken failed: boom"]
+
+
+async def test_a_starting_instance_keeps_the_node_awake() -> None:
+    starting: list[str] = []
+    check = InstanceStartingCheck(lambda: starting)
+    assert await check.check() is None
+    starting.append("qwen")
+    assert await check.check() == "instance qwen is starting (loading its model)"
+    starting.append("llama")
+    assert await check.check() == "instances llama, qwen are starting (loading their models)"

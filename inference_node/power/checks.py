@@ -47,6 +47,23 @@ class InstanceBusyCheck:
 
 
 @dataclass
+class InstanceStartingCheck:
+    """Any instance still starting (loading its model): a suspend now would kill the load, and
+    whoever started it (a reload, a resume, a request) wants it served."""
+
+    starting: Callable[[], Iterable[str]]  # names of instances in STARTING
+    name: str = "starting"
+
+    async def check(self) -> str | None:
+        names = sorted(self.starting())
+        if not names:
+            return None
+        if len(names) == 1:
+            return f"instance {names[0]} is starting (loading its model)"
+        return f"instances {', '.join(names)} are starting (loading their models)"
+
+
+@dataclass
 class ConnectionsCheck:
     """Client TCP connections open to an instance's port (an idle keep-alive counts too).
 

@@ -1,7 +1,7 @@
 """The suspend/resume sequence: trio code that feeds the pure policy and carries out its verdicts.
 
     idle for idle_timeout_s → ask the proxy (``suspending``; a veto resets the timer)
-      → stop instances → release P-states → run the suspend command
+      → stop instances → release P-states → ``suspended`` → run the suspend command
       → wait to *see* the resume (sleep hook ``post``, logind, clock gap)
       → start the enabled instances → ``resumed`` → ``ready`` as each becomes READY
 
@@ -230,6 +230,9 @@ class PowerManager:
             record.mark("releasing P-states", self.clock())
             await self.pstates.release_all("suspending")
         record.mark("suspend command", self.clock())
+        # Told first: once the command runs, the agent may get no further word out, and the
+        # proxy would otherwise wait for its probes to time out (or drain_timeout_s).
+        await self._tell_proxy("suspended", "running the suspend command")
         try:
             await self.suspender.suspend()
         except SuspendFailed as exc:

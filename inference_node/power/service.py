@@ -17,10 +17,12 @@ from inference_node.power.checks import (
     InhibitorLockCheck,
     InhibitRegistry,
     InstanceBusyCheck,
+    InstanceStartingCheck,
     LoggedInUsersCheck,
 )
 from inference_node.power.manager import CommandSuspend, PowerManager, PstateRelease, SuspendAction
 from inference_node.power.proxy_client import ProxyClient
+from inference_node.supervisor.state import State
 from shared.config.node import NodeAgentConfig, PowerSection
 from shared.http import HTTPError, Request, Response
 
@@ -37,7 +39,8 @@ def build_checks(agent: Agent, registry: InhibitRegistry) -> list[Check]:
     """The checks ``[power]`` asks for, fed from the agent's own parts."""
     cfg = agent.config.power
     gpu = agent.gpu_activity
-    checks: list[Check] = [ApiInhibitCheck(registry)]
+    checks: list[Check] = [ApiInhibitCheck(registry), InstanceStartingCheck(lambda: [
+        row.name for row in agent.supervisor.snapshot() if row.state is State.STARTING])]
     if gpu is not None:
         checks.append(InstanceBusyCheck(gpu.tasks_in_progress))
         if cfg.watch_foreign_gpu_processes:
