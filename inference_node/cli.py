@@ -8,7 +8,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Final
 
-from shared.cli import EXIT_FAILURE, EXIT_OK, CommandModule, make_parser, run
+from shared.cli import EXIT_FAILURE, EXIT_OK, CommandModule, make_parser, quiet_on_closed_pipe, run
 from shared.config.node import load_node_config
 from shared.config.notes import node_notes
 
@@ -65,7 +65,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         # only, so the other commands' imports (trio, httpx, NVML, numpy) do not delay the wake.
         from inference_node.power import hook
 
-        return hook.main(args[1:])
+        return quiet_on_closed_pipe(lambda: hook.main(args[1:]))
     try:
         return run("node-agent", build_parser(), args)
     except ModuleNotFoundError as exc:
