@@ -127,7 +127,7 @@ def test_launch_env_gpus_and_overrides(tmp_path: Path) -> None:
                                 "env": {"FOO": "1"}}, src)
     spec = build_launch("s", structured, base_env={"PATH": "/bin", "CUDA_VISIBLE_DEVICES": "7"})
     assert spec.argv == ("/opt/llama/llama-server", "--model", str(model), "--host", "0.0.0.0",
-                         "--port", "9001", "-c", "4096")
+                         "--port", "9001", "--alias", "s", "-c", "4096")
     assert spec.env == {"PATH": "/bin", "FOO": "1", "CUDA_DEVICE_ORDER": "PCI_BUS_ID",
                         "CUDA_VISIBLE_DEVICES": "0,2"}
     assert spec.probe_host == "127.0.0.1"
@@ -138,6 +138,12 @@ def test_launch_env_gpus_and_overrides(tmp_path: Path) -> None:
                         base_env={})
     assert spec.argv[-4:] == ("-ngl", "99", "-ts", "1,3")
     assert spec.env["CUDA_VISIBLE_DEVICES"] == uuid and spec.env["X"] == "y"
+
+    for own in (["-a", "qwen"], ["--alias", "qwen"], ["--alias=qwen"]):  # the config's own wins
+        named = instance("n", {"binary": "/opt/llama/llama-server", "model": str(model),
+                               "port": 9003, "args": own}, src)
+        argv = build_launch("n", named, base_env={}).argv
+        assert argv[-len(own):] == tuple(own) and argv.count("n") == 0, argv
 
     plain = instance("p", {"command": "llama-server -m /m.gguf --port 9002"}, src)
     spec = build_launch("p", plain, base_env={})

@@ -1,7 +1,8 @@
 """Turn an instance's config into the argv and environment it runs with, and check them.
 
 ``build_launch`` is the one place that decides what a child runs: the full ``command`` as
-given, or the structured form ``BINARY --model M --host H --port P ARGS``. Every child gets
+given, or the structured form ``BINARY --model M --host H --port P --alias NAME ARGS`` (no
+``--alias`` when ARGS set one). Every child gets
 ``CUDA_DEVICE_ORDER=PCI_BUS_ID`` (so indices mean the same GPUs as NVML's bus order) and,
 when ``gpus`` is set, ``CUDA_VISIBLE_DEVICES``. ``LaunchOverrides`` lets a planner (VRAM
 placement) add arguments, environment or a GPU list without touching the config.
@@ -26,6 +27,8 @@ from inference_node.errors import LaunchError
 from shared.config.node import InstanceConfig, NodeAgentConfig
 from shared.errors import LlamanapError
 from shared.llama_bin import find_llama_server
+
+ALIAS_FLAGS = ("-a", "--alias")
 
 
 @dataclass(frozen=True)
@@ -82,7 +85,7 @@ def build_launch(
             except LlamanapError as exc:
                 raise LaunchError(f"instances.{name}: {exc}") from exc
         argv = [str(binary), "--model", str(config.model), "--host", host,
-                "--port", str(config.effective_port), *config.args]
+                "--port", str(config.effective_port), *_alias(name, config.args), *config.args]
     argv += extra.args
     env = dict(os.environ if base_env is None else base_env)
     env.update(config.env)
@@ -154,6 +157,18 @@ def port_problem(host: str, port: int) -> str | None:
                        "stop it or pick another port"
             return f"cannot listen on {host}:{port} ({exc.strerror}); fix host or port"
     return None
+
+
+def _alias(name: str, args: Sequence[str]) -> list[str]:
+    """``--alias NAME`` unless ``args`` name the model already.
+
+    Without an alias llama-server names its model by the file's path, and that is what
+    frontends list (``/v1/models``) and send back as ``model``; the instance's name is what
+    the proxy's routes and a person use.
+    """
+    if any(a in ALIAS_FLAGS or a.startswith("--alias=") for a in args):
+        return []
+    return ["--alias", name]
 
 
 def _flag_value(argv: Sequence[str], *flags: str) -> str | None:

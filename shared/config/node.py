@@ -100,7 +100,8 @@ class InstanceConfig:
     """One llama-server (or any server) the agent supervises.
 
     Either ``command`` (the whole argv) or the structured ``model`` + ``args`` form, which runs
-    ``binary`` (llama-server by default) with ``--model MODEL --host HOST --port PORT ARGS``.
+    ``binary`` (llama-server by default) with ``--model MODEL --host HOST --port PORT
+    --alias NAME ARGS`` (no ``--alias`` when ARGS give one).
     """
 
     enabled: bool = True
