@@ -23,9 +23,9 @@ from tests.test_config import EDGE_OK
     ('mac = "aa:bb:cc:dd:ee:ff"', 'mac = "aa:bb:cc:dd:ee:ff"\nwake_cooldown_s = -1',
      "nodes.gpubox.wake_cooldown_s", "found -1.0; allowed: between 0 and 86400"),
     ('mac = "aa:bb:cc:dd:ee:ff"', 'mac = "aa:bb:cc:dd:ee:ff"\nwake_cooldown_s = inf',
-     "nodes.gpubox.wake_cooldown_s", "found inf; allowed: between 0 and 86400"),
+     "nodes.gpubox.wake_cooldown_s", "found inf; allowed: a finite number of seconds between 0 and 86400"),
     ('mac = "aa:bb:cc:dd:ee:ff"', 'mac = "aa:bb:cc:dd:ee:ff"\nwake_cooldown_s = nan',
-     "nodes.gpubox.wake_cooldown_s", "found nan; allowed: seconds between 0 and 86400"),
+     "nodes.gpubox.wake_cooldown_s", "found nan; allowed: a finite number of seconds between 0 and 86400"),
 ])
 def test_edge_config_rejects(tmp_path: Path, old: str, new: str, key: str, problem: str) -> None:
     path = tmp_path / "edge.toml"
