@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import math
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -110,8 +111,11 @@ def format_status(status: dict[str, Any]) -> str:
             wake = f"{last['outcome']} in {last['duration_s']:.1f}s"
         else:
             wake = "running" if last else "-"
+        reason = node["reason"]
+        if node.get("wake_cooldown_left_s"):  # absent from an older proxy's status
+            reason += f"; no new wake for {math.ceil(node['wake_cooldown_left_s'])} s"
         rows.append((name, node["state"], _ago(node["time_in_state_s"]), str(node["held"]),
-                     str(node["active"]), wake, node["reason"]))
+                     str(node["active"]), wake, reason))
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]) - 1)]
     lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths, strict=False)) + "  " + r[-1]
              for r in rows]

@@ -168,3 +168,14 @@ def test_status_table_shows_tcp_and_http_routes() -> None:
     assert lines[1].endswith("connection held while asleep")
     assert "route 0.0.0.0:8080 -> box:8080 (ready: http:/health)" in lines
     assert "route 0.0.0.0:8000 -> box:8081 (http)" in lines
+
+
+def test_status_table_says_when_a_failed_wake_may_be_retried() -> None:
+    status = {"nodes": {"box": {
+        "state": "ASLEEP", "time_in_state_s": 12.0, "held": 0, "active": 0,
+        "reason": "wake timed out after 60 s", "wake_cooldown_left_s": 17.2,
+        "last_wake": {"started_s_ago": 72.0, "duration_s": 60.0, "outcome": "timeout"}}},
+        "routes": []}
+    row = format_status(status).splitlines()[1]
+    assert row.split()[:7] == ["box", "ASLEEP", "12s", "0", "0", "timeout", "in"]
+    assert row.endswith("wake timed out after 60 s; no new wake for 18 s")
