@@ -12,7 +12,15 @@ read on one side becomes ``shutdown(SHUT_WR)`` on the other while the other dire
 on; a write that cannot finish stops reading from the source (backpressure); an error on
 either side ends the relay as ``broken``. ``RelayLoop.relay`` returns the outcome; if the
 caller is cancelled, the relay is taken out of the loop before the call returns, so the
-caller may close the sockets right away.
+caller may close the sockets right away. Idle timeouts (``IdleTimeouts``) are checked by the
+loop itself, every ``IdleTimeouts.check_every_s``: a relay ends as ``idle client`` /
+``idle upstream`` (see ``relay.relay``).
+
+It fails loudly: if the thread raises, ``run`` logs the cause, ends every relay it had as
+``broken``, closes its descriptors (only once the thread is gone, and with ``_post`` locked
+out, so no descriptor number is written after it was closed), and returns; from then on
+``relay`` raises ``LoopStopped`` and callers use the trio engine (``relay.trio_relay``).
+Acknowledgements reach trio through its token, not a thread per waiter.
 """
 
 from __future__ import annotations
@@ -20,14 +28,19 @@ from __future__ import annotations
 import collections
 import contextlib
 import fcntl
+import logging
+import math
 import os
 import select
 import socket
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import trio
+
+log = logging.getLogger(__name__)
 
 RECEIVE_BYTES = 256 * 1024  # as relay.RECEIVE_BYTES: big reads for bulk streams
 # A way whose read fills RECEIVE_BYTES is a bulk stream: from then on splice(2) moves it
@@ -41,7 +54,35 @@ _IN, _OUT = select.EPOLLIN, select.EPOLLOUT
 _READABLE = _IN | select.EPOLLERR | select.EPOLLHUP  # an error or hang-up shows on the next call
 _WRITABLE = _OUT | select.EPOLLERR | select.EPOLLHUP
 
+# Idle relays are looked for this many times per (shortest) idle timeout: a relay ends at
+# most a tenth late, and 10,000 relays with the default 600 s cost a sweep a minute.
+IDLE_CHECKS_PER_TIMEOUT = 10
+IDLE_CHECK_MIN_S = 0.01
+IDLE_CHECK_MAX_S = 1.0
+
 ByteCounter = Callable[[str, int], None]
+
+
+class LoopStopped(Exception):
+    """The relay loop is not running (stopped, or failed): relay with the trio engine."""
+
+
+@dataclass(frozen=True)
+class IdleTimeouts:
+    """How long a relay may sit idle, by who spoke last (see ``relay`` for the rules)."""
+
+    upstream_s: float  # the client spoke last and waits: nothing came from the upstream
+    client_s: float  # the upstream spoke last (or nobody did): nothing came from the client
+
+    @property
+    def check_every_s(self) -> float:
+        shortest = min(self.upstream_s, self.client_s) / IDLE_CHECKS_PER_TIMEOUT
+        return max(IDLE_CHECK_MIN_S, min(IDLE_CHECK_MAX_S, shortest))
+
+
+def idle_outcome(side: str) -> str:
+    """The outcome of a relay ended because ``side`` ("client" or "upstream") was idle."""
+    return f"idle {side}"
 
 
 @dataclass(eq=False)
@@ -68,7 +109,11 @@ class _Relay:
     up: _Way
     down: _Way
     count: ByteCounter | None
-    done: Callable[[str], None]  # called in the loop thread with the outcome
+    done: Callable[[str], None]  # called in the loop thread with the outcome (or "removed")
+    settle: Callable[[str], None]  # the same, called in trio (once the thread is gone)
+    idle: IdleTimeouts | None = None
+    waiting: bool = False  # the client spoke last: it waits for the upstream
+    last_at: float = 0.0  # when a byte last moved (the loop's clock)
     masks: dict[int, int] = field(default_factory=dict)
 
 
@@ -79,15 +124,25 @@ class RelayLoop:
         self._epoll = select.epoll()
         self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
         self._epoll.register(self._wake_r, _IN)
-        self._commands: collections.deque[tuple[str, _Relay | None, threading.Event | None]] = \
-            collections.deque()
-        self._by_fd: dict[int, _Relay] = {}
+        self._commands: collections.deque[tuple[str, _Relay | None]] = collections.deque()
+        self._by_fd: dict[int, _Relay] = {}  # the loop thread's
+        self._timed: set[_Relay] = set()  # the loop thread's: relays with idle timeouts
+        self._next_sweep = math.inf
+        self._now = time.monotonic()
+        self._handed: set[_Relay] = set()  # trio's: relays given to the loop, not yet settled
         self._running = False
         self._lock = threading.Lock()  # orders commands against the loop's stop
         self._stopped = False
+        self.failure: BaseException | None = None
 
     def __repr__(self) -> str:
-        return f"<RelayLoop relays={len(self._by_fd) // 2} running={self._running}>"
+        state = "failed" if self.failure else "running" if self._running else "stopped"
+        return f"<RelayLoop {state} relays={len(self._handed)}>"
+
+    @property
+    def running(self) -> bool:
+        """True while the loop takes relays (False before ``run``, after a stop or failure)."""
+        return self._running
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """Run the loop thread until cancelled; then stop it and wait for it to end."""
@@ -96,66 +151,114 @@ class RelayLoop:
                 try:
                     await trio.sleep_forever()
                 finally:
-                    self._post("stop", None, None)
+                    self._post("stop", None)
 
             nursery.start_soon(stop_on_cancel)
             self._running = True
             task_status.started()
             try:
-                await trio.to_thread.run_sync(self._loop)  # returns once "stop" is seen
+                await trio.to_thread.run_sync(self._guarded)  # returns once "stop" is seen
+            except Exception as exc:  # the thread died: its relays are told below
+                self.failure = exc
+                log.error("relay loop failed; its relays end as broken, new ones use the trio "
+                          "engine: %r", exc, exc_info=exc)
             finally:
-                self._running = False
-                os.close(self._wake_r)
-                os.close(self._wake_w)
-                self._epoll.close()
+                self._close()
             nursery.cancel_scope.cancel()
 
+    def _close(self) -> None:
+        """The thread is gone: lock ``_post`` out, close the descriptors, settle every relay
+        the loop still had (their sockets are the callers' again)."""
+        with self._lock:
+            self._stopped = True
+            self._running = False
+            self._commands.clear()
+            os.close(self._wake_r)
+            os.close(self._wake_w)
+            self._epoll.close()
+        reason = f"broken: the relay loop failed: {self.failure!r}" if self.failure \
+            else "broken: the proxy is stopping"
+        for entry in list(self._handed):
+            for way in (entry.up, entry.down):
+                if self.failure is None:  # (a failing counter may be why the loop died)
+                    self._flush(way, entry)
+                if way.pipe is not None:
+                    os.close(way.pipe[0])
+                    os.close(way.pipe[1])
+                    way.pipe = None
+            entry.settle(reason)
+
     async def relay(self, client: trio.SocketStream, backend: trio.SocketStream, *,
-                    up_open: bool = True, count: ByteCounter | None = None) -> str:
-        """Relay until both ways end or one breaks; return ``"done"`` or ``"broken: ..."``.
+                    up_open: bool = True, count: ByteCounter | None = None,
+                    idle: IdleTimeouts | None = None, waiting: bool = False) -> str:
+        """Relay until both ways end, one breaks or the relay is idle; return ``"done"``,
+        ``"broken: ..."`` or ``idle_outcome(side)``. Raises ``LoopStopped`` (having touched
+        nothing) when the loop does not run.
 
         ``up_open`` False: the client's EOF was already passed on (it came while held).
-        The sockets stay open; the caller closes them.
+        ``waiting``: the client spoke last (its held bytes went out). The sockets stay open;
+        the caller closes them.
         """
+        if not self._running:
+            raise LoopStopped(repr(self))
         token = trio.lowlevel.current_trio_token()
         finished = trio.Event()
         outcome: list[str] = []
 
-        def done(result: str) -> None:  # in the loop thread
-            def deliver() -> None:
+        def settle(result: str) -> None:  # in trio; the first word counts
+            if not finished.is_set():
                 outcome.append(result)
                 finished.set()
 
-            token.run_sync_soon(deliver)
+        def done(result: str) -> None:  # in the loop thread
+            token.run_sync_soon(settle, result)
 
         cfd, bfd = client.socket.fileno(), backend.socket.fileno()
-        entry = _Relay(_Way("up", cfd, bfd, open=up_open), _Way("down", bfd, cfd), count, done)
-        self._post("add", entry, None)
+        entry = _Relay(_Way("up", cfd, bfd, open=up_open), _Way("down", bfd, cfd), count, done,
+                       settle, idle, waiting)
+        if not self._post("add", entry):
+            raise LoopStopped(repr(self))
+        self._handed.add(entry)
         try:
             await finished.wait()
         finally:
             if not finished.is_set():
-                removed = threading.Event()
-                self._post("remove", entry, removed)
+                self._post("remove", entry)  # acknowledged through ``done``, or by ``_close``
                 with trio.CancelScope(shield=True):
-                    await trio.to_thread.run_sync(removed.wait)
-        return outcome[0] if outcome else "cancelled"
+                    await finished.wait()
+            self._handed.discard(entry)
+        return "cancelled" if outcome[0] == _REMOVED else outcome[0]
 
     # ---- the loop thread ---------------------------------------------------------------
 
-    def _post(self, what: str, entry: _Relay | None, ack: threading.Event | None) -> None:
+    def _post(self, what: str, entry: _Relay | None) -> bool:
+        """Queue a command for the thread; False once it stopped (``_close`` settles the
+        relays it had, so a removal needs nothing more)."""
         with self._lock:
-            if self._stopped:  # nothing is relayed any more: a removal is already done
-                if ack is not None:
-                    ack.set()
-                return
-            self._commands.append((what, entry, ack))
-            with contextlib.suppress(BlockingIOError, OSError):
+            if self._stopped:
+                return False
+            self._commands.append((what, entry))
+            with contextlib.suppress(BlockingIOError):  # full: a wake-up is already pending
                 os.write(self._wake_w, b"x")
+        return True
+
+    def _guarded(self) -> None:
+        try:
+            self._loop()
+        except BaseException:
+            with self._lock:  # from now on relays go to the trio engine at once
+                self._stopped = True
+            raise
 
     def _loop(self) -> None:
         while True:
-            for fd, events in self._epoll.poll():
+            timeout = -1.0 if self._next_sweep == math.inf \
+                else max(0.0, self._next_sweep - self._now)
+            ready = self._epoll.poll(timeout)
+            self._now = time.monotonic()
+            if self._now >= self._next_sweep:
+                self._sweep()
+            for fd, events in ready:
                 if fd == self._wake_r:
                     if not self._commands_run():
                         return
@@ -163,6 +266,7 @@ class RelayLoop:
                 entry = self._by_fd.get(fd)
                 if entry is None:
                     continue
+                entry.last_at = self._now
                 if events == _IN:
                     # the common case, kept short: one way's source has a chunk (a socket is
                     # registered for reading only while its way is open and idle; see _update)
@@ -189,6 +293,7 @@ class RelayLoop:
         except OSError as exc:
             self._finish(entry, f"broken {way.name}: {exc!r}")
             return
+        entry.waiting = way is entry.up
         self._counted(way, entry, len(chunk))
         if sent < len(chunk):
             way.pending = memoryview(chunk)[sent:]
@@ -199,21 +304,18 @@ class RelayLoop:
             while os.read(self._wake_r, 4096):
                 pass
         while self._commands:
-            what, entry, ack = self._commands.popleft()
-            if what == "stop":
-                with self._lock:
-                    self._stopped = True
-                    for _, _, left in self._commands:
-                        if left is not None:
-                            left.set()
-                    self._commands.clear()
-                for relay in {id(r): r for r in self._by_fd.values()}.values():
-                    self._finish(relay, "broken: the proxy is stopping")
+            what, entry = self._commands.popleft()
+            if what == "stop":  # the relays still here are settled by ``_close``
                 return False
             assert entry is not None
             if what == "add":
                 self._by_fd[entry.up.src] = entry
                 self._by_fd[entry.down.src] = entry
+                entry.last_at = self._now
+                if entry.idle is not None:
+                    self._timed.add(entry)
+                    self._next_sweep = min(self._next_sweep,
+                                           self._now + entry.idle.check_every_s)
                 if not entry.up.open:
                     self._flush(entry.up, entry)
                 self._update(entry)
@@ -222,9 +324,21 @@ class RelayLoop:
             elif what == "remove":
                 if self._by_fd.get(entry.up.src) is entry:
                     self._detach(entry)
-                if ack is not None:
-                    ack.set()
+                entry.done(_REMOVED)  # (if it had finished already, that word came first)
         return True
+
+    def _sweep(self) -> None:
+        """End the relays that were idle too long; plan the next sweep."""
+        every = math.inf
+        for entry in list(self._timed):
+            idle = entry.idle
+            assert idle is not None
+            limit = idle.upstream_s if entry.waiting else idle.client_s
+            if self._now - entry.last_at >= limit:
+                self._finish(entry, idle_outcome("upstream" if entry.waiting else "client"))
+            else:
+                every = min(every, idle.check_every_s)
+        self._next_sweep = self._now + every
 
     def _service(self, entry: _Relay, fd: int, events: int) -> None:
         up, down = entry.up, entry.down
@@ -259,6 +373,7 @@ class RelayLoop:
                 return
             if n:
                 way.in_pipe = n
+                entry.waiting = way is entry.up
                 self._counted(way, entry, n)
                 self._drain(way)
                 return
@@ -271,6 +386,7 @@ class RelayLoop:
         self._after_read(way, entry, chunk)
 
     def _after_read(self, way: _Way, entry: _Relay, chunk: bytes) -> None:
+        entry.waiting = way is entry.up  # an EOF too: a half-closed client waits
         if not chunk:
             _shutdown(way.dst)
             way.open = False
@@ -332,6 +448,7 @@ class RelayLoop:
             entry.masks[fd] = mask
 
     def _detach(self, entry: _Relay) -> None:
+        self._timed.discard(entry)
         for fd, mask in entry.masks.items():
             if mask:
                 with contextlib.suppress(OSError):
@@ -348,6 +465,9 @@ class RelayLoop:
     def _finish(self, entry: _Relay, outcome: str) -> None:
         self._detach(entry)
         entry.done(outcome)
+
+
+_REMOVED = "removed"  # the word that acknowledges a "remove"
 
 
 def _shutdown(fd: int) -> None:

@@ -44,6 +44,7 @@ one ``listen`` form one listener that routes by the request's ``model`` across t
 from __future__ import annotations
 
 import ipaddress
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -158,9 +159,21 @@ class RouteConfig:
     models: list[str] = setting(default_factory=list,
                                 help="models this node serves (http; more are learned)")
     http: HttpOptions | None = None
+    # HAProxy's `timeout server` / `timeout client`: a model may think for minutes before its
+    # first token, so the upstream gets as long as a kept-alive idle client.
+    upstream_idle_timeout_s: float = setting(
+        600.0, min=0.01, max=7 * 86400,
+        help="end a relay/request when the client waits and the backend sends nothing this long")
+    client_idle_timeout_s: float = setting(
+        600.0, min=0.01, max=7 * 86400,
+        help="end a TCP relay when the backend spoke last and the client sends nothing this long")
 
     def check(self, ctx: Context, key: str) -> None:
         parse_hostport(self.listen, ctx, f"{key}.listen", allow_port_zero=True)
+        for name in ("upstream_idle_timeout_s", "client_idle_timeout_s"):
+            if not math.isfinite(getattr(self, name)):  # nan passes any bound
+                raise ctx.error(f"{key}.{name}", f"found {getattr(self, name)!r}; allowed: a "
+                                "number of seconds between 0.01 and 604800")
         for name, value in (("models", self.models), ("http", self.http)):
             if value and self.protocol != "http":
                 raise ctx.error(f"{key}.{name}", 'only for HTTP routes; set protocol = "http"')
