@@ -73,6 +73,11 @@ class UpstreamError(BackendFault):
     """The backend failed after a connection was open (reset, malformed answer, ...)."""
 
 
+class UpstreamTimeout(UpstreamError):
+    """The backend sent nothing for the route's ``upstream_idle_timeout_s`` while a request
+    waited for it (a hung or stopped llama-server)."""
+
+
 class WakeFailed(BackendFault):
     """The node did not become ready in time (or was removed); held connections close."""
 
