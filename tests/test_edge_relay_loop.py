@@ -158,7 +158,7 @@ async def test_a_loop_that_fails_while_a_relay_is_cancelled_lets_it_go() -> None
             def broken_commands() -> bool:
                 raise Injected("command handling failed")
 
-            loop._commands_run = broken_commands  # type: ignore[method-assign]
+            loop._thread._commands_run = broken_commands  # type: ignore[method-assign]
             scope.cancel()  # its "remove" makes the loop raise instead of acknowledging
             with trio.fail_after(1.0):
                 await returned.wait()
@@ -193,7 +193,7 @@ async def test_through_the_proxy_a_loop_failure_closes_clients_and_new_ones_are_
             def broken_update(entry: object) -> None:
                 raise Injected("epoll failed")
 
-            proxy.relay_loop._update = broken_update  # type: ignore[method-assign,assignment]
+            proxy.relay_loop._thread._update = broken_update  # type: ignore[method-assign,assignment]
             await clients[0].send_eof()  # a half-close changes what the loop waits for
             with trio.fail_after(1.0):
                 for client in clients:

@@ -23,8 +23,9 @@ import trio
 from edge_proxy.errors import BackendUnavailable, ClientGone, ListenError, WakeFailed
 from edge_proxy.metrics import ProxyMetrics
 from edge_proxy.probe import connect
-from edge_proxy.tcp_routes.relay import Held, idle_side, relay, reset, tune
-from edge_proxy.tcp_routes.relay_loop import IdleTimeouts, RelayLoop
+from edge_proxy.tcp_routes.idle import IdleTimeouts, idle_side
+from edge_proxy.tcp_routes.relay import Held, relay, reset, tune
+from edge_proxy.tcp_routes.relay_loop import RelayLoop
 from edge_proxy.wake.driver import NodeDriver
 from edge_proxy.wake.machine import State
 from shared.config.edge import LimitsConfig, RouteConfig
@@ -190,7 +191,7 @@ class Route:
             metrics.idle[side].inc()
             log.info("route %s: node %s: relay closed: the %s sent nothing for %g s (routes "
                      "%s_idle_timeout_s)", route, node, side,
-                     idle.upstream_s if side == "upstream" else idle.client_s, side)
+                     idle.limit_s(side == "upstream"), side)
             return
         log.debug("route %s: relay %s", route, outcome)
 

@@ -10,9 +10,7 @@ Two engines keep that contract: the relay loop (``relay_loop``, one epoll thread
 relay, the fast path) and the trio engine here (two tasks per relay), which takes every
 relay when no loop runs: the loop failed, or the proxy was started without it.
 
-Idle timeouts (``IdleTimeouts``) end a relay on which nothing moved for a while: for
-``upstream_s`` when the client spoke last (it waits for an answer), for ``client_s`` when the
-backend spoke last or nothing was said yet (an idle kept-alive connection).
+Idle timeouts (``idle.IdleTimeouts``) end a relay on which nothing moved for a while.
 """
 
 from __future__ import annotations
@@ -28,15 +26,9 @@ from dataclasses import dataclass
 import trio
 
 from edge_proxy.errors import ClientGone
-from edge_proxy.tcp_routes.relay_loop import (
-    COUNT_EVERY_BYTES,
-    PIPE_BYTES,
-    RECEIVE_BYTES,
-    IdleTimeouts,
-    LoopStopped,
-    RelayLoop,
-    idle_outcome,
-)
+from edge_proxy.tcp_routes.idle import IdleTimeouts, idle_outcome, idle_side
+from edge_proxy.tcp_routes.relay_loop import LoopStopped, RelayLoop
+from edge_proxy.tcp_routes.relay_thread import COUNT_EVERY_BYTES, PIPE_BYTES, RECEIVE_BYTES
 
 # Socket buffers big enough for a few chunks in flight each way on a fast link.
 SOCKET_BUFFER_BYTES = 1 << 20
@@ -145,14 +137,6 @@ async def relay(
     return outcome
 
 
-def idle_side(outcome: str) -> str | None:
-    """``"client"`` or ``"upstream"`` for an outcome that ended an idle relay, else None."""
-    for side in ("client", "upstream"):
-        if outcome == idle_outcome(side):
-            return side
-    return None
-
-
 # ---- the trio engine ---------------------------------------------------------------------
 
 class _Activity:
@@ -168,12 +152,7 @@ class _Activity:
         if way is not None:
             self.waiting = way == "up"
         if self.idle is not None:
-            limit = self.idle.upstream_s if self.waiting else self.idle.client_s
-            self.scope.deadline = trio.current_time() + limit
-
-    @property
-    def side(self) -> str:
-        return "upstream" if self.waiting else "client"
+            self.scope.deadline = trio.current_time() + self.idle.limit_s(self.waiting)
 
 
 class _Tally:
@@ -219,7 +198,7 @@ async def trio_relay(client: trio.SocketStream, backend: trio.SocketStream, *,
                 nursery.start_soon(guard, lambda: _pump(client, backend, "up", count, activity),
                                    "up")
     if activity.scope.cancelled_caught:
-        return idle_outcome(activity.side)
+        return idle_outcome(activity.waiting)
     return outcome
 
 
