@@ -6,11 +6,14 @@ as in flight (which would veto every suspend).
 
 from __future__ import annotations
 
+import contextlib
 import json
+import signal
 from functools import partial
 from pathlib import Path
 
 import httpx
+import psutil
 import pytest
 import trio
 
@@ -18,7 +21,14 @@ from edge_proxy.service import Proxy, serve_proxy
 from edge_proxy.wake.machine import State
 from shared.config.edge import load_edge_config
 from tests.support.edge import read_line
-from tests.support.edge_http import TEST_TIMEOUT_S, NodeSpec, wait_state, write_http_config
+from tests.support.edge_http import (
+    SERVER_ARGS,
+    TEST_TIMEOUT_S,
+    NodeSpec,
+    wait_state,
+    write_http_config,
+)
+from tests.support.llama import child_process
 from tests.support.ports import LOOPBACK, free_port
 
 IDLE_S = 0.5
@@ -94,6 +104,8 @@ async def test_a_backend_that_never_answers_is_a_504_from_the_proxy(tmp_path: Pa
 
 async def test_a_client_that_leaves_a_hung_request_leaves_nothing_in_flight(
         tmp_path: Path) -> None:
+    """The HTTP server does not notice a client leaving while the answer is pending: it is
+    the idle timeout that ends the request and frees the node to suspend."""
     with trio.fail_after(TEST_TIMEOUT_S):
         async with trio.open_nursery() as nursery:
             proxy, url = await start(nursery, tmp_path)
@@ -122,4 +134,45 @@ async def test_a_stream_that_stops_is_cut_for_the_client(tmp_path: Path) -> None
             assert lines[:1] == ['data: {"a":1}']
             assert trio.current_time() - started >= IDLE_S * 0.9
             await settled(proxy)
+            nursery.cancel_scope.cancel()
+
+
+async def healthy(url: str) -> None:
+    """Until llama-server answers 200 (it binds before its model is loaded)."""
+    async with httpx.AsyncClient(timeout=TEST_TIMEOUT_S) as client:
+        while True:
+            with contextlib.suppress(httpx.TransportError):
+                if (await client.get(url)).status_code == 200:
+                    return
+            await trio.sleep(0.05)
+
+
+@pytest.mark.llama
+async def test_a_sigstopped_llama_server_is_a_504_and_leaves_nothing_in_flight(
+        tmp_path: Path, llama_server_bin: Path, tiny_model: Path) -> None:
+    node = NodeSpec("box", "aa:bb:cc:dd:ee:01", free_port())
+    path = write_http_config(tmp_path, [node], free_port())
+    path.write_text(path.read_text().replace(
+        'protocol = "http"\n', f'protocol = "http"\nupstream_idle_timeout_s = {IDLE_S}\n'))
+    command = [llama_server_bin, "-m", tiny_model, "--host", LOOPBACK, "--port", str(node.port),
+               *SERVER_ARGS]
+    with trio.fail_after(TEST_TIMEOUT_S):
+        async with trio.open_nursery() as nursery, child_process(command) as (server, _):
+            await healthy(f"http://{LOOPBACK}:{node.port}/health")
+            proxy: Proxy = await nursery.start(serve_proxy, load_edge_config(path))
+            await wait_state(proxy, "box", State.AWAKE)
+            url = proxy.http_routes.url("127.0.0.1:0")
+            async with httpx.AsyncClient(base_url=url, timeout=TEST_TIMEOUT_S) as client:
+                assert (await client.get("/health")).status_code == 200
+                server.send_signal(signal.SIGSTOP)
+                try:
+                    while psutil.Process(server.pid).status() != psutil.STATUS_STOPPED:
+                        await trio.sleep(0.01)  # every thread stopped, not just the first
+                    response = await client.get("/health")
+                    assert response.status_code == 504
+                    assert json.loads(response.content)["error"]["type"] == "upstream_timeout"
+                    await settled(proxy)
+                    assert proxy.drivers["box"].suspending().allowed
+                finally:
+                    server.send_signal(signal.SIGCONT)
             nursery.cancel_scope.cancel()
