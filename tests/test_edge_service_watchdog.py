@@ -1,5 +1,6 @@
-"""`edge-proxy run` under a unit with ``WatchdogSec=``: the proxy pings systemd's watchdog
-from its event loop (a real process, a real unix datagram socket standing in for systemd)."""
+"""`edge-proxy run` and `node-agent run` under a unit with ``WatchdogSec=``: each pings
+systemd's watchdog from its event loop (real processes, a real unix datagram socket standing
+in for systemd)."""
 
 from __future__ import annotations
 
@@ -9,9 +10,13 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
+import pytest
+
 from tests.support.edge import TEST_TIMEOUT_S, free_port, write_config
+from tests.test_node_cli import write_config as write_agent_config
 
 REPO = Path(__file__).resolve().parent.parent
 WATCHDOG_USEC = 200_000  # pings every 0.1 s
@@ -25,6 +30,14 @@ def run_proxy(tmp_path: Path, env: dict[str, str]) -> subprocess.Popen[str]:
                             stderr=subprocess.STDOUT, text=True)
 
 
+def run_agent(tmp_path: Path, env: dict[str, str]) -> subprocess.Popen[str]:
+    path = tmp_path / "node-agent.toml"
+    write_agent_config(path, free_port(), {})
+    return subprocess.Popen([sys.executable, "-m", "inference_node", "run", "--config",
+                             str(path)], cwd=REPO, env={**os.environ, **env},
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
 def stop(proc: subprocess.Popen[str]) -> str:
     proc.send_signal(signal.SIGTERM)
     out, _ = proc.communicate(timeout=TEST_TIMEOUT_S)
@@ -32,13 +45,15 @@ def stop(proc: subprocess.Popen[str]) -> str:
     return out
 
 
-def test_the_proxy_pings_the_watchdog_while_it_runs(tmp_path: Path) -> None:
+@pytest.mark.parametrize("run", [run_proxy, run_agent], ids=["edge-proxy", "node-agent"])
+def test_the_service_pings_the_watchdog_while_it_runs(
+        tmp_path: Path, run: Callable[[Path, dict[str, str]], subprocess.Popen[str]]) -> None:
     notify_path = tmp_path / "notify.sock"
     with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as notify:
         notify.bind(str(notify_path))
         notify.settimeout(TEST_TIMEOUT_S)
-        proc = run_proxy(tmp_path, {"NOTIFY_SOCKET": str(notify_path),
-                                    "WATCHDOG_USEC": str(WATCHDOG_USEC)})
+        proc = run(tmp_path, {"NOTIFY_SOCKET": str(notify_path),
+                              "WATCHDOG_USEC": str(WATCHDOG_USEC)})
         try:
             seen: list[tuple[float, str]] = []
             while sum(1 for _, m in seen if m == "WATCHDOG=1") < PINGS:
