@@ -117,14 +117,8 @@ async def relay(
         up_open = not (held is not None and held.eof)
         if not up_open:
             await backend.send_eof()
-        outcome = "cancelled"
-        if loop is not None and loop.running:
-            with contextlib.suppress(LoopStopped):  # it stopped just now: the trio engine
-                outcome = await loop.relay(client, backend, up_open=up_open, count=count,
-                                           idle=idle, waiting=sent or not up_open)
-                return outcome
-        outcome = await trio_relay(client, backend, up_open=up_open, count=count, idle=idle,
-                                   waiting=sent or not up_open)
+        outcome = await _engine_relay(loop, client, backend, up_open, count, idle,
+                                      waiting=sent or not up_open)
     except _BROKEN as exc:
         outcome = f"broken up: {exc!r}"
     finally:
@@ -135,6 +129,20 @@ async def relay(
             await client.aclose()
             await backend.aclose()
     return outcome
+
+
+async def _engine_relay(loop: RelayLoop | None, client: trio.SocketStream,
+                        backend: trio.SocketStream, up_open: bool, count: ByteCounter | None,
+                        idle: IdleTimeouts | None, *, waiting: bool) -> str:
+    """The relay loop while it runs, else the trio engine."""
+    if loop is not None and loop.running:
+        try:
+            return await loop.relay(client, backend, up_open=up_open, count=count, idle=idle,
+                                    waiting=waiting)
+        except LoopStopped:  # it stopped between the check and the call; nothing was touched
+            pass
+    return await trio_relay(client, backend, up_open=up_open, count=count, idle=idle,
+                            waiting=waiting)
 
 
 # ---- the trio engine ---------------------------------------------------------------------

@@ -74,7 +74,6 @@ class Entry:
     masks: dict[int, int] = field(default_factory=dict)
 
 
-
 class LoopThread:
     """The thread's state and its loop; ``run`` returns once a ``"stop"`` command is seen.
     Commands (``("add" | "remove" | "stop", entry)``) arrive on ``commands``; a byte on
@@ -91,13 +90,13 @@ class LoopThread:
         self._now = time.monotonic()
 
     def run(self) -> None:
+        """Move bytes until a ``"stop"`` command; an exception here ends the loop (the
+        caller, ``RelayLoop``, settles every relay then)."""
         while True:
             timeout = -1.0 if self._next_sweep == math.inf \
                 else max(0.0, self._next_sweep - self._now)
             ready = self._epoll.poll(timeout)
             self._now = time.monotonic()
-            if self._now >= self._next_sweep:
-                self._sweep()
             for fd, events in ready:
                 if fd == self._wake_r:
                     if not self._commands_run():
@@ -115,6 +114,8 @@ class LoopThread:
                         self._pass_chunk(entry, way)
                         continue
                 self._service(entry, fd, events)
+            if self._now >= self._next_sweep:  # after the events: what just moved is not idle
+                self._sweep()
 
     def _pass_chunk(self, entry: Entry, way: Way) -> None:
         try:
