@@ -172,6 +172,7 @@ class Proxy:
         return {
             "uptime_s": round(trio.current_time() - self._started, 3),
             "connections_open": self.shared.open,
+            "relay_engine": self._engine_status(),
             "held_total": self.shared.held_total,
             "nodes": {name: d.status() for name, d in sorted(self.drivers.items())},
             "routes": [{"listen": r.cfg.listen, "node": r.cfg.node,
@@ -179,6 +180,13 @@ class Proxy:
                         "addresses": [f"{h}:{p}" for h, p in r.addresses]}
                        for r in self.routes.values()] + self.http_routes.status(),
         }
+
+
+    def _engine_status(self) -> str:
+        """Which engine relays TCP routes now, and why it is not the loop when it is not."""
+        if self.relay_loop.failure is not None:
+            return f"trio (the relay loop failed: {self.relay_loop.failure!r})"
+        return "loop" if self.relay_engine == "loop" else "trio"
 
 
 def _backends(cfg: EdgeConfig, node: str) -> set[Backend]:

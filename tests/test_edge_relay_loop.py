@@ -200,6 +200,8 @@ async def test_through_the_proxy_a_loop_failure_closes_clients_and_new_ones_are_
                     with contextlib.suppress(trio.BrokenResourceError):  # reset, or EOF
                         assert await read_all(client) in (b"", b"hello")
             assert "relay loop failed" in caplog.text and "Injected('epoll failed')" in caplog.text
+            assert proxy.status()["relay_engine"] == \
+                "trio (the relay loop failed: Injected('epoll failed'))"
             fresh = await trio.open_tcp_stream("127.0.0.1", port)  # the trio engine serves it
             await fresh.send_all(b"after")
             await fresh.send_eof()
