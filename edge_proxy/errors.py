@@ -5,6 +5,8 @@
 * Control flow inside a request, grouped by whose fault it is: ``ClientFault`` (the client
   left or sent too much) and ``BackendFault`` (the backend or its wake failed). The routes
   catch them and answer the client (or close the connection); they never reach ``main()``.
+* ``LoopStopped``: the relay loop does not take relays (it stopped or failed); the caller
+  relays with the trio engine instead.
 * A bug: ``IllegalWakeTransition``, the wake state machine was fed an event its table does
   not allow; the message names the node, the state and the event.
 """
@@ -84,6 +86,13 @@ class WakeFailed(BackendFault):
 
 class WolError(BackendFault):
     """A magic packet could not be sent (bad source address, no route, ...)."""
+
+
+# --- control flow: the relay engine -----------------------------------------------------------
+
+
+class LoopStopped(Exception):
+    """The relay loop is not running (stopped, or failed): relay with the trio engine."""
 
 
 # --- a bug: the wake state machine refused an event -------------------------------------------

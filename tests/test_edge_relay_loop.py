@@ -10,8 +10,9 @@ from pathlib import Path
 import pytest
 import trio
 
+from edge_proxy.errors import LoopStopped
 from edge_proxy.service import Proxy, serve_proxy
-from edge_proxy.tcp_routes.relay_loop import LoopStopped, RelayLoop
+from edge_proxy.tcp_routes.relay_loop import RelayLoop
 from edge_proxy.wake.machine import State
 from tests.support.edge import TEST_TIMEOUT_S, echo_backend, free_port, load_config, read_all
 

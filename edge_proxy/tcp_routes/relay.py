@@ -25,9 +25,9 @@ from dataclasses import dataclass
 
 import trio
 
-from edge_proxy.errors import ClientGone
+from edge_proxy.errors import ClientGone, LoopStopped
 from edge_proxy.tcp_routes.idle import IdleTimeouts, idle_outcome, idle_side
-from edge_proxy.tcp_routes.relay_loop import LoopStopped, RelayLoop
+from edge_proxy.tcp_routes.relay_loop import RelayLoop
 from edge_proxy.tcp_routes.relay_thread import COUNT_EVERY_BYTES, PIPE_BYTES, RECEIVE_BYTES
 
 # Socket buffers big enough for a few chunks in flight each way on a fast link.

@@ -29,14 +29,11 @@ import threading
 
 import trio
 
+from edge_proxy.errors import LoopStopped
 from edge_proxy.tcp_routes.idle import IdleTimeouts
 from edge_proxy.tcp_routes.relay_thread import REMOVED, ByteCounter, Entry, LoopThread, Way
 
 log = logging.getLogger(__name__)
-
-
-class LoopStopped(Exception):
-    """The relay loop is not running (stopped, or failed): relay with the trio engine."""
 
 
 class RelayLoop:
