@@ -1,6 +1,8 @@
 """edge-proxy benchmark: direct vs through edge-proxy vs through HAProxy, on loopback.
 
-Run: ``.venv/bin/python benchmarks/edge_proxy_bench.py [--quick]``. Prints one table.
+Run: ``.venv/bin/python benchmarks/edge_proxy_bench.py [--quick] [--engines loop,trio]``.
+Prints one table; ``--engines`` picks the relay engines measured (a row each: ``edge-proxy`` is
+the relay loop, ``edge-trio`` the pure-trio relay, see ``edge_proxy.tcp_routes.relay``).
 
 Everything runs on 127.0.0.1: a threaded backend process, ``edge-proxy run`` as a real
 process, HAProxy (``mode tcp``, the reference L4 proxy) when installed. Measured:
@@ -9,6 +11,8 @@ process, HAProxy (``mode tcp``, the reference L4 proxy) when installed. Measured
 - added latency p50/p99 of a 64-byte request/response at 1 and 64 concurrent connections
   (the proxy's percentiles minus the direct ones);
 - new connections per second (connect, one round trip, close);
+- the proxy's CPU (% of one core) while one stream is paced at a gigabit link's
+  ``PACED_BYTES_S`` (what a LAN client can send; the number that matters on a small router);
 - RSS of edge-proxy holding 10,000 connections for a sleeping node;
 - time from the agent's ``ready`` to the held bytes' answer arriving at the client.
 
@@ -53,6 +57,14 @@ READY_HELD = 100  # held clients released by one `ready`
 READY_REPEATS = 5
 START_TIMEOUT_S = 30.0
 MSG = b"x" * 64
+PACED_BYTES_S = 117e6  # 1 Gbit/s of TCP payload
+PACED_SECONDS = 3.0
+PACED_CHUNK = 64 * 1024
+# `edge-proxy run` with a chosen relay engine (the CLI always runs the relay loop).
+LAUNCH = ("import functools, sys, trio; from pathlib import Path; "
+          "from edge_proxy.service import run_service; "
+          "trio.run(functools.partial(run_service, Path(sys.argv[1]), relay_engine=sys.argv[2]))")
+ENGINE_ROWS = {"loop": "edge-proxy", "trio": "edge-trio"}
 
 # The backend: U = upload sink (replies with the byte count, a thread each), E = echo
 # (one selector loop, so 64 echo connections cost no thread switching).
@@ -280,6 +292,32 @@ def new_connections(port: int, seconds: float) -> float:
     return sum(counts) / seconds
 
 
+def cpu_seconds(pid: int) -> float:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def paced_cpu(port: int, pid: int | None) -> float:
+    """% of one core the proxy (``pid``) spends while one upload is paced at PACED_BYTES_S."""
+    chunk = os.urandom(PACED_CHUNK)
+    with socket.create_connection((LOOPBACK, port)) as s:
+        s.sendall(b"U")
+        before = cpu_seconds(pid) if pid else 0.0
+        start = time.perf_counter()
+        sent = 0
+        while (elapsed := time.perf_counter() - start) < PACED_SECONDS:
+            ahead = sent / PACED_BYTES_S - elapsed
+            if ahead > 0:
+                time.sleep(ahead)
+            s.sendall(chunk)
+            sent += len(chunk)
+        used = (cpu_seconds(pid) - before) if pid else 0.0
+        s.shutdown(socket.SHUT_WR)
+        while s.recv(8):
+            pass
+    return 100 * used / (time.perf_counter() - start)
+
+
 def pct(samples: list[float], q: float) -> float:
     ordered = sorted(samples)
     return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
@@ -369,7 +407,8 @@ def ready_to_delivered(tmp: Path, wol: int, held: int) -> tuple[float, float]:
 
 # ---- the run ---------------------------------------------------------------------------
 
-def measure(ports: dict[str, int], stream_bytes: int) -> dict[str, dict[str, float]]:
+def measure(ports: dict[str, int], pids: dict[str, int], stream_bytes: int
+            ) -> dict[str, dict[str, float]]:
     """Every path measured in rounds, back to back: each round times direct, edge-proxy and
     haproxy one after the other, and the added latency is taken within a round (against that
     round's direct run), then the median over rounds. Load from elsewhere on a shared
@@ -380,7 +419,8 @@ def measure(ports: dict[str, int], stream_bytes: int) -> dict[str, dict[str, flo
             one = round_trips(port, 1, ROUND_TRIPS)
             many = round_trips(port, 64, ROUND_TRIPS_64)
             rounds[name].append({"p50_1": pct(one, 0.5) * 1e3, "p99_1": pct(one, 0.99) * 1e3,
-                                 "p50_64": pct(many, 0.5) * 1e3, "p99_64": pct(many, 0.99) * 1e3})
+                                 "p50_64": pct(many, 0.5) * 1e3, "p99_64": pct(many, 0.99) * 1e3,
+                                 "cpu": paced_cpu(port, pids.get(name))})
     results: dict[str, dict[str, float]] = {}
     for name, port in ports.items():
         r = {key: statistics.median(rnd[key] for rnd in rounds[name]) for key in rounds[name][0]}
@@ -397,6 +437,10 @@ def measure(ports: dict[str, int], stream_bytes: int) -> dict[str, dict[str, flo
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="smaller transfers (a smoke run)")
+    parser.add_argument("--engines", default="loop",
+                        help="relay engines to measure, comma-separated: loop, trio")
+    parser.add_argument("--no-extras", action="store_true",
+                        help="skip the held-connection RSS and ready->delivered runs")
     args = parser.parse_args()
     _, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
@@ -410,21 +454,25 @@ def main() -> int:
         with contextlib.ExitStack() as running:
             running.enter_context(process([sys.executable, "-c", BACKEND, str(backend)], backend))
             ports = {"direct": backend}
-            listen, ctl = free_port(), free_port()
-            cfg = edge_config(tmp, listen, backend, ctl, wol)
-            running.enter_context(
-                process([sys.executable, "-m", "edge_proxy", "run", "-c", str(cfg)], listen))
-            wait_port(ctl)
-            ports["edge-proxy"] = listen
+            pids: dict[str, int] = {}
+            for engine in args.engines.split(","):
+                listen, ctl = free_port(), free_port()
+                cfg = edge_config(tmp, listen, backend, ctl, wol)
+                proc = running.enter_context(
+                    process([sys.executable, "-c", LAUNCH, str(cfg), engine], listen))
+                wait_port(ctl)
+                ports[ENGINE_ROWS[engine]] = listen
+                pids[ENGINE_ROWS[engine]] = proc.pid
             exe = shutil.which("haproxy")
             if exe is not None:
                 listen = free_port()
-                running.enter_context(
+                proc = running.enter_context(
                     process([exe, "-f", str(haproxy_config(tmp, listen, backend))], listen))
                 ports["haproxy"] = listen
-            results = measure(ports, stream_bytes)
+                pids["haproxy"] = proc.pid
+            results = measure(ports, pids, stream_bytes)
         print(f"{'path':<12} {'stream GB/s':>11} {'p50/p99 @1 ms':>16} {'added @1':>14} "
-              f"{'p50/p99 @64 ms':>16} {'added @64':>14} {'conn/s':>8}")
+              f"{'p50/p99 @64 ms':>16} {'added @64':>14} {'conn/s':>8} {'CPU% @1Gb':>9}")
         for name, r in results.items():
             added1 = added64 = "-"
             if name != "direct":
@@ -432,9 +480,11 @@ def main() -> int:
                 added64 = f"{r['add50_64']:+.3f}/{r['add99_64']:+.3f}"
             print(f"{name:<12} {r['gbps']:>11.2f} {r['p50_1']:>7.3f}/{r['p99_1']:<8.3f} "
                   f"{added1:>14} {r['p50_64']:>7.3f}/{r['p99_64']:<8.3f} {added64:>14} "
-                  f"{r['conn_s']:>8.0f}")
+                  f"{r['conn_s']:>8.0f} {r['cpu'] if name != 'direct' else 0:>9.1f}")
         if "haproxy" not in results:
             print("haproxy not installed (apt-get install -y haproxy); its row is left out")
+        if args.no_extras:
+            return 0
         idle, held = held_rss(tmp, wol)
         print(f"edge-proxy RSS: {idle:.1f} MiB idle, {held:.1f} MiB with "
               f"{HELD_CONNECTIONS} held connections ({(held - idle) * 1024 / HELD_CONNECTIONS:.1f}"

@@ -10,8 +10,11 @@ Module map:
 - ``probe``: backend connects and readiness checks (ready / refused / timed out).
 - ``tcp_routes/``: TCP routes. ``tcp_routes.listener``: accept, hold within limits, relay;
   ``tcp_routes.relay``: a connection's relay (held bytes first, then both ways with
-  half-close) and the client bytes kept while held; ``tcp_routes.relay_loop``: the one
-  thread that moves the bytes of every established relay.
+  half-close), the trio engine that relays when no loop runs, and the client bytes kept
+  while held; ``tcp_routes.relay_loop``: the one thread that moves the bytes of every
+  established relay (its epoll loop in ``tcp_routes.relay_thread``; a failure ends its
+  relays as broken and hands new ones to the trio engine); ``tcp_routes.idle``: the idle
+  timeouts both engines apply.
 - ``http_routes/``: HTTP-aware routes (``protocol = "http"``) on the same drivers.
 - ``control``: ``/status``, ``/metrics``, agent events (schema in ``shared.events``).
 - ``metrics``: the Prometheus registry.

@@ -5,6 +5,8 @@
 * Control flow inside a request, grouped by whose fault it is: ``ClientFault`` (the client
   left or sent too much) and ``BackendFault`` (the backend or its wake failed). The routes
   catch them and answer the client (or close the connection); they never reach ``main()``.
+* ``LoopStopped``: the relay loop does not take relays (it stopped or failed); the caller
+  relays with the trio engine instead.
 * A bug: ``IllegalWakeTransition``, the wake state machine was fed an event its table does
   not allow; the message names the node, the state and the event.
 """
@@ -73,12 +75,24 @@ class UpstreamError(BackendFault):
     """The backend failed after a connection was open (reset, malformed answer, ...)."""
 
 
+class UpstreamTimeout(UpstreamError):
+    """The backend sent nothing for the route's ``upstream_idle_timeout_s`` while a request
+    waited for it (a hung or stopped llama-server)."""
+
+
 class WakeFailed(BackendFault):
     """The node did not become ready in time (or was removed); held connections close."""
 
 
 class WolError(BackendFault):
     """A magic packet could not be sent (bad source address, no route, ...)."""
+
+
+# --- control flow: the relay engine -----------------------------------------------------------
+
+
+class LoopStopped(Exception):
+    """The relay loop is not running (stopped, or failed): relay with the trio engine."""
 
 
 # --- a bug: the wake state machine refused an event -------------------------------------------

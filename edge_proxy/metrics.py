@@ -24,6 +24,7 @@ class RouteMetrics:
     refused: Any
     up: Any
     down: Any
+    idle: dict[str, Any]  # by side: "client", "upstream"
 
 
 class ProxyMetrics:
@@ -58,6 +59,10 @@ class ProxyMetrics:
         self.refused = Counter("edge_connections_refused",
                                "Connections refused at once because a held-connection limit was hit",
                                labels, registry=r)
+        self.idle_closed = Counter("edge_connections_idle_closed",
+                                   "Relays ended because a side was idle too long (side = who "
+                                   "was silent: client or upstream)", [*labels, "side"],
+                                   registry=r)
         self.bytes = Counter("edge_bytes_relayed", "Bytes relayed", [*labels, "direction"],
                              registry=r)
 
@@ -71,6 +76,8 @@ class ProxyMetrics:
             refused=self.refused.labels(node, route),
             up=self.bytes.labels(node, route, "up"),
             down=self.bytes.labels(node, route, "down"),
+            idle={side: self.idle_closed.labels(node, route, side)
+                  for side in ("client", "upstream")},
         )
 
     def set_state(self, node: str, state: State) -> None:

@@ -3,16 +3,18 @@
 ``serve_proxy(cfg, task_status=...)`` runs a proxy in-process (tests and demos start it with
 ``await nursery.start(serve_proxy, cfg)`` and get the ``Proxy`` back once every route and the
 control endpoint listen). ``run_service(path)`` is the ``edge-proxy run`` command: it adds
-the open-file limit, systemd readiness, SIGHUP reload and SIGTERM graceful shutdown.
+the open-file limit, systemd readiness and watchdog pings (from the event loop, so a hung
+loop gets the proxy restarted), SIGHUP reload and SIGTERM graceful shutdown.
 """
 
 from __future__ import annotations
 
+import functools
 import logging
 import resource
 import signal
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import trio
 
@@ -32,6 +34,8 @@ from shared.http import serve
 
 log = logging.getLogger(__name__)
 
+RelayEngine = Literal["loop", "trio"]  # see tcp_routes.relay
+
 
 def _route_key(index: int, cfg: RouteConfig) -> str:
     # port 0 (tests) may repeat; each such route is its own listener
@@ -41,10 +45,13 @@ def _route_key(index: int, cfg: RouteConfig) -> str:
 class Proxy:
     """A running edge proxy. Attributes are read by the control endpoint and by tests."""
 
-    def __init__(self, cfg: EdgeConfig, sender: WolSender | None = None) -> None:
+    def __init__(self, cfg: EdgeConfig, sender: WolSender | None = None, *,
+                 relay_engine: RelayEngine = "loop") -> None:
         self.cfg = cfg
         self.metrics = ProxyMetrics()
         self.sender: WolSender = sender or UdpWolSender()
+        # "trio": the loop is never started, so every relay takes the trio engine (benchmarks)
+        self.relay_engine = relay_engine
         self.relay_loop = RelayLoop()
         self.shared = Shared(cfg.limits, self.metrics, relay_loop=self.relay_loop)
         self.drivers: dict[str, NodeDriver] = {}
@@ -74,7 +81,11 @@ class Proxy:
         self._started = trio.current_time()
         async with trio.open_nursery() as connections, trio.open_nursery() as services:
             self._connections, self._services = connections, services
-            await services.start(self.relay_loop.run)
+            if self.relay_engine == "loop":
+                await services.start(self.relay_loop.run)
+            interval = systemd.watchdog_interval_s()
+            if interval is not None:  # pings stop with the event loop, or with the proxy
+                services.start_soon(_watchdog, interval)
             await self._apply(self.cfg, initial=True)
             addr = self.cfg.control.listen
             try:
@@ -161,6 +172,7 @@ class Proxy:
         return {
             "uptime_s": round(trio.current_time() - self._started, 3),
             "connections_open": self.shared.open,
+            "relay_engine": self._engine_status(),
             "held_total": self.shared.held_total,
             "nodes": {name: d.status() for name, d in sorted(self.drivers.items())},
             "routes": [{"listen": r.cfg.listen, "node": r.cfg.node,
@@ -168,6 +180,13 @@ class Proxy:
                         "addresses": [f"{h}:{p}" for h, p in r.addresses]}
                        for r in self.routes.values()] + self.http_routes.status(),
         }
+
+
+    def _engine_status(self) -> str:
+        """Which engine relays TCP routes now, and why it is not the loop when it is not."""
+        if self.relay_loop.failure is not None:
+            return f"trio (the relay loop failed: {self.relay_loop.failure!r})"
+        return "loop" if self.relay_engine == "loop" else "trio"
 
 
 def _backends(cfg: EdgeConfig, node: str) -> set[Backend]:
@@ -180,9 +199,10 @@ def _hostport(cfg: EdgeConfig) -> HostPort:
 
 
 async def serve_proxy(cfg: EdgeConfig, sender: WolSender | None = None, *,
+                      relay_engine: RelayEngine = "loop",
                       task_status: trio.TaskStatus[Proxy] = trio.TASK_STATUS_IGNORED) -> None:
     """Run a proxy for ``cfg`` in this trio run; ``task_status`` gets the ``Proxy`` once it listens."""
-    await Proxy(cfg, sender).run(task_status=task_status)
+    await Proxy(cfg, sender, relay_engine=relay_engine).run(task_status=task_status)
 
 
 def raise_open_file_limit() -> int:
@@ -194,15 +214,17 @@ def raise_open_file_limit() -> int:
     return soft
 
 
-async def run_service(path: Path) -> None:
-    """``edge-proxy run``: serve ``path``'s config until SIGTERM/SIGINT; SIGHUP reloads it."""
+async def run_service(path: Path, *, relay_engine: RelayEngine = "loop") -> None:
+    """``edge-proxy run``: serve ``path``'s config until SIGTERM/SIGINT; SIGHUP reloads it.
+    Under a unit with ``WatchdogSec=`` the proxy pings systemd at half that interval."""
     cfg = load_edge_config(path)
     systemd.claim()
     limit = raise_open_file_limit()
     log.info("open-file limit: %d", limit)
     with trio.open_signal_receiver(signal.SIGHUP, signal.SIGTERM, signal.SIGINT) as signals:
         async with trio.open_nursery() as nursery:
-            proxy: Proxy = await nursery.start(serve_proxy, cfg)
+            proxy: Proxy = await nursery.start(
+                functools.partial(serve_proxy, cfg, relay_engine=relay_engine))
             systemd.ready(f"{len(cfg.routes)} route(s), control on {proxy.control_url}")
             async for signum in signals:
                 if signum == signal.SIGHUP:
@@ -216,6 +238,13 @@ async def run_service(path: Path) -> None:
                     systemd.stopping()
                     proxy.stop()
                     break
+
+
+async def _watchdog(interval_s: float) -> None:
+    """Ping systemd's watchdog from the event loop: if the loop hangs, the pings stop."""
+    while True:
+        systemd.watchdog()
+        await trio.sleep(interval_s)
 
 
 def _find(exc: BaseException, kind: type[OSError]) -> OSError | None:

@@ -5,14 +5,15 @@ from __future__ import annotations
 import hashlib
 import socket
 import struct
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager
+from functools import partial
 from pathlib import Path
 
 import pytest
 import trio
 
-from edge_proxy.service import Proxy, serve_proxy
+from edge_proxy.service import Proxy, RelayEngine, serve_proxy
 from edge_proxy.wake.machine import State
 from shared.config.edge import load_edge_config
 from tests.support.edge import (
@@ -29,9 +30,21 @@ BIG_BYTES = 100 * 1024 * 1024
 CHUNK = 1 << 20
 
 
+# Both relay engines keep one contract: every test here runs on each (see tcp_routes.relay).
+_engine: list[RelayEngine] = ["loop"]
+
+
+@pytest.fixture(autouse=True, params=["loop", "trio"])
+def engine(request: pytest.FixtureRequest) -> Iterator[None]:
+    _engine[0] = request.param
+    yield
+    _engine[0] = "loop"
+
+
 @asynccontextmanager
 async def awake_proxy(tmp_path: Path, handler: object, **kwargs: object) -> AsyncIterator[Proxy]:
-    """A proxy in front of a running backend, already AWAKE."""
+    """A proxy in front of a running backend, already AWAKE, relaying with the engine of the
+    ``engine`` fixture."""
     backend_port = free_port()
     holder: list[Proxy] = []
 
@@ -46,7 +59,7 @@ async def awake_proxy(tmp_path: Path, handler: object, **kwargs: object) -> Asyn
         nursery.start_soon(packets.run)
         await nursery.start(trio.serve_tcp, backend, backend_port)
         cfg = load_config(tmp_path, backend_port, packets.port, **kwargs)  # type: ignore[arg-type]
-        proxy: Proxy = await nursery.start(serve_proxy, cfg)
+        proxy: Proxy = await nursery.start(partial(serve_proxy, cfg, relay_engine=_engine[0]))
         holder.append(proxy)
         while proxy.drivers["box"].state is not State.AWAKE:
             await trio.sleep(0.01)

@@ -29,6 +29,7 @@ from edge_proxy.errors import (
     BodyTooLarge,
     ClientLeft,
     UpstreamError,
+    UpstreamTimeout,
     WakeFailed,
 )
 from edge_proxy.http_routes import waking
@@ -130,7 +131,9 @@ class HttpRouteApp:
                 log.warning("route %s: %s %s: %s", self.listen, ex.method, ex.path, exc)
                 # Once started, the answer is left unfinished: hypercorn then closes the
                 # connection without the last chunk, so a cut stream never looks complete.
-                if not ex.started:
+                if isinstance(exc, UpstreamTimeout) and not ex.started:
+                    await ex.fail(504, f"the backend timed out: {exc}", "upstream_timeout")
+                elif not ex.started:
                     await ex.fail(502, f"the backend failed: {exc}", "upstream_error")
             nursery.cancel_scope.cancel()
 
@@ -216,7 +219,9 @@ class HttpRouteApp:
         try:
             async with backend.upstream.exchange(driver.cfg.host, "GET", b"/v1/models",
                                                  [(b"accept", b"application/json")], b"",
-                                                 driver.cfg.probe_timeout_s) as response:
+                                                 driver.cfg.probe_timeout_s,
+                                                 backend.route.upstream_idle_timeout_s
+                                                 ) as response:
                 body = await read_capped(response, MAX_CACHED_BODY_BYTES)
                 status, raw = response.status, response.headers
         except (BackendUnavailable, UpstreamError) as exc:
@@ -324,7 +329,9 @@ class HttpRouteApp:
         driver.active += 1
         try:
             async with backend.upstream.exchange(driver.cfg.host, ex.method, ex.target, headers,
-                                                 body, driver.cfg.probe_timeout_s) as response:
+                                                 body, driver.cfg.probe_timeout_s,
+                                                 backend.route.upstream_idle_timeout_s
+                                                 ) as response:
                 out = response_headers(_lower(response.headers))
                 if ex.started:  # SSE comments went out while the node woke
                     await self._continue_sse(ex, response)

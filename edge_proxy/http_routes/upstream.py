@@ -8,7 +8,9 @@ leaves in one write, head and body together, so the backend wakes once for it.
 
 Errors reach callers in two kinds: ``BackendUnavailable`` when no connection could be opened
 (nothing was sent, so the request may be held and sent again once the node is awake), and
-``UpstreamError`` for everything after that.
+``UpstreamError`` for everything after that; ``UpstreamTimeout``, one of those, when a read
+got no byte for the route's ``upstream_idle_timeout_s`` (a stopped or hung llama-server
+accepts and then never answers).
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ from __future__ import annotations
 import errno
 import ipaddress
 import logging
+import math
 import socket
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -25,7 +28,7 @@ from typing import Final
 import h11
 import trio
 
-from edge_proxy.errors import BackendUnavailable, UpstreamError
+from edge_proxy.errors import BackendUnavailable, UpstreamError, UpstreamTimeout
 from edge_proxy.http_routes.headers import RawHeaders
 from edge_proxy.wake.machine import Event
 
@@ -52,13 +55,18 @@ class _Connection:
     stream: trio.SocketStream
     h11: h11.Connection
     idle_since: float = 0.0
+    read_timeout_s: float = math.inf  # the current request's upstream_idle_timeout_s
+    name: str = ""
 
     async def next_event(self) -> object:
         while True:
             event = self.h11.next_event()
             if event is h11.NEED_DATA:
-                self.h11.receive_data(await self.stream.receive_some(READ_BYTES))
-                continue
+                with trio.move_on_after(self.read_timeout_s):
+                    self.h11.receive_data(await self.stream.receive_some(READ_BYTES))
+                    continue
+                raise UpstreamTimeout(f"{self.name}: sent nothing for {self.read_timeout_s:g} s "
+                                      "(routes.upstream_idle_timeout_s)")
             return event
 
     async def close(self) -> None:
@@ -139,9 +147,11 @@ class Upstream:
 
     @asynccontextmanager
     async def exchange(self, host: str, method: str, target: bytes, headers: RawHeaders,
-                       body: bytes, connect_timeout_s: float) -> AsyncIterator[Response]:
+                       body: bytes, connect_timeout_s: float,
+                       idle_timeout_s: float = math.inf) -> AsyncIterator[Response]:
         """Send a request and yield the response once its head arrived. Raises
-        ``BackendUnavailable`` (nothing sent) or ``UpstreamError``."""
+        ``BackendUnavailable`` (nothing sent) or ``UpstreamError`` (``UpstreamTimeout`` when
+        a read, of the head or of the body, got nothing for ``idle_timeout_s``)."""
         authority = f"[{host}]" if ":" in host else host
         sent = [(b"host", f"{authority}:{self.port}".encode()), *headers]
         if body or method in _BODY_METHODS:
@@ -150,6 +160,7 @@ class Upstream:
         connection: _Connection | None = None
         try:
             connection = await self._take(host, connect_timeout_s)
+            connection.read_timeout_s = idle_timeout_s
             try:
                 pieces = connection.h11.send_with_data_passthrough(
                     h11.Request(method=method.encode(), target=target, headers=sent)) or []
@@ -190,7 +201,7 @@ class Upstream:
         except OSError as exc:
             event = Event.PROBE_TIMEOUT if exc.errno in _UNREACHABLE else Event.PROBE_REFUSED
             raise BackendUnavailable(event, self._say(exc.strerror or str(exc))) from exc
-        return _Connection(stream, h11.Connection(h11.CLIENT))
+        return _Connection(stream, h11.Connection(h11.CLIENT), name=f"{self.node}:{self.port}")
 
     async def _release(self, connection: _Connection) -> None:
         state = connection.h11

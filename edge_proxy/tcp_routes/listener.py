@@ -23,6 +23,7 @@ import trio
 from edge_proxy.errors import BackendUnavailable, ClientGone, ListenError, WakeFailed
 from edge_proxy.metrics import ProxyMetrics
 from edge_proxy.probe import connect
+from edge_proxy.tcp_routes.idle import IdleTimeouts, idle_side
 from edge_proxy.tcp_routes.relay import Held, relay, reset, tune
 from edge_proxy.tcp_routes.relay_loop import RelayLoop
 from edge_proxy.wake.driver import NodeDriver
@@ -178,12 +179,20 @@ class Route:
         up, down = metrics.up, metrics.down
         driver.active += 1
         metrics.active.inc()
+        idle = IdleTimeouts(cfg.upstream_idle_timeout_s, cfg.client_idle_timeout_s)
         try:
             outcome = await relay(client, backend, self.shared.relay_loop, held=held,
-                                  count=lambda way, n: (up if way == "up" else down).inc(n))
+                                  count=lambda way, n: (up if way == "up" else down).inc(n),
+                                  idle=idle)
         finally:
             driver.active -= 1
             metrics.active.dec()
+        if (side := idle_side(outcome)) is not None:
+            metrics.idle[side].inc()
+            log.info("route %s: node %s: relay closed: the %s sent nothing for %g s (routes "
+                     "%s_idle_timeout_s)", route, node, side,
+                     idle.limit_s(side == "upstream"), side)
+            return
         log.debug("route %s: relay %s", route, outcome)
 
     def _admit(self) -> bool:

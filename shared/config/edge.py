@@ -160,6 +160,14 @@ class RouteConfig:
     models: list[str] = setting(default_factory=list,
                                 help="models this node serves (http; more are learned)")
     http: HttpOptions | None = None
+    # HAProxy's `timeout server` / `timeout client`: a model may think for minutes before its
+    # first token, so the upstream gets as long as a kept-alive idle client.
+    upstream_idle_timeout_s: float = setting(
+        600.0, min=0.01, max=7 * 86400,
+        help="end a relay/request when the client waits and the backend sends nothing this long")
+    client_idle_timeout_s: float = setting(
+        600.0, min=0.01, max=7 * 86400,
+        help="end a TCP relay when the backend spoke last and the client sends nothing this long")
 
     def check(self, ctx: Context, key: str) -> None:
         parse_hostport(self.listen, ctx, f"{key}.listen", allow_port_zero=True)
