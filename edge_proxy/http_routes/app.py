@@ -26,16 +26,10 @@ import trio
 
 from edge_proxy.http_routes import waking
 from edge_proxy.http_routes.cache import MAX_CACHED_BODY_BYTES, ResponseCache, cache_key
-from edge_proxy.http_routes.exchange import (
-    BodyTooLarge,
-    ClientLeft,
-    Exchange,
-    Receive,
-    Scope,
-    Send,
-)
+from edge_proxy.http_routes.exchange import Exchange, Receive, Scope, Send
 from edge_proxy.http_routes.headers import header, request_headers, response_headers
-from edge_proxy.http_routes.metrics import HttpMetrics
+from edge_proxy.http_routes.intake import read_request
+from edge_proxy.http_routes.metrics import HttpMetrics, Refusals
 from edge_proxy.http_routes.models import ModelTable, Unroutable, requested_model, wants_stream
 from edge_proxy.http_routes.rules import WakePolicy
 from edge_proxy.http_routes.upstream import Response, Upstream, UpstreamError, read_capped
@@ -82,6 +76,7 @@ class HttpRouteApp:
         self.listen = listen
         self.shared = shared
         self.metrics = metrics
+        self.refusals = Refusals(listen, metrics)
         self.cache = cache or ResponseCache()
         self.table = ModelTable(())
         self.configure(backends, options)
@@ -114,14 +109,8 @@ class HttpRouteApp:
             self.shared.closed()
 
     async def _serve_counted(self, ex: Exchange) -> None:
-        try:
-            body = await ex.read_body(self.options.max_request_bytes)
-        except BodyTooLarge as exc:
-            await ex.fail(413, f"{exc}; raise routes.http.max_request_bytes to allow it",
-                          "invalid_request_error")
-            return
-        except ClientLeft as exc:
-            log.info("route %s: client left %s", self.listen, exc)
+        body = await read_request(ex, self.options, self.refusals, self.listen)
+        if body is None:  # answered already: refused, or the client left
             return
         async with trio.open_nursery() as nursery:
             nursery.start_soon(self._watch_disconnect, ex, nursery.cancel_scope)
@@ -254,6 +243,10 @@ class HttpRouteApp:
                     continue
             if not self._admit(driver):
                 self._count(backend, "refused")
+                self.refusals.refused("held_limit", f"{ex.method} {ex.path}: node "
+                                      f"{backend.name} holds {driver.held} (max_held "
+                                      f"{driver.cfg.max_held}, limits.max_held_total "
+                                      f"{self.shared.limits.max_held_total})")
                 await ex.fail(503, f"too many requests held for node {backend.name}",
                               "service_unavailable",
                               headers=[(b"retry-after", str(NO_CACHE_RETRY_AFTER_S).encode())])

@@ -1,0 +1,87 @@
+"""What a request must be before the proxy acts on it: a known HTTP version, one framing of
+its body, the whole body within the route's size and time limits, and for JSON endpoints a
+JSON object. Anything else is answered here (and counted as refused) and never reaches a
+node, so a malformed or dripping request cannot wake one or hold a slot forever.
+
+h11, under hypercorn, parses the request head. It takes any ``HTTP/d.d`` version and, given
+both ``Content-Length`` and ``Transfer-Encoding``, frames the body by the latter, so those
+two checks are made here from the ASGI scope. Answers to requests refused before their body
+was read carry ``Connection: close``: the rest of such a connection cannot be trusted.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import trio
+
+from edge_proxy.http_routes.exchange import BodyTooLarge, ClientLeft, Exchange
+from edge_proxy.http_routes.headers import RawHeaders
+from edge_proxy.http_routes.metrics import RefusalReason, Refusals
+from edge_proxy.http_routes.models import body_problem
+from shared.config.edge import HttpOptions
+
+log = logging.getLogger(__name__)
+
+CLOSE: RawHeaders = [(b"connection", b"close")]
+
+
+@dataclass(frozen=True)
+class Refusal:
+    """A request the proxy answers itself: status, reason (a metric label), message."""
+
+    status: int
+    reason: RefusalReason
+    message: str
+    close: bool = True
+
+
+def head_problem(http_version: str, headers: RawHeaders) -> Refusal | None:
+    """A refusal for a request head no node should see (pure)."""
+    major = http_version.partition(".")[0]
+    if not (major == "1" and len(http_version) == 3) and http_version not in ("2", "3"):
+        return Refusal(505, "http_version", f"HTTP/{http_version} is not supported; "
+                       "send HTTP/1.1 (or HTTP/1.0, HTTP/2)")
+    names = {name.lower() for name, _ in headers}
+    if b"content-length" in names and b"transfer-encoding" in names:
+        # RFC 9112 §6.1: such a message may be an attempt at request smuggling
+        return Refusal(400, "framing", "a request with both Content-Length and "
+                       "Transfer-Encoding is refused (RFC 9112 6.1); send only one")
+    return None
+
+
+async def read_request(ex: Exchange, options: HttpOptions, refusals: Refusals,
+                       listen: str) -> bytes | None:
+    """The request body, or None when the request was answered here (refused, or the
+    client left before its body was complete)."""
+    head = head_problem(ex.scope.get("http_version", "1.1"), ex.scope["headers"])
+    refusal = None
+    try:
+        # Read even a refused request's body (within the limits): hypercorn's reader must be
+        # done with it before a ``Connection: close`` answer goes out, or a request pipelined
+        # behind it races the close and the answer is lost.
+        with trio.move_on_after(options.request_body_timeout_s) as waited:
+            body = await ex.read_body(options.max_request_bytes)
+    except BodyTooLarge as exc:
+        refusal = head or Refusal(413, "too_large", f"{exc}; raise "
+                                  "routes.http.max_request_bytes to allow it")
+    except ClientLeft as exc:
+        log.info("route %s: client left %s", listen, exc)
+        return None
+    else:
+        if waited.cancelled_caught:
+            refusal = head or Refusal(408, "body_timeout", "the request body was not complete "
+                                      f"{options.request_body_timeout_s:g} s after its head "
+                                      "(routes.http.request_body_timeout_s)")
+        elif head is not None:
+            refusal = head
+        else:
+            problem = body_problem(ex.method, ex.path, body)
+            if problem is None:
+                return body
+            refusal = Refusal(400, "bad_request", problem, close=False)
+    refusals.refused(refusal.reason, f"{ex.method} {ex.path}: {refusal.message}")
+    await ex.fail(refusal.status, refusal.message, "invalid_request_error",
+                  headers=CLOSE if refusal.close else None)
+    return None
