@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import json
 import logging
+from collections import Counter
 from dataclasses import dataclass
 from typing import Final
 
@@ -77,6 +78,7 @@ class HttpRouteApp:
         self.shared = shared
         self.metrics = metrics
         self.refusals = Refusals(listen, metrics)
+        self.live: set[Exchange] = set()  # requests in flight (``in_flight``)
         self.cache = cache or ResponseCache()
         self.table = ModelTable(())
         self.configure(backends, options)
@@ -103,10 +105,16 @@ class HttpRouteApp:
     async def _serve(self, ex: Exchange) -> None:
         # Counted with the proxy's open connections, so a graceful stop waits for it too.
         self.shared.opened()
+        self.live.add(ex)
         try:
             await self._serve_counted(ex)
         finally:
+            self.live.discard(ex)
             self.shared.closed()
+
+    def in_flight(self) -> dict[str, int]:
+        """Requests in flight per node (``""``: not routed to a node yet)."""
+        return dict(Counter(ex.node for ex in self.live))
 
     async def _serve_counted(self, ex: Exchange) -> None:
         body = await read_request(ex, self.options, self.refusals, self.listen)
@@ -142,6 +150,7 @@ class HttpRouteApp:
                           code=decision.code)
             return
         backend = self.backends[decision.node]
+        ex.routed_to(backend.name)
         preflight = header(ex.scope["headers"], b"access-control-request-method")
         if self.policy.may_wake(ex.method, ex.path,
                                 preflight.decode("latin-1") if preflight else None):
