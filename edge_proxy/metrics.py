@@ -2,12 +2,19 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client.core import CounterMetricFamily
+from prometheus_client.registry import Collector
 
 from edge_proxy.wake.machine import State
+
+# The kernel's TCP counters; ListenOverflows counts connections dropped at a full accept queue.
+NETSTAT_PATH = Path("/proc/net/netstat")
 
 # Wakes take seconds (resume from suspend) to minutes (cold boot and model load).
 WAKE_BUCKETS_S = (0.1, 0.5, 1, 2, 5, 10, 20, 30, 60, 120, 300, 600)
@@ -58,6 +65,8 @@ class ProxyMetrics:
         self.bytes = Counter("edge_bytes_relayed", "Bytes relayed", [*labels, "direction"],
                              registry=r)
 
+        r.register(ListenOverflows())
+
     def route(self, node: str, route: str) -> RouteMetrics:
         """The per-route children, looked up once (a label lookup per connection adds up)."""
         return RouteMetrics(
@@ -73,3 +82,27 @@ class ProxyMetrics:
     def set_state(self, node: str, state: State) -> None:
         for s in State:
             self.state.labels(node, s.name).set(1 if s is state else 0)
+
+
+def listen_overflows(text: str) -> int | None:
+    """``TcpExt: ListenOverflows`` from the text of ``/proc/net/netstat`` (None: not there)."""
+    rows = [line.split() for line in text.splitlines() if line.startswith("TcpExt:")]
+    if len(rows) != 2 or "ListenOverflows" not in rows[0]:
+        return None
+    return int(rows[1][rows[0].index("ListenOverflows")])
+
+
+class ListenOverflows(Collector):
+    """Connections the kernel dropped because an accept queue was full. The kernel counts them
+    for the whole host only, so the count covers every listener on it, the proxy's among them;
+    a rising count with the proxy's listeners busy means clients were turned away unseen."""
+
+    def collect(self) -> Iterator[CounterMetricFamily]:
+        try:
+            value = listen_overflows(NETSTAT_PATH.read_text())
+        except OSError:
+            value = None
+        if value is not None:
+            yield CounterMetricFamily(
+                "edge_host_listen_overflows", "Connections dropped by the kernel at a full "
+                "accept queue, on the whole host (TcpExt ListenOverflows)", value=value)
