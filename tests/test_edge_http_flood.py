@@ -24,7 +24,12 @@ import pytest
 import trio
 
 from edge_proxy.cli import format_status
-from edge_proxy.metrics import NETSTAT_PATH, ProxyMetrics, listen_overflows
+from edge_proxy.metrics import (
+    NETSTAT_PATH,
+    ProxyMetrics,
+    listen_overflows,
+    watch_listen_overflows,
+)
 from edge_proxy.service import Proxy, serve_proxy
 from edge_proxy.wake.machine import State
 from shared.config.edge import load_edge_config
@@ -43,6 +48,10 @@ MAX_HELD: Final = 200  # far below CLIENTS: most of the burst meets the held-req
 # Bounds that stop a hung test on a loaded machine, never a timing check.
 FLOOD_TIMEOUT_S: Final = 120.0
 TEST_TIMEOUT_S: Final = 30.0
+# The accept-queue watcher, checking often; connects that the kernel drops wait this long.
+DROP_CHECK_S: Final = 0.2
+DROP_WAIT_S: Final = 3.0
+KNOCKS: Final = 20
 OK: Final = b'{"ok":true}'
 # struct tcp_info (linux/tcp.h): 8 bytes of u8 fields, then u32 rto, ato, snd_mss, rcv_mss,
 # unacked, sacked: for a listening socket the kernel puts its backlog in tcpi_sacked.
@@ -240,3 +249,30 @@ def test_the_kernels_listen_overflows_are_read_from_netstat() -> None:
         assert listen_overflows(NETSTAT_PATH.read_text()) is not None
         assert ProxyMetrics().registry.get_sample_value("edge_host_listen_overflows_total") \
             is not None
+
+
+async def test_drops_at_a_full_accept_queue_are_logged(caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.WARNING, logger="edge_proxy.metrics")
+    crowded = socket.socket()
+    crowded.bind((LOOPBACK, 0))
+    crowded.listen(0)  # never accepted: its queue fills at once and the kernel drops the rest
+    port = crowded.getsockname()[1]
+
+    async def knock() -> None:
+        with trio.socket.socket() as sock, trio.move_on_after(DROP_WAIT_S):
+            await sock.connect((LOOPBACK, port))
+            await trio.sleep_forever()  # hold the queue slot it got
+
+    def logged() -> list[str]:
+        return [r.getMessage() for r in caplog.records if "full accept queue" in r.getMessage()]
+
+    with crowded, trio.fail_after(TEST_TIMEOUT_S):
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(watch_listen_overflows, DROP_CHECK_S)
+            await trio.sleep(DROP_CHECK_S / 2)  # the watcher has read the count before
+            for _ in range(KNOCKS):
+                nursery.start_soon(knock)
+            while not logged():
+                await trio.sleep(DROP_CHECK_S / 2)
+            nursery.cancel_scope.cancel()
+    assert "whole host" in logged()[0] and "net.core.somaxconn" in logged()[0]
