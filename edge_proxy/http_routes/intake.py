@@ -56,32 +56,40 @@ async def read_request(ex: Exchange, options: HttpOptions, refusals: Refusals,
     """The request body, or None when the request was answered here (refused, or the
     client left before its body was complete)."""
     head = head_problem(ex.scope.get("http_version", "1.1"), ex.scope["headers"])
-    refusal = None
-    try:
-        # Read even a refused request's body (within the limits): hypercorn's reader must be
-        # done with it before a ``Connection: close`` answer goes out, or a request pipelined
-        # behind it races the close and the answer is lost.
-        with trio.move_on_after(options.request_body_timeout_s) as waited:
-            body = await ex.read_body(options.max_request_bytes)
-    except BodyTooLarge as exc:
-        refusal = head or Refusal(413, "too_large", f"{exc}; raise "
-                                  "routes.http.max_request_bytes to allow it")
-    except ClientLeft as exc:
-        log.info("route %s: client left %s", listen, exc)
+    # Even a refused request's body is read (within the limits): hypercorn's reader must be
+    # done with it before a ``Connection: close`` answer goes out, or a request pipelined
+    # behind it races the close and the answer is lost.
+    got = await _read_body(ex, options, listen)
+    if got is None:
         return None
-    else:
-        if waited.cancelled_caught:
-            refusal = head or Refusal(408, "body_timeout", "the request body was not complete "
-                                      f"{options.request_body_timeout_s:g} s after its head "
-                                      "(routes.http.request_body_timeout_s)")
-        elif head is not None:
-            refusal = head
-        else:
-            problem = body_problem(ex.method, ex.path, body)
-            if problem is None:
-                return body
-            refusal = Refusal(400, "bad_request", problem, close=False)
+    refusal = head or (got if isinstance(got, Refusal) else _json_refusal(ex, got))
+    if refusal is None:
+        assert isinstance(got, bytes)
+        return got
     refusals.refused(refusal.reason, f"{ex.method} {ex.path}: {refusal.message}")
     await ex.fail(refusal.status, refusal.message, "invalid_request_error",
                   headers=CLOSE if refusal.close else None)
     return None
+
+
+async def _read_body(ex: Exchange, options: HttpOptions, listen: str) -> bytes | Refusal | None:
+    """The whole body; a refusal past the size or time limit; None if the client left."""
+    try:
+        with trio.fail_after(options.request_body_timeout_s):
+            return await ex.read_body(options.max_request_bytes)
+    except BodyTooLarge as exc:
+        return Refusal(413, "too_large", f"{exc}; raise routes.http.max_request_bytes to "
+                       "allow it")
+    except trio.TooSlowError:
+        return Refusal(408, "body_timeout", "the request body was not complete "
+                       f"{options.request_body_timeout_s:g} s after its head "
+                       "(routes.http.request_body_timeout_s)")
+    except ClientLeft as exc:
+        log.info("route %s: client left %s", listen, exc)
+        return None
+
+
+def _json_refusal(ex: Exchange, body: bytes) -> Refusal | None:
+    problem = body_problem(ex.method, ex.path, body)
+    # the body was read whole and is well framed: the connection may carry on
+    return None if problem is None else Refusal(400, "bad_request", problem, close=False)
