@@ -2,6 +2,8 @@
 
 Per request, in order:
 
+0. ``intake.read_request`` reads the whole body and refuses, counted, what no node should
+   see (an unknown HTTP version, ambiguous framing, a body too large, too slow or not JSON).
 1. ``GET /v1/models`` (or ``/models``) on a listener with several nodes: the union of every
    node's list (live from awake nodes, else the last one seen, else config), never a wake.
 2. The ``model`` field picks the node (``ModelTable.route``); an unknown model is a 404.
