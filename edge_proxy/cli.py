@@ -123,7 +123,12 @@ def format_status(status: dict[str, Any]) -> str:
     for r in status["routes"]:
         if r.get("protocol") == "http":
             nodes = ", ".join(f"{name}:{n['backend_port']}" for name, n in r["nodes"].items())
-            lines.append(f"route {r['listen']} -> {nodes} (http)")
+            busy = ", ".join(f"{name} {n['in_flight']}" for name, n in r["nodes"].items()
+                             if n.get("in_flight"))
+            flying = r.get("requests_in_flight", 0)
+            note = f", {flying} request(s) in flight" + (f": {busy}" if busy else "") \
+                if flying else ""
+            lines.append(f"route {r['listen']} -> {nodes} (http{note})")
         else:
             lines.append(f"route {r['listen']} -> {r['node']}:{r['backend_port']} "
                          f"(ready: {r['ready']})")

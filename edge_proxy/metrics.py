@@ -2,12 +2,25 @@
 
 from __future__ import annotations
 
+import logging
+from collections.abc import Iterator
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
+import trio
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client.core import CounterMetricFamily
+from prometheus_client.registry import Collector
 
 from edge_proxy.wake.machine import State
+
+# The kernel's TCP counters; ListenOverflows counts connections dropped at a full accept queue.
+NETSTAT_PATH = Path("/proc/net/netstat")
+# How often the kernel's drop count is compared: also the most often it is logged.
+OVERFLOW_CHECK_INTERVAL_S = 10.0
+
+log = logging.getLogger(__name__)
 
 # Wakes take seconds (resume from suspend) to minutes (cold boot and model load).
 WAKE_BUCKETS_S = (0.1, 0.5, 1, 2, 5, 10, 20, 30, 60, 120, 300, 600)
@@ -66,6 +79,8 @@ class ProxyMetrics:
         self.bytes = Counter("edge_bytes_relayed", "Bytes relayed", [*labels, "direction"],
                              registry=r)
 
+        r.register(ListenOverflows())
+
     def route(self, node: str, route: str) -> RouteMetrics:
         """The per-route children, looked up once (a label lookup per connection adds up)."""
         return RouteMetrics(
@@ -83,3 +98,47 @@ class ProxyMetrics:
     def set_state(self, node: str, state: State) -> None:
         for s in State:
             self.state.labels(node, s.name).set(1 if s is state else 0)
+
+
+def listen_overflows(text: str) -> int | None:
+    """``TcpExt: ListenOverflows`` from the text of ``/proc/net/netstat`` (None: not there)."""
+    rows = [line.split() for line in text.splitlines() if line.startswith("TcpExt:")]
+    if len(rows) != 2 or "ListenOverflows" not in rows[0]:
+        return None
+    return int(rows[1][rows[0].index("ListenOverflows")])
+
+
+def read_listen_overflows(path: Path = NETSTAT_PATH) -> int | None:
+    """The kernel's ``ListenOverflows`` now, or None where there is no such counter."""
+    try:
+        return listen_overflows(path.read_text())
+    except OSError:
+        return None
+
+
+async def watch_listen_overflows(interval_s: float = OVERFLOW_CHECK_INTERVAL_S,
+                                 path: Path = NETSTAT_PATH) -> None:
+    """Until cancelled: one warning per interval in which the kernel dropped connections at
+    a full accept queue (clients the proxy never saw, so nothing else can log them)."""
+    last = read_listen_overflows(path)
+    while True:
+        await trio.sleep(interval_s)
+        now = read_listen_overflows(path)
+        if last is not None and now is not None and now > last:
+            log.warning("the kernel dropped %d connection(s) at a full accept queue in the "
+                        "last %g s (whole host, TcpExt ListenOverflows); if the proxy's "
+                        "listeners are busy, raise net.core.somaxconn", now - last, interval_s)
+        last = now
+
+
+class ListenOverflows(Collector):
+    """Connections the kernel dropped because an accept queue was full. The kernel counts them
+    for the whole host only, so the count covers every listener on it, the proxy's among them;
+    a rising count with the proxy's listeners busy means clients were turned away unseen."""
+
+    def collect(self) -> Iterator[CounterMetricFamily]:
+        value = read_listen_overflows()
+        if value is not None:
+            yield CounterMetricFamily(
+                "edge_host_listen_overflows", "Connections dropped by the kernel at a full "
+                "accept queue, on the whole host (TcpExt ListenOverflows)", value=value)

@@ -5,8 +5,10 @@ from __future__ import annotations
 
 import functools
 import sys
+import tomllib
 from pathlib import Path
 
+import httpx
 import pytest
 import tomli_w
 import trio
@@ -78,6 +80,28 @@ async def test_bad_durations_and_a_missing_reason_are_one_line(config: Path) -> 
         "argument --for: 'soon' is not a duration; use e.g. 90s, 30m, 2h, 1d")
     code, _, err = await cli("inhibit", "--config", str(config))
     assert code == 2 and 'to add one: node-agent inhibit --for 2h "reason"' in err
+
+
+async def test_an_overlong_or_multiline_reason_is_refused_in_one_line(config: Path) -> None:
+    api = "http://" + tomllib.loads(config.read_text())["agent"]["api_listen"]
+    async with httpx.AsyncClient(base_url=api, timeout=30,
+                                 headers={"Authorization": "Bearer cli-token"}) as client:
+        reply = await client.post("/v1/power/inhibit",
+                                  json={"reason": "x" * 900_000, "for_s": 60})
+        assert reply.status_code == 400
+        assert reply.json()["error"]["message"] == (
+            "reason: found 900000 characters; allowed: one line of up to 200 characters")
+        reply = await client.post("/v1/power/inhibit", json={"reason": "a\nb", "for_s": 60})
+        assert reply.status_code == 400 and "a line break" in reply.json()["error"]["message"]
+    code, _, err = await cli("inhibit", "--for", "1h", "y" * 201, "--config", str(config))
+    assert code == 1 and err.strip() == ("node-agent: error: reason: found 201 characters; "
+                                         "allowed: one line of up to 200 characters")
+    code, out, err = await cli("inhibit", "--for", "1h", "z" * 200, "--config", str(config))
+    assert code == 0 and out.strip() == f"inhibit 1: staying awake for 3600 s ({'z' * 200})", err
+    code, out, _ = await cli("inhibit", "--list", "--config", str(config))
+    listed = out.splitlines()  # only the one that fits: "ID<tab>LEFT<tab>REASON"
+    assert code == 0 and len(listed) == 1
+    assert listed[0].startswith("1\t") and listed[0].endswith("\t" + "z" * 200)
 
 
 async def test_the_sleep_hook_command_reports_pre_and_post(config: Path) -> None:

@@ -2,9 +2,10 @@
 wake a sleeping node, answers polls from a cache while it sleeps, and routes by model.
 
 Pure decisions: ``rules`` (no-wake rules), ``cache`` (last good poll answers), ``models``
-(model → node), ``headers`` (hop-by-hop rules). I/O: ``upstream`` (kept connections per node, framed by h11),
-``exchange`` and ``app`` (the ASGI app), ``server`` (hypercorn listener), ``waking`` (what
-held clients see), ``metrics``.
+(model → node), ``headers`` (hop-by-hop rules). I/O: ``upstream`` (kept connections per
+node, framed by h11), ``exchange``, ``intake`` (what is refused before any node hears of it)
+and ``app`` (the ASGI app), ``server`` (hypercorn listener), ``waking`` (what held clients
+see), ``metrics``.
 """
 
 from edge_proxy.http_routes.server import HttpListener, group_http_routes

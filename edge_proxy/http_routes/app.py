@@ -2,6 +2,8 @@
 
 Per request, in order:
 
+0. ``intake.read_request`` reads the whole body and refuses, counted, what no node should
+   see (an unknown HTTP version, ambiguous framing, a body too large, too slow or not JSON).
 1. ``GET /v1/models`` (or ``/models``) on a listener with several nodes: the union of every
    node's list (live from awake nodes, else the last one seen, else config), never a wake.
 2. The ``model`` field picks the node (``ModelTable.route``); an unknown model is a 404.
@@ -19,6 +21,7 @@ from __future__ import annotations
 
 import json
 import logging
+from collections import Counter
 from dataclasses import dataclass
 from typing import Final
 
@@ -26,8 +29,6 @@ import trio
 
 from edge_proxy.errors import (
     BackendUnavailable,
-    BodyTooLarge,
-    ClientLeft,
     UpstreamError,
     UpstreamTimeout,
     WakeFailed,
@@ -36,7 +37,8 @@ from edge_proxy.http_routes import waking
 from edge_proxy.http_routes.cache import MAX_CACHED_BODY_BYTES, ResponseCache, cache_key
 from edge_proxy.http_routes.exchange import Exchange, Receive, Scope, Send
 from edge_proxy.http_routes.headers import header, request_headers, response_headers
-from edge_proxy.http_routes.metrics import HttpMetrics
+from edge_proxy.http_routes.intake import read_request
+from edge_proxy.http_routes.metrics import HttpMetrics, Refusals
 from edge_proxy.http_routes.models import ModelTable, Unroutable, requested_model, wants_stream
 from edge_proxy.http_routes.rules import WakePolicy
 from edge_proxy.http_routes.upstream import Response, Upstream, read_capped
@@ -82,6 +84,8 @@ class HttpRouteApp:
         self.listen = listen
         self.shared = shared
         self.metrics = metrics
+        self.refusals = Refusals(listen, metrics)
+        self.live: set[Exchange] = set()  # requests in flight (``in_flight``)
         self.cache = cache or ResponseCache()
         self.table = ModelTable(())
         self.configure(backends, options)
@@ -108,20 +112,20 @@ class HttpRouteApp:
     async def _serve(self, ex: Exchange) -> None:
         # Counted with the proxy's open connections, so a graceful stop waits for it too.
         self.shared.opened()
+        self.live.add(ex)
         try:
             await self._serve_counted(ex)
         finally:
+            self.live.discard(ex)
             self.shared.closed()
 
+    def in_flight(self) -> dict[str, int]:
+        """Requests in flight per node (``""``: not routed to a node yet)."""
+        return dict(Counter(ex.node for ex in self.live))
+
     async def _serve_counted(self, ex: Exchange) -> None:
-        try:
-            body = await ex.read_body(self.options.max_request_bytes)
-        except BodyTooLarge as exc:
-            await ex.fail(413, f"{exc}; raise routes.http.max_request_bytes to allow it",
-                          "invalid_request_error")
-            return
-        except ClientLeft as exc:
-            log.info("route %s: client left %s", self.listen, exc)
+        body = await read_request(ex, self.options, self.refusals, self.listen)
+        if body is None:  # answered already: refused, or the client left
             return
         async with trio.open_nursery() as nursery:
             nursery.start_soon(self._watch_disconnect, ex, nursery.cancel_scope)
@@ -155,6 +159,7 @@ class HttpRouteApp:
                           code=decision.code)
             return
         backend = self.backends[decision.node]
+        ex.routed_to(backend.name)
         preflight = header(ex.scope["headers"], b"access-control-request-method")
         if self.policy.may_wake(ex.method, ex.path,
                                 preflight.decode("latin-1") if preflight else None):
@@ -258,6 +263,10 @@ class HttpRouteApp:
                     continue
             if not self._admit(driver):
                 self._count(backend, "refused")
+                self.refusals.refused("held_limit", f"{ex.method} {ex.path}: node "
+                                      f"{backend.name} holds {driver.held} (max_held "
+                                      f"{driver.cfg.max_held}, limits.max_held_total "
+                                      f"{self.shared.limits.max_held_total})")
                 await ex.fail(503, f"too many requests held for node {backend.name}",
                               "service_unavailable",
                               headers=[(b"retry-after", str(NO_CACHE_RETRY_AFTER_S).encode())])

@@ -25,6 +25,10 @@ class Exchange:
         self.started = False
         self.status = 0
         self.finished = False
+        self.node = ""  # the node the request goes to, once chosen
+
+    def routed_to(self, node: str) -> None:
+        self.node = node
 
     @property
     def method(self) -> str:

@@ -16,6 +16,14 @@ from typing import Any, Final
 
 # Models listed from config only (never seen in a live answer) carry this owner.
 CONFIG_OWNER: Final = "llamanap"
+# POST endpoints (OpenAI's and llama-server's own) whose body is one JSON object that may name
+# a ``model``: a body that is not one, or a ``model`` that is not a string, is refused by the
+# proxy instead of waking a node only for llama-server to refuse it.
+JSON_BODY_PATHS: Final = frozenset({
+    "/v1/chat/completions", "/chat/completions", "/v1/completions", "/completions",
+    "/completion", "/v1/embeddings", "/embeddings", "/embedding", "/infill",
+    "/v1/rerank", "/rerank", "/v1/reranking", "/reranking", "/v1/messages",
+})
 
 
 @dataclass(frozen=True)
@@ -52,6 +60,23 @@ def model_ids(body: bytes) -> list[str]:
         if isinstance(items, list):
             found += [i[id_key] for i in items if isinstance(i, dict) and isinstance(i.get(id_key), str)]
     return list(dict.fromkeys(found))
+
+
+def body_problem(method: str, path: str, body: bytes) -> str | None:
+    """Why a request to a JSON endpoint cannot be served, or None (any other request, or a
+    JSON object whose ``model``, if given and not null, is a string)."""
+    if method != "POST" or path not in JSON_BODY_PATHS:
+        return None
+    try:
+        doc = json.loads(body)
+    except (ValueError, UnicodeDecodeError) as exc:
+        return f"the body of POST {path} is not valid JSON ({exc}); send one JSON object"
+    if not isinstance(doc, dict):
+        return f"the body of POST {path} is a JSON {type(doc).__name__}; send one JSON object"
+    model = doc.get("model")
+    if model is not None and not isinstance(model, str):
+        return f"'model' must be a string naming a model, not {json.dumps(model)[:40]}"
+    return None
 
 
 def requested_model(body: bytes) -> str | None:

@@ -31,6 +31,11 @@ log = logging.getLogger(__name__)
 
 # How often the learner looks for a node that became AWAKE (a state read, no I/O).
 LEARN_POLL_S: Final = 1.0
+# The accept queue, as TCP routes get it from trio.open_tcp_listeners: the most the kernel
+# allows (it caps the number at net.core.somaxconn). Hypercorn's own default, 100, lets a burst
+# of clients overflow the queue before the accept loop runs, and the kernel drops or resets
+# them without the proxy ever seeing them.
+LISTEN_BACKLOG: Final = 0xFFFF
 
 
 def group_http_routes(routes: Iterable[RouteConfig]) -> dict[str, list[RouteConfig]]:
@@ -113,6 +118,7 @@ class HttpListener:
         config.accesslog = None
         config.errorlog = logging.getLogger("hypercorn.error")
         config.keep_alive_timeout = self.options.client_keepalive_s
+        config.backlog = LISTEN_BACKLOG
         config.graceful_timeout = self.shared.limits.shutdown_grace_s
         async with trio.open_nursery() as nursery:
             self._backend_tasks = nursery

@@ -12,6 +12,7 @@ from prometheus_client import CollectorRegistry
 from edge_proxy.errors import ListenError
 from edge_proxy.http_routes.metrics import HttpMetrics
 from edge_proxy.http_routes.server import HttpListener, group_http_routes
+from edge_proxy.metrics import watch_listen_overflows
 from edge_proxy.tcp_routes.listener import Shared
 from edge_proxy.wake.driver import NodeDriver
 from shared.config.edge import EdgeConfig, RouteConfig
@@ -34,6 +35,8 @@ class HttpRoutes:
                     services: trio.Nursery, *, initial: bool) -> None:
         """Open listeners that are new in ``cfg``, stop those it no longer has, update those
         whose routes changed (``HttpListener.update``)."""
+        if initial:  # host-wide: one watcher per proxy, whatever its routes
+            services.start_soon(watch_listen_overflows)
         wanted = group_http_routes(cfg.routes)
         for key in set(self.listeners) - set(wanted):
             self.listeners.pop(key).stop()
@@ -64,8 +67,15 @@ class HttpRoutes:
         return self.listeners[key].urls[0]
 
     def status(self) -> list[dict[str, Any]]:
-        return [{"listen": key, "protocol": "http", "urls": listener.urls,
-                 "nodes": {name: {"backend_port": b.route.backend_port,
-                                  "models": list(listener.app.table.served_by(name))}
-                           for name, b in listener.app.backends.items()}}
-                for key, listener in self.listeners.items()]
+        """Each listener, with its requests in flight (all, and per node they were sent to;
+        the difference is requests still being read or answered by the proxy itself)."""
+        out = []
+        for key, listener in self.listeners.items():
+            in_flight = listener.app.in_flight()
+            out.append({"listen": key, "protocol": "http", "urls": listener.urls,
+                        "requests_in_flight": sum(in_flight.values()),
+                        "nodes": {name: {"backend_port": b.route.backend_port,
+                                         "models": list(listener.app.table.served_by(name)),
+                                         "in_flight": in_flight.get(name, 0)}
+                                  for name, b in listener.app.backends.items()}})
+        return out

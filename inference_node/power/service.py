@@ -33,6 +33,8 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 MAX_INHIBIT_S = 7 * 86400.0  # an inhibit longer than a week is a mistake, not a plan
+# A reason is read in status lines and logs: a sentence, not a document.
+MAX_INHIBIT_REASON_CHARS = 200
 
 
 def build_checks(agent: Agent, registry: InhibitRegistry) -> list[Check]:
@@ -136,9 +138,15 @@ class PowerService:
             reason, for_s = body.get("reason"), body.get("for_s")
             if not isinstance(reason, str) or not reason.strip():
                 raise HTTPError(400, "reason: expected a non-empty string saying why")
+            reason = reason.strip()
+            if len(reason) > MAX_INHIBIT_REASON_CHARS or not reason.isprintable():
+                found = f"{len(reason)} characters" if len(reason) > MAX_INHIBIT_REASON_CHARS \
+                    else "a line break or control character"
+                raise HTTPError(400, f"reason: found {found}; allowed: one line of up to "
+                                f"{MAX_INHIBIT_REASON_CHARS} characters")
             if not isinstance(for_s, int | float) or isinstance(for_s, bool) or not 0 < for_s <= MAX_INHIBIT_S:
                 raise HTTPError(400, f"for_s: found {for_s!r}; allowed: seconds, up to {MAX_INHIBIT_S:.0f}")
-            item = self.inhibits.add(reason.strip()[:200], float(for_s), trio.current_time())
+            item = self.inhibits.add(reason, float(for_s), trio.current_time())
             await self.manager.refresh_verdict()  # `node-agent power` shows it at once
             return Response.json({"id": item.id, "reason": item.reason, "for_s": for_s})
 

@@ -31,6 +31,7 @@ one ``listen`` form one listener that routes by the request's ``model`` across t
     [routes.http]                  # set once per listener; all optional
     no_wake = ["GET /v1/models", "GET /health"]   # replaces DEFAULT_NO_WAKE
     waking_comment_interval_s = 5.0
+    request_body_timeout_s = 30.0  # a body still incomplete after this is answered 408
 
     [[routes]]
     listen = "0.0.0.0:8000"
@@ -139,6 +140,8 @@ class HttpOptions:
     client_keepalive_s: float = setting(60.0, min=0, max=3600,
                                         help="idle keep-alive of client connections")
     max_request_bytes: int = setting(64 << 20, min=1024, max=1 << 31)
+    request_body_timeout_s: float = setting(
+        30.0, min=0.01, max=3600, help="time to receive a request body once its head is in")
 
     def check(self, ctx: Context, key: str) -> None:
         for i, rule in enumerate(self.no_wake):
