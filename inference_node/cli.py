@@ -8,8 +8,16 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Final
 
-from shared.cli import EXIT_FAILURE, EXIT_OK, CommandModule, make_parser, quiet_on_closed_pipe, run
-from shared.config.node import load_node_config
+from shared.cli import (
+    EXIT_FAILURE,
+    EXIT_OK,
+    CommandModule,
+    make_parser,
+    quiet_on_closed_pipe,
+    run,
+    setup_logging,
+)
+from shared.config.node import DEFAULT_CONFIG, load_node_config
 from shared.config.notes import node_notes
 
 DESCRIPTION = """\
@@ -17,7 +25,6 @@ Supervise llama-server instances on a GPU box, keep each GPU in its low-power P-
 its models are idle, place models in VRAM, and suspend the machine when nobody uses it.
 """
 
-DEFAULT_CONFIG = Path("/etc/llamanap/node-agent.toml")
 # Modules of the `node` extra (pyproject.toml) that the edge box does not install.
 NODE_EXTRA_MODULES: Final = frozenset({"pynvml", "gguf", "numpy", "tomli_w"})
 
@@ -36,6 +43,20 @@ def _check_config(args: argparse.Namespace) -> int:
     return EXIT_FAILURE if problems and args.strict else EXIT_OK
 
 
+def _run(args: argparse.Namespace) -> int:
+    # The only importer of the agent's root: its imports (trio, NVML, hypercorn) are for `run`.
+    import trio
+
+    from inference_node.agent import run_agent
+    from shared import systemd
+
+    cfg = load_node_config(args.config)
+    setup_logging(cfg.log_level, debug=args.debug)
+    systemd.claim()  # children (llama-server, busctl, suspend) must not speak for the unit
+    trio.run(run_agent, args.config)
+    return EXIT_OK
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser, sub = make_parser("node-agent", DESCRIPTION)
     p = sub.add_parser("check-config", help="check a config file and exit",
@@ -44,6 +65,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--strict", action="store_true",
                    help="fail on a missing model or program, not only on config errors")
     p.set_defaults(func=_check_config)
+    p = sub.add_parser("run", help="run the agent (what the systemd unit starts)",
+                       description="Supervise the configured instances and serve the control API.")
+    p.add_argument("--config", type=Path, default=DEFAULT_CONFIG, help=f"default {DEFAULT_CONFIG}")
+    p.set_defaults(func=_run)
     for module in _command_modules():
         module.register(sub)
     return parser

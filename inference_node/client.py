@@ -12,10 +12,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from inference_node.cli import DEFAULT_CONFIG
 from inference_node.errors import AgentRefused, AgentUnreachable
 from shared.config.loader import Context, build, read_toml
-from shared.config.node import AgentSection
+from shared.config.node import DEFAULT_CONFIG, AgentSection
 from shared.errors import LlamanapError
 
 # Control calls are quick; actions with --wait pass their own longer budget.

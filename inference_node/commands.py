@@ -1,5 +1,5 @@
-"""``node-agent`` subcommands that run the agent or talk to a running one through its API:
-``run``, ``status`` / ``get instances``, ``logs``, ``start|stop|restart|enable|disable``, ``reload``.
+"""``node-agent`` subcommands that talk to a running agent through its API:
+``status`` / ``get instances``, ``logs``, ``start|stop|restart|enable|disable``, ``reload``.
 """
 
 from __future__ import annotations
@@ -8,18 +8,12 @@ import argparse
 import json
 import sys
 import time
-from pathlib import Path
 from typing import Any
 
-import trio
-
-from inference_node.cli import DEFAULT_CONFIG
 from inference_node.client import WAIT_MARGIN_S, AgentClient, client_options
 from inference_node.errors import AgentRefused
 from inference_node.gpu.report import activity_cells, format_gpu_table
-from shared import systemd
-from shared.cli import EXIT_FAILURE, EXIT_OK, setup_logging
-from shared.config.node import load_node_config
+from shared.cli import EXIT_FAILURE, EXIT_OK
 
 DEFAULT_LOG_LINES = 100
 FOLLOW_INTERVAL_S = 1.0
@@ -38,11 +32,6 @@ COLUMNS = ("NAME", "STATE", "PID", "PORT", "GPUS", "BUSY", "TASKS", "TOK/S", "UP
            "ENABLED", "REASON")
 
 def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    p = sub.add_parser("run", help="run the agent (what the systemd unit starts)",
-                       description="Supervise the configured instances and serve the control API.")
-    p.add_argument("--config", type=Path, default=DEFAULT_CONFIG, help=f"default {DEFAULT_CONFIG}")
-    p.set_defaults(func=_run)
-
     client = client_options()
 
     p = sub.add_parser("status", parents=[client], help="show the instances as a table")
@@ -68,16 +57,6 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
 
     p = sub.add_parser("reload", parents=[client], help="re-read the config, apply the difference")
     p.set_defaults(func=_reload)
-
-
-def _run(args: argparse.Namespace) -> int:
-    from inference_node.agent import run_agent  # the agent's imports are for `run` only
-
-    cfg = load_node_config(args.config)
-    setup_logging(cfg.log_level, debug=args.debug)
-    systemd.claim()  # children (llama-server, busctl, suspend) must not speak for the unit
-    trio.run(run_agent, args.config)
-    return EXIT_OK
 
 
 def _status(args: argparse.Namespace) -> int:

@@ -13,7 +13,6 @@ import argparse
 import sys
 from pathlib import Path
 
-from inference_node.cli import DEFAULT_CONFIG
 from inference_node.doctor.nvidia import (
     check_gpu_pstates,
     check_nvapi,
@@ -29,7 +28,7 @@ from inference_node.doctor.system import (
     check_wake_on_lan,
 )
 from inference_node.gpu.inventory import GpuInventory, open_inventory
-from shared.config.node import NodeAgentConfig, load_node_config
+from shared.config.node import DEFAULT_CONFIG, NodeAgentConfig, load_node_config
 from shared.doctor import CheckResult, Host, RealHost, add_output_arguments, report, skip
 
 DESCRIPTION = """\

@@ -27,6 +27,9 @@ from shared.config.loader import Context, Secret, build, read_secret, read_toml,
 from shared.config.values import HostPort, check_host, parse_hostport
 from shared.errors import ConfigError
 
+# Where `node-agent run` and the commands that find the agent look without --config.
+DEFAULT_CONFIG = Path("/etc/llamanap/node-agent.toml")
+
 Argv = list[str] | str
 
 
