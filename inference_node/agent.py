@@ -4,10 +4,13 @@
 caller cancels it) and always stops the instances on the way out. Tests and the demo run it
 in-process with ``agent = await nursery.start(run_agent, path)``.
 
-Components (activity tracking, P-states, VRAM placement, power) plug in at one place,
-``_components``: each is built with the ``Agent``, subscribes in its constructor (line sinks,
-state listeners, API routes, metrics collectors, reload listeners) and then runs as a task
-in the agent's nursery.
+This module is the one place that wires the agent's parts. Each component (activity, P-states,
+VRAM placement, power) gets in its constructor only the few things it uses (the supervisor's
+view or controls, the one activity service, the GPU inventory, the P-state release) and offers
+what it provides: API routes, metrics collectors, ``on_reload(config)`` and ``run``.
+``build_parts`` builds them and subscribes their line sinks and state listeners to the
+supervisor; ``run_agent`` registers what they offer and runs each as a task in its nursery.
+Tests and the demo pass hardware fakes through ``build_parts`` in their ``make_components``.
 """
 
 from __future__ import annotations
@@ -18,18 +21,23 @@ import logging
 import os
 import signal
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol
+from typing import Any, Protocol
 
 import trio
 from prometheus_client import CollectorRegistry, Counter
+from prometheus_client.registry import Collector
 
 from inference_node import api
-from inference_node.gpu import service as gpu_service
-from inference_node.gpu.service import GpuActivityService
+from inference_node.activity.service import ActivityService
+from inference_node.gpu.backend import PstateBackend
+from inference_node.gpu.inventory import GpuInventory, open_inventory
+from inference_node.gpu.nvapi import NvapiBackend
+from inference_node.gpu.service import PstateService
 from inference_node.placement.service import PlacementService
+from inference_node.power.manager import SuspendAction
 from inference_node.power.service import PowerService
 from inference_node.supervisor import ReloadPlan, Supervisor
 from inference_node.supervisor.launch import port_problem
@@ -41,7 +49,7 @@ from shared.config.loader import Context
 from shared.config.node import NodeAgentConfig, load_node_config
 from shared.config.values import parse_hostport
 from shared.errors import LlamanapError
-from shared.http import serve
+from shared.http import App, serve
 
 log = logging.getLogger(__name__)
 
@@ -51,7 +59,19 @@ SHUTDOWN_MARGIN_S = 5.0
 
 
 class Component(Protocol):
-    """A part of the agent with a life of its own (a tracker, a controller, a policy loop)."""
+    """A part of the agent with a life of its own (activity, a controller, a policy loop)."""
+
+    def routes(self, app: App) -> None:
+        """Add its API routes to ``app`` (nothing, for a part without any)."""
+        ...
+
+    def collectors(self) -> list[Collector]:
+        """Its Prometheus collectors, registered once before the API starts."""
+        ...
+
+    def on_reload(self, config: NodeAgentConfig) -> None:
+        """Take the settings of a reloaded config (the ``[agent]`` section never changes)."""
+        ...
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """Run until cancelled; call ``task_status.started()`` once it is working."""
@@ -71,7 +91,9 @@ ReloadListener = Callable[[NodeAgentConfig], None]
 
 
 class Agent:
-    """Everything one running node-agent holds; components reach each other through it."""
+    """The core of one running node-agent: config, supervisor, enable overrides, reloads.
+
+    Components never see it; ``run_agent`` passes them what they use."""
 
     def __init__(self, cfg_path: Path, config: NodeAgentConfig) -> None:
         self.cfg_path = cfg_path
@@ -84,13 +106,9 @@ class Agent:
         self.registry.register(SupervisorCollector(self.supervisor))
         self.reloads = Counter("llamanap_agent_reloads", "Config reloads by result (ok, error)",
                                ["result"], registry=self.registry)
-        # Functions that add API routes; components append theirs before the API starts.
-        self.route_registrars: list[api.RouteRegistrar] = [api.core_routes]
-        self.reload_listeners: list[ReloadListener] = []
         self.last_reload: ReloadRecord | None = None
         self.api_urls: list[str] = []
-        # Activity per instance and per-GPU P-states (set by _components).
-        self.gpu_activity: GpuActivityService | None = None
+        self._reload_listeners: list[ReloadListener] = []  # the components' on_reload
         self._shutdown = trio.Event()
 
     def __repr__(self) -> str:
@@ -123,11 +141,23 @@ class Agent:
             plan = await self.apply_config(reason)
             self.last_reload = ReloadRecord(True, _summary(plan), _wall())
             self.reloads.labels("ok").inc()
-            for listener in self.reload_listeners:
+            for listener in self._reload_listeners:
                 listener(self.config)
             return plan
         finally:
             systemd.ready()
+
+    def on_reload(self, listener: ReloadListener) -> None:
+        """Call ``listener(config)`` after each successful reload."""
+        self._reload_listeners.append(listener)
+
+    def summary(self) -> dict[str, Any]:
+        """What ``GET /v1/status`` says about the agent itself."""
+        last = self.last_reload
+        return {"node": self.config.agent.node, "config": str(self.cfg_path),
+                "api": self.api_urls,
+                "last_reload": None if last is None else {"ok": last.ok, "message": last.message,
+                                                          "at": last.at}}
 
     def set_enabled(self, name: str, enabled: bool, reason: str) -> None:
         """Persist an enable/disable (state file) and start or stop the instance to match."""
@@ -142,14 +172,51 @@ class Agent:
         await self._shutdown.wait()
 
 
-def _components(agent: Agent) -> list[Component]:
+@dataclass
+class Parts:
+    """The agent's components, built and wired by ``build_parts``."""
+
+    activity: ActivityService
+    pstates: PstateService
+    placement: PlacementService
+    power: PowerService
+
+    def components(self) -> list[Component]:
+        """In start order: activity and P-states run before power may release them."""
+        return [self.activity, self.pstates, self.placement, self.power]
+
+
+def build_parts(agent: Agent, *, inventory: GpuInventory | None = None,
+                backend: PstateBackend | None = None, suspend: SuspendAction | None = None,
+                watch_system: bool = True) -> Parts:
+    """Build every component for ``agent`` and subscribe them to its supervisor.
+
+    Pass hardware fakes (an inventory, a P-state backend, a suspend action) for a demo or a
+    test; ``watch_system=False`` ignores logind and the clock for resumes.
+    """
+    sup, config = agent.supervisor, agent.config
+    gpus = inventory if inventory is not None else open_inventory()  # shared by P-states, placement
+    activity = ActivityService(sup)
+    pstates = PstateService(sup, activity, gpus, backend if backend is not None else NvapiBackend(),
+                            config.pstate, watch_foreign=config.power.watch_foreign_gpu_processes)
+    placement = PlacementService(gpus, config.placement.safety_margin_mib)
+    power = PowerService(config, sup, activity=activity, gpu=pstates,
+                         pstates=pstates.controller, suspend=suspend, watch_system=watch_system)
+    sup.add_line_sink(activity.feed)
+    sup.add_line_sink(placement.feed)
+    for listener in (activity.on_state, pstates.on_state, placement.on_state, power.on_state):
+        sup.add_state_listener(listener)
+    # The supervisor's one planner hook, set before it starts anything.
+    sup.launch_planner = placement.placer
+    return Parts(activity, pstates, placement, power)
+
+
+def default_components(agent: Agent) -> list[Component]:
     """The agent's parts beside the supervisor and the API, in start order."""
-    gpu = gpu_service.attach(agent)
-    # Placement shares the GPU service's NVML inventory; power reads activity from it.
-    return [gpu, PlacementService(agent, gpu.inventory), PowerService(agent)]
+    return build_parts(agent).components()
 
 
-ComponentFactory = Callable[[Agent], list[Component]]
+ComponentFactory = Callable[[Agent], Sequence[Component]]
 
 
 async def run_agent(
@@ -163,7 +230,7 @@ async def run_agent(
 
     ``task_status`` receives the ``Agent`` once the API listens and the enabled instances
     are starting (not yet READY: a big model may load for minutes). ``make_components``
-    replaces ``_components`` (the demo and tests build them with hardware fakes).
+    replaces ``default_components`` (tests build them with hardware fakes).
     """
     path = Path(cfg_path).absolute()
     config = load_node_config(path)
@@ -173,12 +240,18 @@ async def run_agent(
     if listen.port != 0 and (problem := port_problem(listen.host, listen.port)):
         # Checked before anything starts, so a second agent on the same box fails in one line.
         raise LlamanapError(f"{path}: agent.api_listen: {problem}")
-    components = (make_components or _components)(agent)
+    components = list((make_components or default_components)(agent))
+    registrars = [api.core_routes(agent.supervisor, agent, agent.registry)]
+    for component in components:
+        registrars.append(component.routes)
+        for collector in component.collectors():
+            agent.registry.register(collector)
+        agent.on_reload(component.on_reload)
     async with trio.open_nursery() as nursery:
         await nursery.start(agent.supervisor.run)
         for component in components:
             await nursery.start(component.run)
-        app = api.build_app(agent, agent.route_registrars)
+        app = api.build_app(config.agent.token, registrars)
         agent.api_urls = await nursery.start(serve, app, listen)
         if handle_signals:
             await nursery.start(_handle_signals, agent)

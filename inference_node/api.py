@@ -4,8 +4,9 @@ Every route but ``/metrics`` needs the bearer token when one is configured (the 
 refuses a non-loopback ``api_listen`` without one). Errors are JSON
 ``{"error": {"message", "type", "source": "node-agent"}}``.
 
-Other components add routes with a registrar ``def routes(app: App, agent: Agent) -> None``
-appended to ``agent.route_registrars`` before the API starts.
+Components offer routes as a registrar ``routes(app: App) -> None``; the agent's root passes
+them all to ``build_app``. The core routes get the supervisor, the metrics registry and the
+agent's own controls (``AgentControl``: status summary, enable/disable, reload).
 
 Routes:
     GET  /v1/status                      agent summary, last reload, all instances
@@ -22,11 +23,11 @@ Routes:
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 import trio
 
-from inference_node.supervisor import State
+from inference_node.supervisor import ReloadPlan, State, Supervisor
 from inference_node.supervisor.instance import Instance
 from inference_node.supervisor.supervisor import SETTLED
 from shared.cli import package_version
@@ -34,7 +35,9 @@ from shared.errors import ConfigError, LlamanapError
 from shared.http import App, HTTPError, Request, Response, metrics_response
 
 if TYPE_CHECKING:
-    from inference_node.agent import Agent
+    from prometheus_client import CollectorRegistry
+
+    from shared.config.loader import Secret
 
 SOURCE = "node-agent"
 METRICS_PATH = "/metrics"
@@ -45,20 +48,41 @@ DEFAULT_WAIT_S = 300.0
 MAX_WAIT_S = 3600.0
 ACTIONS = ("start", "stop", "restart", "enable", "disable")
 
-RouteRegistrar = Callable[[App, "Agent"], None]
+RouteRegistrar = Callable[[App], None]
 
 
-def build_app(agent: Agent, registrars: Sequence[RouteRegistrar]) -> App:
+class AgentControl(Protocol):
+    """What the core routes ask of the agent itself."""
+
+    def summary(self) -> dict[str, Any]:
+        """``node``, ``config``, ``api`` and ``last_reload`` for ``GET /v1/status``."""
+        ...
+
+    def set_enabled(self, name: str, enabled: bool, reason: str) -> None:
+        """Persist an enable/disable and start or stop the instance to match."""
+        ...
+
+    async def reload(self, reason: str) -> ReloadPlan:
+        """Re-read the config and act on the difference; raises ``ConfigError``."""
+        ...
+
+
+def build_app(token: Secret | None, registrars: Sequence[RouteRegistrar]) -> App:
     """The ASGI app with the routes of every registrar."""
-    app = App(SOURCE, agent.config.agent.token, public=frozenset({METRICS_PATH}))
+    app = App(SOURCE, token, public=frozenset({METRICS_PATH}))
     for register in registrars:
-        register(app, agent)
+        register(app)
     return app
 
 
-def core_routes(app: App, agent: Agent) -> None:
+def core_routes(sup: Supervisor, agent: AgentControl,
+                registry: CollectorRegistry) -> RouteRegistrar:
     """Instances, logs, actions, reload, metrics."""
-    sup = agent.supervisor
+    return lambda app: _core_routes(app, sup, agent, registry)
+
+
+def _core_routes(app: App, sup: Supervisor, agent: AgentControl,
+                 registry: CollectorRegistry) -> None:
 
     def instance(req: Request) -> Instance:
         name = req.params["name"]
@@ -74,14 +98,13 @@ def core_routes(app: App, agent: Agent) -> None:
 
     @app.route("GET", "/v1/status")
     async def status(req: Request) -> Response:
-        last = agent.last_reload
+        summary = agent.summary()
         return Response.json({
-            "node": agent.config.agent.node,
+            "node": summary["node"],
             "version": package_version(),
-            "config": str(agent.cfg_path),
-            "api": agent.api_urls,
-            "last_reload": None if last is None else {"ok": last.ok, "message": last.message,
-                                                      "at": last.at},
+            "config": summary["config"],
+            "api": summary["api"],
+            "last_reload": summary["last_reload"],
             "instances": [r.to_json() for r in sup.snapshot()],
         })
 
@@ -151,7 +174,7 @@ def core_routes(app: App, agent: Agent) -> None:
 
     @app.route("GET", METRICS_PATH)
     async def metrics(req: Request) -> Response:
-        return metrics_response(agent.registry)
+        return metrics_response(registry)
 
 
 def _wait_options(req: Request) -> tuple[bool, float]:

@@ -11,9 +11,11 @@ import httpx
 import pytest
 import tomli_w
 import trio
+from prometheus_client.registry import Collector
 
 from inference_node.agent import Agent, Component, run_agent
 from inference_node.supervisor import State
+from shared.config.node import NodeAgentConfig
 from shared.errors import ConfigError
 from shared.http import App, Request, Response
 from tests.support.ports import free_port
@@ -140,21 +142,32 @@ async def test_logs_after_a_seq_return_only_newer_lines(api: httpx.AsyncClient, 
 
 
 class Recorder:
-    """A component as activity tracking or the power manager plugs in: watchers, a route, a task."""
+    """A component as activity tracking or the power manager is: watchers (subscribed by the
+    factory, as the agent's root does), a route, a task."""
 
-    def __init__(self, agent: Agent) -> None:
+    def __init__(self) -> None:
         self.lines: list[str] = []
         self.ready: list[str] = []
         self.running = False
-        agent.supervisor.add_line_sink(lambda name, line, t: self.lines.append(f"{name}: {line}"))
-        agent.supervisor.add_state_listener(
-            lambda name, old, new, why: self.ready.append(name) if new is State.READY else None)
-        agent.route_registrars.append(self.routes)
+        self.reloads = 0
 
-    def routes(self, app: App, agent: Agent) -> None:
+    def feed(self, name: str, line: str, t: float) -> None:
+        self.lines.append(f"{name}: {line}")
+
+    def on_state(self, name: str, old: State, new: State, why: str) -> None:
+        if new is State.READY:
+            self.ready.append(name)
+
+    def routes(self, app: App) -> None:
         @app.route("GET", "/v1/recorder")
         async def show(req: Request) -> Response:
             return Response.json({"lines": len(self.lines), "ready": self.ready})
+
+    def collectors(self) -> list[Collector]:
+        return []
+
+    def on_reload(self, config: NodeAgentConfig) -> None:
+        self.reloads += 1
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         self.running = True
@@ -167,7 +180,9 @@ async def test_components_plug_in_watchers_routes_and_tasks(nursery: trio.Nurser
     made: list[Recorder] = []
 
     def components(agent: Agent) -> list[Component]:
-        made.append(Recorder(agent))
+        made.append(Recorder())
+        agent.supervisor.add_line_sink(made[-1].feed)
+        agent.supervisor.add_state_listener(made[-1].on_state)
         return list(made)
 
     agent: Agent = await nursery.start(functools.partial(run_agent, cfg, make_components=components))
@@ -177,3 +192,5 @@ async def test_components_plug_in_watchers_routes_and_tasks(nursery: trio.Nurser
         assert (await client.get("/v1/recorder")).status_code == 401
         shown = (await client.get("/v1/recorder", headers={"Authorization": f"Bearer {TOKEN}"})).json()
     assert shown["ready"] == ["a"] and shown["lines"] >= 1
+    await agent.reload("test")
+    assert made[0].reloads == 1  # what a component offers, the agent calls

@@ -275,11 +275,7 @@ def test_the_power_commands_run_are_the_ones_loaded(tmp_path: Path) -> None:
     cfg = load_node_config(write(tmp_path, table))
     assert cfg.power.suspend_argv == ["/usr/bin/loginctl", "suspend", "--ignore-inhibitors"]
     assert cfg.power.busy_argv == ["/bin/true"]
-
-    class AgentStub:
-        cfg_path = tmp_path / "config.toml"
-
-    assert command_suspend(AgentStub(), cfg.power).argv == cfg.power.suspend_argv  # type: ignore[arg-type]
+    assert command_suspend(cfg.power).argv == cfg.power.suspend_argv
 
 
 @pytest.mark.parametrize("rule", ["\u00c4B /x", "GET /x y", "GET\t/x\t/y", "get /x"])

@@ -24,7 +24,7 @@ from inference_node.gpu.controller import (
     PstateController,
     PstateHealth,
 )
-from inference_node.gpu.inventory import GpuInventory, NoGpus
+from inference_node.gpu.inventory import GpuInfo, GpuInventory, NoGpus
 from inference_node.gpu.nvapi import NvapiBackend
 from tests.fakes.gpu import FakeNvapiLibrary, FakeNvml, FakeRig, RecordingBackend, three_gpu_rig
 
@@ -254,8 +254,12 @@ async def test_a_gpu_other_programs_compute_on_is_never_forced_low(
     rig = three_gpu_rig()
     tracker = BusyTracker()
     others: set[str] = {rig.gpus[1].uuid}  # say, a training job nobody told the agent about
+
+    async def held_by_others(gpus: list[GpuInfo]) -> set[str]:
+        return set(others)
+
     controller = PstateController(FakeNvml(rig), nvapi_over(rig), tracker, low=LOW,
-                                  low_delay_s=DELAY_S, held_by_others=lambda gpus: set(others))
+                                  low_delay_s=DELAY_S, held_by_others=held_by_others)
     async with trio.open_nursery() as nursery:
         await nursery.start(controller.run)
         await until(lambda: rig.gpus[0].pstate == LOW and rig.gpus[2].pstate == LOW)
@@ -286,3 +290,4 @@ async def test_disabling_with_a_read_back_due_leaves_the_loop_asleep(
         await spin_for(0.3)
         assert controller._wakeup is turn, "the control loop keeps turning while disabled"
         nursery.cancel_scope.cancel()
+

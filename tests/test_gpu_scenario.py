@@ -26,9 +26,10 @@ from pathlib import Path
 import httpx
 import trio
 
+from inference_node.activity.service import ActivityService
 from inference_node.gpu.controller import PstateController
 from inference_node.gpu.nvapi import NvapiBackend
-from inference_node.gpu.service import GpuActivityService
+from inference_node.gpu.service import PstateService
 from inference_node.supervisor import Supervisor
 from shared.config.node import PstateSection
 from tests.fakes.gpu import FakeNvapiLibrary, FakeNvml, FakeRig, Switch, three_gpu_rig
@@ -59,12 +60,25 @@ def scenario(rig: FakeRig) -> dict[str, list[int | str]]:
 ON_GPU = {BUS[0]: {"gamma"}, BUS[1]: {"alpha", "beta", "delta"}, BUS[2]: {"delta"}}
 
 
-async def settle_low(controller: PstateController, rig: FakeRig) -> None:
+async def settle_low(controller: PstateController, activity: ActivityService,
+                     rig: FakeRig) -> None:
     """Wait until no instance works and every GPU is applied low."""
     with trio.fail_after(SETTLE_TIMEOUT_S):
         while not all(controller.control(g.uuid).applied == LOW for g in rig.gpus) \
-                or controller.tracker.busy_instances():
+                or activity.tracker.busy_instances():
             await trio.sleep(0.02)
+
+
+def pstate_service(supervisor: Supervisor, rig: FakeRig,
+                   backend: NvapiBackend) -> tuple[ActivityService, PstateService]:
+    """Activity and P-states over the rig, subscribed as the agent's root does."""
+    activity = ActivityService(supervisor)
+    service = PstateService(supervisor, activity, FakeNvml(rig), backend,
+                            PstateSection(low=LOW, high=HIGH, low_delay_s=LOW_DELAY_S))
+    supervisor.add_line_sink(activity.feed)
+    supervisor.add_state_listener(activity.on_state)
+    supervisor.add_state_listener(service.on_state)
+    return activity, service
 
 
 def switches_since(rig: FakeRig, mark: int) -> dict[str, list[int]]:
@@ -78,11 +92,9 @@ async def test_each_gpu_follows_the_instances_on_it(llama_server_bin: Path, tiny
     rig = three_gpu_rig()
     lib = FakeNvapiLibrary(rig)
     supervisor = Supervisor()
-    service = GpuActivityService(
-        supervisor, PstateSection(low=LOW, high=HIGH, low_delay_s=LOW_DELAY_S),
-        inventory=FakeNvml(rig), backend=NvapiBackend(loader=lambda name: lib))
+    activity, service = pstate_service(supervisor, rig, NvapiBackend(loader=lambda name: lib))
     edges: list[Edge] = []
-    service.tracker.add_listener(lambda name, busy, t: edges.append(
+    activity.add_listener(lambda name, busy, t: edges.append(
         Edge(time.perf_counter(), name, busy)))
     ports = {name: free_port() for name in scenario(rig)}
     configs = {name: instance(name, {"binary": str(llama_server_bin), "model": str(tiny_model),
@@ -93,6 +105,7 @@ async def test_each_gpu_follows_the_instances_on_it(llama_server_bin: Path, tiny
     async with trio.open_nursery() as nursery, \
             httpx.AsyncClient(timeout=REQUEST_TIMEOUT_S) as client:
         await nursery.start(supervisor.run)
+        await nursery.start(activity.run)
         await nursery.start(service.run)
         await supervisor.apply(configs, {n: True for n in configs}, "test")
         assert await supervisor.wait_all_ready(STATE_TIMEOUT_S)
@@ -100,7 +113,7 @@ async def test_each_gpu_follows_the_instances_on_it(llama_server_bin: Path, tiny
         assert {n: {rig.by_bus(b).uuid for b in BUS.values() if n in ON_GPU[b]}
                 for n in configs} == {n: set(a.gpus) for n, a in service.assignments.items()}
         assert all(not a.problems for a in service.assignments.values())
-        await settle_low(service.controller, rig)
+        await settle_low(service.controller, activity, rig)
 
         async def ask(name: str, n: int) -> None:
             for i in range(n):
@@ -109,7 +122,7 @@ async def test_each_gpu_follows_the_instances_on_it(llama_server_bin: Path, tiny
                 r.raise_for_status()
 
         def finished() -> int:
-            return sum(service.tracker.instance(n).tasks_finished for n in configs)
+            return sum(activity.tracker.instance(n).tasks_finished for n in configs)
 
         async def burst(names: list[str], n: int) -> dict[str, list[int]]:
             mark, done = len(rig.switches), finished()
@@ -119,7 +132,7 @@ async def test_each_gpu_follows_the_instances_on_it(llama_server_bin: Path, tiny
             with trio.fail_after(SETTLE_TIMEOUT_S):  # the log lines may trail the responses
                 while finished() < done + n * len(names):
                     await trio.sleep(0.02)
-            await settle_low(service.controller, rig)
+            await settle_low(service.controller, activity, rig)
             return switches_since(rig, mark)
 
         # One group at a time: only that group's GPUs switch, once up and once down (back-to-back
@@ -135,7 +148,7 @@ async def test_each_gpu_follows_the_instances_on_it(llama_server_bin: Path, tiny
         nursery.cancel_scope.cancel()
 
     assert {g["pstate_control"] for g in status["gpus"]} == {"ok"}
-    assert sum(service.tracker.instance(n).tasks_started for n in configs) == 3 + 6 + 2 + 16
+    assert sum(activity.tracker.instance(n).tasks_started for n in configs) == 3 + 6 + 2 + 16
     check_timeline(rig.switches[:before_exit], edges)
     # The controller released every GPU when it stopped.
     assert switches_since(rig, before_exit) == {bus: [HIGH] for bus in BUS.values()}
@@ -183,9 +196,8 @@ async def test_a_child_killed_mid_task_releases_its_gpu(llama_server_bin: Path, 
     """The release line never comes; the supervisor's state change ends the task."""
     rig = three_gpu_rig()
     supervisor = Supervisor()
-    service = GpuActivityService(
-        supervisor, PstateSection(low=LOW, high=HIGH, low_delay_s=LOW_DELAY_S),
-        inventory=FakeNvml(rig), backend=NvapiBackend(loader=lambda name: FakeNvapiLibrary(rig)))
+    activity, service = pstate_service(supervisor, rig,
+                                       NvapiBackend(loader=lambda name: FakeNvapiLibrary(rig)))
     port = free_port()
     config = instance("solo", {"binary": str(llama_server_bin), "model": str(tiny_model),
                                "port": port, "gpus": [2],
@@ -194,11 +206,12 @@ async def test_a_child_killed_mid_task_releases_its_gpu(llama_server_bin: Path, 
     gpu = service.controller
     async with trio.open_nursery() as nursery:
         await nursery.start(supervisor.run)
+        await nursery.start(activity.run)
         await nursery.start(service.run)
         await supervisor.apply({"solo": config}, {"solo": True}, "test")
         assert await supervisor.wait_all_ready(STATE_TIMEOUT_S)
         uuid = rig.by_bus(BUS[2]).uuid
-        await settle_low(gpu, rig)
+        await settle_low(gpu, activity, rig)
 
         async def long_request() -> None:
             async with httpx.AsyncClient(timeout=REQUEST_TIMEOUT_S) as client:
@@ -208,12 +221,12 @@ async def test_a_child_killed_mid_task_releases_its_gpu(llama_server_bin: Path, 
 
         nursery.start_soon(long_request)
         with trio.fail_after(SETTLE_TIMEOUT_S):
-            while not (service.tracker.busy("solo") and gpu.control(uuid).applied == HIGH):
+            while not (activity.busy("solo") and gpu.control(uuid).applied == HIGH):
                 await trio.sleep(0.01)
         first_pid = supervisor.get("solo").child.pid  # type: ignore[union-attr]
         os.kill(first_pid, signal.SIGKILL)
-        await settle_low(gpu, rig)  # no release line came: the state change reset the instance
-        assert not service.tracker.busy("solo")
+        await settle_low(gpu, activity, rig)  # no release line came: the state change reset the instance
+        assert not activity.busy("solo")
         assert await supervisor.wait_all_ready(STATE_TIMEOUT_S)
         assert supervisor.get("solo").child.pid != first_pid  # type: ignore[union-attr]
         assert service.assignments["solo"].gpus == (uuid,)

@@ -13,10 +13,11 @@ import httpx
 import tomli_w
 import trio
 
-from inference_node.agent import Agent, Component, run_agent
+from inference_node.activity.service import ActivityService
+from inference_node.agent import Agent, Component, Parts, build_parts, run_agent
 from inference_node.gpu.nvapi import NvapiBackend
 from inference_node.gpu.report import activity_cells, format_gpu_table
-from inference_node.gpu.service import attach
+from inference_node.gpu.service import PstateService
 from inference_node.supervisor import State
 from tests.fakes.gpu import FakeNvapiLibrary, FakeNvml, RecordingBackend, three_gpu_rig
 from tests.support.ports import free_port
@@ -46,24 +47,31 @@ async def test_agent_reports_activity_gpus_and_metrics(
         llama_server_bin: Path, tiny_model: Path, tmp_path: Path) -> None:
     port = free_port()
     cfg = write_config(tmp_path, llama_server_bin, tiny_model, port)
+    made: list[Parts] = []
+
+    def components(agent: Agent) -> list[Component]:  # the agent's own parts, kept to look at
+        made.append(build_parts(agent))
+        return made[-1].components()
+
     async with trio.open_nursery() as nursery:
-        agent: Agent = await nursery.start(run_agent, cfg)
+        agent: Agent = await nursery.start(functools.partial(run_agent, cfg,
+                                                             make_components=components))
         await wait_state(agent.supervisor, "tiny", State.READY)
-        service = agent.gpu_activity
-        assert service is not None
+        tracking = made[0].activity
         async with httpx.AsyncClient(base_url=agent.api_urls[0], timeout=REQUEST_TIMEOUT_S,
                                      headers={"Authorization": f"Bearer {TOKEN}"}) as api:
             r = await httpx.AsyncClient(timeout=REQUEST_TIMEOUT_S).post(
                 f"http://127.0.0.1:{port}/completion", json={"prompt": "hi", "n_predict": 8})
             r.raise_for_status()
             with trio.fail_after(STATE_TIMEOUT_S):  # the release line may trail the answer
-                while service.tracker.instance("tiny").tasks_finished < 1:
+                while tracking.tracker.instance("tiny").tasks_finished < 1:
                     await trio.sleep(0.02)
-            await service.reconciler.check_all(httpx.AsyncClient(timeout=REQUEST_TIMEOUT_S))
+            await tracking.reconciler.check_all(httpx.AsyncClient(timeout=REQUEST_TIMEOUT_S))
             activity = (await api.get("/v1/activity")).json()["instances"]["tiny"]
             gpus = (await api.get("/v1/gpus")).json()
             metrics = (await api.get("/metrics")).text
-            assert service.tasks_in_progress() == {"tiny": 0}
+            assert tracking.tasks_in_progress() == {"tiny": 0}
+            assert tracking.last_task_end("tiny") is not None
 
             cli = await trio.run_process(
                 [sys.executable, "-m", "inference_node", "status", "--url", agent.api_urls[0],
@@ -126,9 +134,17 @@ async def test_agent_with_fake_gpus_switches_reports_and_releases(
     port = free_port()
     cfg = write_config(tmp_path, llama_server_bin, tiny_model, port, gpus=[1])
 
+    made: list[PstateService] = []
+
     def components(agent: Agent) -> list[Component]:
-        return [attach(agent, inventory=FakeNvml(rig),
-                       backend=NvapiBackend(loader=lambda name: lib))]
+        # Activity and P-states only, wired as the agent's root does, on the fake rig.
+        activity = ActivityService(agent.supervisor)
+        made.append(PstateService(agent.supervisor, activity, FakeNvml(rig),
+                                  NvapiBackend(loader=lambda name: lib), agent.config.pstate))
+        agent.supervisor.add_line_sink(activity.feed)
+        agent.supervisor.add_state_listener(activity.on_state)
+        agent.supervisor.add_state_listener(made[-1].on_state)
+        return [activity, made[-1]]
 
     target = rig.by_bus("0000:41:00.0")  # CUDA index 1 in PCI_BUS_ID order
     busy_elsewhere = rig.by_bus("0000:81:00.0")
@@ -137,12 +153,11 @@ async def test_agent_with_fake_gpus_switches_reports_and_releases(
         agent: Agent = await nursery.start(functools.partial(run_agent, cfg,
                                                              make_components=components))
         await wait_state(agent.supervisor, "tiny", State.READY)
-        service = agent.gpu_activity
-        assert service is not None
+        service = made[0]
         control = service.controller.control(target.uuid)
         # Our own llama-server on a GPU is not "another program"; the test process is.
         target.processes = (agent.supervisor.get("tiny").child.pid,)  # type: ignore[union-attr]
-        assert service.held_by_others(FakeNvml(rig).snapshot()) == {busy_elsewhere.uuid}
+        assert await service.held_by_others(FakeNvml(rig).snapshot()) == {busy_elsewhere.uuid}
         target.processes = ()
         with trio.fail_after(STATE_TIMEOUT_S):
             while control.applied != 8:

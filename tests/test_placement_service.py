@@ -53,9 +53,18 @@ def write_config(tmp_path: Path, model: Path, llama_server_bin: Path) -> Path:
     return path
 
 
+def placement_for(agent: Agent, inventory: Any) -> PlacementService:
+    """Placement alone, wired to the supervisor as the agent's root does."""
+    placement = PlacementService(inventory, agent.config.placement.safety_margin_mib)
+    agent.supervisor.add_line_sink(placement.feed)
+    agent.supervisor.add_state_listener(placement.on_state)
+    agent.supervisor.launch_planner = placement.placer
+    return placement
+
+
 async def start_agent(nursery: trio.Nursery, cfg: Path, inventory: Any) -> Agent:
     def components(agent: Agent) -> list[Component]:
-        return [PlacementService(agent, inventory)]
+        return [placement_for(agent, inventory)]
 
     agent: Agent = await nursery.start(functools.partial(run_agent, cfg, handle_signals=False,
                                                          make_components=components))
@@ -96,7 +105,7 @@ async def test_reload_updates_the_margin(nursery: trio.Nursery, tmp_path: Path,
     made: list[PlacementService] = []
 
     def components(agent: Agent) -> list[Component]:
-        made.append(PlacementService(agent, NoGpus("no driver")))
+        made.append(placement_for(agent, NoGpus("no driver")))
         return list(made)
 
     agent: Agent = await nursery.start(functools.partial(run_agent, cfg, handle_signals=False,

@@ -19,9 +19,7 @@ import pytest
 import tomli_w
 import trio
 
-from inference_node.agent import Agent, run_agent
-from inference_node.gpu import service as gpu_service
-from inference_node.power.service import PowerService
+from inference_node.agent import Agent, Component, build_parts, run_agent
 from inference_node.supervisor import State
 from tests.support.ports import free_port
 from tests.support.supervised import wait_state
@@ -71,8 +69,8 @@ async def test_a_reload_that_starts_a_slow_instance_does_not_suspend_until_it_is
     api_port = free_port()
     path = agent_config(tmp_path, api_port)
 
-    def make(agent: Agent) -> list[Any]:
-        return [gpu_service.attach(agent), PowerService(agent, suspend=fake, watch_system=False)]
+    def make(agent: Agent) -> list[Component]:  # the agent's own parts, suspending into a fake
+        return build_parts(agent, suspend=fake, watch_system=False).components()
 
     agent: Agent = await nursery.start(functools.partial(run_agent, path, handle_signals=False,
                                                          make_components=make))

@@ -22,7 +22,7 @@ import tomli_w
 import trio
 
 from edge_proxy.service import Proxy, serve_proxy
-from inference_node.agent import Agent, _components, run_agent
+from inference_node.agent import Agent, default_components, run_agent
 from inference_node.power.policy import PowerState
 from inference_node.power.service import PowerService
 from inference_node.supervisor import State
@@ -103,7 +103,7 @@ async def start_stack(nursery: trio.Nursery, folder: Path,
     components: list[Any] = []
 
     def make(agent: Agent) -> list[Any]:  # the agent's own parts, kept to look at
-        components.extend(_components(agent))
+        components.extend(default_components(agent))
         return components
 
     cfg = agent_config(folder, backend, api, control, suspend(api, wol, folder), **power)

@@ -1,7 +1,6 @@
 """The P-state controller: one trio task that applies the policy to every GPU.
 
-It wakes on every busy/idle edge from the activity tracker (``on_busy`` is a tracker
-listener), so a GPU goes high as soon as a ``processing task`` line is read, not at a poll
+It wakes on every busy/idle edge from activity (``on_busy`` is an activity listener), so a GPU goes high as soon as a ``processing task`` line is read, not at a poll
 tick; it also wakes when a low delay or a read-back check falls due. Each forced state is read
 back through NVML: a switch the backend called successful but NVML does not show makes the GPU
 NOT_WORKING, with the reason in its status. A GPU other programs compute on (``held_by_others``,
@@ -14,13 +13,13 @@ from __future__ import annotations
 import enum
 import logging
 import math
-from collections.abc import Callable, Collection, Iterable
+from collections.abc import Awaitable, Callable, Collection, Iterable
 from dataclasses import dataclass, field
-from typing import Any, Final
+from typing import Any, Final, Protocol
 
 import trio
 
-from inference_node.activity.tracker import BusyTracker
+from inference_node.activity.tracker import BusyListener
 from inference_node.errors import PstateBackendUnavailable, PstateError
 from inference_node.gpu.backend import PSTATE_DRIVER_DECIDES, PstateBackend
 from inference_node.gpu.inventory import GpuInfo, GpuInventory
@@ -50,6 +49,16 @@ class PstateHealth(enum.Enum):
 
 
 _CONTROLLABLE: Final = frozenset({PstateHealth.UNKNOWN, PstateHealth.OK, PstateHealth.NOT_WORKING})
+
+HeldByOthers = Callable[[list[GpuInfo]], Awaitable[Collection[str]]]
+
+
+class BusySource(Protocol):
+    """What the controller reads of activity (``ActivityService``; a ``BusyTracker`` in tests)."""
+
+    def busy(self, instance: str) -> bool: ...
+
+    def add_listener(self, listener: BusyListener) -> None: ...
 
 
 @dataclass
@@ -85,17 +94,16 @@ class GpuControl:
 
 
 class PstateController:
-    """Applies ``PstatePolicy`` to each GPU from the tracker's busy/idle observations."""
+    """Applies ``PstatePolicy`` to each GPU from activity's busy/idle observations."""
 
-    def __init__(self, inventory: GpuInventory, backend: PstateBackend, tracker: BusyTracker, *,
+    def __init__(self, inventory: GpuInventory, backend: PstateBackend, activity: BusySource, *,
                  low: int, high: int = PSTATE_DRIVER_DECIDES, low_delay_s: float,
-                 enabled: bool = True,
-                 held_by_others: Callable[[list[GpuInfo]], Collection[str]] | None = None) -> None:
-        """``held_by_others(gpus)`` names the GPUs (UUIDs) other programs compute on: they are
-        never forced low, so the agent does not slow down work it did not start."""
+                 enabled: bool = True, held_by_others: HeldByOthers | None = None) -> None:
+        """``await held_by_others(gpus)`` names the GPUs (UUIDs) other programs compute on: they
+        are never forced low, so the agent does not slow down work it did not start."""
         self.inventory = inventory
         self.backend = backend
-        self.tracker = tracker
+        self.activity = activity
         self.policy = PstatePolicy(low=low, high=high, low_delay_s=low_delay_s)
         self.enabled = enabled
         self.backend_problem: str | None = None
@@ -107,7 +115,7 @@ class PstateController:
         self._backend_opened = False
         self._held_by_others = held_by_others
         self._foreign: frozenset[str] = frozenset()  # GPUs other programs used at the last refresh
-        tracker.add_listener(self.on_busy)
+        activity.add_listener(self.on_busy)
         self._sleeping = False  # released for a suspend: force nothing until resume
 
     def __repr__(self) -> str:
@@ -213,7 +221,7 @@ class PstateController:
     async def _start(self) -> None:
         gpus = await trio.to_thread.run_sync(self.inventory.snapshot)
         self._gpus = {g.uuid: GpuControl(g) for g in gpus}
-        self._check_foreign()  # before the first decision: never force a GPU in use low
+        await self._check_foreign()  # before the first decision: never force a GPU in use low
         if self.enabled:
             await self._open_backend()
 
@@ -243,7 +251,7 @@ class PstateController:
             self._account(now)
             busy = {uuid: False for uuid in self._gpus}
             for name, uuids in self._instance_gpus.items():
-                if self.tracker.busy(name) or name in self._pulses:
+                if self.activity.busy(name) or name in self._pulses:
                     for uuid in uuids & busy.keys():
                         busy[uuid] = True
             self._pulses.clear()
@@ -372,12 +380,12 @@ class PstateController:
                     control.gpu = gpu
                     if gpu.pstate is not None:
                         control.read_back = gpu.pstate  # the freshest reading wins
-            self._check_foreign()
+            await self._check_foreign()
 
-    def _check_foreign(self) -> None:
+    async def _check_foreign(self) -> None:
         if self._held_by_others is None:
             return
-        foreign = frozenset(self._held_by_others(self.gpus()))
+        foreign = frozenset(await self._held_by_others(self.gpus()))
         if foreign != self._foreign:
             self._foreign = foreign
             self._wakeup.set()

@@ -1,12 +1,12 @@
-"""Activity tracking, the /slots check and P-state control, plugged into the node-agent.
+"""P-state control as a node-agent component, and the GPU side of instance activity.
 
-``GpuActivityService(supervisor, config.pstate)`` subscribes to the supervisor in its
-constructor: its tracker is a line sink (every line of every instance), and a state listener
-learns each instance's GPUs from the environment its child starts with (``CUDA_VISIBLE_DEVICES``
-under ``CUDA_DEVICE_ORDER=PCI_BUS_ID``) and forgets its activity when the child ends. ``run``
-runs the P-state controller and the /slots check; ``routes`` adds ``GET /v1/gpus`` and
-``GET /v1/activity``; ``collector`` gives the Prometheus series. ``attach(agent)`` does all of
-that for a node-agent (``run_agent``'s ``make_components`` can pass hardware fakes to it).
+``PstateService(instances, activity, inventory, backend, settings)`` runs the P-state
+controller over the GPUs of the inventory, from the busy/idle edges of ``activity`` (the
+agent's one ``ActivityService``). Its ``on_state`` (a supervisor state listener, wired by the
+agent's root) learns each instance's GPUs from the environment its child starts with
+(``CUDA_VISIBLE_DEVICES`` under ``CUDA_DEVICE_ORDER=PCI_BUS_ID``) and forgets them when the
+child ends. It offers ``GET /v1/gpus`` and ``GET /v1/activity`` (activity beside each
+instance's GPUs), the Prometheus series of both, and takes ``[pstate]`` on a reload.
 
 A GPU on which NVML lists a compute process outside the instances' process trees (a training
 job, a notebook) is treated as busy: the agent never slows down work it did not start.
@@ -17,88 +17,64 @@ from __future__ import annotations
 import logging
 from typing import TYPE_CHECKING, Any, Final
 
-import psutil
 import trio
 
-from inference_node.activity.reconcile import SLOTS_CHECK_INTERVAL_S, SlotsReconciler
-from inference_node.activity.tracker import BusyTracker
+from inference_node.activity.service import ENDED, ActivityView, InstanceSource
 from inference_node.gpu.assign import GpuAssignment, check_processes, gpus_for_env
 from inference_node.gpu.backend import PstateBackend
 from inference_node.gpu.controller import PstateController
-from inference_node.gpu.inventory import GpuInfo, GpuInventory, open_inventory
+from inference_node.gpu.inventory import GpuInfo, GpuInventory
 from inference_node.gpu.metrics import GpuActivityCollector
-from inference_node.gpu.nvapi import NvapiBackend
-from inference_node.supervisor import State, Supervisor
+from inference_node.process_tree import with_descendants
+from inference_node.supervisor.state import State
 from shared.config.node import NodeAgentConfig, PstateSection
 from shared.http import App, Request, Response
 
 if TYPE_CHECKING:
-    from inference_node.agent import Agent
+    from prometheus_client.registry import Collector
 
 log = logging.getLogger(__name__)
 
-# An instance whose child ended runs no task any more.
-_ENDED: Final = frozenset({State.STOPPED, State.BACKOFF, State.FAILED})
 # NVML's compute process list is checked against the assignment this often (cheap, and a
 # wrong mapping only matters while the instance works).
 PROCESS_CHECK_INTERVAL_S: Final = 30.0
 
 
-def attach(agent: Agent, *, inventory: GpuInventory | None = None,
-           backend: PstateBackend | None = None) -> GpuActivityService:
-    """Build the service for ``agent`` and plug it in: ``agent.gpu_activity``, its API routes,
-    its metrics and its reload listener. Pass hardware fakes for a demo or a test."""
-    service = GpuActivityService(
-        agent.supervisor, agent.config.pstate, inventory=inventory, backend=backend,
-        watch_foreign=agent.config.power.watch_foreign_gpu_processes)
-    agent.gpu_activity = service
-    agent.route_registrars.append(service.routes)
-    agent.registry.register(service.collector())
-    agent.reload_listeners.append(service.on_reload)
-    return service
+class PstateService:
+    """Component: per-GPU P-states from instance activity, and the status of both."""
 
-
-class GpuActivityService:
-    """Busy/idle per instance, per-GPU P-states, and the status of both."""
-
-    def __init__(self, supervisor: Supervisor, config: PstateSection, *,
-                 inventory: GpuInventory | None = None, backend: PstateBackend | None = None,
-                 slots_interval_s: float = SLOTS_CHECK_INTERVAL_S,
+    def __init__(self, instances: InstanceSource, activity: ActivityView,
+                 inventory: GpuInventory, backend: PstateBackend, settings: PstateSection, *,
                  watch_foreign: bool = True) -> None:
-        self.supervisor = supervisor
-        self.tracker = BusyTracker()
-        self.inventory = inventory if inventory is not None else open_inventory()
+        self.instances = instances
+        self.activity = activity
+        self.inventory = inventory
         self.controller = PstateController(
-            self.inventory, backend if backend is not None else NvapiBackend(), self.tracker,
-            low=config.low, high=config.high, low_delay_s=config.low_delay_s,
-            enabled=config.enabled, held_by_others=self.held_by_others if watch_foreign else None)
-        self.reconciler = SlotsReconciler(self.tracker, self.endpoints, interval_s=slots_interval_s)
+            inventory, backend, activity, low=settings.low, high=settings.high,
+            low_delay_s=settings.low_delay_s, enabled=settings.enabled,
+            held_by_others=self.held_by_others if watch_foreign else None)
         self.assignments: dict[str, GpuAssignment] = {}
         self.gpu_problems: dict[str, list[str]] = {}
         self._foreign_seen: dict[str, list[int]] = {}
-        supervisor.add_line_sink(self.tracker.feed)
-        supervisor.add_state_listener(self.on_state)
 
     def __repr__(self) -> str:
-        return (f"<GpuActivityService gpus={len(self.controller.gpus())} "
-                f"busy={self.tracker.busy_instances()}>")
+        return f"<PstateService gpus={len(self.controller.gpus())} {self.controller!r}>"
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
-        """Run the controller and the checks until cancelled (forced P-states are released)."""
+        """Run the controller and the process check until cancelled (forced P-states are
+        released on the way out)."""
         async with trio.open_nursery() as nursery:
             await nursery.start(self.controller.run)
-            await nursery.start(self.reconciler.run)
             nursery.start_soon(self._process_check_loop)
             task_status.started()
 
-    # -- supervisor listeners -------------------------------------------------------------------
+    # -- inputs -----------------------------------------------------------------------------
 
     def on_state(self, name: str, old: State, new: State, reason: str) -> None:
-        """Learn an instance's GPUs when its child starts; forget its tasks when it ends."""
-        now = trio.current_time()
+        """State listener: learn an instance's GPUs when its child starts; forget them when
+        it ends."""
         if new is State.STARTING:
-            self.tracker.reset(name, now)  # a new child runs nothing yet
-            launch = self.supervisor.get(name).launch
+            launch = self.instances.get(name).launch
             if launch is None:
                 return
             assignment = gpus_for_env(launch.env, self.controller.gpus())
@@ -106,45 +82,24 @@ class GpuActivityService:
             for problem in assignment.problems:
                 log.warning("instance %s: %s", name, problem)
             self.controller.set_instance_gpus(name, assignment.gpus)
-        elif new in _ENDED:
-            self.tracker.reset(name, now)
+        elif new in ENDED:
             self.controller.forget_instance(name)
 
     def on_reload(self, config: NodeAgentConfig) -> None:
-        """Reload listener: take the new ``[pstate]`` settings."""
+        """Take the new ``[pstate]`` settings."""
         p = config.pstate
         self.controller.configure(low=p.low, high=p.high, low_delay_s=p.low_delay_s,
                                   enabled=p.enabled)
 
-    def endpoints(self) -> dict[str, str]:
-        """Base URLs of the READY instances (for /slots and /metrics)."""
-        urls: dict[str, str] = {}
-        for row in self.supervisor.snapshot():
-            if row.state is not State.READY:
-                continue
-            launch = self.supervisor.get(row.name).launch
-            if launch is not None:
-                host = launch.probe_host
-                urls[row.name] = f"http://{f'[{host}]' if ':' in host else host}:{launch.port}"
-        return urls
+    # -- what other parts read --------------------------------------------------------------
 
-    def own_pids(self) -> set[int]:
-        """Pids of every running instance and of their descendants (a wrapper script's child
-        is the process CUDA sees)."""
-        pids: set[int] = set()
-        for row in self.supervisor.snapshot():
-            if row.pid is None:
-                continue
-            pids.add(row.pid)
-            try:
-                pids.update(p.pid for p in psutil.Process(row.pid).children(recursive=True))
-            except psutil.Error:
-                continue  # exited meanwhile
-        return pids
+    def instance_pids(self) -> list[int]:
+        """Pids of every running instance's own process (not of their children)."""
+        return [row.pid for row in self.instances.snapshot() if row.pid is not None]
 
-    def held_by_others(self, gpus: list[GpuInfo]) -> set[str]:
+    async def held_by_others(self, gpus: list[GpuInfo]) -> set[str]:
         """GPUs (UUIDs) on which NVML lists a compute process that is not one of ours."""
-        ours = self.own_pids()
+        ours = await trio.to_thread.run_sync(with_descendants, self.instance_pids())
         foreign = {g.pci_bus_id: sorted(p.pid for p in g.processes if p.pid not in ours)
                    for g in gpus}
         foreign = {bus: pids for bus, pids in foreign.items() if pids}
@@ -157,32 +112,28 @@ class GpuActivityService:
             self._foreign_seen = foreign
         return {g.uuid for g in gpus if g.pci_bus_id in foreign}
 
-    def tasks_in_progress(self) -> dict[str, int]:
-        """``{instance: busy slots}`` (what the power manager's busy check reads)."""
-        return {name: len(self.tracker.instance(name).active) for name in self.tracker.names()}
-
     def gpu_processes(self) -> list[tuple[int, str]]:
         """``(pid, GPU UUID)`` of every compute process NVML saw at the last refresh."""
         return [(p.pid, g.uuid) for g in self.controller.gpus() for p in g.processes]
 
-    # -- status ---------------------------------------------------------------------------------
+    # -- status -----------------------------------------------------------------------------
 
     def activity_status(self) -> dict[str, Any]:
-        now = trio.current_time()
-        instances = self.tracker.status(now)
-        for name, entry in instances.items():
+        """Activity of every instance, with the GPUs it runs on and any doubt about them."""
+        status = self.activity.status(trio.current_time())
+        for name, entry in status["instances"].items():
             assignment = self.assignments.get(name)
             entry["gpus"] = list(assignment.gpus) if assignment else []
             entry["gpu_source"] = assignment.source if assignment else None
             entry["gpu_problems"] = [*(assignment.problems if assignment else ()),
                                      *self.gpu_problems.get(name, [])]
-        return {"instances": instances, "slots_checks": self.reconciler.checks}
+        return status
 
     def gpu_status(self) -> dict[str, Any]:
         return self.controller.status(trio.current_time())
 
-    def routes(self, app: App, agent: Agent) -> None:
-        """Route registrar: ``GET /v1/gpus`` and ``GET /v1/activity``."""
+    def routes(self, app: App) -> None:
+        """``GET /v1/gpus`` and ``GET /v1/activity``."""
 
         @app.route("GET", "/v1/gpus")
         async def gpus(req: Request) -> Response:
@@ -192,8 +143,8 @@ class GpuActivityService:
         async def activity(req: Request) -> Response:
             return Response.json(self.activity_status())
 
-    def collector(self) -> GpuActivityCollector:
-        return GpuActivityCollector(self.gpu_status, self.activity_status)
+    def collectors(self) -> list[Collector]:
+        return [GpuActivityCollector(self.gpu_status, self.activity_status)]
 
     async def _process_check_loop(self) -> None:
         while True:
@@ -203,7 +154,7 @@ class GpuActivityService:
     def check_processes(self) -> None:
         """Compare NVML's compute processes with each running instance's GPUs; log news."""
         gpus = self.controller.gpus()
-        for row in self.supervisor.snapshot():
+        for row in self.instances.snapshot():
             assignment = self.assignments.get(row.name)
             if row.pid is None or assignment is None:
                 continue

@@ -1,8 +1,9 @@
 """Activity checks: each says in words why the node must stay awake, or None when it may sleep.
 
 A check is a small object with ``name`` and ``async check() -> str | None``. The sources of
-truth (the activity tracker, the GPU inventory, the inhibit registry) are passed in as
-callables, so every check can be built and tested on its own.
+truth (instance activity, the GPU inventory, the inhibit registry) are passed in as
+callables, so every check can be built and tested on its own. Whatever blocks (the process
+table, a command) runs off the event loop.
 """
 
 from __future__ import annotations
@@ -16,6 +17,8 @@ from typing import Protocol
 
 import psutil
 import trio
+
+from inference_node.process_tree import with_descendants
 
 log = logging.getLogger(__name__)
 
@@ -119,16 +122,25 @@ class ForeignGpuProcessCheck:
     """GPU compute processes the agent did not start (a training job, a notebook)."""
 
     processes: Callable[[], Iterable[tuple[int, str]]]  # (pid, GPU name or UUID)
-    own_pids: Callable[[], set[int]]
+    instance_pids: Callable[[], Iterable[int]]  # our instances' processes; their children count too
     name: str = "gpu-processes"
 
     async def check(self) -> str | None:
-        ours = self.own_pids()
-        foreign = [(pid, gpu) for pid, gpu in self.processes() if pid not in ours]
-        if not foreign:
+        processes, roots = list(self.processes()), list(self.instance_pids())
+        if not processes:
             return None
-        parts = [f"pid {pid} ({_process_name(pid)}) on {gpu}" for pid, gpu in sorted(foreign)]
-        return "GPU in use by another program: " + ", ".join(parts)
+        # Walking the process tree reads /proc for every process: not on the event loop.
+        return await trio.to_thread.run_sync(foreign_process_reason, processes, roots)
+
+
+def foreign_process_reason(processes: Sequence[tuple[int, str]], roots: Iterable[int]) -> str | None:
+    """Blocking part of ``ForeignGpuProcessCheck``: GPU processes outside our process trees."""
+    ours = with_descendants(roots)
+    foreign = [(pid, gpu) for pid, gpu in processes if pid not in ours]
+    if not foreign:
+        return None
+    parts = [f"pid {pid} ({_process_name(pid)}) on {gpu}" for pid, gpu in sorted(foreign)]
+    return "GPU in use by another program: " + ", ".join(parts)
 
 
 def _process_name(pid: int) -> str:

@@ -143,6 +143,17 @@ class PowerManager:
         if getattr(new, "name", str(new)) == "READY":
             self._ready_send.send_nowait(instance)
 
+    def reconfigure(self, cfg: PowerSection, checks: Sequence[Check],
+                    suspend: SuspendAction | None = None) -> None:
+        """New ``[power]`` settings and the checks built from them (a config reload), used
+        from the next round on; ``suspend`` replaces the suspend action when given."""
+        self.cfg = cfg
+        self.policy.reconfigure(cfg.idle_timeout_s, cfg.min_awake_s)
+        self.resume_timeout_s = cfg.resume_timeout_s
+        self.checks = list(checks)
+        if suspend is not None:
+            self.suspender = suspend
+
     def poke(self) -> None:
         """Run a round now (an inhibit ended), not at the next interval."""
         self._poke.set()

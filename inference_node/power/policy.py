@@ -44,6 +44,12 @@ class IdlePolicy:
         self.idle_since: float | None = None
         self.not_before = now + min_awake_s
 
+    def reconfigure(self, idle_timeout_s: float, min_awake_s: float) -> None:
+        """New timeouts (a config reload), used from the next observation; a ``min_awake_s``
+        already counting keeps the end it had."""
+        self.idle_timeout_s = idle_timeout_s
+        self.min_awake_s = min_awake_s
+
     def observe(self, now: float, reasons: Sequence[str]) -> Verdict:
         """Record one round of checks; ``reasons`` lists every check that said active."""
         if reasons:

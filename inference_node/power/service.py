@@ -1,13 +1,20 @@
 """The power component of the agent: builds the checks and the manager from config, adds the
-``/v1/power`` routes (status, the sleep hook's ``pre``/``post``, inhibits)."""
+``/v1/power`` routes (status, the sleep hook's ``pre``/``post``, inhibits).
+
+It gets what its checks read (instance activity, the GPUs' compute processes), the
+supervisor's start/stop and the P-state release from the agent's root; a reload hands the
+manager its new settings (``PowerManager.reconfigure``).
+"""
 
 from __future__ import annotations
 
 import logging
-from typing import TYPE_CHECKING, Any
+from collections.abc import Iterable
+from typing import TYPE_CHECKING, Any, Protocol
 
 import trio
 
+from inference_node.activity.service import ActivityView
 from inference_node.power.checks import (
     ApiInhibitCheck,
     Check,
@@ -20,14 +27,22 @@ from inference_node.power.checks import (
     InstanceStartingCheck,
     LoggedInUsersCheck,
 )
-from inference_node.power.manager import CommandSuspend, PowerManager, PstateRelease, SuspendAction
+from inference_node.power.manager import (
+    CommandSuspend,
+    InstanceControl,
+    PowerManager,
+    PstateRelease,
+    SuspendAction,
+)
 from inference_node.power.proxy_client import ProxyClient
 from inference_node.supervisor.state import State
 from shared.config.node import NodeAgentConfig, PowerSection
 from shared.http import HTTPError, Request, Response
 
 if TYPE_CHECKING:
-    from inference_node.agent import Agent
+    from prometheus_client.registry import Collector
+
+    from inference_node.supervisor import InstanceStatus
     from shared.http import App
 
 log = logging.getLogger(__name__)
@@ -37,19 +52,39 @@ MAX_INHIBIT_S = 7 * 86400.0  # an inhibit longer than a week is a mistake, not a
 MAX_INHIBIT_REASON_CHARS = 200
 
 
-def build_checks(agent: Agent, registry: InhibitRegistry) -> list[Check]:
+class GpuProcesses(Protocol):
+    """What the foreign-process check reads (the P-state service offers it)."""
+
+    def gpu_processes(self) -> list[tuple[int, str]]:
+        """``(pid, GPU UUID)`` of every compute process NVML saw last."""
+        ...
+
+    def instance_pids(self) -> Iterable[int]:
+        """Pids of the running instances (their descendants are ours too)."""
+        ...
+
+
+class Instances(InstanceControl, Protocol):
+    """What power uses of the supervisor: stop and start them all, and see who is starting."""
+
+    def snapshot(self) -> list[InstanceStatus]:
+        """One row per instance, with its state."""
+        ...
+
+
+def build_checks(config: NodeAgentConfig, registry: InhibitRegistry, instances: Instances, *,
+                 activity: ActivityView | None, gpu: GpuProcesses | None) -> list[Check]:
     """The checks ``[power]`` asks for, fed from the agent's own parts."""
-    cfg = agent.config.power
-    gpu = agent.gpu_activity
+    cfg = config.power
     checks: list[Check] = [ApiInhibitCheck(registry), InstanceStartingCheck(lambda: [
-        row.name for row in agent.supervisor.snapshot() if row.state is State.STARTING])]
-    if gpu is not None:
-        checks.append(InstanceBusyCheck(gpu.tasks_in_progress))
-        if cfg.watch_foreign_gpu_processes:
-            checks.append(ForeignGpuProcessCheck(gpu.gpu_processes, gpu.own_pids))
+        row.name for row in instances.snapshot() if row.state is State.STARTING])]
+    if activity is not None:
+        checks.append(InstanceBusyCheck(activity.tasks_in_progress))
+    if gpu is not None and cfg.watch_foreign_gpu_processes:
+        checks.append(ForeignGpuProcessCheck(gpu.gpu_processes, gpu.instance_pids))
     if cfg.watch_connections:
-        checks.append(ConnectionsCheck(lambda: [
-            i.effective_port for i in agent.config.instances.values() if i.enabled]))
+        ports = [i.effective_port for i in config.instances.values() if i.enabled]
+        checks.append(ConnectionsCheck(lambda: ports))
     if cfg.watch_logged_in_users:
         checks.append(LoggedInUsersCheck())
     if cfg.watch_inhibitor_locks:
@@ -59,7 +94,7 @@ def build_checks(agent: Agent, registry: InhibitRegistry) -> list[Check]:
     return checks
 
 
-def command_suspend(agent: Agent, power: PowerSection) -> CommandSuspend:
+def command_suspend(power: PowerSection) -> CommandSuspend:
     """The configured suspend command (``systemctl suspend`` by default)."""
     return CommandSuspend(power.suspend_argv, power.suspend_command_timeout_s)
 
@@ -67,21 +102,22 @@ def command_suspend(agent: Agent, power: PowerSection) -> CommandSuspend:
 class PowerService:
     """Component: the idle policy loop and the suspend/resume sequence."""
 
-    def __init__(self, agent: Agent, *, suspend: SuspendAction | None = None,
+    def __init__(self, config: NodeAgentConfig, instances: Instances, *,
+                 activity: ActivityView | None = None, gpu: GpuProcesses | None = None,
+                 pstates: PstateRelease | None = None, suspend: SuspendAction | None = None,
                  watch_system: bool = True) -> None:
-        cfg = agent.config
-        self.agent = agent
+        """``suspend`` replaces the configured suspend command (a test's)."""
+        self.instances = instances
+        self.activity = activity
+        self.gpu = gpu
         self.inhibits = InhibitRegistry()
-        pstates: PstateRelease | None = agent.gpu_activity.controller if agent.gpu_activity else None
+        self._fixed_suspend = suspend is not None
         self.manager = PowerManager(
-            cfg.power, build_checks(agent, self.inhibits), agent.supervisor,
-            suspend or command_suspend(agent, cfg.power),
-            proxy=ProxyClient(cfg.proxy, cfg.agent.node) if cfg.proxy else None,
-            pstates=pstates, resume_timeout_s=cfg.power.resume_timeout_s,
+            config.power, self._checks(config), instances,
+            suspend or command_suspend(config.power),
+            proxy=ProxyClient(config.proxy, config.agent.node) if config.proxy else None,
+            pstates=pstates, resume_timeout_s=config.power.resume_timeout_s,
             watch_system=watch_system)
-        agent.supervisor.add_state_listener(self.manager.on_instance_state)
-        agent.route_registrars.append(self.routes)
-        agent.reload_listeners.append(self._reloaded)
 
     def __repr__(self) -> str:
         return f"<PowerService {self.manager.machine!r}>"
@@ -94,20 +130,26 @@ class PowerService:
                 with trio.CancelScope(shield=True):
                     await self.manager.proxy.aclose()
 
-    def _reloaded(self, config: NodeAgentConfig) -> None:
+    def on_state(self, instance: str, old: State, new: State, reason: str) -> None:
+        """State listener: READY instances are announced to the proxy while resuming."""
+        self.manager.on_instance_state(instance, old, new, reason)
+
+    def on_reload(self, config: NodeAgentConfig) -> None:
+        """Hand the manager the new ``[power]`` settings and the checks built from them."""
         power = config.power
-        manager = self.manager
-        manager.cfg = power
-        manager.policy.idle_timeout_s = power.idle_timeout_s
-        manager.policy.min_awake_s = power.min_awake_s
-        manager.resume_timeout_s = power.resume_timeout_s
-        manager.checks = build_checks(self.agent, self.inhibits)
-        if isinstance(manager.suspender, CommandSuspend):
-            manager.suspender = command_suspend(self.agent, power)
-        if (config.proxy is None) != (manager.proxy is None) or (
-                config.proxy is not None and manager.proxy is not None
-                and config.proxy != manager.proxy.cfg):
+        suspend = None if self._fixed_suspend else command_suspend(power)
+        self.manager.reconfigure(power, self._checks(config), suspend)
+        proxy = self.manager.proxy
+        if (config.proxy is None) != (proxy is None) or (
+                config.proxy is not None and proxy is not None and config.proxy != proxy.cfg):
             log.warning("reload: [proxy] changed; restart node-agent to apply it")
+
+    def collectors(self) -> list[Collector]:
+        return []
+
+    def _checks(self, config: NodeAgentConfig) -> list[Check]:
+        return build_checks(config, self.inhibits, self.instances, activity=self.activity,
+                            gpu=self.gpu)
 
     def status(self) -> dict[str, Any]:
         now = trio.current_time()
@@ -115,7 +157,7 @@ class PowerService:
             {"id": i.id, "reason": i.reason, "remaining_s": round(i.until - now, 1)}
             for i in self.inhibits.active(now)]}
 
-    def routes(self, app: App, agent: Agent) -> None:
+    def routes(self, app: App) -> None:
         """``GET /v1/power``, ``POST /v1/power/hook``, ``POST|DELETE /v1/power/inhibit``."""
 
         @app.route("GET", "/v1/power")
