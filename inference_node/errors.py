@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING
 from shared.errors import LlamanapError
 
 if TYPE_CHECKING:
+    from inference_node.gpu.control_state import PstateEvent, PstateHealth
     from inference_node.power.policy import PowerEvent, PowerState
     from inference_node.supervisor.state import State
 
@@ -97,3 +98,13 @@ class IllegalInstanceTransition(RuntimeError):
 class IllegalPowerTransition(RuntimeError):
     def __init__(self, state: PowerState, event: PowerEvent) -> None:
         super().__init__(f"power: event {event.name} is not allowed in state {state.name}")
+
+
+class IllegalPstateTransition(RuntimeError):
+    """A bug: the P-state controller fed a GPU's control health an event its table lacks."""
+
+    def __init__(self, pci_bus_id: str, state: PstateHealth, event: PstateEvent) -> None:
+        super().__init__(f"GPU {pci_bus_id} P-state control: event {event.value} is not "
+                         f"allowed in state {state.name}")
+        self.state = state
+        self.event = event

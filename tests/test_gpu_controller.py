@@ -15,7 +15,9 @@ import trio.testing
 
 from inference_node.activity.parser import TaskFinished, TaskStarted
 from inference_node.activity.tracker import BusyTracker
+from inference_node.errors import IllegalPstateTransition
 from inference_node.gpu.backend import PstateBackend
+from inference_node.gpu.control_state import TRANSITIONS, GpuControl, PstateEvent
 from inference_node.gpu.controller import (
     INVENTORY_REFRESH_S,
     READBACK_DELAY_S,
@@ -26,7 +28,14 @@ from inference_node.gpu.controller import (
 )
 from inference_node.gpu.inventory import GpuInfo, GpuInventory, NoGpus
 from inference_node.gpu.nvapi import NvapiBackend
-from tests.fakes.gpu import FakeNvapiLibrary, FakeNvml, FakeRig, RecordingBackend, three_gpu_rig
+from tests.fakes.gpu import (
+    FakeNvapiLibrary,
+    FakeNvml,
+    FakeRig,
+    OverlapDetectingBackend,
+    RecordingBackend,
+    three_gpu_rig,
+)
 
 LOW, HIGH = 8, 16
 DELAY_S = 2.0
@@ -291,3 +300,75 @@ async def test_disabling_with_a_read_back_due_leaves_the_loop_asleep(
         assert controller._wakeup is turn, "the control loop keeps turning while disabled"
         nursery.cancel_scope.cancel()
 
+
+RACE_ROUNDS = 30
+
+
+async def test_a_release_for_a_suspend_never_overlaps_the_control_loop() -> None:
+    """The power path releases while the loop switches busily: every backend call still
+    comes from one thread at a time, and each release returns with every GPU released."""
+    rig = three_gpu_rig()
+    backend = OverlapDetectingBackend(rig)
+    tracker = BusyTracker()
+    controller = PstateController(FakeNvml(rig), backend, tracker, low=LOW, high=HIGH,
+                                  low_delay_s=0.0)
+    for gpu in rig.gpus:
+        controller.set_instance_gpus(f"on-{gpu.pci_bus_id}", [gpu.uuid])
+
+    async def flip_activity() -> None:  # busy and idle edges as fast as the loop takes them
+        task = 0
+        while True:
+            task += 1
+            for gpu in rig.gpus:
+                name = f"on-{gpu.pci_bus_id}"
+                tracker.apply(name, TaskStarted(0, task), trio.current_time())
+                await trio.sleep(0.001)
+                tracker.apply(name, TaskFinished(0, task), trio.current_time())
+            await trio.sleep(0.001)
+
+    released_ok = 0
+    async with trio.open_nursery() as nursery:
+        await nursery.start(controller.run)
+        controls = [controller.control(g.uuid) for g in rig.gpus]
+        nursery.start_soon(flip_activity)
+        for _ in range(RACE_ROUNDS):
+            with trio.fail_after(REAL_WAIT_S):
+                while not any(c.applied == LOW for c in controls):
+                    await trio.sleep(0.001)
+            await controller.release_all("test suspend")
+            released_ok += all(c.applied in (None, HIGH) for c in controls)
+            controller.resume_control()
+        nursery.cancel_scope.cancel()
+    assert backend.overlaps == 0, f"{backend.overlaps} backend calls overlapped another"
+    assert released_ok == RACE_ROUNDS  # each release returned after the loop applied it
+    assert backend.calls > RACE_ROUNDS  # the loop switched between the releases
+
+
+def test_control_health_moves_by_its_table() -> None:
+    control = GpuControl(FakeNvml(three_gpu_rig()).snapshot()[0])
+    control.handle(PstateEvent.READ_BACK_MATCHED, "P8 set and read back")
+    assert control.health is PstateHealth.OK
+    control.handle(PstateEvent.SWITCH_FAILED, "refused")
+    assert control.health is PstateHealth.NOT_WORKING and control.reason == "refused"
+    # The backend is opened before any switch: a GPU under control cannot lose it later.
+    with pytest.raises(IllegalPstateTransition, match="event no-backend is not allowed in state "
+                                                "NOT_WORKING"):
+        control.handle(PstateEvent.NO_BACKEND, "late")
+    single = GpuControl(control.gpu)
+    single.handle(PstateEvent.ONE_PSTATE, "one memory clock")
+    with pytest.raises(IllegalPstateTransition, match="in state UNSUPPORTED"):
+        single.handle(PstateEvent.READ_BACK_MATCHED, "P8")
+    assert all(set(moves) <= set(PstateEvent) for moves in TRANSITIONS.values())
+
+
+async def test_a_release_after_the_loop_ended_returns_at_once(
+        autojump_clock: trio.testing.MockClock) -> None:
+    rig = three_gpu_rig()
+    controller, _ = make(rig, RecordingBackend(rig))
+    async with trio.open_nursery() as nursery:
+        await nursery.start(controller.run)
+        await until(lambda: all(g.pstate == LOW for g in rig.gpus))
+        nursery.cancel_scope.cancel()
+    assert all(g.pstate == 0 for g in rig.gpus)  # released on the way out
+    with trio.fail_after(1):
+        await controller.release_all("suspending")  # nobody left to ask: nothing forced

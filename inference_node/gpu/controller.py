@@ -1,20 +1,23 @@
 """The P-state controller: one trio task that applies the policy to every GPU.
 
+That task is the only caller of the P-state backend: other tasks send it requests
+(``await release_all(reason)`` before a suspend returns once the loop has released every
+GPU; ``resume_control()``), so two threads never switch a GPU at once.
+
 It wakes on every busy/idle edge from activity (``on_busy`` is an activity listener), so a GPU goes high as soon as a ``processing task`` line is read, not at a poll
 tick; it also wakes when a low delay or a read-back check falls due. Each forced state is read
 back through NVML: a switch the backend called successful but NVML does not show makes the GPU
 NOT_WORKING, with the reason in its status. A GPU other programs compute on (``held_by_others``,
-checked at each inventory refresh) counts as busy. When ``run`` ends, for any reason, every GPU
+checked at each inventory refresh) counts as busy. Each GPU's control health moves by the table
+in ``control_state``. When ``run`` ends, for any reason, every GPU
 it forced is released to 16 ("driver decides").
 """
 
 from __future__ import annotations
 
-import enum
 import logging
 import math
 from collections.abc import Awaitable, Callable, Collection, Iterable
-from dataclasses import dataclass, field
 from typing import Any, Final, Protocol
 
 import trio
@@ -22,8 +25,9 @@ import trio
 from inference_node.activity.tracker import BusyListener
 from inference_node.errors import PstateBackendUnavailable, PstateError
 from inference_node.gpu.backend import PSTATE_DRIVER_DECIDES, PstateBackend
+from inference_node.gpu.control_state import Ask, GpuControl, LoopRequest, PstateEvent, PstateHealth
 from inference_node.gpu.inventory import GpuInfo, GpuInventory
-from inference_node.gpu.policy import GpuActivity, PstatePolicy
+from inference_node.gpu.policy import PstatePolicy
 
 log = logging.getLogger(__name__)
 
@@ -40,15 +44,7 @@ INVENTORY_REFRESH_S: Final = 5.0
 RELEASE_TIMEOUT_S: Final = 5.0
 
 
-class PstateHealth(enum.Enum):
-    UNKNOWN = "unknown"  # nothing forced and read back yet
-    OK = "ok"  # the last forced state read back as set
-    NOT_WORKING = "not-working"  # the switch failed, or NVML shows another state
-    UNSUPPORTED = "unsupported"  # one P-state only: nothing to switch
-    NO_BACKEND = "no-backend"  # NVAPI missing or cannot reach this GPU
-
-
-_CONTROLLABLE: Final = frozenset({PstateHealth.UNKNOWN, PstateHealth.OK, PstateHealth.NOT_WORKING})
+__all__ = ["GpuControl", "PstateController", "PstateHealth"]
 
 HeldByOthers = Callable[[list[GpuInfo]], Awaitable[Collection[str]]]
 
@@ -61,38 +57,6 @@ class BusySource(Protocol):
     def add_listener(self, listener: BusyListener) -> None: ...
 
 
-@dataclass
-class GpuControl:
-    """The controller's record of one GPU: wanted, applied and read-back states, health."""
-
-    gpu: GpuInfo
-    health: PstateHealth = PstateHealth.UNKNOWN
-    reason: str = ""
-    wanted: int | None = None
-    applied: int | None = None
-    read_back: int | None = None
-    activity: GpuActivity | None = None
-    switches: int = 0
-    failures: int = 0
-    seconds: dict[str, float] = field(default_factory=lambda: {"low": 0.0, "high": 0.0})
-    retry_at: float = -math.inf
-    verify_target: int | None = None
-    verify_due: float = math.inf
-    verify_deadline: float = math.inf
-
-    def transition(self, new: PstateHealth, reason: str) -> None:
-        if new is self.health and reason == self.reason:
-            return
-        level = logging.WARNING if new is PstateHealth.NOT_WORKING else logging.INFO
-        log.log(level, "GPU %s P-state control: %s -> %s (%s)", self.gpu.pci_bus_id,
-                self.health.value, new.value, reason)
-        self.health, self.reason = new, reason
-
-    def __repr__(self) -> str:
-        return (f"<GpuControl {self.gpu.pci_bus_id} {self.health.value} wanted={self.wanted} "
-                f"applied={self.applied} read={self.read_back} switches={self.switches}>")
-
-
 class PstateController:
     """Applies ``PstatePolicy`` to each GPU from activity's busy/idle observations."""
 
@@ -102,7 +66,7 @@ class PstateController:
         """``await held_by_others(gpus)`` names the GPUs (UUIDs) other programs compute on: they
         are never forced low, so the agent does not slow down work it did not start."""
         self.inventory = inventory
-        self.backend = backend
+        self.backend = backend  # called from the control loop's task only
         self.activity = activity
         self.policy = PstatePolicy(low=low, high=high, low_delay_s=low_delay_s)
         self.enabled = enabled
@@ -115,8 +79,10 @@ class PstateController:
         self._backend_opened = False
         self._held_by_others = held_by_others
         self._foreign: frozenset[str] = frozenset()  # GPUs other programs used at the last refresh
-        activity.add_listener(self.on_busy)
         self._sleeping = False  # released for a suspend: force nothing until resume
+        self._requests_in, self._requests = trio.open_memory_channel[LoopRequest](math.inf)
+        self._stopped = False  # run() ended: it released every forced state on its way out
+        activity.add_listener(self.on_busy)
 
     def __repr__(self) -> str:
         states = ", ".join(f"{c.gpu.pci_bus_id}={'-' if c.applied is None else c.applied}"
@@ -154,15 +120,25 @@ class PstateController:
         self._wakeup.set()
 
     async def release_all(self, reason: str) -> None:
-        """Give every GPU back to the driver now and keep it so until ``resume_control()``
-        (the machine is about to sleep: the driver must own the GPU across suspend)."""
-        self._sleeping = True
-        log.info("P-states: releasing every forced state (%s)", reason)
-        await self._release_all()
+        """Give every GPU back to the driver and keep it so until ``resume_control()`` (the
+        machine is about to sleep: the driver must own the GPU across suspend).
+
+        A request to the control loop, which alone calls the backend: returns once the loop
+        has released every forced state (a GPU it cannot release is logged, and its status
+        still shows the forced state). After ``run`` ended it returns at once: ``run``
+        released everything on its way out.
+        """
+        if self._stopped:
+            return
+        request = LoopRequest(Ask.RELEASE, reason)
+        self._requests_in.send_nowait(request)
+        self._wakeup.set()
+        await request.done.wait()
 
     def resume_control(self) -> None:
-        """Switch P-states again after ``release_all`` (the machine is back)."""
-        self._sleeping = False
+        """Switch P-states again after ``release_all`` (the machine is back); the loop takes
+        the request after any earlier one, so a release and a resume never swap places."""
+        self._requests_in.send_nowait(LoopRequest(Ask.RESUME, "resume"))
         self._wakeup.set()
 
     # -- outputs ------------------------------------------------------------------------------
@@ -217,6 +193,8 @@ class PstateController:
                 log.error("releasing forced P-states took over %s s; some GPUs may stay forced",
                           RELEASE_TIMEOUT_S)
             self.backend.close()
+            self._stopped = True
+            self._answer_pending()
 
     async def _start(self) -> None:
         gpus = await trio.to_thread.run_sync(self.inventory.snapshot)
@@ -239,14 +217,15 @@ class PstateController:
         for control in self._gpus.values():
             problem = problems.get(control.gpu.uuid, f"{self.backend.name} did not report this GPU")
             if control.gpu.pstate_switchable is False:
-                control.transition(PstateHealth.UNSUPPORTED, "one memory clock only, so one "
-                                   "P-state: nothing to switch (P100/V100-class GPU)")
+                control.handle(PstateEvent.ONE_PSTATE, "one memory clock only, so one "
+                               "P-state: nothing to switch (P100/V100-class GPU)")
             elif problem is not None:
-                control.transition(PstateHealth.NO_BACKEND, problem)
+                control.handle(PstateEvent.NO_BACKEND, problem)
 
     async def _control_loop(self) -> None:
         while True:
             self._wakeup = trio.Event()
+            await self._serve_requests()
             now = trio.current_time()
             self._account(now)
             busy = {uuid: False for uuid in self._gpus}
@@ -277,15 +256,38 @@ class PstateController:
             with trio.move_on_at(wake_at):
                 await self._wakeup.wait()
 
+    async def _serve_requests(self) -> None:
+        """Carry out the requests of other tasks, in the order they came."""
+        while True:
+            try:
+                request = self._requests.receive_nowait()
+            except trio.WouldBlock:
+                return
+            if request.ask is Ask.RELEASE:
+                self._sleeping = True
+                log.info("P-states: releasing every forced state (%s)", request.reason)
+                await self._release_all()
+            else:
+                self._sleeping = False
+            request.done.set()
+
+    def _answer_pending(self) -> None:
+        """``run`` ended and released what it could: nobody may wait for the loop any more."""
+        while True:
+            try:
+                self._requests.receive_nowait().done.set()
+            except trio.WouldBlock:
+                return
+
     def _pending_times(self) -> list[float]:
         times = [c.verify_due for c in self._gpus.values()]
         times += [c.retry_at for c in self._gpus.values() if c.wanted != c.applied and
-                  c.health in _CONTROLLABLE and c.retry_at != -math.inf]
+                  c.controllable and c.retry_at != -math.inf]
         return times
 
     async def _apply(self, now: float) -> None:
         todo = [c for c in self._gpus.values()
-                if c.health in _CONTROLLABLE and c.wanted is not None and c.wanted != c.applied
+                if c.controllable and c.wanted is not None and c.wanted != c.applied
                 and now >= c.retry_at]
         if not todo:
             return
@@ -313,7 +315,7 @@ class PstateController:
         if error is not None:
             control.failures += 1
             control.retry_at = now + SWITCH_RETRY_S
-            control.transition(PstateHealth.NOT_WORKING, error)
+            control.handle(PstateEvent.SWITCH_FAILED, error)
             return
         log.debug("GPU %s: P%d -> P%d", control.gpu.pci_bus_id,
                   -1 if control.applied is None else control.applied, pstate)
@@ -341,15 +343,16 @@ class PstateController:
             return
         if state is None:
             control.verify_due = math.inf
-            control.transition(PstateHealth.UNKNOWN, "NVML cannot read this GPU's P-state back")
+            control.handle(PstateEvent.READ_BACK_UNAVAILABLE,
+                           "NVML cannot read this GPU's P-state back")
         elif target == PSTATE_DRIVER_DECIDES or state == target:
             # "Driver decides" has no single right answer; a call that returned OK is all we know.
             control.verify_due = math.inf
             if target != PSTATE_DRIVER_DECIDES:
-                control.transition(PstateHealth.OK, f"P{target} set and read back")
+                control.handle(PstateEvent.READ_BACK_MATCHED, f"P{target} set and read back")
         elif now >= control.verify_deadline:
             control.verify_due = math.inf
-            control.transition(PstateHealth.NOT_WORKING, (
+            control.handle(PstateEvent.READ_BACK_DIFFERS, (
                 f"{self.backend.name} set P{target} without error but NVML reads P{state} after "
                 f"{READBACK_TIMEOUT_S:g} s; the switch does not take on this GPU"))
         else:

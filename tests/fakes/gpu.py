@@ -215,3 +215,30 @@ def three_gpu_rig() -> FakeRig:
     ]
     return FakeRig(gpus, nvapi_order=[2, 1, 0])
 
+
+class OverlapDetectingBackend(RecordingBackend):
+    """``RecordingBackend`` that counts calls made while another call was still running.
+
+    Each call takes a lock without blocking and holds it for ``hold_s`` (a real driver call
+    takes time too), so two threads switching at once are caught, not just unlikely."""
+
+    name = "overlap-detecting"
+
+    def __init__(self, rig: FakeRig, *, hold_s: float = 0.005) -> None:
+        super().__init__(rig)
+        self.hold_s = hold_s
+        self.calls = 0
+        self.overlaps = 0
+        self._busy = threading.Lock()
+
+    def set_pstate(self, gpu: GpuInfo, pstate: int) -> None:
+        if not self._busy.acquire(blocking=False):
+            with self.rig.lock:
+                self.overlaps += 1
+            return
+        try:
+            self.calls += 1
+            time.sleep(self.hold_s)
+            super().set_pstate(gpu, pstate)
+        finally:
+            self._busy.release()
