@@ -10,7 +10,7 @@ view or controls, the one activity service, the GPU inventory, the P-state relea
 what it provides: API routes, metrics collectors, ``on_reload(config)`` and ``run``.
 ``build_parts`` builds them and subscribes their line sinks and state listeners to the
 supervisor; ``run_agent`` registers what they offer and runs each as a task in its nursery.
-Tests and the demo pass hardware fakes through ``build_parts`` in their ``make_components``.
+Tests pass hardware fakes through ``build_parts`` in their ``make_components``.
 """
 
 from __future__ import annotations
@@ -147,7 +147,7 @@ class Agent:
         finally:
             systemd.ready()
 
-    def on_reload(self, listener: ReloadListener) -> None:
+    def add_reload_listener(self, listener: ReloadListener) -> None:
         """Call ``listener(config)`` after each successful reload."""
         self._reload_listeners.append(listener)
 
@@ -191,8 +191,7 @@ def build_parts(agent: Agent, *, inventory: GpuInventory | None = None,
                 watch_system: bool = True) -> Parts:
     """Build every component for ``agent`` and subscribe them to its supervisor.
 
-    Pass hardware fakes (an inventory, a P-state backend, a suspend action) for a demo or a
-    test; ``watch_system=False`` ignores logind and the clock for resumes.
+    Pass hardware fakes (an inventory, a P-state backend, a suspend action) in a test; ``watch_system=False`` ignores logind and the clock for resumes.
     """
     sup, config = agent.supervisor, agent.config
     gpus = inventory if inventory is not None else open_inventory()  # shared by P-states, placement
@@ -246,7 +245,7 @@ async def run_agent(
         registrars.append(component.routes)
         for collector in component.collectors():
             agent.registry.register(collector)
-        agent.on_reload(component.on_reload)
+        agent.add_reload_listener(component.on_reload)
     async with trio.open_nursery() as nursery:
         await nursery.start(agent.supervisor.run)
         for component in components:

@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
+import os
+import signal
+import subprocess
 import sys
 
 import trio
@@ -86,6 +90,29 @@ async def test_foreign_gpu_processes() -> None:
     reason = await check.check()
     assert reason is not None and reason.startswith("GPU in use by another program: pid 1 (")
     assert "4242" not in reason
+
+
+async def test_a_grandchild_of_an_instance_is_ours_not_foreign() -> None:
+    """A wrapper's child (the process CUDA sees) counts as the instance's, found by walking
+    the real process tree (in a worker thread)."""
+    wrapper = await trio.lowlevel.open_process(
+        [sys.executable, "-c", "import subprocess, sys, time; "
+         "p = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(60)']); "
+         "print(p.pid, flush=True); time.sleep(60)"], stdout=subprocess.PIPE)
+    grandchild: int | None = None
+    try:
+        assert wrapper.stdout is not None
+        grandchild = int((await wrapper.stdout.receive_some(64)).split()[0])
+        gpu = [(grandchild, "GPU-aaaa")]
+        assert await ForeignGpuProcessCheck(lambda: gpu, lambda: [wrapper.pid]).check() is None
+        reason = await ForeignGpuProcessCheck(lambda: gpu, lambda: []).check()
+        assert reason is not None and f"pid {grandchild} (" in reason
+    finally:
+        for pid in (grandchild, wrapper.pid):
+            if pid is not None:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
+        await wrapper.wait()
 
 
 def test_inhibitor_listing_parser() -> None:
