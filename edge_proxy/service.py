@@ -18,11 +18,12 @@ from typing import Any, Literal
 
 import trio
 
+from edge_proxy.admission import ConnectionCounts
 from edge_proxy.control import build_app
 from edge_proxy.errors import ListenError
 from edge_proxy.http_routes.service import HttpRoutes
 from edge_proxy.metrics import ProxyMetrics
-from edge_proxy.tcp_routes.listener import Route, Shared
+from edge_proxy.tcp_routes.listener import Route
 from edge_proxy.tcp_routes.relay_loop import RelayLoop
 from edge_proxy.wake.driver import Backend, NodeDriver
 from edge_proxy.wake.wol import UdpWolSender, WolSender
@@ -53,7 +54,7 @@ class Proxy:
         # "trio": the loop is never started, so every relay takes the trio engine (benchmarks)
         self.relay_engine = relay_engine
         self.relay_loop = RelayLoop()
-        self.shared = Shared(cfg.limits, self.metrics, relay_loop=self.relay_loop)
+        self.counts = ConnectionCounts(cfg.limits)
         self.drivers: dict[str, NodeDriver] = {}
         self.routes: dict[str, Route] = {}
         self.http_routes = HttpRoutes(self.metrics.registry)  # protocol = "http" listeners
@@ -66,7 +67,7 @@ class Proxy:
         self._started = 0.0
 
     def __repr__(self) -> str:
-        return f"<Proxy nodes={list(self.drivers)} routes={list(self.routes)} open={self.shared.open}>"
+        return f"<Proxy nodes={list(self.drivers)} routes={list(self.routes)} open={self.counts.open}>"
 
     def route_address(self, index: int = 0) -> tuple[str, int]:
         """The first bound address of ``cfg.routes[index]`` (useful with port 0)."""
@@ -103,12 +104,12 @@ class Proxy:
             self.http_routes.stop()
             grace = self.cfg.limits.shutdown_grace_s
             log.info("stopping: %d connection(s) open, waiting up to %g s",
-                     self.shared.open, grace)
+                     self.counts.open, grace)
             with trio.move_on_after(grace):
-                await self.shared.wait_idle()
-            if self.shared.open:
+                await self.counts.wait_idle()
+            if self.counts.open:
                 log.warning("stopping: closing %d connection(s) after the grace period",
-                            self.shared.open)
+                            self.counts.open)
             connections.cancel_scope.cancel()
 
     def stop(self) -> None:
@@ -128,7 +129,7 @@ class Proxy:
 
     async def _apply(self, cfg: EdgeConfig, *, initial: bool) -> None:
         assert self._services is not None and self._connections is not None
-        self.shared.limits = cfg.limits
+        self.counts.limits = cfg.limits
         for name, node_cfg in cfg.nodes.items():
             if name in self.drivers:
                 self.drivers[name].update(node_cfg)
@@ -142,7 +143,7 @@ class Proxy:
         for name in set(self.drivers) - set(cfg.nodes):
             self._driver_scopes.pop(name).cancel()
             self.drivers.pop(name).close(f"node {name} was removed from the config")
-        await self.http_routes.apply(cfg, self.drivers, self.shared, self._services,
+        await self.http_routes.apply(cfg, self.drivers, self.counts, self._services,
                                      initial=initial)
         wanted = {_route_key(i, r): r for i, r in enumerate(cfg.routes) if r.protocol == "tcp"}
         for key in set(self.routes) - set(wanted):
@@ -151,7 +152,8 @@ class Proxy:
             if key in self.routes:
                 self.routes[key].update(route_cfg, self.drivers[route_cfg.node])
                 continue
-            route = Route(route_cfg, self.drivers[route_cfg.node], self.shared)
+            route = Route(route_cfg, self.drivers[route_cfg.node], self.counts, self.metrics,
+                          self.relay_loop)
             try:
                 await self._services.start(route.serve, self._connections)
             except ListenError as exc:
@@ -171,9 +173,9 @@ class Proxy:
         """What ``GET /status`` shows: nodes, states, connections, routes."""
         return {
             "uptime_s": round(trio.current_time() - self._started, 3),
-            "connections_open": self.shared.open,
+            "connections_open": self.counts.open,
             "relay_engine": self._engine_status(),
-            "held_total": self.shared.held_total,
+            "held_total": self.counts.held_total,
             "nodes": {name: d.status() for name, d in sorted(self.drivers.items())},
             "routes": [{"listen": r.cfg.listen, "node": r.cfg.node,
                         "backend_port": r.cfg.backend_port, "ready": r.cfg.ready,

@@ -81,7 +81,7 @@ def in_flight(proxy: Proxy) -> int:
 
 
 async def settled(proxy: Proxy) -> None:
-    while proxy.drivers["box"].active or in_flight(proxy) or proxy.shared.open:
+    while proxy.drivers["box"].active or in_flight(proxy) or proxy.counts.open:
         await trio.sleep(0.01)
 
 

@@ -192,9 +192,9 @@ async def test_client_leaving_while_held_is_forgotten_and_the_wake_goes_on(
             stream = await trio.open_tcp_stream("127.0.0.1", proxy.route_address()[1])
             await wait_until(lambda: driver.held == 1)
             await stream.aclose()
-            await wait_until(lambda: driver.held == 0 and proxy.shared.open == 0)
+            await wait_until(lambda: driver.held == 0 and proxy.counts.open == 0)
             assert driver.state is State.WAKING  # the next client will find it awake sooner
-            assert proxy.shared.held_total == 0
+            assert proxy.counts.held_total == 0
             await nursery.start(serve_backend, backend_port, answer_backend)
             await wait_until(lambda: driver.state is State.AWAKE)
             answer = await request(proxy.route_address()[1], b"after\n")

@@ -152,7 +152,7 @@ async def test_backend_dying_mid_stream_resets_the_client_promptly(tmp_path: Pat
                 while await stream.receive_some(1 << 16):
                     pass
             await stream.aclose()
-            while proxy.shared.open:
+            while proxy.counts.open:
                 await trio.sleep(0.01)
             assert proxy.drivers["box"].active == 0
 

@@ -22,16 +22,26 @@ from __future__ import annotations
 import json
 import logging
 from collections import Counter
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
+from functools import partial
 from typing import Final
 
 import trio
 
+from edge_proxy.admission import (
+    Admission,
+    Connected,
+    ConnectionCounts,
+    GaveUp,
+    NotWoken,
+    Refused,
+)
 from edge_proxy.errors import (
     BackendUnavailable,
     UpstreamError,
     UpstreamTimeout,
-    WakeFailed,
 )
 from edge_proxy.http_routes import waking
 from edge_proxy.http_routes.cache import MAX_CACHED_BODY_BYTES, ResponseCache, cache_key
@@ -42,7 +52,6 @@ from edge_proxy.http_routes.metrics import HttpMetrics, Refusals
 from edge_proxy.http_routes.models import ModelTable, Unroutable, requested_model, wants_stream
 from edge_proxy.http_routes.rules import WakePolicy
 from edge_proxy.http_routes.upstream import Response, Upstream, read_capped
-from edge_proxy.tcp_routes.listener import Shared
 from edge_proxy.wake.driver import NodeDriver
 from edge_proxy.wake.machine import State
 from shared.config.edge import HttpOptions, RouteConfig
@@ -52,8 +61,6 @@ log = logging.getLogger(__name__)
 MODEL_LIST_PATHS: Final = frozenset({"/v1/models", "/models"})
 # Polls answered 503 while the node sleeps and nothing is cached: come back in this long.
 NO_CACHE_RETRY_AFTER_S: Final = 30
-# A backend that flips between ready and refusing is given up on after this many tries.
-MAX_CONNECT_ATTEMPTS: Final = 5
 # The model-list union asks each awake node live; one slow node must not stall the page.
 MODELS_FETCH_TIMEOUT_S: Final = 5.0
 # An error answer relayed into an already-started SSE stream is read up to this size.
@@ -80,9 +87,9 @@ class HttpRouteApp:
     """Serves one listener. Every decision is made by the pure parts (rules, cache, models)."""
 
     def __init__(self, listen: str, backends: list[NodeBackend], options: HttpOptions,
-                 shared: Shared, metrics: HttpMetrics, cache: ResponseCache | None = None) -> None:
+                 counts: ConnectionCounts, metrics: HttpMetrics, cache: ResponseCache | None = None) -> None:
         self.listen = listen
-        self.shared = shared
+        self.counts = counts
         self.metrics = metrics
         self.refusals = Refusals(listen, metrics)
         self.live: set[Exchange] = set()  # requests in flight (``in_flight``)
@@ -111,13 +118,13 @@ class HttpRouteApp:
 
     async def _serve(self, ex: Exchange) -> None:
         # Counted with the proxy's open connections, so a graceful stop waits for it too.
-        self.shared.opened()
+        self.counts.opened()
         self.live.add(ex)
         try:
             await self._serve_counted(ex)
         finally:
             self.live.discard(ex)
-            self.shared.closed()
+            self.counts.closed()
 
     def in_flight(self) -> dict[str, int]:
         """Requests in flight per node (``""``: not routed to a node yet)."""
@@ -249,76 +256,52 @@ class HttpRouteApp:
     async def _forward_waking(self, ex: Exchange, backend: NodeBackend, model: str,
                               body: bytes) -> None:
         driver = backend.driver
-        streaming = wants_stream(body)
-        for _ in range(MAX_CONNECT_ATTEMPTS):
-            if backend.is_awake():
-                generation = driver.machine.generation
-                try:
-                    await self._relay(ex, backend, body)
-                    self._count(backend, "relayed")
-                    return
-                except BackendUnavailable as exc:
-                    log.info("route %s: %s", self.listen, exc.reason)
-                    driver.connect_failed(exc, generation)
-                    continue
-            if not self._admit(driver):
-                self._count(backend, "refused")
-                self.refusals.refused("held_limit", f"{ex.method} {ex.path}: node "
-                                      f"{backend.name} holds {driver.held} (max_held "
-                                      f"{driver.cfg.max_held}, limits.max_held_total "
-                                      f"{self.shared.limits.max_held_total})")
-                await ex.fail(503, f"too many requests held for node {backend.name}",
-                              "service_unavailable",
-                              headers=[(b"retry-after", str(NO_CACHE_RETRY_AFTER_S).encode())])
-                return
-            try:
-                await self._hold(ex, backend, model, streaming)
-            except WakeFailed as exc:
-                self._count(backend, "wake_timeout")
-                log.warning("route %s: %s %s: wake of %s failed: %s", self.listen, ex.method,
-                            ex.path, backend.name, exc)
-                await ex.fail(504, f"node {backend.name} did not wake: {exc}", "wake_timeout")
-                return
-        self._count(backend, "gave_up")
-        await ex.fail(502, f"node {backend.name} kept refusing after {MAX_CONNECT_ATTEMPTS} "
-                      "connect attempts", "upstream_error")
+        admission = Admission(driver, backend.route.backend_port, self.counts, self.listen)
 
-    def _admit(self, driver: NodeDriver) -> bool:
-        return (driver.held < driver.cfg.max_held
-                and self.shared.held_total < self.shared.limits.max_held_total)
+        @contextmanager
+        def holding() -> Iterator[None]:
+            if driver.state is not State.WAKING and not driver.cooling_down():
+                self.metrics.wakes.labels(self.listen, backend.name, model).inc()
+            self.metrics.held.labels(self.listen, backend.name, model).inc()
+            yield
 
-    async def _hold(self, ex: Exchange, backend: NodeBackend, model: str, streaming: bool) -> None:
-        """Wait for the node's shared wake; raise ``WakeFailed`` when it times out."""
-        driver, port = backend.driver, backend.route.backend_port
-        if driver.state is not State.WAKING and not driver.cooling_down():
-            self.metrics.wakes.labels(self.listen, backend.name, model).inc()
-        self.metrics.held.labels(self.listen, backend.name, model).inc()
-        driver.hold(port)
-        self.shared.held_total += 1
-        done = trio.Event()
-        failure: WakeFailed | None = None
-        try:
-            async with trio.open_nursery() as nursery:
-                if streaming:
-                    nursery.start_soon(self._comment_while_held, ex, backend.name, done)
-                try:
-                    await driver.wait_awake()
-                except WakeFailed as exc:
-                    failure = exc  # raised below, not wrapped in the nursery's group
-                finally:
-                    done.set()  # the comment task ends after the send it may be in
-        finally:
-            self.shared.held_total -= 1
-            driver.unhold(port)
-        if failure is not None:
-            raise failure
+        outcome = await admission.connect(
+            partial(self._relay, ex, backend, body), holding=holding,
+            while_held=partial(self._comment_while_held, ex, backend.name)
+            if wants_stream(body) else None)
+        if isinstance(outcome, Connected):
+            self._count(backend, "relayed")
+        elif isinstance(outcome, Refused):
+            self._count(backend, "refused")
+            self.refusals.refused("held_limit", f"{ex.method} {ex.path}: node "
+                                  f"{backend.name} holds {driver.held} (max_held "
+                                  f"{driver.cfg.max_held}, limits.max_held_total "
+                                  f"{self.counts.limits.max_held_total})")
+            await ex.fail(503, f"too many requests held for node {backend.name}",
+                          "service_unavailable",
+                          headers=[(b"retry-after", str(NO_CACHE_RETRY_AFTER_S).encode())])
+        elif isinstance(outcome, NotWoken):
+            self._count(backend, "wake_timeout")
+            log.warning("route %s: %s %s: wake of %s failed: %s", self.listen, ex.method,
+                        ex.path, backend.name, outcome.reason)
+            await ex.fail(504, f"node {backend.name} did not wake: {outcome.reason}",
+                          "wake_timeout")
+        elif isinstance(outcome, GaveUp):
+            self._count(backend, "gave_up")
+            await ex.fail(502, f"node {backend.name} kept refusing after {outcome.attempts} "
+                          "connect attempts", "upstream_error")
+        # LeftWhileHeld: only a while_held hook reports it, and the comments never do (a
+        # client that leaves cancels the whole request instead)
 
-    async def _comment_while_held(self, ex: Exchange, node: str, done: trio.Event) -> None:
+    async def _comment_while_held(self, ex: Exchange, node: str,
+                                  released: trio.Event) -> str | None:
+        """SSE comments every ``waking_comment_interval_s`` until ``released`` (the first one
+        starts the answer); a comment being sent is finished first."""
         started = trio.current_time()
         while True:
             with trio.move_on_after(self.options.waking_comment_interval_s):
-                await done.wait()
-                return
+                await released.wait()
+                return None
             if not ex.started:
                 await ex.start(200, list(waking.SSE_HEADERS))
             await ex.body(waking.comment(node, trio.current_time() - started))

@@ -18,11 +18,11 @@ import trio
 from hypercorn.config import Config as HypercornConfig
 from hypercorn.trio import serve as hypercorn_serve
 
+from edge_proxy.admission import ConnectionCounts
 from edge_proxy.errors import ListenError
 from edge_proxy.http_routes.app import HttpRouteApp, NodeBackend
 from edge_proxy.http_routes.metrics import HttpMetrics
 from edge_proxy.http_routes.upstream import Upstream
-from edge_proxy.tcp_routes.listener import Shared
 from edge_proxy.wake.driver import NodeDriver
 from edge_proxy.wake.machine import State
 from shared.config.edge import HttpOptions, RouteConfig
@@ -57,15 +57,15 @@ class HttpListener:
     """One listening address in front of one or more nodes."""
 
     def __init__(self, routes: list[RouteConfig], drivers: Mapping[str, NodeDriver],
-                 shared: Shared, metrics: HttpMetrics) -> None:
+                 counts: ConnectionCounts, metrics: HttpMetrics) -> None:
         if not routes:
             raise ValueError("an HTTP listener needs at least one route")
         self.listen = routes[0].listen
         self.options = next((r.http for r in routes if r.http is not None), HttpOptions())
         backends = [NodeBackend(r, drivers[r.node], Upstream(r.node, r.backend_port))
                     for r in routes]
-        self.app = HttpRouteApp(self.listen, backends, self.options, shared, metrics)
-        self.shared = shared
+        self.app = HttpRouteApp(self.listen, backends, self.options, counts, metrics)
+        self.counts = counts
         self.urls: list[str] = []
         self._stopping = trio.Event()
         self._backend_tasks: trio.Nursery | None = None
@@ -119,7 +119,7 @@ class HttpListener:
         config.errorlog = logging.getLogger("hypercorn.error")
         config.keep_alive_timeout = self.options.client_keepalive_s
         config.backlog = LISTEN_BACKLOG
-        config.graceful_timeout = self.shared.limits.shutdown_grace_s
+        config.graceful_timeout = self.counts.limits.shutdown_grace_s
         async with trio.open_nursery() as nursery:
             self._backend_tasks = nursery
             for backend in self.app.backends.values():

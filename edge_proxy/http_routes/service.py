@@ -9,11 +9,11 @@ from typing import Any
 import trio
 from prometheus_client import CollectorRegistry
 
+from edge_proxy.admission import ConnectionCounts
 from edge_proxy.errors import ListenError
 from edge_proxy.http_routes.metrics import HttpMetrics
 from edge_proxy.http_routes.server import HttpListener, group_http_routes
 from edge_proxy.metrics import watch_listen_overflows
-from edge_proxy.tcp_routes.listener import Shared
 from edge_proxy.wake.driver import NodeDriver
 from shared.config.edge import EdgeConfig, RouteConfig
 
@@ -31,8 +31,8 @@ class HttpRoutes:
     def __repr__(self) -> str:
         return f"<HttpRoutes {list(self.listeners)}>"
 
-    async def apply(self, cfg: EdgeConfig, drivers: Mapping[str, NodeDriver], shared: Shared,
-                    services: trio.Nursery, *, initial: bool) -> None:
+    async def apply(self, cfg: EdgeConfig, drivers: Mapping[str, NodeDriver],
+                    counts: ConnectionCounts, services: trio.Nursery, *, initial: bool) -> None:
         """Open listeners that are new in ``cfg``, stop those it no longer has, update those
         whose routes changed (``HttpListener.update``)."""
         if initial:  # host-wide: one watcher per proxy, whatever its routes
@@ -47,7 +47,7 @@ class HttpRoutes:
                     self.listeners[key].update(routes, drivers)
                     self._routes[key] = routes
                 continue
-            listener = HttpListener(routes, drivers, shared, self.metrics)
+            listener = HttpListener(routes, drivers, counts, self.metrics)
             try:
                 await services.start(listener.serve)
             except ListenError as exc:

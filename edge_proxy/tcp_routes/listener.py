@@ -8,72 +8,53 @@ A connection's life: if the node is AWAKE, connect (with ``probe_timeout_s``) an
 not, or if that connect fails, the connection is *held*: admitted against the per-node and
 overall limits (past them it is reset at once), its bytes kept in a bounded buffer, until the
 node's shared wake ends: ready → connect and relay (held bytes first), timeout → reset, and
-counted.
+counted. Admitting, holding and connecting are ``edge_proxy.admission``'s one step, shared with
+HTTP routes; this module adds what is TCP's own: reading the held client's bytes meanwhile.
 """
 
 from __future__ import annotations
 
 import errno
 import logging
-from dataclasses import dataclass
-from typing import Any
 
 import trio
 
-from edge_proxy.errors import BackendUnavailable, ClientGone, ListenError, WakeFailed
+from edge_proxy.admission import (
+    Admission,
+    Connected,
+    ConnectionCounts,
+    LeftWhileHeld,
+    NotWoken,
+    Refused,
+)
+from edge_proxy.errors import ClientGone, ListenError
 from edge_proxy.metrics import ProxyMetrics
 from edge_proxy.probe import connect
 from edge_proxy.tcp_routes.idle import IdleTimeouts, idle_side
 from edge_proxy.tcp_routes.relay import Held, relay, reset, tune
 from edge_proxy.tcp_routes.relay_loop import RelayLoop
 from edge_proxy.wake.driver import NodeDriver
-from edge_proxy.wake.machine import State
-from shared.config.edge import LimitsConfig, RouteConfig
+from shared.config.edge import RouteConfig
 
 log = logging.getLogger(__name__)
 
-# A backend that flips between ready and refusing is given up on after this many tries.
-MAX_CONNECT_ATTEMPTS = 5
 # Out of file descriptors or memory: pause accepting briefly instead of spinning (as trio does).
 ACCEPT_BACKOFF_S = 0.1
 _ACCEPT_RESOURCE_ERRORS = {errno.EMFILE, errno.ENFILE, errno.ENOMEM, errno.ENOBUFS}
 
 
-@dataclass
-class Shared:
-    """State every route shares: limits, the held total, open connections for shutdown."""
-
-    limits: LimitsConfig
-    metrics: ProxyMetrics
-    relay_loop: RelayLoop  # where established relays move their bytes
-    held_total: int = 0
-    open: int = 0
-    _idle: trio.Event | None = None
-
-    def opened(self) -> None:
-        self.open += 1
-
-    def closed(self) -> None:
-        self.open -= 1
-        if self.open == 0 and self._idle is not None:
-            self._idle.set()
-
-    async def wait_idle(self) -> None:
-        """Return when no connection is open."""
-        while self.open:
-            self._idle = trio.Event()
-            await self._idle.wait()
-
-
 class Route:
     """One listening address relayed to one node's backend port."""
 
-    def __init__(self, cfg: RouteConfig, driver: NodeDriver, shared: Shared) -> None:
+    def __init__(self, cfg: RouteConfig, driver: NodeDriver, counts: ConnectionCounts,
+                 metrics: ProxyMetrics, relay_loop: RelayLoop) -> None:
         self.cfg = cfg
         self.driver = driver
-        self.shared = shared
+        self.counts = counts
+        self.proxy_metrics = metrics
+        self.relay_loop = relay_loop  # where established relays move their bytes
         self.addresses: list[tuple[str, int]] = []
-        self.metrics = shared.metrics.route(cfg.node, cfg.listen)
+        self.metrics = metrics.route(cfg.node, cfg.listen)
         self._scope = trio.CancelScope()
 
     def __repr__(self) -> str:
@@ -83,7 +64,7 @@ class Route:
         """Point an open listener at a changed backend; open connections keep theirs."""
         self.cfg = cfg
         self.driver = driver
-        self.metrics = self.shared.metrics.route(cfg.node, cfg.listen)
+        self.metrics = self.proxy_metrics.route(cfg.node, cfg.listen)
 
     def stop(self) -> None:
         """Stop accepting (the listening sockets close); connections carry on."""
@@ -124,111 +105,83 @@ class Route:
                               exc.strerror, ACCEPT_BACKOFF_S)
                     await trio.sleep(ACCEPT_BACKOFF_S)
                     continue
-                self.shared.opened()
+                self.counts.opened()
                 connections.start_soon(self._handle, stream)
 
     async def _handle(self, client: trio.SocketStream) -> None:
         try:
             await self._serve_client(client)
         finally:
-            self.shared.closed()
+            self.counts.closed()
             with trio.CancelScope(shield=True):
                 await client.aclose()
 
     async def _serve_client(self, client: trio.SocketStream) -> None:
         # a reload does not move a connection
         cfg, driver, metrics = self.cfg, self.driver, self.metrics
-        node, route = cfg.node, cfg.listen
+        route = cfg.listen
         metrics.connections.inc()
         tune(client)
         held: Held | None = None
-        for _ in range(MAX_CONNECT_ATTEMPTS):
-            if driver.state is State.AWAKE:
-                generation = driver.machine.generation
-                try:
-                    backend = await connect(driver.cfg.host, cfg.backend_port,
-                                            driver.cfg.probe_timeout_s)
-                except BackendUnavailable as exc:
-                    log.info("route %s: %s", route, exc.reason)
-                    driver.connect_failed(exc, generation)
-                    continue
-                break
-            if not self._admit():
-                metrics.refused.inc()
-                log.warning("route %s: connection refused: held limit reached (%d for node %s, "
-                            "%d overall)", route, driver.held, node, self.shared.held_total)
-                reset(client)
-                return
-            held = held or Held.empty(self.shared.limits.hold_buffer_bytes)
+
+        async def read_while_held(released: trio.Event) -> str | None:
+            nonlocal held
+            held = held or Held.empty(self.counts.limits.hold_buffer_bytes)
+            return await _collect_until(client, held, released)
+
+        admission = Admission(driver, cfg.backend_port, self.counts, route)
+        outcome = await admission.connect(
+            lambda: connect(driver.cfg.host, cfg.backend_port, driver.cfg.probe_timeout_s),
+            holding=metrics.held.track_inprogress, while_held=read_while_held)
+        if isinstance(outcome, Connected):
+            backend = outcome.value
+            tune(backend)
+            up, down = metrics.up, metrics.down
+            driver.active += 1
+            metrics.active.inc()
+            idle = IdleTimeouts(cfg.upstream_idle_timeout_s, cfg.client_idle_timeout_s)
             try:
-                await self._hold(client, driver, held, metrics.held)
-            except WakeFailed as exc:
-                metrics.timed_out.inc()
-                log.warning("route %s: closing held connection: %s", route, exc)
-                reset(client)
+                done = await relay(client, backend, self.relay_loop, held=held,
+                                   count=lambda way, n: (up if way == "up" else down).inc(n),
+                                   idle=idle)
+            finally:
+                driver.active -= 1
+                metrics.active.dec()
+            if (side := idle_side(done)) is not None:
+                metrics.idle[side].inc()
+                log.info("route %s: node %s: relay closed: the %s sent nothing for %g s (routes "
+                         "%s_idle_timeout_s)", route, cfg.node, side,
+                         idle.limit_s(side == "upstream"), side)
                 return
-            except ClientGone as exc:
-                log.info("route %s: held client left: %s", route, exc)
-                return
+            log.debug("route %s: relay %s", route, done)
+            return
+        if isinstance(outcome, Refused):
+            metrics.refused.inc()
+            log.warning("route %s: connection refused: %s", route, outcome.reason)
+        elif isinstance(outcome, NotWoken):
+            metrics.timed_out.inc()
+            log.warning("route %s: closing held connection: %s", route, outcome.reason)
+        elif isinstance(outcome, LeftWhileHeld):
+            log.info("route %s: held client left: %s", route, outcome.reason)
+            return
         else:
             log.warning("route %s: giving up after %d connect attempts", route,
-                        MAX_CONNECT_ATTEMPTS)
-            reset(client)
-            return
-        tune(backend)
-        up, down = metrics.up, metrics.down
-        driver.active += 1
-        metrics.active.inc()
-        idle = IdleTimeouts(cfg.upstream_idle_timeout_s, cfg.client_idle_timeout_s)
-        try:
-            outcome = await relay(client, backend, self.shared.relay_loop, held=held,
-                                  count=lambda way, n: (up if way == "up" else down).inc(n),
-                                  idle=idle)
-        finally:
-            driver.active -= 1
-            metrics.active.dec()
-        if (side := idle_side(outcome)) is not None:
-            metrics.idle[side].inc()
-            log.info("route %s: node %s: relay closed: the %s sent nothing for %g s (routes "
-                     "%s_idle_timeout_s)", route, node, side,
-                     idle.limit_s(side == "upstream"), side)
-            return
-        log.debug("route %s: relay %s", route, outcome)
+                        outcome.attempts)
+        reset(client)
 
-    def _admit(self) -> bool:
-        node_cfg = self.driver.cfg
-        return (self.driver.held < node_cfg.max_held
-                and self.shared.held_total < self.shared.limits.max_held_total)
 
-    async def _hold(self, client: trio.SocketStream, driver: NodeDriver, held: Held,
-                    metrics: Any) -> None:
-        """Keep ``client``'s bytes until the node is AWAKE; raise WakeFailed or ClientGone."""
-        port = self.cfg.backend_port
-        driver.hold(port)
-        self.shared.held_total += 1
-        metrics.inc()
-        outcome: list[Exception] = []
-        try:
-            async with trio.open_nursery() as nursery:
-                async def read() -> None:
-                    try:
-                        await held.collect(client)
-                    except ClientGone as exc:
-                        outcome.append(exc)
-                        nursery.cancel_scope.cancel()
+async def _collect_until(client: trio.SocketStream, held: Held, released: trio.Event) -> str | None:
+    """Keep ``client``'s bytes in ``held`` until ``released``; a reason if the client left."""
+    gone: list[ClientGone] = []
+    async with trio.open_nursery() as nursery:
+        async def collect() -> None:
+            try:
+                await held.collect(client)
+            except ClientGone as exc:
+                gone.append(exc)
+                nursery.cancel_scope.cancel()
 
-                async def wait() -> None:
-                    try:
-                        await driver.wait_awake()
-                    except WakeFailed as exc:
-                        outcome.append(exc)
-                    nursery.cancel_scope.cancel()
-
-                nursery.start_soon(read)
-                nursery.start_soon(wait)
-        finally:
-            metrics.dec()
-            self.shared.held_total -= 1
-            driver.unhold(port)
-        if outcome:
-            raise outcome[0]
+        nursery.start_soon(collect)
+        await released.wait()
+        nursery.cancel_scope.cancel()
+    return str(gone[0]) if gone else None

@@ -1,0 +1,193 @@
+"""The one step between accepting a client and talking to its node: admit, hold, connect.
+
+Both route kinds (TCP routes and HTTP-aware routes) go through ``Admission.connect``:
+
+1. The node is ready (AWAKE): connect. A refused or timed-out connect is reported to the
+   driver (so its machine sees the backend go away) and the step starts over.
+2. Not ready: admit the connection against the per-node ``max_held`` and the proxy-wide
+   ``limits.max_held_total`` (past them: ``Refused``, at once), count it as held, and wait
+   for the node's one shared wake. A route's ``while_held`` hook runs meanwhile (the TCP
+   route keeps the client's bytes, the HTTP route sends SSE comments). The wake ends: ready
+   → back to 1; failed → ``NotWoken``.
+3. A backend that keeps refusing is given up on after ``MAX_CONNECT_ATTEMPTS`` (``GaveUp``).
+
+What a held connection waits for is listed in one place, ``Admission.ready`` and
+``Admission.wait_ready``: today the node awake; a model that loads on demand is waited for
+there too, so every route kind holds for it the same way.
+
+``ConnectionCounts`` is the state all routes share: how many connections are open (a
+graceful stop waits for them) and held (against ``limits.max_held_total``).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Awaitable, Callable
+from contextlib import AbstractContextManager, nullcontext
+from dataclasses import dataclass
+from typing import Final, Generic, TypeAlias, TypeVar
+
+import trio
+
+from edge_proxy.errors import BackendUnavailable, WakeFailed
+from edge_proxy.wake.driver import NodeDriver
+from edge_proxy.wake.machine import State
+from shared.config.edge import LimitsConfig
+
+log = logging.getLogger(__name__)
+
+# A backend that flips between ready and refusing is given up on after this many tries.
+MAX_CONNECT_ATTEMPTS: Final = 5
+
+T = TypeVar("T")
+
+# Runs beside the wait while a connection is held. ``released`` is set when the wait ends;
+# the hook then returns by itself (None), so a send it is in finishes whole. It returns a
+# reason early when the client left, which ends the hold.
+WhileHeld: TypeAlias = Callable[[trio.Event], Awaitable[str | None]]
+
+
+@dataclass
+class ConnectionCounts:
+    """Connections of every route: open (for a graceful stop) and held (against limits)."""
+
+    limits: LimitsConfig
+    open: int = 0
+    held_total: int = 0
+    _idle: trio.Event | None = None
+
+    def opened(self) -> None:
+        self.open += 1
+
+    def closed(self) -> None:
+        self.open -= 1
+        if self.open == 0 and self._idle is not None:
+            self._idle.set()
+
+    async def wait_idle(self) -> None:
+        """Return when no connection is open."""
+        while self.open:
+            self._idle = trio.Event()
+            await self._idle.wait()
+
+    def has_room(self, driver: NodeDriver) -> bool:
+        """Whether one more connection may be held for ``driver``'s node."""
+        return (driver.held < driver.cfg.max_held
+                and self.held_total < self.limits.max_held_total)
+
+
+# ---- outcomes ------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Connected(Generic[T]):
+    """The backend answered: ``value`` is what the route's ``connect`` returned."""
+
+    value: T
+
+
+@dataclass(frozen=True)
+class Refused:
+    """A held-connection limit was reached; the connection was never held."""
+
+    reason: str
+
+
+@dataclass(frozen=True)
+class NotWoken:
+    """The node's wake failed (timed out, or the node left the config)."""
+
+    reason: str
+
+
+@dataclass(frozen=True)
+class LeftWhileHeld:
+    """The client went away while held (as the route's ``while_held`` hook saw it)."""
+
+    reason: str
+
+
+@dataclass(frozen=True)
+class GaveUp:
+    """The backend kept refusing after the node was ready, ``attempts`` times."""
+
+    attempts: int
+
+
+Outcome: TypeAlias = Connected[T] | Refused | NotWoken | LeftWhileHeld | GaveUp
+
+
+# ---- the step ------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Admission:
+    """One connection's way to ``port`` on ``driver``'s node (built per connection, so a
+    reload does not move it). ``route`` names the route in log lines."""
+
+    driver: NodeDriver
+    port: int
+    counts: ConnectionCounts
+    route: str
+
+    def ready(self) -> bool:
+        """Whether a connection may go to the backend now (see ``wait_ready``)."""
+        return self.driver.state is State.AWAKE
+
+    async def wait_ready(self) -> None:
+        """Return once ``ready()`` holds; raise ``WakeFailed`` when it cannot come to be.
+        Everything a held connection waits for is awaited here, in order."""
+        await self.driver.wait_awake()
+
+    async def connect(self, connect: Callable[[], Awaitable[T]], *,
+                      holding: Callable[[], AbstractContextManager[object]] = nullcontext,
+                      while_held: WhileHeld | None = None) -> Outcome[T]:
+        """Admit, hold until ready, then ``connect()``; retry it when it raises
+        ``BackendUnavailable``. ``holding()`` is entered around each hold (the route's own
+        counters), ``while_held`` runs beside each wait. Other exceptions of ``connect``
+        propagate."""
+        driver = self.driver
+        for _ in range(MAX_CONNECT_ATTEMPTS):
+            if self.ready():
+                generation = driver.machine.generation
+                try:
+                    return Connected(await connect())
+                except BackendUnavailable as exc:
+                    log.info("route %s: %s", self.route, exc.reason)
+                    driver.connect_failed(exc, generation)
+                    continue
+            if not self.counts.has_room(driver):
+                return Refused(f"held limit reached ({driver.held} for node {driver.name}, "
+                               f"{self.counts.held_total} overall)")
+            with holding():
+                ended = await self._hold(while_held)
+            if ended is not None:
+                return ended
+        return GaveUp(MAX_CONNECT_ATTEMPTS)
+
+    async def _hold(self, while_held: WhileHeld | None) -> NotWoken | LeftWhileHeld | None:
+        """Count the connection as held while ``wait_ready`` runs; None once ready."""
+        driver, counts = self.driver, self.counts
+        driver.hold(self.port)
+        counts.held_total += 1
+        released = trio.Event()
+        ended: NotWoken | LeftWhileHeld | None = None
+        try:
+            async with trio.open_nursery() as nursery:
+                if while_held is not None:
+                    async def beside(hook: WhileHeld) -> None:
+                        nonlocal ended
+                        left = await hook(released)
+                        if left is not None:
+                            ended = LeftWhileHeld(left)
+                            nursery.cancel_scope.cancel()
+
+                    nursery.start_soon(beside, while_held)
+                try:
+                    await self.wait_ready()
+                except WakeFailed as exc:
+                    ended = NotWoken(str(exc))  # returned, not raised out of the nursery
+                finally:
+                    released.set()
+        finally:
+            counts.held_total -= 1
+            driver.unhold(self.port)
+        return ended
