@@ -9,7 +9,8 @@ Both route kinds (TCP routes and HTTP-aware routes) go through ``Admission.conne
    for the node's one shared wake. A route's ``while_held`` hook runs meanwhile (the TCP
    route keeps the client's bytes, the HTTP route sends SSE comments). The wake ends: ready
    → back to 1; failed → ``NotWoken``.
-3. A backend that keeps refusing is given up on after ``MAX_CONNECT_ATTEMPTS`` (``GaveUp``).
+3. A backend that keeps refusing is given up on after ``MAX_CONNECT_ATTEMPTS`` connects
+   (``GaveUp``); the holds between them do not count.
 
 What a held connection waits for is listed in one place, ``Admission.ready`` and
 ``Admission.wait_ready``: today the node awake; a model that loads on demand is waited for
@@ -36,7 +37,7 @@ from shared.config.edge import LimitsConfig
 
 log = logging.getLogger(__name__)
 
-# A backend that flips between ready and refusing is given up on after this many tries.
+# A backend that flips between ready and refusing is given up on after this many connects.
 MAX_CONNECT_ATTEMPTS: Final = 5
 
 T = TypeVar("T")
@@ -145,8 +146,11 @@ class Admission:
         counters), ``while_held`` runs beside each wait. Other exceptions of ``connect``
         propagate."""
         driver = self.driver
-        for _ in range(MAX_CONNECT_ATTEMPTS):
+        attempts = 0
+        # Only connects count: each hold ends in a failed wake (returned) or in readiness.
+        while attempts < MAX_CONNECT_ATTEMPTS:
             if self.ready():
+                attempts += 1
                 generation = driver.machine.generation
                 try:
                     return Connected(await connect())
@@ -161,7 +165,7 @@ class Admission:
                 ended = await self._hold(while_held)
             if ended is not None:
                 return ended
-        return GaveUp(MAX_CONNECT_ATTEMPTS)
+        return GaveUp(attempts)
 
     async def _hold(self, while_held: WhileHeld | None) -> NotWoken | LeftWhileHeld | None:
         """Count the connection as held while ``wait_ready`` runs; None once ready."""

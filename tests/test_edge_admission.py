@@ -12,9 +12,11 @@ import trio
 import trio.testing
 
 from edge_proxy.admission import (
+    MAX_CONNECT_ATTEMPTS,
     Admission,
     Connected,
     ConnectionCounts,
+    GaveUp,
     LeftWhileHeld,
     NotWoken,
     Outcome,
@@ -219,3 +221,17 @@ async def test_a_client_leaving_while_held_ends_its_hold_and_the_wake_goes_on(
         nursery.cancel_scope.cancel()
     assert node.connects == 0 and node.holds == 1
 
+
+async def test_a_backend_that_keeps_refusing_is_given_up_on(
+        autojump_clock: trio.testing.MockClock) -> None:
+    node = Node(free_port())
+    refusing = free_port()  # the route's port: nothing listens there, while probes pass
+    async with trio.open_nursery() as nursery:
+        await nursery.start(serve_backend, node.port, echo_backend)
+        await node.start(nursery)
+        outcome = await node.admit(port=refusing)
+        nursery.cancel_scope.cancel()
+    assert outcome == GaveUp(MAX_CONNECT_ATTEMPTS)
+    # each refusal started a wake that the probes ended at once; the last one is not waited for
+    assert node.connects == MAX_CONNECT_ATTEMPTS and node.holds == MAX_CONNECT_ATTEMPTS - 1
+    assert node.driver.held == 0 and node.counts.held_total == 0
