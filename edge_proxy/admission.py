@@ -71,6 +71,12 @@ class ConnectionCounts:
             self._idle = trio.Event()
             await self._idle.wait()
 
+    def hold(self) -> None:
+        self.held_total += 1
+
+    def unhold(self) -> None:
+        self.held_total -= 1
+
     def has_room(self, driver: NodeDriver) -> bool:
         """Whether one more connection may be held for ``driver``'s node."""
         return (driver.held < driver.cfg.max_held
@@ -171,7 +177,7 @@ class Admission:
         """Count the connection as held while ``wait_ready`` runs; None once ready."""
         driver, counts = self.driver, self.counts
         driver.hold(self.port)
-        counts.held_total += 1
+        counts.hold()
         released = trio.Event()
         ended: NotWoken | LeftWhileHeld | None = None
         try:
@@ -192,6 +198,6 @@ class Admission:
                 finally:
                     released.set()
         finally:
-            counts.held_total -= 1
+            counts.unhold()
             driver.unhold(self.port)
         return ended

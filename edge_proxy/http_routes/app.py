@@ -257,16 +257,9 @@ class HttpRouteApp:
                               body: bytes) -> None:
         driver = backend.driver
         admission = Admission(driver, backend.route.backend_port, self.counts, self.listen)
-
-        @contextmanager
-        def holding() -> Iterator[None]:
-            if driver.state is not State.WAKING and not driver.cooling_down():
-                self.metrics.wakes.labels(self.listen, backend.name, model).inc()
-            self.metrics.held.labels(self.listen, backend.name, model).inc()
-            yield
-
         outcome = await admission.connect(
-            partial(self._relay, ex, backend, body), holding=holding,
+            partial(self._relay, ex, backend, body),
+            holding=partial(self._count_hold, backend, model),
             while_held=partial(self._comment_while_held, ex, backend.name)
             if wants_stream(body) else None)
         if isinstance(outcome, Connected):
@@ -292,6 +285,13 @@ class HttpRouteApp:
                           "connect attempts", "upstream_error")
         # LeftWhileHeld: only a while_held hook reports it, and the comments never do (a
         # client that leaves cancels the whole request instead)
+
+    @contextmanager
+    def _count_hold(self, backend: NodeBackend, model: str) -> Iterator[None]:
+        if backend.driver.state is not State.WAKING and not backend.driver.cooling_down():
+            self.metrics.wakes.labels(self.listen, backend.name, model).inc()
+        self.metrics.held.labels(self.listen, backend.name, model).inc()
+        yield
 
     async def _comment_while_held(self, ex: Exchange, node: str,
                                   released: trio.Event) -> str | None:

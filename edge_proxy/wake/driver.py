@@ -6,7 +6,7 @@ it asks for. Everything else talks to it through a few calls:
 
 - ``await wait_awake()``: returns when the node is AWAKE; holds the caller meanwhile (and
   starts the one shared wake if none is running); raises ``WakeFailed`` when the wake times
-  out. This is what TCP routes (and HTTP-aware routes) call before connecting.
+  out. Routes call it through ``edge_proxy.admission``, their one admit/hold/connect step.
 - ``connect_failed(exc, generation)``: a relay could not reach an AWAKE backend.
 - ``agent_event(kind, reason)`` / ``suspending(in_flight)``: the node's agent reports.
 - ``wake_now()``: an operator asks for a packet now.
