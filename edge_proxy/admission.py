@@ -23,8 +23,8 @@ graceful stop waits for them) and held (against ``limits.max_held_total``).
 from __future__ import annotations
 
 import logging
-from collections.abc import Awaitable, Callable
-from contextlib import AbstractContextManager, nullcontext
+from collections.abc import Awaitable, Callable, Iterator
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import dataclass
 from typing import Final, Generic, TypeAlias, TypeVar
 
@@ -42,10 +42,41 @@ MAX_CONNECT_ATTEMPTS: Final = 5
 
 T = TypeVar("T")
 
-# Runs beside the wait while a connection is held. ``released`` is set when the wait ends;
-# the hook then returns by itself (None), so a send it is in finishes whole. It returns a
-# reason early when the client left, which ends the hold.
-WhileHeld: TypeAlias = Callable[[trio.Event], Awaitable[str | None]]
+
+class Hold:
+    """One held connection's side of the wait, as its route's ``while_held`` hook sees it.
+
+    The hook runs beside the wait and is cancelled when the wait ends, except inside
+    ``uninterrupted()``: a send in there is finished first (an SSE comment cut halfway would
+    garble the stream). A cancel from outside (the client left, shutdown) still cuts it.
+    """
+
+    def __init__(self) -> None:
+        self.scope = trio.CancelScope()
+        self.released = False
+        self.left: str | None = None  # why the client left, as the hook saw it
+        self._busy = 0
+
+    @contextmanager
+    def uninterrupted(self) -> Iterator[None]:
+        self._busy += 1
+        try:
+            yield
+        finally:
+            self._busy -= 1
+            if self.released and not self._busy:
+                self.scope.cancel()
+
+    def release(self) -> None:
+        """The wait ended: stop the hook now, or once its uninterrupted part is done."""
+        self.released = True
+        if not self._busy:
+            self.scope.cancel()
+
+
+# Runs beside the wait while a connection is held (see ``Hold``); returns a reason early when
+# the client left, which ends the hold.
+WhileHeld: TypeAlias = Callable[[Hold], Awaitable[str | None]]
 
 
 @dataclass
@@ -178,26 +209,28 @@ class Admission:
         driver, counts = self.driver, self.counts
         driver.hold(self.port)
         counts.hold()
-        released = trio.Event()
-        ended: NotWoken | LeftWhileHeld | None = None
+        hold = Hold()
+        failure: str | None = None
         try:
             async with trio.open_nursery() as nursery:
                 if while_held is not None:
-                    async def beside(hook: WhileHeld) -> None:
-                        nonlocal ended
-                        left = await hook(released)
-                        if left is not None:
-                            ended = LeftWhileHeld(left)
-                            nursery.cancel_scope.cancel()
-
-                    nursery.start_soon(beside, while_held)
+                    nursery.start_soon(_beside, while_held, hold, nursery.cancel_scope)
                 try:
                     await self.wait_ready()
                 except WakeFailed as exc:
-                    ended = NotWoken(str(exc))  # returned, not raised out of the nursery
+                    failure = str(exc)  # returned, not raised out of the nursery
                 finally:
-                    released.set()
+                    hold.release()
         finally:
             counts.unhold()
             driver.unhold(self.port)
-        return ended
+        if hold.left is not None:
+            return LeftWhileHeld(hold.left)
+        return None if failure is None else NotWoken(failure)
+
+
+async def _beside(hook: WhileHeld, hold: Hold, wait: trio.CancelScope) -> None:
+    with hold.scope:
+        hold.left = await hook(hold)
+        if hold.left is not None:
+            wait.cancel()  # the client left: the hold ends

@@ -17,6 +17,7 @@ from edge_proxy.admission import (
     Connected,
     ConnectionCounts,
     GaveUp,
+    Hold,
     LeftWhileHeld,
     NotWoken,
     Outcome,
@@ -91,22 +92,29 @@ async def _echo_once(stream: trio.SocketStream) -> bytes:
 async def test_held_until_the_node_wakes_then_connected(
         autojump_clock: trio.testing.MockClock) -> None:
     node = Node(free_port())
-    seen: list[tuple[float, bool]] = []
+    SEND_AT_S, SEND_S = 4.0, 3.0  # a send that the release (at 5 s) comes in the middle of
+    seen: list[tuple[str, float, bool]] = []
 
-    async def while_held(released: trio.Event) -> str | None:
-        seen.append((trio.current_time(), released.is_set()))
-        await released.wait()
-        seen.append((trio.current_time(), released.is_set()))
-        return None
+    async def while_held(hold: Hold) -> str | None:
+        seen.append(("start", trio.current_time() - start, hold.released))
+        await trio.sleep(SEND_AT_S)
+        with hold.uninterrupted():
+            await trio.sleep(SEND_S)
+            seen.append(("sent", trio.current_time() - start, hold.released))
+        try:
+            await trio.sleep_forever()
+        finally:
+            seen.append(("stopped", trio.current_time() - start, hold.released))
 
     async with trio.open_nursery() as nursery:
         await node.start(nursery)
         assert node.driver.state is State.ASLEEP
         start = trio.current_time()
-        outcomes: list[Outcome[trio.SocketStream]] = []
+        outcomes: list[tuple[float, Outcome[trio.SocketStream]]] = []
 
         async def client() -> None:
-            outcomes.append(await node.admit(while_held=while_held))
+            outcome = await node.admit(while_held=while_held)
+            outcomes.append((trio.current_time() - start, outcome))
 
         nursery.start_soon(client)
         await trio.sleep(WOKEN_AFTER_S - 0.5)
@@ -115,12 +123,17 @@ async def test_held_until_the_node_wakes_then_connected(
         await nursery.start(serve_backend, node.port, echo_backend)
         while not outcomes:
             await trio.sleep(0.01)
-        outcome = outcomes[0]
+        assert node.driver.state is State.AWAKE
+        connected_at, outcome = outcomes[0]
         assert isinstance(outcome, Connected)
         assert await _echo_once(outcome.value) == b"ping\n"
         nursery.cancel_scope.cancel()
     assert [round(t - start, 6) for t, _ in node.sender.sent] == [0.0, 2.0, 4.0]
-    assert seen[0] == (start, False) and seen[1][1] is True
+    # released at the probe after the backend came (5 s), during the send: the send finished,
+    # then the hook was stopped and the connect went out
+    assert seen == [("start", 0.0, False), ("sent", SEND_AT_S + SEND_S, True),
+                    ("stopped", SEND_AT_S + SEND_S, True)]
+    assert connected_at == SEND_AT_S + SEND_S
     assert node.holds == 1 and node.connects == 1
     assert node.driver.held == 0 and node.counts.held_total == 0
 
@@ -205,7 +218,7 @@ async def test_a_client_leaving_while_held_ends_its_hold_and_the_wake_goes_on(
         autojump_clock: trio.testing.MockClock) -> None:
     node = Node(free_port())
 
-    async def leaves(released: trio.Event) -> str | None:
+    async def leaves(hold: Hold) -> str | None:
         await trio.sleep(WOL_INTERVAL_S + 0.5)
         return "client closed before sending anything"
 

@@ -35,6 +35,7 @@ from edge_proxy.admission import (
     Connected,
     ConnectionCounts,
     GaveUp,
+    Hold,
     NotWoken,
     Refused,
 )
@@ -293,18 +294,16 @@ class HttpRouteApp:
         self.metrics.held.labels(self.listen, backend.name, model).inc()
         yield
 
-    async def _comment_while_held(self, ex: Exchange, node: str,
-                                  released: trio.Event) -> str | None:
-        """SSE comments every ``waking_comment_interval_s`` until ``released`` (the first one
-        starts the answer); a comment being sent is finished first."""
+    async def _comment_while_held(self, ex: Exchange, node: str, hold: Hold) -> str | None:
+        """SSE comments every ``waking_comment_interval_s`` until the hold ends (the first one
+        starts the answer); a comment being sent when it ends is finished first."""
         started = trio.current_time()
         while True:
-            with trio.move_on_after(self.options.waking_comment_interval_s):
-                await released.wait()
-                return None
-            if not ex.started:
-                await ex.start(200, list(waking.SSE_HEADERS))
-            await ex.body(waking.comment(node, trio.current_time() - started))
+            await trio.sleep(self.options.waking_comment_interval_s)
+            with hold.uninterrupted():
+                if not ex.started:
+                    await ex.start(200, list(waking.SSE_HEADERS))
+                await ex.body(waking.comment(node, trio.current_time() - started))
 
     # ---- relaying ------------------------------------------------------------------------
 

@@ -23,6 +23,7 @@ from edge_proxy.admission import (
     Admission,
     Connected,
     ConnectionCounts,
+    Hold,
     LeftWhileHeld,
     NotWoken,
     Refused,
@@ -124,10 +125,14 @@ class Route:
         tune(client)
         held: Held | None = None
 
-        async def read_while_held(released: trio.Event) -> str | None:
-            nonlocal held
+        async def read_while_held(hold: Hold) -> str | None:
+            nonlocal held  # made at the first hold, kept across holds; cancelled at release
             held = held or Held.empty(self.counts.limits.hold_buffer_bytes)
-            return await _collect_until(client, held, released)
+            try:
+                await held.collect(client)
+            except ClientGone as exc:
+                return str(exc)
+            return None
 
         admission = Admission(driver, cfg.backend_port, self.counts, route)
         outcome = await admission.connect(
@@ -169,19 +174,3 @@ class Route:
                         outcome.attempts)
         reset(client)
 
-
-async def _collect_until(client: trio.SocketStream, held: Held, released: trio.Event) -> str | None:
-    """Keep ``client``'s bytes in ``held`` until ``released``; a reason if the client left."""
-    gone: list[ClientGone] = []
-    async with trio.open_nursery() as nursery:
-        async def collect() -> None:
-            try:
-                await held.collect(client)
-            except ClientGone as exc:
-                gone.append(exc)
-                nursery.cancel_scope.cancel()
-
-        nursery.start_soon(collect)
-        await released.wait()
-        nursery.cancel_scope.cancel()
-    return str(gone[0]) if gone else None
