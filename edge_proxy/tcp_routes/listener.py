@@ -29,7 +29,7 @@ from edge_proxy.admission import (
     Refused,
 )
 from edge_proxy.errors import ClientGone, ListenError
-from edge_proxy.metrics import ProxyMetrics
+from edge_proxy.metrics import ProxyMetrics, RouteMetrics
 from edge_proxy.probe import connect
 from edge_proxy.tcp_routes.idle import IdleTimeouts, idle_side
 from edge_proxy.tcp_routes.relay import Held, relay, reset, tune
@@ -139,26 +139,7 @@ class Route:
             lambda: connect(driver.cfg.host, cfg.backend_port, driver.cfg.probe_timeout_s),
             holding=metrics.held.track_inprogress, while_held=read_while_held)
         if isinstance(outcome, Connected):
-            backend = outcome.value
-            tune(backend)
-            up, down = metrics.up, metrics.down
-            driver.active += 1
-            metrics.active.inc()
-            idle = IdleTimeouts(cfg.upstream_idle_timeout_s, cfg.client_idle_timeout_s)
-            try:
-                done = await relay(client, backend, self.relay_loop, held=held,
-                                   count=lambda way, n: (up if way == "up" else down).inc(n),
-                                   idle=idle)
-            finally:
-                driver.active -= 1
-                metrics.active.dec()
-            if (side := idle_side(done)) is not None:
-                metrics.idle[side].inc()
-                log.info("route %s: node %s: relay closed: the %s sent nothing for %g s (routes "
-                         "%s_idle_timeout_s)", route, cfg.node, side,
-                         idle.limit_s(side == "upstream"), side)
-                return
-            log.debug("route %s: relay %s", route, done)
+            await self._relay(client, outcome.value, held, cfg, driver, metrics)
             return
         if isinstance(outcome, Refused):
             metrics.refused.inc()
@@ -174,3 +155,26 @@ class Route:
                         outcome.attempts)
         reset(client)
 
+    async def _relay(self, client: trio.SocketStream, backend: trio.SocketStream,
+                     held: Held | None, cfg: RouteConfig, driver: NodeDriver,
+                     metrics: RouteMetrics) -> None:
+        """Relay (the held bytes first) with the settings the connection started with."""
+        tune(backend)
+        up, down = metrics.up, metrics.down
+        driver.active += 1
+        metrics.active.inc()
+        idle = IdleTimeouts(cfg.upstream_idle_timeout_s, cfg.client_idle_timeout_s)
+        try:
+            outcome = await relay(client, backend, self.relay_loop, held=held,
+                                  count=lambda way, n: (up if way == "up" else down).inc(n),
+                                  idle=idle)
+        finally:
+            driver.active -= 1
+            metrics.active.dec()
+        if (side := idle_side(outcome)) is not None:
+            metrics.idle[side].inc()
+            log.info("route %s: node %s: relay closed: the %s sent nothing for %g s (routes "
+                     "%s_idle_timeout_s)", cfg.listen, cfg.node, side,
+                     idle.limit_s(side == "upstream"), side)
+            return
+        log.debug("route %s: relay %s", cfg.listen, outcome)
