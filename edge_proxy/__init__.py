@@ -4,12 +4,15 @@ Module map:
 
 - ``wake/``: waking a node. ``wake.machine``: the wake state machine of one node, pure
   (events and ``now`` in, actions out); ``wake.driver``: runs a node's machine under trio
-  (probes, magic packets, held connections; ``await driver.wait_awake()`` is what every
-  route calls before it connects); ``wake.wol``: magic packets and the ``WolSender`` that
-  puts them on the wire.
+  (probes, magic packets, held connections; ``await driver.wait_awake()`` is what a held
+  connection waits on); ``wake.wol``: magic packets and the ``WolSender`` that puts them on
+  the wire.
+- ``admission``: the one step every route takes before it talks to a node: admit within
+  the held limits, hold until the node is ready, connect (retrying), with a clear outcome;
+  and ``ConnectionCounts``, the open and held connections of all routes.
 - ``probe``: backend connects and readiness checks (ready / refused / timed out).
-- ``tcp_routes/``: TCP routes. ``tcp_routes.listener``: accept, hold within limits, relay;
-  ``tcp_routes.relay``: a connection's relay (held bytes first, then both ways with
+- ``tcp_routes/``: TCP routes. ``tcp_routes.listener``: accept, keep a held client's bytes,
+  relay; ``tcp_routes.relay``: a connection's relay (held bytes first, then both ways with
   half-close), the trio engine that relays when no loop runs, and the client bytes kept
   while held; ``tcp_routes.relay_loop``: the one thread that moves the bytes of every
   established relay (its epoll loop in ``tcp_routes.relay_thread``; a failure ends its
