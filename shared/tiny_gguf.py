@@ -28,7 +28,7 @@ import gguf
 import numpy as np
 import numpy.typing as npt
 
-TensorType = Literal["F32", "F16", "Q8_0"]
+TensorType = Literal["F32", "F16", "Q8_0", "Q4_0"]
 
 FAMILIES: Final = ("llama", "qwen2", "gemma2")
 
@@ -38,18 +38,20 @@ WEIGHT_STD: Final = 0.02
 BIAS_STD: Final = 0.01
 RMS_NORM_EPS: Final = 1e-5
 ROPE_FREQ_BASE: Final = 10000.0
-# Q8_0 packs rows in blocks of 32 values; every quantized row length must divide by it.
+# Q8_0 and Q4_0 pack rows in blocks of 32 values; every quantized row length must divide by it.
 Q8_0_BLOCK: Final = 32
 
 _GGML_TYPES: Final = {
     "F32": gguf.GGMLQuantizationType.F32,
     "F16": gguf.GGMLQuantizationType.F16,
     "Q8_0": gguf.GGMLQuantizationType.Q8_0,
+    "Q4_0": gguf.GGMLQuantizationType.Q4_0,
 }
 _FILE_TYPES: Final = {
     "F32": gguf.LlamaFileType.ALL_F32,
     "F16": gguf.LlamaFileType.MOSTLY_F16,
     "Q8_0": gguf.LlamaFileType.MOSTLY_Q8_0,
+    "Q4_0": gguf.LlamaFileType.MOSTLY_Q4_0,
 }
 
 CHATML_TEMPLATE: Final = (
@@ -137,8 +139,9 @@ def _spec_problems(spec: TinyModelSpec) -> list[str]:
         problems.append("gemma2 always ties its output to token_embd: set tied_embeddings=True")
     if spec.family == "gemma2" and spec.sliding_window < 1:
         problems.append("sliding_window must be >= 1")
-    if spec.tensor_type == "Q8_0" and (spec.n_embd % Q8_0_BLOCK or spec.n_ff % Q8_0_BLOCK):
-        problems.append(f"Q8_0 needs n_embd and n_ff divisible by {Q8_0_BLOCK}")
+    if spec.tensor_type in ("Q8_0", "Q4_0") and (spec.n_embd % Q8_0_BLOCK
+                                                   or spec.n_ff % Q8_0_BLOCK):
+        problems.append(f"{spec.tensor_type} needs n_embd and n_ff divisible by {Q8_0_BLOCK}")
     return problems
 
 

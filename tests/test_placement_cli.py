@@ -133,3 +133,33 @@ gpus = [0]
     assert shown["free_after_mib"]["assumed-1"] == 100
     code, out, _ = run(capsys, "plan", "--config", str(cfg), "--assume-gpus", "40")
     assert code == 1 and "instance" in out and "needs" in out
+
+
+def test_plan_host_on_demand(capsys: pytest.CaptureFixture[str], model: Path) -> None:
+    code, out, _ = run(capsys, "plan", str(model), "--host", "-c", "2048", "--assume-gpus",
+                       "8192", "--json")
+    assert code == 0
+    data = json.loads(out)
+    assert data["host_only"] == "--host"
+    assert data["args"] == ["-ngl", "0", "-c", "2048"]
+
+
+def test_plan_fixed_layers_and_split(capsys: pytest.CaptureFixture[str], model: Path) -> None:
+    # -ngl / -ts are estimated as given on the first GPUs, one per proportion
+    code, out, _ = run(capsys, "plan", str(model), "-c", "2048", "-np", "2", "-kvu", "-b", "512",
+                       "-ngl", "5", "-ts", "1,1", "--assume-gpus", "8192,8192,8192", "--json")
+    assert code == 0, out
+    data = json.loads(out)
+    assert data["fits"] is True
+    assert [g["layers"] for g in data["gpus"]] == [[4, 5, 6], [7, 8]]
+    assert data["host"]["layers"] == [0, 1, 2, 3]
+    assert {"-ngl", "5", "-kvu", "-b", "512"} <= set(data["args"])
+    code, out, _ = run(capsys, "plan", str(model), "-ngl", "99", "--assume-gpus", "1",
+                       "-c", "2048")
+    assert code == 1 and "does not fit" in out
+
+
+def test_plan_split_needs_one_proportion_per_gpu(capsys: pytest.CaptureFixture[str],
+                                                 model: Path) -> None:
+    code, _, err = run(capsys, "plan", str(model), "-ts", "1,1,1", "--assume-gpus", "8192")
+    assert code != 0 and "give one per GPU" in err

@@ -143,3 +143,38 @@ def test_parse_memory_of_captured_logs() -> None:
     first = rpc.devices["RPC0[127.0.0.1:33305]"]
     assert (first.model, first.kv, first.compute) == (0.33, 0.19, 3.55)
     assert rpc.host.model == 0.06 and rpc.host.compute == 3.33
+
+
+Q4 = TinyModelSpec(n_layer=4, n_embd=256, n_ff=768, n_head=4, n_head_kv=2, tensor_type="Q4_0")
+
+
+@pytest.mark.parametrize("flags", [("-c", "4096"), ("-c", "4096", "--no-repack")])
+async def test_repacked_q4_weights_match_llama_server(llama_server_bin: Path, tmp_path: Path,
+                                                      flags: tuple[str, ...]) -> None:
+    # On this CPU (AVX2 or Arm dot product) llama.cpp copies Q4_0 matrices into CPU_REPACK
+    # and maps only the rest; --no-repack maps everything.
+    path = write_tiny_model(tmp_path / "q4.gguf", Q4)
+    async with llama_server(llama_server_bin, path, (*BASE_ARGS, *flags)) as server:
+        got = parse_memory(server.log.lines)
+        repacked = any("CPU_REPACK model buffer" in line for line in server.log.lines)
+    assert repacked == ("--no-repack" not in flags)
+    est = estimate(read_model(path), settings_from_args(flags), [])
+    assert_matches(est.host, got.host)
+
+
+async def test_partial_offload_repacks_the_host_share(llama_server_bin: Path,
+                                                      tmp_path: Path) -> None:
+    path = write_tiny_model(tmp_path / "q4.gguf", Q4)
+    flags = ("-c", "4096", "-ngl", "2")
+    async with rpc_servers(find_rpc_server(), 1) as endpoints, \
+            llama_server(llama_server_bin, path,
+                         (*BASE_ARGS, *flags, "--rpc", ",".join(e for e, _ in endpoints))
+                         ) as server:
+        got = parse_memory(server.log.lines)
+    est = estimate(read_model(path), settings_from_args(flags), [DeviceSpec("RPC0", "rpc")])
+    assert_matches(est.host, got.host)
+    (name,) = got.gpu_names()
+    # the device's share: within the 1% target (its buffer rounds up by a few KiB)
+    dev, measured = est.devices[0], got.devices[name]
+    assert mib(dev.weights) == pytest.approx(measured.model, rel=0.01)
+    assert mib(dev.kv) == pytest.approx(measured.kv, rel=0.01)

@@ -34,6 +34,7 @@ SWITCHES: Final = {
     "--swa-full": ("swa_full", True),
     "-nkvo": ("kv_offload", False), "--no-kv-offload": ("kv_offload", False),
     "--no-mmap": ("mmap", False), "--mmap": ("mmap", True),
+    "-nr": ("repack", False), "--no-repack": ("repack", False),
 }
 # Flags a plan decides; apply_plan removes the user's copies.
 PLANNED: Final = frozenset({"-c", "--ctx-size", "-ngl", "--gpu-layers", "--n-gpu-layers",
@@ -135,4 +136,6 @@ def settings_to_args(s: LaunchSettings, *, unified_flag: bool = True) -> list[st
         out.append("-nkvo")
     if not s.mmap:
         out.append("--no-mmap")
+    if not s.repack:
+        out.append("--no-repack")
     return out

@@ -27,7 +27,7 @@ from inference_node.placement.planner import (
     Refusal,
     plan_instances,
 )
-from inference_node.placement.settings import LaunchSettings
+from inference_node.placement.settings import DEFAULT_BATCH, DEFAULT_UBATCH, LaunchSettings
 from shared.cli import EXIT_FAILURE, EXIT_OK
 
 DEFAULT_MARGIN_MIB = 512
@@ -54,7 +54,19 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p.add_argument("-ctk", "--cache-type-k", default="f16", choices=KV_CACHE_TYPES)
     p.add_argument("-ctv", "--cache-type-v", default="f16", choices=KV_CACHE_TYPES)
     p.add_argument("-fa", "--flash-attn", default="auto", choices=("on", "off", "auto"))
-    p.add_argument("-ub", "--ubatch-size", type=int, default=512)
+    p.add_argument("-b", "--batch-size", type=int, default=DEFAULT_BATCH)
+    p.add_argument("-ub", "--ubatch-size", type=int, default=DEFAULT_UBATCH)
+    p.add_argument("-kvu", "--kv-unified", action="store_true", default=None,
+                   help="one KV cache shared by all slots (llama-server's default without -np)")
+    p.add_argument("-ngl", "--gpu-layers", type=int, default=None,
+                   help="offload exactly this many layers (estimate these flags, no search)")
+    p.add_argument("-ts", "--tensor-split", default=None, metavar="N,N,...",
+                   help="split layers over the GPUs in these proportions (estimate as given)")
+    p.add_argument("-nr", "--no-repack", action="store_true",
+                   help="as llama-server's: keep quantized CPU weights unrepacked")
+    p.add_argument("--no-mmap", action="store_true", help="as llama-server's")
+    p.add_argument("--host", action="store_true",
+                   help="plan for the host (system RAM) only, even where GPUs are visible")
     p.add_argument("--gpus", default=None,
                    help="comma-separated GPU UUIDs or NVML indices to consider (default: all)")
     p.add_argument("--assume-gpus", default=None, metavar="MIB,MIB,...",
@@ -138,9 +150,19 @@ def _compact(values: tuple[int, ...]) -> str:
 
 
 def _settings(args: argparse.Namespace) -> LaunchSettings:
-    return LaunchSettings(ctx=args.ctx, parallel=args.parallel, cache_type_k=args.cache_type_k,
-                          cache_type_v=args.cache_type_v, flash_attn=args.flash_attn,
-                          n_ubatch=args.ubatch_size)
+    split: tuple[float, ...] = ()
+    if args.tensor_split:
+        try:
+            split = tuple(float(x) for x in args.tensor_split.replace("/", ",").split(",") if x)
+        except ValueError:
+            raise PlacementError(f"-ts {args.tensor_split}: expected proportions like "
+                                 "1,3") from None
+    return LaunchSettings(ctx=args.ctx, parallel=args.parallel, kv_unified=args.kv_unified,
+                          cache_type_k=args.cache_type_k, cache_type_v=args.cache_type_v,
+                          flash_attn=args.flash_attn, n_batch=args.batch_size,
+                          n_ubatch=args.ubatch_size, tensor_split=split,
+                          n_gpu_layers=-1 if args.gpu_layers is None else args.gpu_layers,
+                          mmap=not args.no_mmap, repack=not args.no_repack)
 
 
 def inventory_gpus(selection: str | None) -> tuple[list[GpuFree], str | None]:
@@ -174,12 +196,16 @@ def _plan(args: argparse.Namespace) -> int:
         raise PlacementError("plan: give a MODEL.gguf or --config NODE_AGENT_TOML")
     model = read_model(args.model)
     settings = _settings(args)
+    if args.host:
+        return _host_plan(args, model, settings, "--host")
     if args.assume_gpus:
         gpus, problem = _assumed(args.assume_gpus), None
     else:
         gpus, problem = inventory_gpus(args.gpus)
     if not gpus:
         return _host_plan(args, model, settings, problem or "no GPU selected")
+    if args.gpu_layers is not None or args.tensor_split:
+        return _fixed_plan(args, model, settings, gpus)
     req = InstanceRequest(args.model.stem, model, settings, args.allow_partial_offload)
     result = plan_instances([req], gpus, args.margin_mib, args.process_mib)
     if req.name in result.refusals:
@@ -235,6 +261,41 @@ def _plan_config(args: argparse.Namespace) -> int:
     return EXIT_FAILURE if result.refusals else EXIT_OK
 
 
+def _fixed_plan(args: argparse.Namespace, model: ModelInfo, settings: LaunchSettings,
+                gpus: list[GpuFree]) -> int:
+    """-ngl or -ts given: estimate exactly those flags on the selected GPUs (one per -ts
+    proportion, else all of them), and say whether each share fits its free memory."""
+    if settings.tensor_split:
+        if len(settings.tensor_split) > len(gpus):
+            raise PlacementError(f"-ts {args.tensor_split}: {len(settings.tensor_split)} "
+                                 f"proportions for {len(gpus)} GPU(s); give one per GPU")
+        gpus = gpus[:len(settings.tensor_split)]
+    s = settings.with_(ctx=settings.ctx or model.n_ctx_train)
+    est = estimate(model, s, [DeviceSpec(g.name) for g in gpus])
+    room = [g.free_mib - args.margin_mib - args.process_mib for g in gpus]
+    fits = all(mib(d.total) <= r for d, r in zip(est.devices, room, strict=True))
+    flags = settings_to_args(s)
+    if args.json:
+        print(json.dumps({
+            "model": str(args.model), "fits": fits, "args": flags,
+            "gpus": [{"uuid": g.uuid, "name": g.name, "index": g.index, "free_mib": g.free_mib,
+                      "need_mib": round(mib(d.total) + args.process_mib, 2), **_dev_json(d)}
+                     for g, d in zip(gpus, est.devices, strict=True)],
+            "host": _dev_json(est.host), "n_ctx": est.n_ctx}, indent=2))
+        return EXIT_OK if fits else EXIT_FAILURE
+    print(f"{args.model.name}: as given (-ngl {est.n_gpu_layers}), n_ctx {est.n_ctx} "
+          f"({model.n_layer} layers + output)")
+    rows: list[tuple[str, DeviceEstimate, float | None]] = [
+        (f"{g.index}:{g.name}", d, g.free_mib) for g, d in zip(gpus, est.devices, strict=True)]
+    rows.append(("host", est.host, None))
+    _print_table(rows, est)
+    print(f"flags: {' '.join(flags)}")
+    if not fits:
+        print(f"does not fit: each GPU also keeps {args.margin_mib:.0f} MiB free and "
+              f"{args.process_mib:.0f} MiB for the process; lower -ngl or change -ts")
+    return EXIT_OK if fits else EXIT_FAILURE
+
+
 def _host_plan(args: argparse.Namespace, model: ModelInfo, settings: LaunchSettings,
                problem: str) -> int:
     s = settings.with_(ctx=settings.ctx or model.n_ctx_train, n_gpu_layers=0)
@@ -245,7 +306,8 @@ def _host_plan(args: argparse.Namespace, model: ModelInfo, settings: LaunchSetti
                           "host": _dev_json(est.host), "args": ["-ngl", "0", "-c", str(s.ctx)],
                           "check": check}, indent=2))
         return EXIT_OK
-    print(f"no GPUs ({problem}): plan for the host (system RAM)")
+    lead = "host only" if args.host else "no GPUs"
+    print(f"{lead} ({problem}): plan for the host (system RAM)")
     _print_table([("host", est.host, None)], est)
     print(f"flags: -ngl 0 -c {s.ctx}")
     _print_check(check)

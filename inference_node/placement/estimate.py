@@ -32,6 +32,7 @@ from inference_node.placement.compute import compute_bytes
 from inference_node.placement.ggml_sizes import ALIGNMENT, alloc_size, mib, pad
 from inference_node.placement.gguf_info import ModelInfo, TensorInfo
 from inference_node.placement.kv_cache import kv_layer_bytes
+from inference_node.placement.repack import NO_REPACK, CpuFeatures, host_cpu, is_repacked
 from inference_node.placement.settings import LaunchSettings
 
 HOST: Final = -1  # device index of the host (CPU) in layer assignments
@@ -109,8 +110,10 @@ def layer_devices(n_layer: int, n_devices: int, n_gpu_layers: int,
     return out
 
 
-def estimate(model: ModelInfo, s: LaunchSettings, devices: Sequence[DeviceSpec]) -> Estimate:
-    """Bytes per device (and host) for ``model`` launched with ``s`` on ``devices``."""
+def estimate(model: ModelInfo, s: LaunchSettings, devices: Sequence[DeviceSpec],
+             cpu: CpuFeatures | None = None) -> Estimate:
+    """Bytes per device (and host) for ``model`` launched with ``s`` on ``devices``;
+    ``cpu`` decides which host weights are repacked (default: this machine's CPU)."""
     if s.split_mode == "none":
         if devices and not 0 <= s.main_gpu < len(devices):
             raise PlacementError(f"--main-gpu {s.main_gpu}: only {len(devices)} device(s) visible")
@@ -166,7 +169,8 @@ def estimate(model: ModelInfo, s: LaunchSettings, devices: Sequence[DeviceSpec])
             target(kv_dev).kv += sum(pad(part, align) for part in kv[il])
 
     if s.mmap:
-        host.weights = _mapped_span(model, assign)
+        features = (cpu or host_cpu()) if s.repack else NO_REPACK
+        host.weights = _mapped_span(model, assign, features)
     for dev, est in enumerate(ests):
         est.compute = compute_bytes(model, s, assign, dev, n_devices=len(used),
                                     kind=used[dev].kind)
@@ -175,20 +179,27 @@ def estimate(model: ModelInfo, s: LaunchSettings, devices: Sequence[DeviceSpec])
                     n_ctx_seq=s.n_ctx_seq(model.n_ctx_train), n_gpu_layers=ngl)
 
 
-def _mapped_span(model: ModelInfo, assign: Sequence[int]) -> int:
+def _mapped_span(model: ModelInfo, assign: Sequence[int], cpu: CpuFeatures) -> int:
     """Host weights with mmap: llama.cpp maps, per file, the span from the first to the last
-    byte of the tensors the host uses, so tensors of devices stored in between count too."""
+    byte of the tensors the host uses, so tensors of devices stored in between count too.
+    Weights the CPU backend repacks leave the mapping for a ``CPU_REPACK`` copy of their own
+    (``repack.py``); they count once, at their size, and the span shrinks around them."""
     host_tensors = list(model.input_tensors)
     for il in range(model.n_layer):
         if assign[il] == HOST:
             host_tensors += model.layer_tensors(il)
     if assign[model.n_layer] == HOST:
         host_tensors += [t for t in model.output_tensors if t.name != "token_embd.weight"]
+    repacked = [t for t in host_tensors if is_repacked(t, cpu)]
+    names = {t.name for t in repacked}
     spans: dict[int, tuple[int, int]] = {}
     for t in host_tensors:
+        if t.name in names:
+            continue
         lo, hi = spans.get(t.file_index, (t.offset, t.offset + t.n_bytes))
         spans[t.file_index] = (min(lo, t.offset), max(hi, t.offset + t.n_bytes))
-    return sum(hi - lo for lo, hi in spans.values())
+    copies = sum(alloc_size("cpu", t.type_name, t.shape, t.n_bytes) for t in repacked)
+    return sum(hi - lo for lo, hi in spans.values()) + copies
 
 
 def _shares(split: Sequence[float], n: int) -> list[float]:

@@ -50,6 +50,7 @@ class LaunchSettings:
     swa_full: bool = False
     kv_offload: bool = True
     mmap: bool = True
+    repack: bool = True
 
     def __post_init__(self) -> None:
         for flag, value in (("--cache-type-k", self.cache_type_k),
