@@ -172,7 +172,9 @@ async def test_partial_offload_repacks_the_host_share(llama_server_bin: Path,
                          ) as server:
         got = parse_memory(server.log.lines)
     est = estimate(read_model(path), settings_from_args(flags), [DeviceSpec("RPC0", "rpc")])
-    assert_matches(est.host, got.host)
+    # the host's weights are two printed buffers (CPU_Mapped, CPU_REPACK), each rounded
+    assert abs(mib(est.host.weights) - got.host.model) <= 2 * PRINT_ROUNDING_MIB
+    assert abs(mib(est.host.kv) - got.host.kv) <= PRINT_ROUNDING_MIB
     (name,) = got.gpu_names()
     # the device's share: within the 1% target (its buffer rounds up by a few KiB)
     dev, measured = est.devices[0], got.devices[name]
