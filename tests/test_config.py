@@ -196,3 +196,48 @@ def test_missing_file_is_one_line(tmp_path: Path) -> None:
     with pytest.raises(ConfigError) as info:
         load_edge_config(tmp_path / "nope.toml")
     assert "file not found" in str(info.value)
+
+
+def test_on_demand_keys_and_their_defaults(tmp_path: Path) -> None:
+    from shared.config.node import DEFAULT_TTL_S, load_node_config
+    path = tmp_path / "node.toml"
+    path.write_text('[agent]\nmemory_budget_mib = 8000\nevict_wait_s = 5\n'
+                    '[instances.a]\nmodel = "/m/a.gguf"\nport = 8001\nload = "on-demand"\n'
+                    'models = ["qwen2.5-7b", "qwen"]\n'
+                    '[instances.b]\nmodel = "/m/b.gguf"\nport = 8002\n')
+    cfg = load_node_config(path)
+    assert cfg.agent.memory_budget_mib == 8000 and cfg.agent.evict_wait_s == 5
+    a, b = cfg.instances["a"], cfg.instances["b"]
+    assert (a.load, a.ttl_s, a.model_names("a")) == ("on-demand", DEFAULT_TTL_S,
+                                                      ["qwen2.5-7b", "qwen"])
+    assert (b.load, b.model_names("b")) == ("always", ["b"])
+
+
+@pytest.mark.parametrize(("extra", "key", "says"), [
+    ('load = "sometimes"', "instances.a.load", "on-demand"),
+    ("ttl_s = -1", "instances.a.ttl_s", "between 0 and"),
+    ("ttl_s = nan", "instances.a.ttl_s", "a finite number"),
+    ("models = []", "instances.a.models", "at least one name"),
+    ('models = ["x", "x"]', "instances.a.models[1]", "listed twice"),
+])
+def test_on_demand_keys_are_validated(tmp_path: Path, extra: str, key: str, says: str) -> None:
+    from shared.config.node import load_node_config
+    path = tmp_path / "node.toml"
+    path.write_text(f'[instances.a]\nmodel = "/m/a.gguf"\nport = 8001\n{extra}\n')
+    with pytest.raises(ConfigError) as exc:
+        load_node_config(path)
+    assert key in str(exc.value) and says in str(exc.value)
+
+
+def test_a_model_name_belongs_to_one_instance(tmp_path: Path) -> None:
+    from shared.config.node import load_node_config
+    (tmp_path / "d").mkdir()
+    path = tmp_path / "node.toml"
+    path.write_text('[agent]\ninstances_dir = "d"\n'
+                    '[instances.a]\nmodel = "/m/a.gguf"\nport = 8001\nmodels = ["qwen"]\n')
+    (tmp_path / "d" / "b.toml").write_text(
+        '[instances.b]\nmodel = "/m/b.gguf"\nport = 8002\nmodels = ["coder", "qwen"]\n')
+    with pytest.raises(ConfigError) as exc:
+        load_node_config(path)
+    msg = str(exc.value)
+    assert "b.toml" in msg and "instances.b.models[1]" in msg and "'a'" in msg

@@ -32,6 +32,9 @@ DEFAULT_CONFIG = Path("/etc/llamanap/node-agent.toml")
 
 Argv = list[str] | str
 
+# An on-demand instance's memory goes back this long after its last task ended.
+DEFAULT_TTL_S = 600.0
+
 
 def split_command(command: Argv, ctx: Context, key: str) -> list[str]:
     """An argv list as is, or a string split like a shell would (but never run by one)."""
@@ -121,8 +124,28 @@ class InstanceConfig:
     stop_timeout_s: float = setting(15.0, min=0, max=3600)
     post_launch_hooks: list[Argv] = setting(default_factory=list)
     allow_partial_offload: bool = False
+    load: Literal["always", "on-demand"] = setting(
+        "always", help='"on-demand": started on the first request, unloaded after ttl_s')
+    ttl_s: float = setting(DEFAULT_TTL_S, min=0, max=365 * 86400,
+                           help="on-demand: unload this long after the last task; 0 keeps it")
+    models: list[str] | None = setting(None, help="names clients send as model; default the "
+                                       "instance name")
+
+    def model_names(self, name: str) -> list[str]:
+        """The names clients may send in ``model`` for this instance."""
+        return list(self.models) if self.models is not None else [name]
 
     def check(self, ctx: Context, key: str) -> None:
+        if self.models is not None:
+            if not self.models:
+                raise ctx.error(f"{key}.models", "empty; list at least one name, or leave it "
+                                "out to use the instance name")
+            for i, model in enumerate(self.models):
+                if not model.strip() or model != model.strip():
+                    raise ctx.error(f"{key}.models[{i}]", f"found {model!r}; expected a "
+                                    "non-empty name without surrounding spaces")
+                if model in self.models[:i]:
+                    raise ctx.error(f"{key}.models[{i}]", f"{model!r} is listed twice")
         if self.command is not None and (self.model is not None or self.args):
             raise ctx.error(f"{key}.command", "set either command or model/args, not both")
         if self.command is None and self.model is None:
@@ -203,6 +226,11 @@ class AgentSection:
     state_file: Path = setting(Path("/var/lib/llamanap/state.toml"),
                                help="enable/disable overrides made through the API")
     log_ring_lines: int = setting(500, min=10, max=100_000)
+    memory_budget_mib: int | None = setting(
+        None, min=1, max=1 << 30, help="cap per device (host memory on a CPU-only host) on "
+        "what the instances may take by their estimates")
+    evict_wait_s: float = setting(60.0, min=0, max=86400, help="how long a load waits for a "
+                                  "busy on-demand instance to finish before it is refused")
 
     def check(self, ctx: Context, key: str) -> None:
         addr = parse_hostport(self.api_listen, ctx, f"{key}.api_listen", allow_port_zero=True)
@@ -323,6 +351,7 @@ class NodeAgentConfig:
             if not name.replace("-", "").replace("_", "").isalnum():
                 raise ctx.error(f"instances.{name}", "bad name; use letters, digits, - and _")
         _check_ports(self.agent, self.instances, dict.fromkeys(self.instances, ctx.source))
+        _check_models(self.instances, dict.fromkeys(self.instances, ctx.source))
 
 
 def _check_ports(agent: AgentSection, instances: dict[str, InstanceConfig],
@@ -341,6 +370,20 @@ def _check_ports(agent: AgentSection, instances: dict[str, InstanceConfig],
             raise ConfigError(origin[name], f"instances.{name}.port",
                               f"{port} is also the port of instance {ports[port]!r}; pick another")
         ports[port] = name
+
+
+def _check_models(instances: dict[str, InstanceConfig], origin: dict[str, Path]) -> None:
+    """Each model name clients may send belongs to one instance."""
+    owner: dict[str, str] = {}
+    for name, inst in instances.items():
+        for i, model in enumerate(inst.model_names(name)):
+            if model in owner:
+                key = f"instances.{name}.models[{i}]" if inst.models is not None \
+                    else f"instances.{name}"
+                raise ConfigError(origin[name], key,
+                                  f"model name {model!r} is also served by instance "
+                                  f"{owner[model]!r}; names in models must be unique")
+            owner[model] = name
 
 
 def load_node_config(path: Path) -> NodeAgentConfig:
@@ -372,4 +415,5 @@ def load_node_config(path: Path) -> NodeAgentConfig:
             instances[name] = build(InstanceConfig, table, Context(file), f"instances.{name}")
             origin[name] = file
     _check_ports(cfg.agent, instances, origin)
+    _check_models(instances, origin)
     return dataclasses.replace(cfg, instances=instances)
