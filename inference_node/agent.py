@@ -36,6 +36,8 @@ from inference_node.gpu.backend import PstateBackend
 from inference_node.gpu.inventory import GpuInventory, open_inventory
 from inference_node.gpu.nvapi import NvapiBackend
 from inference_node.gpu.service import PstateService
+from inference_node.ondemand.service import OnDemandService
+from inference_node.placement.autoplace import gpus_from_inventory
 from inference_node.placement.service import PlacementService
 from inference_node.power.manager import SuspendAction
 from inference_node.power.service import PowerService
@@ -180,10 +182,11 @@ class Parts:
     pstates: PstateService
     placement: PlacementService
     power: PowerService
+    ondemand: OnDemandService
 
     def components(self) -> list[Component]:
         """In start order: activity and P-states run before power may release them."""
-        return [self.activity, self.pstates, self.placement, self.power]
+        return [self.activity, self.pstates, self.placement, self.power, self.ondemand]
 
 
 def build_parts(agent: Agent, *, inventory: GpuInventory | None = None,
@@ -201,13 +204,17 @@ def build_parts(agent: Agent, *, inventory: GpuInventory | None = None,
     placement = PlacementService(gpus, config.placement.safety_margin_mib)
     power = PowerService(config, sup, activity=activity, gpu=pstates,
                          pstates=pstates.controller, suspend=suspend, watch_system=watch_system)
+    ondemand = OnDemandService(sup, config, busy=activity.busy,
+                               gpus=lambda: gpus_from_inventory(gpus.snapshot()))
+    activity.add_listener(ondemand.on_busy)
     sup.add_line_sink(activity.feed)
     sup.add_line_sink(placement.feed)
-    for listener in (activity.on_state, pstates.on_state, placement.on_state, power.on_state):
+    for listener in (activity.on_state, pstates.on_state, placement.on_state, power.on_state,
+                     ondemand.on_state):
         sup.add_state_listener(listener)
     # The supervisor's one planner hook, set before it starts anything.
     sup.launch_planner = placement.placer
-    return Parts(activity, pstates, placement, power)
+    return Parts(activity, pstates, placement, power, ondemand)
 
 
 def default_components(agent: Agent) -> list[Component]:

@@ -77,10 +77,11 @@ def build_parser() -> argparse.ArgumentParser:
 def _command_modules() -> list[CommandModule]:
     # Each module adds its own subcommands; keep this list in the order of `--help`.
     from inference_node import commands, doctor
+    from inference_node.ondemand import commands as ondemand
     from inference_node.placement import cli as placement
     from inference_node.power import commands as power
 
-    return [commands, power, doctor, placement]
+    return [commands, ondemand, power, doctor, placement]
 
 
 def main(argv: Sequence[str] | None = None) -> int:

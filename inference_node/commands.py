@@ -64,10 +64,16 @@ def _status(args: argparse.Namespace) -> int:
     data = client.get("/v1/status")
     activity, gpus = _optional(client, "/v1/activity"), _optional(client, "/v1/gpus")
     power = _optional(client, "/v1/power")
+    models = _optional(client, "/v1/models")
     if args.json:
-        print(json.dumps(data | {"activity": activity, "gpus": gpus, "power": power}, indent=1))
+        print(json.dumps(data | {"activity": activity, "gpus": gpus, "power": power,
+                                 "models": models}, indent=1))
         return EXIT_OK
     print(format_table(data["instances"], (activity or {}).get("instances", {})))
+    if models is not None and models["models"]:
+        from inference_node.ondemand.commands import format_models
+
+        print("\n" + format_models(models["models"]))
     if gpus is not None:
         print("\n" + format_gpu_table(gpus))
     if power is not None:

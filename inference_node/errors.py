@@ -38,6 +38,18 @@ class PlacementError(LlamanapError):
     """Placement cannot go on (bad input, impossible request)."""
 
 
+class UnknownModel(LlamanapError):
+    """No instance serves this model name (the message lists the names that exist)."""
+
+
+class LoadRefused(LlamanapError):
+    """The on-demand scheduler will not load (or unload) it: no room, disabled, suspending."""
+
+
+class LoadFailed(LlamanapError):
+    """An on-demand instance was started and did not become READY."""
+
+
 class ModelFileError(PlacementError):
     """A model file is missing, not GGUF, damaged, or of a shape the estimate cannot read."""
 

@@ -21,6 +21,7 @@ from inference_node.placement.ggml_sizes import mib
 from inference_node.placement.gguf_info import ModelInfo
 from inference_node.placement.planner import PROCESS_MIB
 from inference_node.placement.repack import CpuFeatures
+from inference_node.placement.settings import LaunchSettings
 
 # A llama-server's own resident memory beside llama.cpp's buffers (binary, shared libraries,
 # threads, the HTTP server and its slots' token buffers): measured 40-60 MiB on this build.
@@ -49,7 +50,13 @@ def instance_footprint(model: ModelInfo, argv: Sequence[str], devices: Sequence[
                        cpu: CpuFeatures | None = None) -> Footprint:
     """Estimated MiB per device and host for ``model`` run with ``argv`` on ``devices``
     (none: a CPU-only host). PlacementError for flags llama.cpp itself would reject."""
-    s = settings_from_args(argv)
+    return settings_footprint(model, settings_from_args(argv), devices, process_mib, cpu)
+
+
+def settings_footprint(model: ModelInfo, s: LaunchSettings, devices: Sequence[DeviceSpec],
+                       process_mib: float = PROCESS_MIB,
+                       cpu: CpuFeatures | None = None) -> Footprint:
+    """``instance_footprint`` for settings already read from the flags."""
     s = s.with_(ctx=s.ctx or model.n_ctx_train)
     if not devices:
         s = s.with_(n_gpu_layers=0)

@@ -101,7 +101,14 @@ def plan_reload(
 
 
 def _launch_view(cfg: InstanceConfig) -> InstanceConfig:
-    return dataclasses.replace(cfg, enabled=True)
+    # a new TTL or model name list changes no process: the scheduler reads them live
+    return dataclasses.replace(cfg, enabled=True, ttl_s=0.0, models=None)
+
+
+def autostarts(cfg: InstanceConfig) -> bool:
+    """Whether the supervisor starts it by itself: on-demand instances start only when the
+    on-demand scheduler asks (``start``), never at agent start, reload or resume."""
+    return cfg.load == "always"
 
 
 class Supervisor:
@@ -200,7 +207,7 @@ class Supervisor:
         if not self._held:
             for name in plan.added + plan.changed + plan.enabled:
                 inst = self._instances[name]
-                if inst.enabled:
+                if inst.enabled and autostarts(inst.config):
                     inst.request_start(f"{reason}: {_verb(name, plan)}")
         if plan.added or plan.removed or plan.changed or plan.enabled or plan.disabled:
             log.info("%s: added %s, removed %s, changed %s, enabled %s, disabled %s, unchanged %d",
@@ -230,7 +237,7 @@ class Supervisor:
         """Record the effective enabled setting and start or stop to match."""
         inst = self._instances[name]
         inst.enabled = enabled
-        if enabled and not self._held:
+        if enabled and not self._held and autostarts(inst.config):
             inst.request_start(reason)
         elif not enabled:
             inst.request_stop(reason)
@@ -246,17 +253,24 @@ class Supervisor:
             await inst.wait_for(SETTLED)
 
     async def start_enabled(self, reason: str) -> None:
-        """Start every enabled instance (FAILED ones get a fresh try); lifts ``stop_all``'s hold.
+        """Start every enabled ``load = "always"`` instance (FAILED ones get a fresh try); lifts
+        ``stop_all``'s hold.
 
         Returns at once; READY shows as a state change (or use ``wait_all_ready``).
         """
         self._held = False
         for inst in self._instances.values():
-            if inst.enabled:
+            if inst.enabled and autostarts(inst.config):
                 inst.request_start(reason)
 
+    @property
+    def held(self) -> bool:
+        """True between ``stop_all`` and ``start_enabled`` (the box is going to sleep)."""
+        return self._held
+
     def enabled_names(self) -> list[str]:
-        return [i.name for i in self._instances.values() if i.enabled]
+        """Enabled instances that start by themselves (what a resume waits READY for)."""
+        return [i.name for i in self._instances.values() if i.enabled and autostarts(i.config)]
 
     async def wait_all_ready(self, timeout_s: float) -> bool:
         """True once every instance that should run is READY; False after ``timeout_s``.
