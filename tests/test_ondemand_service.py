@@ -116,6 +116,10 @@ async def test_first_request_loads_and_the_next_model_evicts_it(
         assert r.status_code == 200, r.text
         assert r.json()["state"] == "loaded" and r.json()["evicted"] == []
         assert sup.get("a").state is State.READY
+        # llama-server answers to the instance's model names (--alias alpha,a)
+        port = sup.get("a").config.effective_port
+        served = (await client.get(f"http://127.0.0.1:{port}/v1/models")).json()
+        assert "alpha" in str(served) and "a.gguf" not in str(served["data"][0]["id"])
         again = (await load(client, "a")).json()
         assert again["load_s"] is None  # already loaded: nothing happened
 

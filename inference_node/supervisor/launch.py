@@ -85,7 +85,7 @@ def build_launch(
             except LlamanapError as exc:
                 raise LaunchError(f"instances.{name}: {exc}") from exc
         argv = [str(binary), "--model", str(config.model), "--host", host,
-                "--port", str(config.effective_port), *_alias(name, config.args), *config.args]
+                "--port", str(config.effective_port), *_alias(config.model_names(name), config.args), *config.args]
     argv += extra.args
     env = dict(os.environ if base_env is None else base_env)
     env.update(config.env)
@@ -159,16 +159,17 @@ def port_problem(host: str, port: int) -> str | None:
     return None
 
 
-def _alias(name: str, args: Sequence[str]) -> list[str]:
-    """``--alias NAME`` unless ``args`` name the model already.
+def _alias(names: Sequence[str], args: Sequence[str]) -> list[str]:
+    """``--alias NAME[,NAME...]`` (the instance's ``models``, default its name) unless
+    ``args`` name the model already.
 
     Without an alias llama-server names its model by the file's path, and that is what
-    frontends list (``/v1/models``) and send back as ``model``; the instance's name is what
-    the proxy's routes and a person use.
+    frontends list (``/v1/models``) and send back as ``model``; the instance's name (or the
+    names in ``models``) is what the proxy's routes, the on-demand scheduler and a person use.
     """
     if any(a in ALIAS_FLAGS or a.startswith("--alias=") for a in args):
         return []
-    return ["--alias", name]
+    return ["--alias", ",".join(names)]
 
 
 def _flag_value(argv: Sequence[str], *flags: str) -> str | None:
