@@ -245,3 +245,36 @@ async def test_a_model_bigger_than_the_budget_is_refused_at_once(
         assert r.status_code == 409
         assert "more than the whole budget: agent.memory_budget_mib is 1 MiB" in r.text
         assert agent.supervisor.get("a").state is State.STOPPED
+
+
+async def test_cli_load_status_unload(tmp_path: Path, llama_server_bin: Path,
+                                      models: tuple[Path, Path],
+                                      capsys: pytest.CaptureFixture[str]) -> None:
+    from inference_node.cli import main
+
+    a = table(models[0], llama_server_bin, models=["alpha"])
+    b = table(models[1], llama_server_bin)
+    cfg = one_at_a_time(tmp_path, a, b)
+    async with running(cfg) as (agent, _client, _parts):
+        url = ["--url", agent.api_urls[0]]
+
+        async def cli(*argv: str) -> tuple[int, str, str]:
+            code = await trio.to_thread.run_sync(main, [*argv, *url])
+            out, err = capsys.readouterr()
+            return code, out, err
+
+        code, out, _ = await cli("load", "alpha")
+        assert code == 0 and out.startswith("alpha: loaded in ") and "instance a" in out
+        code, out, _ = await cli("load", "b")
+        assert code == 0 and "evicted a" in out
+        code, out, _ = await cli("status")
+        assert code == 0
+        rows = {line.split()[0]: line.split() for line in out.splitlines()
+                if line.startswith(("alpha ", "b "))}
+        assert rows["alpha"][3] == "UNLOADED" and rows["b"][3] == "LOADED"
+        assert rows["b"][-1] in ("599s", "600s")  # b's TTL left, counting from its load
+        assert rows["alpha"][-1] == "-"
+        code, out, _ = await cli("unload", "b")
+        assert code == 0 and out == "b: unloaded (instance b stopped)\n"
+        code, _, err = await cli("load", "nope")
+        assert code == 1 and "no instance serves model 'nope'" in err

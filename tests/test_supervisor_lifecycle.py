@@ -222,3 +222,27 @@ async def test_a_failing_planner_fails_only_its_instance(sup: Supervisor, tmp_pa
     await wait_state(sup, "fine", State.READY)
     assert sup.get("broken").reason == (
         "instances.broken: launch planning failed: ZeroDivisionError('planner bug')")
+
+
+async def test_on_demand_instances_start_only_when_asked(sup: Supervisor, tmp_path: Path) -> None:
+    # not at apply (agent start, reload), not on enable, not on resume (start_enabled)
+    cfgs = {"always": instance("always", {"command": toy_command(free_port())}, tmp_path / "x.toml"),
+            "lazy": instance("lazy", {"command": toy_command(free_port()), "load": "on-demand"},
+                             tmp_path / "x.toml")}
+    await sup.apply(cfgs, {})
+    await wait_state(sup, "always", State.READY)
+    assert sup.get("lazy").state is State.STOPPED and not sup.get("lazy").wanted
+    assert sup.enabled_names() == ["always"]  # what a resume waits READY for
+    sup.set_enabled("lazy", True, "test: enable")
+    await sup.stop_all("test: suspend")
+    assert sup.held
+    await sup.start_enabled("test: resume")
+    await wait_state(sup, "always", State.READY)
+    assert sup.get("lazy").state is State.STOPPED and not sup.get("lazy").wanted
+    sup.start("lazy", "test: the scheduler asks")
+    await wait_state(sup, "lazy", State.READY)
+    # a new TTL or model list restarts nothing
+    changed = {**cfgs, "lazy": instance("lazy", {"command": cfgs["lazy"].command, "load": "on-demand",
+                                                 "ttl_s": 5, "models": ["l"]}, tmp_path / "x.toml")}
+    plan = await sup.apply(changed, {})
+    assert "lazy" in plan.unchanged and sup.get("lazy").state is State.READY
