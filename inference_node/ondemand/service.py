@@ -61,6 +61,8 @@ IDLE_RECHECK_S: Final = 60.0
 EVICT_MARGIN_S: Final = 5.0
 # States after which a load is over (BACKOFF: the child died before it was READY).
 LOAD_OUTCOMES: Final = frozenset({State.READY, State.FAILED, State.BACKOFF, State.STOPPED})
+# Joining a start the supervisor made: its restarts (BACKOFF) are its own business.
+JOIN_OUTCOMES: Final = frozenset({State.READY, State.FAILED, State.STOPPED})
 LOAD_SECONDS_BUCKETS: Final = (0.5, 1, 2, 5, 10, 20, 30, 60, 120, 300, 600)
 
 PHASES: Final = {State.READY: Phase.READY, State.STARTING: Phase.LOADING,
@@ -271,8 +273,9 @@ class OnDemandService:
             self._last_use[name] = now  # a load call is a use: the TTL starts again
             return None, LoadOutcome(name, decision.reason, (), None), changed
         if isinstance(decision, JoinLoad):
-            # loading, but not by this scheduler (an always instance starting): wait for it
-            attempt = self._watch(name, "started by the supervisor", ())
+            # started by the supervisor (an always instance, a respawn after a crash): wait
+            # for it through its own restarts
+            attempt = self._watch(name, "started by the supervisor", (), None, JOIN_OUTCOMES)
             return attempt, None, changed
         if isinstance(decision, Wait):
             log.info("model %s: %s", self._label(name), decision.reason)
@@ -293,22 +296,24 @@ class OnDemandService:
         return self._watch(name, decision.reason, decision.evict, mark), None, changed
 
     def _watch(self, name: str, reason: str, evicted: tuple[str, ...],
-               mark: int | None = None) -> _Attempt:
+               mark: int | None = None, outcomes: frozenset[State] = LOAD_OUTCOMES
+               ) -> _Attempt:
         attempt = _Attempt(name, reason, trio.current_time(), evicted)
-        self._attempts[name] = attempt
         if self._nursery is None:
             raise RuntimeError("OnDemandService.run is not running; start it in a nursery")
-        self._nursery.start_soon(self._follow, attempt, mark)
+        self._attempts[name] = attempt
+        self._nursery.start_soon(self._follow, attempt, mark, outcomes)
         return attempt
 
-    async def _follow(self, attempt: _Attempt, mark: int | None) -> None:
+    async def _follow(self, attempt: _Attempt, mark: int | None,
+                      outcomes: frozenset[State]) -> None:
         """Owner of one load: wait for its outcome, stop a failed one, tell every caller."""
         name, label = attempt.name, self._label(attempt.name)
         inst = self._sup.get(name)
         try:
             if mark is not None:
                 await inst.wait_transition(mark)  # the owner task took the start request
-            await inst.wait_for(LOAD_OUTCOMES)
+            await inst.wait_for(outcomes)
             if inst.state is State.READY:
                 self.loads.labels(label, "ok").inc()
                 self.load_seconds.labels(label).observe(trio.current_time() - attempt.started)
@@ -317,7 +322,8 @@ class OnDemandService:
             attempt.error = f"model {label} (instance {name}) failed to load: {why}"
             self.loads.labels(label, "failed").inc()
             log.warning("%s", attempt.error)
-            if inst.wanted:
+            on_demand = self._config.instances[name].load == "on-demand"
+            if inst.wanted and on_demand:
                 self._sup.stop(name, "load failed; not retried until the next request")
         finally:
             del self._attempts[name]
