@@ -24,7 +24,8 @@ from inference_node.placement.repack import CpuFeatures
 from inference_node.placement.settings import LaunchSettings
 
 # A llama-server's own resident memory beside llama.cpp's buffers (binary, shared libraries,
-# threads, the HTTP server and its slots' token buffers): measured 40-60 MiB on this build.
+# threads, the HTTP server and its slots' token buffers): a tiny model's whole process is
+# about 50 MiB resident on this build, buffers included, so this is a round upper bound.
 HOST_PROCESS_MIB: Final = 64
 
 
