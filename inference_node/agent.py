@@ -37,7 +37,6 @@ from inference_node.gpu.inventory import GpuInventory, open_inventory
 from inference_node.gpu.nvapi import NvapiBackend
 from inference_node.gpu.service import PstateService
 from inference_node.ondemand.service import OnDemandService
-from inference_node.placement.autoplace import gpus_from_inventory
 from inference_node.placement.service import PlacementService
 from inference_node.power.manager import SuspendAction
 from inference_node.power.service import PowerService
@@ -204,8 +203,7 @@ def build_parts(agent: Agent, *, inventory: GpuInventory | None = None,
     placement = PlacementService(gpus, config.placement.safety_margin_mib)
     power = PowerService(config, sup, activity=activity, gpu=pstates,
                          pstates=pstates.controller, suspend=suspend, watch_system=watch_system)
-    ondemand = OnDemandService(sup, config, busy=activity.busy,
-                               gpus=lambda: gpus_from_inventory(gpus.snapshot()))
+    ondemand = OnDemandService(sup, config, busy=activity.busy, gpus=gpus.snapshot)
     activity.add_listener(ondemand.on_busy)
     sup.add_line_sink(activity.feed)
     sup.add_line_sink(placement.feed)

@@ -30,6 +30,7 @@ from prometheus_client import Counter, Histogram
 from prometheus_client.registry import Collector
 
 from inference_node.errors import LoadFailed, LoadRefused, UnknownModel
+from inference_node.gpu.inventory import GpuInfo
 from inference_node.ondemand.estimate import InstanceEstimator
 from inference_node.ondemand.policy import (
     InstanceView,
@@ -47,7 +48,7 @@ from inference_node.ondemand.policy import (
     ttl_left,
 )
 from inference_node.ondemand.routes import add_routes
-from inference_node.placement.planner import GpuFree
+from inference_node.placement.autoplace import gpus_from_inventory
 from inference_node.supervisor.state import State
 from inference_node.supervisor.supervisor import SETTLED, Supervisor
 from shared.config.node import NodeAgentConfig
@@ -95,7 +96,7 @@ class OnDemandService:
 
     def __init__(self, supervisor: Supervisor, config: NodeAgentConfig, *,
                  busy: Callable[[str], bool],
-                 gpus: Callable[[], Sequence[GpuFree]] = list,
+                 gpus: Callable[[], Sequence[GpuInfo]] = list,
                  estimator: InstanceEstimator | None = None) -> None:
         self._sup = supervisor
         self._config = config
@@ -263,8 +264,9 @@ class OnDemandService:
                 raise LoadRefused(f"model {self._label(name)}: {problem}")
             needs[other] = need or {}
         margin = self._config.placement.safety_margin_mib
-        memory = Memory(free_mib={g.uuid: g.free_mib - margin for g in gpus},
-                        total_mib={g.uuid: g.total_mib for g in gpus},
+        free = gpus_from_inventory(gpus)
+        memory = Memory(free_mib={g.uuid: g.free_mib - margin for g in free},
+                        total_mib={g.uuid: g.total_mib for g in free},
                         budget_mib=self._config.agent.memory_budget_mib)
         now = trio.current_time()
         decision = decide_load(name, self._views(needs), memory, now, waiting_since,
