@@ -180,3 +180,24 @@ async def test_partial_offload_repacks_the_host_share(llama_server_bin: Path,
     dev, measured = est.devices[0], got.devices[name]
     assert mib(dev.weights) == pytest.approx(measured.model, rel=0.01)
     assert mib(dev.kv) == pytest.approx(measured.kv, rel=0.01)
+
+
+async def test_pipeline_compute_without_flash_attention_at_a_long_context(
+        llama_server_bin: Path, tmp_path: Path) -> None:
+    # Without flash attention the per-copy input that grows with the cache stops growing at
+    # 8 ubatches of cells: at -c 8192 -ub 256 an uncapped estimate is ~30% high on the host.
+    spec = TinyModelSpec(n_layer=8, n_embd=512, n_ff=1536, n_head=8, n_ctx_train=32768,
+                         tensor_type="F16")  # 512 KV values per cell: the input is large
+    path = write_tiny_model(tmp_path / "m.gguf", spec)
+    flags = ("-c", "8192", "-np", "2", "-ub", "256", "-ngl", "99", "-ts", "1,1", "-fa", "off")
+    async with rpc_servers(find_rpc_server(), 2) as endpoints, \
+            llama_server(llama_server_bin, path,
+                         (*BASE_ARGS, *flags, "--rpc", ",".join(e for e, _ in endpoints))
+                         ) as server:
+        got = parse_memory(server.log.lines)
+    est = estimate(read_model(path), settings_from_args(flags),
+                   [DeviceSpec("RPC0", "rpc"), DeviceSpec("RPC1", "rpc")])
+    names = got.gpu_names()
+    pairs = [(est.host, got.host), *((est.devices[i], got.devices[names[i]]) for i in range(2))]
+    for mine, theirs in pairs:
+        assert mib(mine.compute) == pytest.approx(theirs.compute, rel=COMPUTE_TOLERANCE)

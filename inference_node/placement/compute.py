@@ -24,7 +24,8 @@ them):
   ``PIPELINE_FIRST_EMBD·n_embd`` per token on the first device (and the host),
   ``PIPELINE_OTHER_EMBD·n_embd`` on the others.
 - without flash attention, ``NO_FA_KV_INPUT_BYTES`` per KV cell and KV value per copy and
-  per KV cache (sliding-window models have two).
+  per KV cache (sliding-window models have two), for at most ``NO_FA_KV_INPUT_MAX_UBATCHES``
+  × ``n_ubatch`` cells of all streams together.
 - on CUDA with flash attention and a K/V cache that is not f16, an f16 copy of one
   layer's cache (``_cuda_fa_staging``; from llama.cpp's source, not measured here).
 - on the output device, the output rows (one per slot): logits twice and
@@ -65,6 +66,9 @@ FIRST_DEVICE_EMBD: Final = 1.0
 # Without flash attention each device (and, with pipeline parallelism, the host) holds one
 # more input per copy that grows with the cache: measured at 1 byte per cell and KV value.
 NO_FA_KV_INPUT_BYTES: Final = 1
+# ... and that input stops growing at this many ubatches of cells (measured: -c 4096..16384,
+# -ub 128..1024, 1 to 4 streams, one and two devices give exactly min(cells, 8 * n_ubatch)).
+NO_FA_KV_INPUT_MAX_UBATCHES: Final = 8
 LOGIT_BUFFERS: Final = 2  # logits and their probabilities
 OUTPUT_EMBD: Final = 5.0  # the output rows' activations through norm and output matrix
 HOST: Final = -1
@@ -101,7 +105,8 @@ def compute_bytes(model: ModelInfo, s: LaunchSettings, assign: Sequence[int], de
         cells = max(kv_cells(model, s, il) for il in range(n_layer))
         # one per KV cache: sliding-window models keep two (full and windowed layers)
         n_caches = len(set(model.swa_layers)) if not s.swa_full else 1
-        total += n_caches * copies * cells * s.n_stream * kv_embd * NO_FA_KV_INPUT_BYTES
+        cells = min(cells * s.n_stream, NO_FA_KV_INPUT_MAX_UBATCHES * ub)
+        total += n_caches * copies * cells * kv_embd * NO_FA_KV_INPUT_BYTES
     total += max((_layer_peak(model, s, il, dev == HOST, ub) for il in layers), default=0.0)
     if kind == "cuda" and layers:
         total += _cuda_fa_staging(model, s, layers)
