@@ -187,6 +187,8 @@ class OnDemandService:
                               f"`node-agent stop {name}` or set instances.{name}.load = "
                               "\"on-demand\"")
         async with self._lock:
+            if name not in self._sup.names:
+                return name  # not applied yet: nothing runs
             inst = self._sup.get(name)
             if inst.wanted or inst.is_running:
                 self._stop(name, reason, "api")
@@ -219,16 +221,18 @@ class OnDemandService:
         rows = []
         snapshot = {r.name: r for r in self._sup.snapshot()}
         for name, cfg in self._config.instances.items():
+            if name not in snapshot:
+                continue  # a config the supervisor has not applied yet
             need, problem = await self._estimator.need(name, cfg, gpus)
             v = self._view(name, need or {})
             last = self._last_use.get(name)
             state = "loaded" if v.phase is Phase.READY else v.phase.value
-            row = snapshot.get(name)
+            row = snapshot[name]
             for model in cfg.model_names(name):
                 rows.append({
                     "model": model, "instance": name, "load": cfg.load, "state": state,
-                    "enabled": row.enabled if row else cfg.enabled, "busy": v.busy,
-                    "gpus": row.gpus if row else cfg.gpus,
+                    "enabled": row.enabled, "busy": v.busy,
+                    "gpus": row.gpus,
                     "estimated_mib": None if need is None else
                     {d: round(m, 1) for d, m in need.items()},
                     "estimate_error": problem,
@@ -245,6 +249,9 @@ class OnDemandService:
         """Under the lock: one policy decision and its effects. Returns the attempt to wait
         on, or an outcome (already loaded), or neither (wait for this event, then retry)."""
         changed = self._changed
+        if name not in self._sup.names:
+            raise LoadRefused(f"instance {name} is not running under the supervisor yet "
+                              "(the agent is starting or reloading); try again")
         inst = self._sup.get(name)
         if name in self._attempts:
             return self._attempts[name], None, changed
