@@ -12,7 +12,14 @@ import tomli_w
 
 from edge_proxy.http_routes.rules import WakePolicy
 from inference_node.power.service import command_suspend
-from shared.config.edge import EdgeConfig, HttpOptions, LimitsConfig, NodeConfig, load_edge_config
+from shared.config.edge import (
+    EdgeConfig,
+    HistoryConfig,
+    HttpOptions,
+    LimitsConfig,
+    NodeConfig,
+    load_edge_config,
+)
 from shared.config.node import (
     HealthConfig,
     InstanceConfig,
@@ -74,7 +81,7 @@ def load_error(tmp_path: Path, table: dict[str, Any], *, edge: bool) -> ConfigEr
 
 
 EDGE_SECTIONS = {"nodes.gpubox": NodeConfig, "routes[1].http": HttpOptions,
-                 "limits": LimitsConfig}
+                 "limits": LimitsConfig, "history": HistoryConfig}
 NODE_SECTIONS = {"power": PowerSection, "pstate": PstateSection, "proxy": ProxySection,
                  "instances.small": InstanceConfig, "instances.small.health": HealthConfig,
                  "instances.small.restart": RestartConfig}
@@ -87,11 +94,15 @@ def float_keys(sections: dict[str, type]) -> list[str]:
 
 EDGE_FLOATS = float_keys(EDGE_SECTIONS)
 NODE_FLOATS = float_keys(NODE_SECTIONS)
+# The float keys that are not durations, each with its unit in its name
+QUANTITIES = {"nodes.gpubox.host_idle_watts", "nodes.gpubox.host_sleep_watts",
+              "history.retention_days", "history.max_mib"}
 
 
 def test_every_duration_is_covered() -> None:
     assert len(EDGE_FLOATS) + len(NODE_FLOATS) >= 18
-    assert all(key.endswith("_s") for key in EDGE_FLOATS + NODE_FLOATS)
+    assert all(key.endswith("_s") for key in EDGE_FLOATS + NODE_FLOATS if key not in QUANTITIES)
+    assert set(EDGE_FLOATS) >= QUANTITIES
 
 
 @pytest.mark.parametrize("value", [math.nan, math.inf, -math.inf], ids=["nan", "inf", "-inf"])
@@ -103,7 +114,8 @@ def test_non_finite_durations_are_refused(tmp_path: Path, key: str, value: float
     at(table, section)[name] = value
     err = load_error(tmp_path, table, edge=edge)
     assert err.key == key
-    assert err.problem.startswith(f"found {value!r}; allowed: a finite number of seconds")
+    unit = "" if key in QUANTITIES else " of seconds"
+    assert err.problem.startswith(f"found {value!r}; allowed: a finite number{unit}")
 
 
 def test_non_finite_message_names_the_bounds(tmp_path: Path) -> None:

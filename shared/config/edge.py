@@ -102,6 +102,11 @@ class NodeConfig:
                                      help="after a failed wake, requests fail at once this long")
     max_held: int = setting(2000, min=0, max=1_000_000, help="held connections for this node")
     veto_suspend_when_busy: bool = setting(True, help="refuse `suspending` while relays are open")
+    # Energy: the host's draw beside its GPUs (NVML reports those), measured at the wall.
+    host_idle_watts: float = setting(40.0, min=0, max=100_000,
+                                     help="awake and idle, GPUs excluded (wall meter)")
+    host_sleep_watts: float = setting(2.0, min=0, max=100_000,
+                                      help="suspended (wall meter)")
 
     def check(self, ctx: Context, key: str) -> None:
         check_host(self.host, ctx, f"{key}.host")
@@ -222,6 +227,36 @@ class LimitsConfig:
     shutdown_grace_s: float = setting(10.0, min=0, max=3600)
 
 
+DEFAULT_STATE_DIR = Path("/var/lib/llamanap")
+HISTORY_FILE = "history.sqlite3"
+
+
+@dataclass(frozen=True)
+class HistoryConfig:
+    """Where the proxy keeps its history (requests, wakes, power states) and for how long."""
+
+    enabled: bool = False
+    path: Path | None = setting(None, help="the SQLite file (default STATE_DIR/history.sqlite3)")
+    state_dir: Path | None = setting(None, help=f"folder for the file (default {DEFAULT_STATE_DIR})")
+    retention_days: float = setting(90.0, min=0.01, max=36_500)
+    max_mib: float = setting(512.0, min=1, max=1 << 20, help="oldest rows go above this size")
+    price_per_kwh: float | None = setting(None, min=0, max=1000,
+                                          help="shows energy as money in `edge-proxy energy`")
+    currency: str = setting("", help='printed after money, e.g. "EUR"')
+
+    def check(self, ctx: Context, key: str) -> None:
+        if self.path is not None and self.state_dir is not None:
+            raise ctx.error(f"{key}.state_dir", "set either path or state_dir, not both")
+        if len(self.currency) > 8:
+            raise ctx.error(f"{key}.currency", f"found {self.currency!r}; expected a short unit "
+                            'such as "EUR" or "$"')
+
+    @property
+    def db_path(self) -> Path:
+        """The database file history is written to and read from."""
+        return self.path or (self.state_dir or DEFAULT_STATE_DIR) / HISTORY_FILE
+
+
 @dataclass(frozen=True)
 class EdgeConfig:
     """The whole edge-proxy config file."""
@@ -230,6 +265,7 @@ class EdgeConfig:
     routes: list[RouteConfig]
     control: ControlConfig = setting(default_factory=ControlConfig)
     limits: LimitsConfig = setting(default_factory=LimitsConfig)
+    history: HistoryConfig = setting(default_factory=HistoryConfig)
     log_level: Literal["debug", "info", "warning", "error"] = "info"
 
     def check(self, ctx: Context, key: str) -> None:

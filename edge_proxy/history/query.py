@@ -1,0 +1,137 @@
+"""Reading history back: for ``edge-proxy history``/``energy`` and a future dashboard.
+
+The database is opened read-only, so the CLI works beside a running proxy (WAL lets readers
+and the writer overlap) and with the proxy stopped.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import sqlite3
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from edge_proxy.history.records import (
+    TABLES,
+    ConnectionRecord,
+    GpuSample,
+    PowerInterval,
+    Record,
+    RequestRecord,
+    WakeRecord,
+    columns,
+)
+from shared.errors import LlamanapError
+
+
+class HistoryError(LlamanapError):
+    """The history database cannot be read."""
+
+
+@dataclass(frozen=True)
+class Filter:
+    """Which rows to read: at or after ``since`` (Unix s), before ``until``, one node or all."""
+
+    since: float | None = None
+    until: float | None = None
+    node: str | None = None
+    model: str | None = None
+    limit: int | None = None
+
+
+@contextmanager
+def open_readonly(path: Path) -> Iterator[sqlite3.Connection]:
+    """The database at ``path`` for reading; a missing or unreadable file is a ``HistoryError``."""
+    if not path.is_file():
+        raise HistoryError(f"no history database at {path}; set [history] enabled = true "
+                           "and run the proxy, or pass --db PATH")
+    try:
+        conn = sqlite3.connect(f"{path.absolute().as_uri()}?mode=ro", uri=True)
+        conn.execute("SELECT count(*) FROM requests").fetchone()
+    except sqlite3.Error as exc:
+        raise HistoryError(f"cannot read the history database {path}: {exc}") from exc
+    try:
+        yield conn
+    finally:
+        conn.close()
+
+
+def _select(conn: sqlite3.Connection, cls: type[Record], flt: Filter, *,
+            newest_first: bool) -> list[Any]:
+    table, age = TABLES[cls]
+    where, args = [], []  # type: list[str], list[Any]
+    if flt.since is not None:
+        where.append(f"{age} >= ?")
+        args.append(flt.since)
+    if flt.until is not None:
+        where.append(f"{age} < ?")
+        args.append(flt.until)
+    if flt.node is not None:
+        where.append("node = ?")
+        args.append(flt.node)
+    if flt.model is not None and cls is RequestRecord:
+        where.append("model = ?")
+        args.append(flt.model)
+    sql = f"SELECT {', '.join(columns(cls))} FROM {table}"
+    if where:
+        sql += " WHERE " + " AND ".join(where)
+    sql += f" ORDER BY {age} {'DESC' if newest_first else 'ASC'}, id"
+    if flt.limit is not None:
+        sql += " LIMIT ?"
+        args.append(flt.limit)
+    try:
+        rows = conn.execute(sql, args).fetchall()
+    except sqlite3.Error as exc:
+        raise HistoryError(f"cannot read {table} from the history database: {exc}") from exc
+    return [cls(*row) for row in rows]
+
+
+def requests(conn: sqlite3.Connection, flt: Filter = Filter()) -> list[RequestRecord]:
+    """HTTP requests, newest first."""
+    return _select(conn, RequestRecord, flt, newest_first=True)
+
+
+def connections(conn: sqlite3.Connection, flt: Filter = Filter()) -> list[ConnectionRecord]:
+    """TCP connections, newest first."""
+    rows: list[ConnectionRecord] = _select(conn, ConnectionRecord, flt, newest_first=True)
+    return [dataclasses.replace(r, woke=bool(r.woke)) for r in rows]
+
+
+def wakes(conn: sqlite3.Connection, flt: Filter = Filter()) -> list[WakeRecord]:
+    """Wakes, newest first."""
+    return _select(conn, WakeRecord, flt, newest_first=True)
+
+
+def gpu_samples(conn: sqlite3.Connection, flt: Filter = Filter()) -> list[GpuSample]:
+    """GPU samples, oldest first (the order energy integrates them in)."""
+    return _select(conn, GpuSample, flt, newest_first=False)
+
+
+def power_intervals(conn: sqlite3.Connection, flt: Filter = Filter()) -> list[PowerInterval]:
+    """Power-state intervals that overlap ``[since, until)``, oldest first."""
+    # an interval that began before ``since`` still counts for the part after it
+    sql = f"SELECT {', '.join(columns(PowerInterval))} FROM power_intervals WHERE end > ?"
+    args: list[Any] = [flt.since if flt.since is not None else float("-inf")]
+    if flt.until is not None:
+        sql += " AND start < ?"
+        args.append(flt.until)
+    if flt.node is not None:
+        sql += " AND node = ?"
+        args.append(flt.node)
+    try:
+        rows = conn.execute(sql + " ORDER BY start, id", args).fetchall()
+    except sqlite3.Error as exc:
+        raise HistoryError(f"cannot read power_intervals from the history database: {exc}") \
+            from exc
+    return [PowerInterval(*row) for row in rows]
+
+
+def nodes(conn: sqlite3.Connection) -> list[str]:
+    """Every node any table mentions, sorted."""
+    names: set[str] = set()
+    for table, _ in TABLES.values():
+        names.update(n for (n,) in conn.execute(f"SELECT DISTINCT node FROM {table}"))
+    return sorted(names)
