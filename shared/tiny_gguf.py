@@ -14,6 +14,10 @@ Families (``FAMILIES``) are the llama.cpp architectures verified to load and ser
 ``llama`` (plain, GQA, tied embeddings, or Mixtral-style experts with ``n_expert``),
 ``qwen2`` (attention biases) and ``gemma2`` (sliding-window attention on every other layer,
 always tied embeddings). ``PRESETS`` names one spec per model shape the VRAM estimate covers.
+
+``TinyModelSpec(sentence="...")`` builds a llama that answers every prompt, greedily, with that
+sentence (``DEMO_SENTENCE`` by default in the ``"llama-sentence"`` preset), so a person sees a
+readable answer and tests compare text. See ``_sentence_tensors`` for how.
 """
 
 from __future__ import annotations
@@ -61,6 +65,11 @@ CHATML_TEMPLATE: Final = (
     "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
 )
 
+DEMO_SENTENCE: Final = "Good morning: the GPU box was asleep."
+# Logit of the one token a sentence model picks; every other logit is 0, so greedy and any
+# low temperature both pick it.
+SENTENCE_LOGIT_SCALE: Final = 30.0
+
 # Vocab layout: ids 0..2 specials, 3..258 bytes, then the space marker and ChatML markers.
 UNK_ID: Final = 0
 BOS_ID: Final = 1
@@ -95,6 +104,7 @@ class TinyModelSpec:
     sliding_window: int = 64
     seed: int = 0
     name: str = "llamanap-tiny"
+    sentence: str | None = None
 
     def __post_init__(self) -> None:
         problems = list(_spec_problems(self))
@@ -111,9 +121,15 @@ class TinyModelSpec:
 
     @property
     def n_vocab(self) -> int:
-        return len(vocab_tokens())
+        return len(vocab_tokens(self.sentence))
 
 
+
+
+def sentence_pieces(sentence: str) -> list[str]:
+    """The sentence's words as vocab pieces: the first as is, the others after the space marker."""
+    words = sentence.split()
+    return words[:1] + [SPACE_MARKER + w for w in words[1:]]
 
 
 def _spec_problems(spec: TinyModelSpec) -> list[str]:
@@ -142,7 +158,23 @@ def _spec_problems(spec: TinyModelSpec) -> list[str]:
     if spec.tensor_type in ("Q8_0", "Q4_0") and (spec.n_embd % Q8_0_BLOCK
                                                    or spec.n_ff % Q8_0_BLOCK):
         problems.append(f"{spec.tensor_type} needs n_embd and n_ff divisible by {Q8_0_BLOCK}")
+    if spec.sentence is not None:
+        problems += _sentence_problems(spec)
     return problems
+
+
+def _sentence_problems(spec: TinyModelSpec) -> list[str]:
+    if spec.family != "llama" or spec.n_expert or spec.tied_embeddings:
+        return ["sentence needs a plain llama (family 'llama', no experts, untied output)"]
+    pieces = sentence_pieces(spec.sentence or "")
+    if not pieces:
+        return ["sentence must have at least one word"]
+    if len(set(pieces)) != len(pieces):
+        return [f"sentence words must all differ (each word is a token that names its successor); "
+                f"found {spec.sentence!r}"]
+    if len(pieces) + 1 > spec.n_embd:
+        return [f"sentence has {len(pieces)} words; n_embd must be at least one more"]
+    return []
 
 
 PRESETS: Final[dict[str, TinyModelSpec]] = {
@@ -152,11 +184,17 @@ PRESETS: Final[dict[str, TinyModelSpec]] = {
     "llama-moe": TinyModelSpec(n_expert=4, n_expert_used=2),
     "qwen2-bias": TinyModelSpec(family="qwen2", n_head_kv=2, tied_embeddings=True),
     "gemma2-swa": TinyModelSpec(family="gemma2", n_layer=4, n_head_kv=2, tied_embeddings=True),
+    "llama-sentence": TinyModelSpec(sentence=DEMO_SENTENCE, name="llamanap-sentence"),
 }
 
 
-def vocab_tokens() -> list[tuple[str, float, gguf.TokenType]]:
-    """The byte-level vocab as (text, score, type), in id order."""
+def vocab_tokens(sentence: str | None = None) -> list[tuple[str, float, gguf.TokenType]]:
+    """The byte-level vocab as (text, score, type), in id order; with ``sentence``, one more
+    token per word of it at the end.
+
+    The tokenizer never produces the word tokens from a prompt: SentencePiece merges adjacent
+    pieces only into pieces the vocab has, and no prefix of a word ("Go") is in it.
+    """
     tokens: list[tuple[str, float, gguf.TokenType]] = [
         ("<unk>", 0.0, gguf.TokenType.UNKNOWN),
         ("<s>", 0.0, gguf.TokenType.CONTROL),
@@ -168,6 +206,8 @@ def vocab_tokens() -> list[tuple[str, float, gguf.TokenType]]:
     tokens.append((SPACE_MARKER, -1.0, gguf.TokenType.NORMAL))
     tokens.append((IM_START, 0.0, gguf.TokenType.CONTROL))
     tokens.append((IM_END, 0.0, gguf.TokenType.CONTROL))
+    if sentence is not None:
+        tokens += [(piece, 0.0, gguf.TokenType.NORMAL) for piece in sentence_pieces(sentence)]
     return tokens
 
 
@@ -182,7 +222,10 @@ def write_tiny_model(path: Path | str, spec: TinyModelSpec | None = None) -> Pat
     writer = gguf.GGUFWriter(tmp, spec.family)
     try:
         _add_metadata(writer, spec)
-        for name, array in _tensors(spec):
+        tensors = _tensors(spec)
+        if spec.sentence is not None:
+            tensors = _sentence_tensors(spec, tensors)
+        for name, array in tensors:
             _add_tensor(writer, name, array, spec.tensor_type)
         writer.write_header_to_file()
         writer.write_kv_data_to_file()
@@ -216,7 +259,7 @@ def _add_metadata(w: gguf.GGUFWriter, spec: TinyModelSpec) -> None:
         w.add_key_length(spec.head_dim)
         w.add_value_length(spec.head_dim)
 
-    tokens = vocab_tokens()
+    tokens = vocab_tokens(spec.sentence)
     w.add_tokenizer_model("llama")
     w.add_token_list([text for text, _, _ in tokens])
     w.add_token_scores([score for _, score, _ in tokens])
@@ -297,3 +340,31 @@ def _add_tensor(
         return
     packed = gguf.quants.quantize(array, qtype)
     w.add_tensor(name, packed, raw_dtype=qtype)
+
+
+def _sentence_tensors(
+    spec: TinyModelSpec, tensors: list[tuple[str, npt.NDArray[np.float32]]]
+) -> list[tuple[str, npt.NDArray[np.float32]]]:
+    """The random tensors, rewired so that greedy decoding spells ``spec.sentence``.
+
+    Each layer adds ``attn_output @ ...`` and ``ffn_down @ ...`` to the residual stream; with
+    both zero, the final hidden state is the current token's embedding. So the model is a table
+    from the last token to the next: every word token (and, for the start, every other token)
+    embeds to its own unit vector, and the output matrix maps that vector to the next word,
+    the last word to end-of-sequence.
+    """
+    n_base = len(vocab_tokens())
+    n_words = len(sentence_pieces(spec.sentence or ""))
+    embd = np.zeros((spec.n_vocab, spec.n_embd), dtype=np.float32)
+    embd[:n_base, 0] = 1.0  # any prompt token: "start the sentence"
+    output = np.zeros((spec.n_vocab, spec.n_embd), dtype=np.float32)
+    output[n_base, 0] = SENTENCE_LOGIT_SCALE  # start -> first word
+    for i in range(n_words):
+        embd[n_base + i, i + 1] = 1.0
+        successor = n_base + i + 1 if i + 1 < n_words else EOS_ID
+        output[successor, i + 1] = SENTENCE_LOGIT_SCALE
+    replaced = {"token_embd.weight": embd, "output.weight": output}
+    return [(name, replaced.get(name, np.zeros_like(array)
+                                if name.endswith(("attn_output.weight", "ffn_down.weight"))
+                                else array))
+            for name, array in tensors]
