@@ -1,4 +1,4 @@
-"""``edge-proxy`` command line: check-config, run, wake, status."""
+"""``edge-proxy`` command line: check-config, run, wake, status, history, energy."""
 
 from __future__ import annotations
 
@@ -16,6 +16,7 @@ import trio
 from edge_proxy import doctor
 from edge_proxy.control import STATUS_PATH, WAKE_PATH
 from edge_proxy.errors import ControlError, WolError
+from edge_proxy.history import cli as history_cli
 from edge_proxy.service import first_user_error, run_service
 from edge_proxy.wake.wol import UdpWolSender, magic_packet
 from shared.cli import EXIT_FAILURE, EXIT_OK, make_parser, run, setup_logging
@@ -179,6 +180,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print the raw JSON")
     p.set_defaults(func=_status)
     doctor.register(sub, DEFAULT_CONFIG)
+    history_cli.register(sub, DEFAULT_CONFIG)
     return parser
 
 
