@@ -1,0 +1,128 @@
+"""What the request path holds while a request or a node's power state is under way, so the
+hook-up in the HTTP routes and the wake driver is a few calls, not bookkeeping.
+
+- ``RequestLog``: one per HTTP request. The route calls ``routed``, ``hold_started`` /
+  ``hold_ended``, ``response_started`` and ``body`` (from ``Exchange.start``/``body``/``end``)
+  as they happen, sets ``outcome`` where it knows one, and calls ``finish`` once; ``finish``
+  records the row. Bodies are never kept: chunks go through a ``TimingsParser``.
+- ``PowerStates``: pure; fed a node's state with the time, it returns the closed
+  ``PowerInterval`` rows to record (on each change, and every ``MAX_INTERVAL_S`` so a crash
+  loses at most that much).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Final
+
+from edge_proxy.history.records import Outcome, PowerInterval, PowerState, RequestRecord
+from edge_proxy.history.store import Recorder
+from edge_proxy.history.timings import TimingsParser
+
+# An open power-state interval is cut (recorded and restarted) after this long.
+MAX_INTERVAL_S: Final = 300.0
+
+
+class RequestLog:
+    """One HTTP request's history row in the making. ``wall`` gives the row's time (Unix s),
+    ``clock`` the durations (``trio.current_time`` in the proxy)."""
+
+    def __init__(self, recorder: Recorder, route: str, method: str, path: str, *,
+                 clock: Callable[[], float], wall: Callable[[], float]) -> None:
+        self._recorder = recorder
+        self._clock = clock
+        self._t = wall()
+        self._start = clock()
+        self.route, self.method, self.path = route, method, path
+        self.node = ""
+        self.model: str | None = None
+        self.outcome: Outcome | None = None
+        self._status: int | None = None
+        self._ttfb: float | None = None
+        self._held_s = 0.0
+        self._hold_began: float | None = None
+        self._parser: TimingsParser | None = None
+        self._finished = False
+
+    def routed(self, node: str, model: str | None) -> None:
+        """The node (and model) the request goes to."""
+        self.node, self.model = node, model
+
+    def hold_started(self) -> None:
+        """The request waits for the node's wake (or a model load) from now."""
+        self._hold_began = self._clock()
+
+    def hold_ended(self) -> None:
+        """The wait is over (the node is ready, or the wake failed)."""
+        if self._hold_began is not None:
+            self._held_s += self._clock() - self._hold_began
+            self._hold_began = None
+
+    def response_started(self, status: int, content_type: str | None) -> None:
+        """Status and headers went to the client (proxy SSE comments while held count too)."""
+        if self._ttfb is None:
+            self._ttfb = self._clock() - self._start
+        self._status = status
+        self._parser = TimingsParser(content_type)
+
+    def body(self, chunk: bytes) -> None:
+        """A piece of the response body went to the client."""
+        if self._parser is not None:
+            self._parser.feed(chunk)
+
+    def finish(self, *, client_left: bool = False) -> None:
+        """Record the row (once). Without an ``outcome`` set: ``client_left`` if the client
+        went away, ``woke`` if it was held, else ``relayed``."""
+        if self._finished:
+            return
+        self._finished = True
+        self.hold_ended()
+        outcome: Outcome = self.outcome or (
+            "client_left" if client_left else "woke" if self._held_s > 0 else "relayed")
+        numbers = self._parser.numbers() if self._parser is not None else None
+        self._recorder.record_request(RequestRecord(
+            t=self._t, route=self.route, node=self.node, model=self.model, method=self.method,
+            path=self.path, status=self._status, outcome=outcome, held_ms=self._held_s * 1000,
+            ttfb_ms=None if self._ttfb is None else self._ttfb * 1000,
+            total_ms=(self._clock() - self._start) * 1000,
+            prompt_tokens=numbers.prompt_total if numbers else None,
+            predicted_tokens=numbers.predicted_total if numbers else None,
+            prompt_per_s=numbers.prompt_per_second if numbers else None,
+            predicted_per_s=numbers.predicted_per_second if numbers else None))
+
+
+@dataclass
+class _Open:
+    state: PowerState
+    since: float
+
+
+class PowerStates:
+    """Per node, the power state it is in since when; pure (times are passed in)."""
+
+    def __init__(self, max_interval_s: float = MAX_INTERVAL_S) -> None:
+        self._open: dict[str, _Open] = {}
+        self._max_interval_s = max_interval_s
+
+    def observe(self, node: str, state: PowerState | None, now: float) -> list[PowerInterval]:
+        """``node`` is in ``state`` (None: unknown, e.g. before the first probe) at ``now``;
+        return the intervals that closed."""
+        closed: list[PowerInterval] = []
+        current = self._open.get(node)
+        if current is not None and (current.state != state
+                                    or now - current.since >= self._max_interval_s):
+            if now > current.since:
+                closed.append(PowerInterval(node, current.state, current.since, now))
+            current = None
+            del self._open[node]
+        if current is None and state is not None:
+            self._open[node] = _Open(state, now)
+        return closed
+
+    def close(self, now: float) -> list[PowerInterval]:
+        """Every open interval, closed at ``now`` (at shutdown)."""
+        closed = [PowerInterval(node, o.state, o.since, now)
+                  for node, o in self._open.items() if now > o.since]
+        self._open.clear()
+        return closed
