@@ -28,7 +28,7 @@ import httpx
 import tomli_w
 import trio
 
-from shared.tiny_gguf import PRESETS, write_tiny_model
+from shared.tiny_gguf import DEMO_SENTENCE, PRESETS, write_tiny_model
 
 DEMO_MAC = "02:6c:6c:6e:61:70"  # locally administered, never a real NIC
 DEMO_NODE = "demo-box"
@@ -46,7 +46,7 @@ def _free_port(kind: int = socket.SOCK_STREAM) -> int:
 
 def write_demo_files(folder: Path, *, idle_timeout_s: float, listen_port: int) -> dict[str, object]:
     """Write the model, token and both configs; return the ports and paths chosen."""
-    model = write_tiny_model(folder / "tiny-llama.gguf", PRESETS["llama"])
+    model = write_tiny_model(folder / "tiny-llama.gguf", PRESETS["llama-sentence"])
     token = folder / "control.token"
     token.write_text(os.urandom(16).hex() + "\n")
     token.chmod(0o600)
@@ -106,7 +106,8 @@ def _banner(info: dict[str, object], folder: Path) -> str:
     ports = info["ports"]
     assert isinstance(ports, dict)
     url = f"http://127.0.0.1:{ports['listen']}"
-    body = json.dumps({"messages": [{"role": "user", "content": "Hello"}], "max_tokens": 24})
+    body = json.dumps({"messages": [{"role": "user", "content": "Hello"}], "max_tokens": 24,
+                       "temperature": 0})
     return f"""
 llamanap demo — everything on 127.0.0.1, files in {folder}
 
@@ -119,7 +120,7 @@ Try, in another terminal:
   .venv/bin/edge-proxy status --config {info['edge']}
   .venv/bin/node-agent status --config {info['agent']}
 
-The model is a generated tiny one with random weights: its answers are gibberish, on purpose.
+The model is a generated tiny one built to answer every prompt with: {DEMO_SENTENCE}
 Watch below: the node goes to sleep when idle; the next curl wakes it. Ctrl-C stops the demo.
 """
 
@@ -143,7 +144,8 @@ def _all_ready(data: Any) -> bool:
 
 
 async def _chat(url: str) -> tuple[float, str]:
-    body = {"messages": [{"role": "user", "content": "Hello"}], "max_tokens": 16}
+    body = {"messages": [{"role": "user", "content": "Hello"}], "max_tokens": 16,
+            "temperature": 0}
     t0 = time.monotonic()
     async with httpx.AsyncClient(timeout=SELF_TEST_WAKE_TIMEOUT_S) as client:
         r = await client.post(url + "/v1/chat/completions", json=body)
@@ -199,6 +201,10 @@ async def _self_test(api: str, token: str, url: str) -> int:
     print("demo self-test: the node is asleep; sending a request through the proxy", flush=True)
     took, text = await _chat(url)
     print(f"demo self-test: woke the node and answered in {took * 1000:.0f} ms: {text!r}", flush=True)
+    if text != DEMO_SENTENCE:
+        print(f"demo self-test: failed: expected the model's sentence {DEMO_SENTENCE!r}",
+              flush=True)
+        return 1
     print("demo self-test: ok", flush=True)
     return 0
 

@@ -10,6 +10,8 @@ from pathlib import Path
 
 import pytest
 
+from shared.tiny_gguf import DEMO_SENTENCE
+
 pytestmark = pytest.mark.llama
 
 
@@ -24,6 +26,8 @@ def test_the_demo_sleeps_and_a_request_wakes_it(tmp_path: Path, llama_server_bin
     assert "curl -s http://127.0.0.1:" in out  # it tells a person what to type
     assert "the node is asleep" in out and "woke the node and answered" in out
     assert "demo self-test: ok" in out
+    # the sentence model gives a readable answer, also after the wake
+    assert out.count(f"ms: {DEMO_SENTENCE!r}") == 2
     logs = (tmp_path / "agent.log").read_text()
     assert "suspend command" in logs and "resume seen (sleep hook: post)" in logs
     assert "magic packet for 02:6c:6c:6e:61:70 sent to 127.0.0.1" in (tmp_path / "proxy.log").read_text()
