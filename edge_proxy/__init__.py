@@ -19,6 +19,11 @@ Module map:
   relays as broken and hands new ones to the trio engine); ``tcp_routes.idle``: the idle
   timeouts both engines apply.
 - ``http_routes/``: HTTP-aware routes (``protocol = "http"``) on the same drivers.
+- ``history/``: what the proxy saw, in SQLite on this box. ``history.records``: the rows;
+  ``history.store``: the ``Recorder`` the request path calls and its one writer thread;
+  ``history.query``: reading rows back; ``history.timings``: llama-server's numbers from a
+  passing response; ``history.hooks``: a request's row in the making, power-state intervals;
+  ``history.energy``: kWh used and saved, pure; ``history.cli``: ``history`` and ``energy``.
 - ``control``: ``/status``, ``/metrics``, agent events (schema in ``shared.events``).
 - ``metrics``: the Prometheus registry.
 - ``service``: the whole proxy service (``serve_proxy`` in-process, ``run_service`` for ``run``).
