@@ -115,9 +115,11 @@ class TimingsParser:
             end = chunk.find(b"\n", start)
             if end < 0:
                 break
-            if not self._skipping:
+            if self._buf and not self._skipping:
                 self._buf += chunk[start:end]
                 self._sse_line(bytes(self._buf))
+            elif not self._skipping and _has_numbers(chunk, start, end):
+                self._sse_line(chunk[start:end])  # a whole line in this chunk: no copy first
             self._buf.clear()
             self._skipping = False
             start = end + 1
@@ -147,6 +149,11 @@ class TimingsParser:
             self._timings = timings
         if isinstance(usage, dict):
             self._usage = usage
+
+
+def _has_numbers(chunk: bytes, start: int, end: int) -> bool:
+    # most lines are content deltas: look without copying them
+    return chunk.find(_TIMINGS_KEY, start, end) >= 0 or chunk.find(_USAGE_KEY, start, end) >= 0
 
 
 def _object_after(tail: bytes, key: bytes) -> Any:
