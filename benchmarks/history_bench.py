@@ -20,8 +20,9 @@ import time
 from pathlib import Path
 
 from edge_proxy.history import query
+from edge_proxy.history.hooks import RequestLog
 from edge_proxy.history.records import RequestRecord
-from edge_proxy.history.store import QUEUE_ROWS, HistoryRecorder, StoreLimits
+from edge_proxy.history.store import QUEUE_ROWS, HistoryRecorder, NullRecorder, StoreLimits
 
 TARGET_ROWS_PER_S = 2000
 # Pace the caller in slices so the queue never fills: the sustained rate, not a burst
@@ -66,6 +67,30 @@ def run(folder: Path, rows: int, batch: int) -> dict[str, float]:
             "read_ms": read_ms, "mib": path.stat().st_size / (1 << 20)}
 
 
+def request_path_us(requests: int = 20_000) -> tuple[float, float]:
+    """Microseconds one request spends in ``RequestLog`` (hold, first byte, body, finish)
+    with a realistic answer: a JSON body, and a 256-event SSE stream."""
+    body = (b'{"choices":[{"message":{"content":"' + b"x" * 2000 + b'"}}],"usage":'
+            b'{"prompt_tokens":22,"completion_tokens":8},"timings":{"prompt_n":22,'
+            b'"predicted_n":8,"prompt_per_second":900.1,"predicted_per_second":61.2}}')
+    events = [b'data: {"choices":[{"delta":{"content":"tok"}}]}\n\n'] * 255 + [
+        b'data: {"choices":[],"timings":{"predicted_n":256}}\n\ndata: [DONE]\n\n']
+    out = []
+    for content_type, chunks in (("application/json", [body]), ("text/event-stream", events)):
+        n = requests if len(chunks) == 1 else requests // 20
+        t0 = time.perf_counter()
+        for _ in range(n):
+            log = RequestLog(NullRecorder(), "r", "POST", "/v1/chat/completions",
+                             clock=time.monotonic, wall=time.time)
+            log.routed("gpubox", "m")
+            log.response_started(200, content_type)
+            for chunk in chunks:
+                log.body(chunk)
+            log.finish()
+        out.append((time.perf_counter() - t0) / n * 1e6)
+    return out[0], out[1]
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--rows", type=int, default=200_000)
@@ -79,6 +104,9 @@ def main() -> int:
         print(f"{r['batch']:>10.0f}  {r['rows_per_s']:>9.0f}  {r['written']:>8.0f}  "
               f"{r['dropped']:>7.0f}  {r['call_us']:>7.2f}  {r['read_ms']:>11.2f}  "
               f"{r['mib']:>8.1f}")
+    json_us, sse_us = request_path_us()
+    print(f"request path: {json_us:.1f} us per JSON answer, {sse_us:.1f} us per 256-event "
+          "stream (RequestLog and the timings parser)")
     ok = all(r["rows_per_s"] >= TARGET_ROWS_PER_S and r["dropped"] == 0 for r in results)
     print(f"target >= {TARGET_ROWS_PER_S} rows/s sustained, none dropped: "
           f"{'met' if ok else 'NOT met'}")
