@@ -21,6 +21,7 @@ import trio
 from edge_proxy.admission import ConnectionCounts
 from edge_proxy.control import build_app
 from edge_proxy.errors import ListenError
+from edge_proxy.history.store import NullRecorder, Recorder, open_recorder
 from edge_proxy.http_routes.service import HttpRoutes
 from edge_proxy.metrics import ProxyMetrics
 from edge_proxy.tcp_routes.listener import Route
@@ -47,7 +48,7 @@ class Proxy:
     """A running edge proxy. Attributes are read by the control endpoint and by tests."""
 
     def __init__(self, cfg: EdgeConfig, sender: WolSender | None = None, *,
-                 relay_engine: RelayEngine = "loop") -> None:
+                 relay_engine: RelayEngine = "loop", recorder: Recorder | None = None) -> None:
         self.cfg = cfg
         self.metrics = ProxyMetrics()
         self.sender: WolSender = sender or UdpWolSender()
@@ -57,7 +58,8 @@ class Proxy:
         self.counts = ConnectionCounts(cfg.limits)
         self.drivers: dict[str, NodeDriver] = {}
         self.routes: dict[str, Route] = {}
-        self.http_routes = HttpRoutes(self.metrics.registry)  # protocol = "http" listeners
+        self.http_routes = HttpRoutes(self.metrics.registry,  # protocol = "http" listeners
+                                      recorder=recorder)
         self.app = build_app(self)
         self.control_urls: list[str] = []
         self._driver_scopes: dict[str, trio.CancelScope] = {}
@@ -120,6 +122,8 @@ class Proxy:
         """Apply a new config: new routes open, removed ones close, running relays go on."""
         if cfg.control.listen != self.cfg.control.listen:
             log.warning("control.listen changed to %s; that takes a restart", cfg.control.listen)
+        if cfg.history != self.cfg.history:
+            log.warning("[history] changed; that takes a restart")
         await self._apply(cfg, initial=False)
         self.app.token = cfg.control.token
         if cfg.log_level != self.cfg.log_level:
@@ -204,7 +208,12 @@ async def serve_proxy(cfg: EdgeConfig, sender: WolSender | None = None, *,
                       relay_engine: RelayEngine = "loop",
                       task_status: trio.TaskStatus[Proxy] = trio.TASK_STATUS_IGNORED) -> None:
     """Run a proxy for ``cfg`` in this trio run; ``task_status`` gets the ``Proxy`` once it listens."""
-    await Proxy(cfg, sender, relay_engine=relay_engine).run(task_status=task_status)
+    async with open_recorder(cfg.history) as recorder:  # outlives the proxy: rows of the
+        # requests that finish during the shutdown grace are written too
+        # history off: no recorder at all, so requests build no rows to throw away
+        kept = None if isinstance(recorder, NullRecorder) else recorder
+        await Proxy(cfg, sender, relay_engine=relay_engine, recorder=kept).run(
+            task_status=task_status)
 
 
 def raise_open_file_limit() -> int:

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import json
 import logging
+import time
 from collections import Counter
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -44,6 +45,8 @@ from edge_proxy.errors import (
     UpstreamError,
     UpstreamTimeout,
 )
+from edge_proxy.history.hooks import RequestLog
+from edge_proxy.history.store import Recorder
 from edge_proxy.http_routes import waking
 from edge_proxy.http_routes.cache import MAX_CACHED_BODY_BYTES, ResponseCache, cache_key
 from edge_proxy.http_routes.exchange import Exchange, Receive, Scope, Send
@@ -88,8 +91,10 @@ class HttpRouteApp:
     """Serves one listener. Every decision is made by the pure parts (rules, cache, models)."""
 
     def __init__(self, listen: str, backends: list[NodeBackend], options: HttpOptions,
-                 counts: ConnectionCounts, metrics: HttpMetrics, cache: ResponseCache | None = None) -> None:
+                 counts: ConnectionCounts, metrics: HttpMetrics, cache: ResponseCache | None = None,
+                 recorder: Recorder | None = None) -> None:
         self.listen = listen
+        self.recorder = recorder  # None: no history rows
         self.counts = counts
         self.metrics = metrics
         self.refusals = Refusals(listen, metrics)
@@ -115,7 +120,10 @@ class HttpRouteApp:
         if scope["type"] == "lifespan":
             await _lifespan(receive, send)
         elif scope["type"] == "http":
-            await self._serve(Exchange(scope, receive, send))
+            row = None if self.recorder is None else RequestLog(
+                self.recorder, self.listen, scope["method"], scope["path"],
+                clock=trio.current_time, wall=time.time)
+            await self._serve(Exchange(scope, receive, send, row))
 
     async def _serve(self, ex: Exchange) -> None:
         # Counted with the proxy's open connections, so a graceful stop waits for it too.
@@ -126,6 +134,8 @@ class HttpRouteApp:
         finally:
             self.live.discard(ex)
             self.counts.closed()
+            if ex.log is not None:
+                ex.log.finish(client_left=not ex.finished)
 
     def in_flight(self) -> dict[str, int]:
         """Requests in flight per node (``""``: not routed to a node yet)."""
@@ -134,6 +144,8 @@ class HttpRouteApp:
     async def _serve_counted(self, ex: Exchange) -> None:
         body = await read_request(ex, self.options, self.refusals, self.listen)
         if body is None:  # answered already: refused, or the client left
+            if ex.finished:
+                ex.outcome("refused")
             return
         async with trio.open_nursery() as nursery:
             nursery.start_soon(self._watch_disconnect, ex, nursery.cancel_scope)
@@ -163,11 +175,12 @@ class HttpRouteApp:
         decision = self.table.route(requested_model(body), lambda n: self.backends[n].is_awake())
         if isinstance(decision, Unroutable):
             self.metrics.unknown_model.labels(self.listen).inc()
+            ex.outcome("refused")
             await ex.fail(decision.status, decision.message, "invalid_request_error",
                           code=decision.code)
             return
         backend = self.backends[decision.node]
-        ex.routed_to(backend.name)
+        ex.routed_to(backend.name, decision.model)
         preflight = header(ex.scope["headers"], b"access-control-request-method")
         if self.policy.may_wake(ex.method, ex.path,
                                 preflight.decode("latin-1") if preflight else None):
@@ -195,14 +208,17 @@ class HttpRouteApp:
         cached = self.cache.lookup(node, key)
         if cached is not None:
             self.metrics.no_wake.labels(self.listen, node, "cache").inc()
+            ex.outcome("cache")
             await ex.respond(cached.status, cached.replay_headers(node, now), cached.body)
             return
         if ex.path in MODEL_LIST_PATHS and self.table.served_by(node):
             self.metrics.no_wake.labels(self.listen, node, "config").inc()
+            ex.outcome("cache")  # answered by the proxy from its config
             body = json.dumps(self.table.listed(node)).encode()
             await ex.respond(200, [(b"content-type", b"application/json")], body)
             return
         self.metrics.no_wake.labels(self.listen, node, "unavailable").inc()
+        ex.outcome("refused")
         await ex.fail(503, f"node {node} is {backend.driver.state.name.lower()} and no answer to "
                       f"{ex.method} {ex.path} has been seen yet; this request does not wake it",
                       "service_unavailable",
@@ -260,13 +276,14 @@ class HttpRouteApp:
         admission = Admission(driver, backend.route.backend_port, self.counts, self.listen)
         outcome = await admission.connect(
             partial(self._relay, ex, backend, body),
-            holding=partial(self._count_hold, backend, model),
+            holding=partial(self._count_hold, ex, backend, model),
             while_held=partial(self._comment_while_held, ex, backend.name)
             if wants_stream(body) else None)
         if isinstance(outcome, Connected):
             self._count(backend, "relayed")
         elif isinstance(outcome, Refused):
             self._count(backend, "refused")
+            ex.outcome("refused")
             self.refusals.refused("held_limit", f"{ex.method} {ex.path}: node "
                                   f"{backend.name} holds {driver.held} (max_held "
                                   f"{driver.cfg.max_held}, limits.max_held_total "
@@ -276,6 +293,7 @@ class HttpRouteApp:
                           headers=[(b"retry-after", str(NO_CACHE_RETRY_AFTER_S).encode())])
         elif isinstance(outcome, NotWoken):
             self._count(backend, "wake_timeout")
+            ex.outcome("timeout")
             log.warning("route %s: %s %s: wake of %s failed: %s", self.listen, ex.method,
                         ex.path, backend.name, outcome.reason)
             await ex.fail(504, f"node {backend.name} did not wake: {outcome.reason}",
@@ -288,11 +306,17 @@ class HttpRouteApp:
         # client that leaves cancels the whole request instead)
 
     @contextmanager
-    def _count_hold(self, backend: NodeBackend, model: str) -> Iterator[None]:
+    def _count_hold(self, ex: Exchange, backend: NodeBackend, model: str) -> Iterator[None]:
         if backend.driver.state is not State.WAKING and not backend.driver.cooling_down():
             self.metrics.wakes.labels(self.listen, backend.name, model).inc()
         self.metrics.held.labels(self.listen, backend.name, model).inc()
-        yield
+        if ex.log is not None:
+            ex.log.hold_started()
+        try:
+            yield
+        finally:
+            if ex.log is not None:
+                ex.log.hold_ended()
 
     async def _comment_while_held(self, ex: Exchange, node: str, hold: Hold) -> str | None:
         """SSE comments every ``waking_comment_interval_s`` until the hold ends (the first one

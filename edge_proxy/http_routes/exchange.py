@@ -6,6 +6,8 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 from edge_proxy.errors import BodyTooLarge, ClientLeft
+from edge_proxy.history.hooks import RequestLog
+from edge_proxy.history.records import Outcome
 from edge_proxy.http_routes import waking
 from edge_proxy.http_routes.headers import RawHeaders
 
@@ -18,8 +20,10 @@ class Exchange:
     """The response side of one request. Once ``started`` the status and headers are sent;
     an error after that can only be an SSE ``data:`` event (see ``fail``)."""
 
-    def __init__(self, scope: Scope, receive: Receive, send: Send) -> None:
+    def __init__(self, scope: Scope, receive: Receive, send: Send,
+                 log: RequestLog | None = None) -> None:
         self.scope = scope
+        self.log = log  # the request's history row, fed as the answer passes
         self.receive = receive
         self._send = send
         self.started = False
@@ -27,8 +31,16 @@ class Exchange:
         self.finished = False
         self.node = ""  # the node the request goes to, once chosen
 
-    def routed_to(self, node: str) -> None:
+    def routed_to(self, node: str, model: str | None = None) -> None:
         self.node = node
+        if self.log is not None:
+            self.log.routed(node, model)
+
+    def outcome(self, outcome: Outcome) -> None:
+        """How the request ended, for its history row, where the route knows better than
+        ``RequestLog.finish`` can infer (answered from the cache, refused, wake timed out)."""
+        if self.log is not None:
+            self.log.outcome = outcome
 
     @property
     def method(self) -> str:
@@ -70,14 +82,22 @@ class Exchange:
     async def start(self, status: int, headers: RawHeaders) -> None:
         self.started = True
         self.status = status
+        if self.log is not None:
+            content_type = next((v for k, v in headers if k.lower() == b"content-type"), None)
+            self.log.response_started(status, content_type.decode("latin-1")
+                                      if content_type is not None else None)
         await self._send({"type": "http.response.start", "status": status, "headers": headers})
 
     async def body(self, chunk: bytes) -> None:
         if chunk:
+            if self.log is not None:
+                self.log.body(chunk)
             await self._send({"type": "http.response.body", "body": chunk, "more_body": True})
 
     async def end(self, last: bytes = b"") -> None:
         self.finished = True
+        if self.log is not None:
+            self.log.body(last)
         await self._send({"type": "http.response.body", "body": last, "more_body": False})
 
     async def respond(self, status: int, headers: RawHeaders, body: bytes) -> None:

@@ -20,6 +20,7 @@ from hypercorn.trio import serve as hypercorn_serve
 
 from edge_proxy.admission import ConnectionCounts
 from edge_proxy.errors import ListenError
+from edge_proxy.history.store import Recorder
 from edge_proxy.http_routes.app import HttpRouteApp, NodeBackend
 from edge_proxy.http_routes.metrics import HttpMetrics
 from edge_proxy.http_routes.upstream import Upstream
@@ -57,14 +58,16 @@ class HttpListener:
     """One listening address in front of one or more nodes."""
 
     def __init__(self, routes: list[RouteConfig], drivers: Mapping[str, NodeDriver],
-                 counts: ConnectionCounts, metrics: HttpMetrics) -> None:
+                 counts: ConnectionCounts, metrics: HttpMetrics,
+                 recorder: Recorder | None = None) -> None:
         if not routes:
             raise ValueError("an HTTP listener needs at least one route")
         self.listen = routes[0].listen
         self.options = next((r.http for r in routes if r.http is not None), HttpOptions())
         backends = [NodeBackend(r, drivers[r.node], Upstream(r.node, r.backend_port))
                     for r in routes]
-        self.app = HttpRouteApp(self.listen, backends, self.options, counts, metrics)
+        self.app = HttpRouteApp(self.listen, backends, self.options, counts, metrics,
+                                recorder=recorder)
         self.counts = counts
         self.urls: list[str] = []
         self._stopping = trio.Event()

@@ -11,6 +11,7 @@ from prometheus_client import CollectorRegistry
 
 from edge_proxy.admission import ConnectionCounts
 from edge_proxy.errors import ListenError
+from edge_proxy.history.store import Recorder
 from edge_proxy.http_routes.metrics import HttpMetrics
 from edge_proxy.http_routes.server import HttpListener, group_http_routes
 from edge_proxy.metrics import watch_listen_overflows
@@ -23,8 +24,9 @@ log = logging.getLogger(__name__)
 class HttpRoutes:
     """Starts a listener per group of ``protocol = "http"`` routes; ``stop()`` stops them all."""
 
-    def __init__(self, registry: CollectorRegistry) -> None:
+    def __init__(self, registry: CollectorRegistry, *, recorder: Recorder | None = None) -> None:
         self.metrics = HttpMetrics(registry)
+        self.recorder = recorder
         self.listeners: dict[str, HttpListener] = {}
         self._routes: dict[str, list[RouteConfig]] = {}
 
@@ -47,7 +49,7 @@ class HttpRoutes:
                     self.listeners[key].update(routes, drivers)
                     self._routes[key] = routes
                 continue
-            listener = HttpListener(routes, drivers, counts, self.metrics)
+            listener = HttpListener(routes, drivers, counts, self.metrics, self.recorder)
             try:
                 await services.start(listener.serve)
             except ListenError as exc:
