@@ -58,6 +58,7 @@ class Proxy:
         self.counts = ConnectionCounts(cfg.limits)
         self.drivers: dict[str, NodeDriver] = {}
         self.routes: dict[str, Route] = {}
+        self.recorder = recorder  # None: history is off
         self.http_routes = HttpRoutes(self.metrics.registry,  # protocol = "http" listeners
                                       recorder=recorder)
         self.app = build_app(self)
@@ -139,7 +140,8 @@ class Proxy:
                 self.drivers[name].update(node_cfg)
                 self.drivers[name].backends = _backends(cfg, name)
             else:
-                driver = NodeDriver(name, node_cfg, self.metrics, self.sender)
+                driver = NodeDriver(name, node_cfg, self.metrics, self.sender,
+                                    recorder=self.recorder)
                 self.drivers[name] = driver
                 driver.backends = _backends(cfg, name)
                 self._driver_scopes[name] = scope = trio.CancelScope()

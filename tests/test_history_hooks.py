@@ -6,8 +6,8 @@ import json
 from pathlib import Path
 
 from edge_proxy.history import query
-from edge_proxy.history.hooks import PowerStates, RequestLog
-from edge_proxy.history.records import PowerInterval, RequestRecord
+from edge_proxy.history.hooks import NodeHistory, PowerStates, RequestLog
+from edge_proxy.history.records import PowerInterval, RequestRecord, WakeRecord
 from edge_proxy.history.store import HistoryRecorder, StoreLimits
 
 WALL = 1_800_000_000.0
@@ -96,3 +96,26 @@ def test_power_states_close_intervals_on_change_and_cut_long_ones() -> None:
     assert states.close(420) == [PowerInterval("n", "busy", 410, 420),
                                  PowerInterval("m", "awake", 410, 420)]
     assert states.close(430) == []
+
+
+def test_node_history_records_wakes_with_their_packets_and_cause(tmp_path: Path) -> None:
+    path = tmp_path / "h.sqlite3"
+    recorder = HistoryRecorder(path, StoreLimits(3650, 1 << 30), clock=lambda: WALL)
+    recorder.start()
+    node = NodeHistory(recorder, "n")
+    node.observe("UNKNOWN", 0, "started", WALL)
+    node.observe("ASLEEP", 0, "probe timed out", WALL + 1)
+    node.observe("WAKING", 1, "held connection", WALL + 10)  # its first packet counted
+    node.observe("WAKING", 3, "tick", WALL + 14)
+    node.wake_finished("ready", 6.0, 4, WALL + 16)
+    node.observe("AWAKE", 4, "probe ok", WALL + 16)
+    node.close(WALL + 20)
+    recorder.close()
+    with query.open_readonly(path) as conn:
+        (wake,) = query.wakes(conn)
+        intervals = query.power_intervals(conn)
+    assert wake == WakeRecord("n", WALL + 10, "ready", "held connection", packets=4,
+                              ready_ms=6000.0, total_ms=6000.0)
+    # WAKING draws awake power; UNKNOWN is no interval
+    assert intervals == [PowerInterval("n", "asleep", WALL + 1, WALL + 10),
+                         PowerInterval("n", "awake", WALL + 10, WALL + 20)]

@@ -1,5 +1,5 @@
 """History on the request path: a proxy with ``[history]`` on, a real llama-server on the
-sentence model behind an HTTP route, and the rows the requests left in the database."""
+sentence model behind an HTTP route, and the rows the requests and the wake left."""
 
 from __future__ import annotations
 
@@ -57,6 +57,8 @@ async def test_requests_leave_rows_with_llama_servers_numbers(
     # the recorder wrote its queue on the way out of serve_proxy
     with query.open_readonly(db) as conn:
         rows = list(reversed(query.requests(conn)))
+        wakes = query.wakes(conn)
+        intervals = query.power_intervals(conn)
     assert [(r.method, r.path, r.status) for r in rows] == [
         ("POST", "/v1/chat/completions", 200), ("POST", "/v1/chat/completions", 200),
         ("GET", "/v1/models", 200)]
@@ -72,3 +74,12 @@ async def test_requests_leave_rows_with_llama_servers_numbers(
         assert row.total_ms is not None and row.total_ms >= (row.ttfb_ms or 0)
     assert json.loads(woke.text)["usage"]["prompt_tokens"] == first.prompt_tokens
     assert poll.outcome == "relayed" and poll.predicted_tokens is None
+    # the wake driver's rows: the one wake, and the node asleep until it, awake after
+    (wake,) = wakes
+    assert (wake.node, wake.outcome) == ("box", "ready")
+    assert wake.packets >= 1 and wake.reason
+    assert wake.total_ms is not None and 0 < wake.total_ms <= first.held_ms + 1000
+    assert [i.state for i in intervals] == ["asleep", "awake"]
+    asleep, awake = intervals
+    assert asleep.end == awake.start and awake.end > awake.start
+    assert asleep.end == pytest.approx(wake.started, abs=0.05)  # WAKING draws awake power

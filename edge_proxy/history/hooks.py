@@ -8,6 +8,8 @@ hook-up in the HTTP routes and the wake driver is a few calls, not bookkeeping.
 - ``PowerStates``: pure; fed a node's state with the time, it returns the closed
   ``PowerInterval`` rows to record (on each change, and every ``MAX_INTERVAL_S`` so a crash
   loses at most that much).
+- ``NodeHistory``: what a node's wake driver records: its power states (from the wake
+  machine's state) and each finished wake.
 """
 
 from __future__ import annotations
@@ -16,12 +18,24 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Final
 
-from edge_proxy.history.records import Outcome, PowerInterval, PowerState, RequestRecord
+from edge_proxy.history.records import (
+    Outcome,
+    PowerInterval,
+    PowerState,
+    RequestRecord,
+    WakeRecord,
+)
 from edge_proxy.history.store import Recorder
 from edge_proxy.history.timings import TimingsParser
 
 # An open power-state interval is cut (recorded and restarted) after this long.
 MAX_INTERVAL_S: Final = 300.0
+# The wake machine's states (``State.value``) as power states: a waking or draining box
+# draws awake power; UNKNOWN (before the first probe) is no interval at all. "busy" comes
+# from the agent's activity reports, which the proxy does not receive yet.
+POWER_OF_STATE: Final[dict[str, PowerState]] = {
+    "ASLEEP": "asleep", "WAKING": "awake", "AWAKE": "awake", "DRAINING": "awake",
+}
 
 
 class RequestLog:
@@ -126,3 +140,43 @@ class PowerStates:
                   for node, o in self._open.items() if now > o.since]
         self._open.clear()
         return closed
+
+
+class NodeHistory:
+    """A node's power states and wakes, recorded as its wake driver applies events."""
+
+    def __init__(self, recorder: Recorder, node: str) -> None:
+        self._recorder = recorder
+        self._node = node
+        self._states = PowerStates()
+        self._packets_seen = 0  # the machine's packet count at the last observation
+        self._packets_at_start = 0
+        self._wake_reason = ""
+        self._waking = False
+
+    def observe(self, state: str, packets_total: int, reason: str, now: float) -> None:
+        """The machine is in ``state`` (``State.value``, entered for ``reason``) having sent
+        ``packets_total`` packets in all; ``now`` is Unix time. Called after every event."""
+        if state == "WAKING" and not self._waking:
+            # the event that started the wake already counted its first packet
+            self._packets_at_start, self._wake_reason = self._packets_seen, reason
+        self._waking = state == "WAKING"
+        self._packets_seen = packets_total
+        for interval in self._states.observe(self._node, POWER_OF_STATE.get(state), now):
+            self._recorder.record_power_interval(interval)
+
+    def wake_finished(self, outcome: str, duration_s: float, packets_total: int,
+                      now: float) -> None:
+        """A wake ended (``WakeFinished``): record it, ``duration_s`` after it started, with
+        what started it."""
+        total_ms = duration_s * 1000
+        self._recorder.record_wake(WakeRecord(
+            node=self._node, started=now - duration_s, outcome=outcome,
+            reason=self._wake_reason,
+            packets=packets_total - self._packets_at_start,
+            ready_ms=total_ms if outcome == "ready" else None, total_ms=total_ms))
+
+    def close(self, now: float) -> None:
+        """The driver stops: record the open interval."""
+        for interval in self._states.close(now):
+            self._recorder.record_power_interval(interval)

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import logging
 import math
+import time
 from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any
@@ -23,6 +24,8 @@ from typing import Any
 import trio
 
 from edge_proxy.errors import BackendUnavailable, WakeFailed, WolError
+from edge_proxy.history.hooks import NodeHistory
+from edge_proxy.history.store import Recorder
 from edge_proxy.metrics import ProxyMetrics
 from edge_proxy.probe import check_ready
 from edge_proxy.wake.machine import (
@@ -67,8 +70,9 @@ class NodeDriver:
     """A node's wake state machine plus the trio tasks and counters around it."""
 
     def __init__(self, name: str, cfg: NodeConfig, metrics: ProxyMetrics, sender: WolSender,
-                 *, drain_timeout_s: float | None = None) -> None:
+                 *, drain_timeout_s: float | None = None, recorder: Recorder | None = None) -> None:
         self.name = name
+        self.history = None if recorder is None else NodeHistory(recorder, name)
         self.cfg = cfg
         self.metrics = metrics
         self.sender = sender
@@ -105,11 +109,15 @@ class NodeDriver:
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """Probe, tick and send packets until cancelled."""
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(self._send_packets)
-            nursery.start_soon(self._tick)
-            nursery.start_soon(self._probe)
-            task_status.started()
+        try:
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(self._send_packets)
+                nursery.start_soon(self._tick)
+                nursery.start_soon(self._probe)
+                task_status.started()
+        finally:
+            if self.history is not None:
+                self.history.close(time.time())
 
     async def _send_packets(self) -> None:
         async for _ in self._packets_rx:
@@ -194,7 +202,13 @@ class NodeDriver:
                     self.metrics.wake_failures.labels(self.name).inc()
                 log.info("node %s: wake %s after %.3f s", self.name, action.outcome,
                          action.duration_s)
+                if self.history is not None:
+                    self.history.wake_finished(action.outcome, action.duration_s,
+                                               self.machine.packets, time.time())
         self.metrics.set_state(self.name, self.machine.state)
+        if self.history is not None:
+            self.history.observe(self.machine.state.value, self.machine.packets,
+                                 self.machine.reason, time.time())
 
     def _finish_round(self, failure: str | None) -> None:
         done, self._round = self._round, _Round()
