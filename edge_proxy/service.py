@@ -159,7 +159,7 @@ class Proxy:
                 self.routes[key].update(route_cfg, self.drivers[route_cfg.node])
                 continue
             route = Route(route_cfg, self.drivers[route_cfg.node], self.counts, self.metrics,
-                          self.relay_loop)
+                          self.relay_loop, recorder=self.recorder)
             try:
                 await self._services.start(route.serve, self._connections)
             except ListenError as exc:

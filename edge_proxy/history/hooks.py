@@ -8,17 +8,20 @@ hook-up in the HTTP routes and the wake driver is a few calls, not bookkeeping.
 - ``PowerStates``: pure; fed a node's state with the time, it returns the closed
   ``PowerInterval`` rows to record (on each change, and every ``MAX_INTERVAL_S`` so a crash
   loses at most that much).
+- ``ConnectionLog``: one per relayed TCP connection: its hold, bytes each way, duration.
 - ``NodeHistory``: what a node's wake driver records: its power states (from the wake
   machine's state) and each finished wake.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass
 from typing import Final
 
 from edge_proxy.history.records import (
+    ConnectionRecord,
     Outcome,
     PowerInterval,
     PowerState,
@@ -104,6 +107,41 @@ class RequestLog:
             predicted_tokens=numbers.predicted_total if numbers else None,
             prompt_per_s=numbers.prompt_per_second if numbers else None,
             predicted_per_s=numbers.predicted_per_second if numbers else None))
+
+
+class ConnectionLog:
+    """One TCP connection's history row in the making (times as in ``RequestLog``)."""
+
+    def __init__(self, recorder: Recorder, route: str, node: str, *,
+                 clock: Callable[[], float], wall: Callable[[], float]) -> None:
+        self._recorder = recorder
+        self._clock = clock
+        self._t = wall()
+        self._start = clock()
+        self.route, self.node = route, node
+        self._held_s = 0.0
+        self._bytes = {"up": 0, "down": 0}
+
+    @contextmanager
+    def holding(self, inner: Callable[[], AbstractContextManager[object]]) -> Iterator[None]:
+        """Around each hold: time it, inside the route's own ``inner`` context."""
+        with inner():
+            began = self._clock()
+            try:
+                yield
+            finally:
+                self._held_s += self._clock() - began
+
+    def count(self, way: str, n: int) -> None:
+        """``n`` bytes went ``way`` ("up": client to node, "down": back)."""
+        self._bytes[way] += n
+
+    def finish(self) -> None:
+        """The relay ended: record the row."""
+        self._recorder.record_connection(ConnectionRecord(
+            t=self._t, route=self.route, node=self.node, bytes_up=self._bytes["up"],
+            bytes_down=self._bytes["down"], duration_ms=(self._clock() - self._start) * 1000,
+            held_ms=self._held_s * 1000, woke=self._held_s > 0))
 
 
 @dataclass

@@ -16,6 +16,8 @@ from __future__ import annotations
 
 import errno
 import logging
+import time
+from functools import partial
 
 import trio
 
@@ -29,6 +31,8 @@ from edge_proxy.admission import (
     Refused,
 )
 from edge_proxy.errors import ClientGone, ListenError
+from edge_proxy.history.hooks import ConnectionLog
+from edge_proxy.history.store import Recorder
 from edge_proxy.metrics import ProxyMetrics, RouteMetrics
 from edge_proxy.probe import connect
 from edge_proxy.tcp_routes.idle import IdleTimeouts, idle_side
@@ -48,8 +52,10 @@ class Route:
     """One listening address relayed to one node's backend port."""
 
     def __init__(self, cfg: RouteConfig, driver: NodeDriver, counts: ConnectionCounts,
-                 metrics: ProxyMetrics, relay_loop: RelayLoop) -> None:
+                 metrics: ProxyMetrics, relay_loop: RelayLoop,
+                 recorder: Recorder | None = None) -> None:
         self.cfg = cfg
+        self.recorder = recorder  # None: no history rows
         self.driver = driver
         self.counts = counts
         self.proxy_metrics = metrics
@@ -134,12 +140,20 @@ class Route:
                 return str(exc)
             return None
 
+        row = None if self.recorder is None else ConnectionLog(
+            self.recorder, route, cfg.node, clock=trio.current_time, wall=time.time)
         admission = Admission(driver, cfg.backend_port, self.counts, route)
         outcome = await admission.connect(
             lambda: connect(driver.cfg.host, cfg.backend_port, driver.cfg.probe_timeout_s),
-            holding=metrics.held.track_inprogress, while_held=read_while_held)
+            holding=metrics.held.track_inprogress if row is None
+            else partial(row.holding, metrics.held.track_inprogress),
+            while_held=read_while_held)
         if isinstance(outcome, Connected):
-            await self._relay(client, outcome.value, held, cfg, driver, metrics)
+            try:
+                await self._relay(client, outcome.value, held, cfg, driver, metrics, row)
+            finally:
+                if row is not None:
+                    row.finish()
             return
         if isinstance(outcome, Refused):
             metrics.refused.inc()
@@ -157,16 +171,22 @@ class Route:
 
     async def _relay(self, client: trio.SocketStream, backend: trio.SocketStream,
                      held: Held | None, cfg: RouteConfig, driver: NodeDriver,
-                     metrics: RouteMetrics) -> None:
+                     metrics: RouteMetrics, row: ConnectionLog | None = None) -> None:
         """Relay (the held bytes first) with the settings the connection started with."""
         tune(backend)
         up, down = metrics.up, metrics.down
+
+        def count(way: str, n: int) -> None:
+            (up if way == "up" else down).inc(n)
+            if row is not None:
+                row.count(way, n)
+
         driver.active += 1
         metrics.active.inc()
         idle = IdleTimeouts(cfg.upstream_idle_timeout_s, cfg.client_idle_timeout_s)
         try:
             outcome = await relay(client, backend, self.relay_loop, held=held,
-                                  count=lambda way, n: (up if way == "up" else down).inc(n),
+                                  count=count,
                                   idle=idle)
         finally:
             driver.active -= 1
