@@ -13,7 +13,13 @@ from typing import Final
 
 import pytest
 
-from edge_proxy.history.records import GpuSample, PowerInterval, RequestRecord, WakeRecord
+from edge_proxy.history.records import (
+    ConnectionRecord,
+    GpuSample,
+    PowerInterval,
+    RequestRecord,
+    WakeRecord,
+)
 from edge_proxy.history.store import HistoryRecorder, StoreLimits
 
 ROOT: Final = Path(__file__).resolve().parents[1]
@@ -65,6 +71,8 @@ def db(tmp_path: Path) -> Path:
                                           "/v1/models", 200, "cache"))
     recorder.record_request(RequestRecord(now - 2 * 86400, "127.0.0.1:8000", "gpubox", "old",
                                           "POST", "/v1/completions", 200, "relayed"))
+    recorder.record_connection(ConnectionRecord(now - 50, "127.0.0.1:8080", "gpubox", 2048,
+                                                3 << 20, 61_000.0, 4100.0, True))
     recorder.record_wake(WakeRecord("gpubox", now - 70, "ready", "POST /v1/chat/completions", 5,
                                     2100.0, 6200.0, 8100.0, 8123.0))
     # the last 3 hours: asleep 2 h, then awake 1 h at 20 W on the GPU
@@ -86,6 +94,8 @@ def test_history_prints_requests_and_wakes(tmp_path: Path, db: Path) -> None:
     assert woke[3:] == ["qwen2.5-7b", "POST", "/v1/chat/completions", "200", "woke", "8123ms",
                         "8400ms", "9100ms", "22", "8", "1234.5", "65.6"]
     assert "old" not in done.stdout
+    conn = next(line for line in lines if "127.0.0.1:8080" in line).split()
+    assert conn[2:] == ["gpubox", "127.0.0.1:8080", "2.0KiB", "3.0MiB", "4100ms", "61.0s", "yes"]
     wake = next(line for line in lines if "ready" in line).split()
     assert wake[2:9] == ["gpubox", "ready", "5", "2100ms", "6200ms", "8100ms", "8123ms"]
 
@@ -96,6 +106,7 @@ def test_history_filters_and_json(db: Path) -> None:
     data = json.loads(done.stdout)
     assert [r["model"] for r in data["requests"]] == ["old"]
     assert [w["outcome"] for w in data["wakes"]] == ["ready"]
+    assert data["connections"] == []  # --model: requests only
     done = _edge_proxy("history", "--db", db, "--node", "elsewhere")
     assert done.stdout.startswith("no requests in this window")
 

@@ -20,7 +20,7 @@ from typing import Any, Final
 
 from edge_proxy.history import query
 from edge_proxy.history.energy import EnergyRow, HostPower, by_week, energy_by_day
-from edge_proxy.history.records import RequestRecord, WakeRecord
+from edge_proxy.history.records import ConnectionRecord, RequestRecord, WakeRecord
 from shared.cli import EXIT_OK, EXIT_USAGE
 from shared.config.edge import EdgeConfig, NodeConfig, load_edge_config
 
@@ -53,9 +53,10 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser], default_c
         p.add_argument("--json", action="store_true", help="print JSON instead of a table")
         p.set_defaults(default_config=default_config)
 
-    p = sub.add_parser("history", help="show recent requests and wakes",
-                       description="Requests on HTTP routes and wakes, newest first, from the "
-                       "history database (works with the proxy stopped).")
+    p = sub.add_parser("history", help="show recent requests, connections and wakes",
+                       description="Requests on HTTP routes, connections on TCP routes and "
+                       "wakes, newest first, from the history database (works with the proxy "
+                       "stopped).")
     common(p, DEFAULT_SINCE)
     p.add_argument("--model", help="only requests for this model")
     p.add_argument("--limit", type=int, default=DEFAULT_LIMIT, help="at most this many rows")
@@ -88,11 +89,18 @@ def _history(args: argparse.Namespace) -> int:
                        limit=args.limit)
     with query.open_readonly(_db(args, cfg)) as conn:
         reqs = query.requests(conn, flt)
-        wakes = query.wakes(conn, dataclasses.replace(flt, model=None))
+        unmodelled = dataclasses.replace(flt, model=None)
+        conns = [] if args.model else query.connections(conn, unmodelled)
+        wakes = query.wakes(conn, unmodelled)
     if args.json:
         return _emit(json.dumps({"requests": [dataclasses.asdict(r) for r in reqs],
+                                 "connections": [dataclasses.asdict(c) for c in conns],
                                  "wakes": [dataclasses.asdict(w) for w in wakes]}, indent=1))
-    return _emit(format_requests(reqs) + "\n\n" + format_wakes(wakes))
+    parts = [format_requests(reqs)]
+    if conns:  # TCP routes only
+        parts.append(format_connections(conns))
+    parts.append(format_wakes(wakes))
+    return _emit("\n\n".join(parts))
 
 
 def _energy(args: argparse.Namespace) -> int:
@@ -167,6 +175,26 @@ def format_requests(rows: Sequence[RequestRecord]) -> str:
              r.outcome, _ms(r.held_ms) if r.held_ms else "-", _ms(r.ttfb_ms), _ms(r.total_ms),
              _num(r.prompt_tokens), _num(r.predicted_tokens), _num(r.prompt_per_s, "{:.1f}"),
              _num(r.predicted_per_s, "{:.1f}")) for r in rows]
+    return _table([head, *body])
+
+
+def _size(n: int) -> str:
+    if n < 1024:
+        return f"{n}B"
+    value, unit = n / 1024, "KiB"
+    for bigger in ("MiB", "GiB"):
+        if value < 1024:
+            break
+        value, unit = value / 1024, bigger
+    return f"{value:.1f}{unit}"
+
+
+def format_connections(rows: Sequence[ConnectionRecord]) -> str:
+    """The TCP connections table of ``edge-proxy history``."""
+    head = ("TIME", "NODE", "ROUTE", "UP", "DOWN", "HELD", "DURATION", "WOKE")
+    body = [(_when(c.t), c.node, c.route, _size(c.bytes_up), _size(c.bytes_down),
+             _ms(c.held_ms) if c.held_ms else "-", _ms(c.duration_ms), "yes" if c.woke else "-")
+            for c in rows]
     return _table([head, *body])
 
 
