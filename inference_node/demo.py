@@ -63,6 +63,7 @@ def write_demo_files(folder: Path, *, idle_timeout_s: float, listen_port: int) -
         }},
         "routes": [{"listen": f"127.0.0.1:{ports['listen']}", "node": DEMO_NODE,
                     "backend_port": ports["backend"], "ready": "http:/health"}],
+        "history": {"enabled": True, "path": str(folder / "history.sqlite3")},
     }
     agent_cfg = folder / "node-agent.toml"
     agent = {
@@ -118,6 +119,8 @@ llamanap demo — everything on 127.0.0.1, files in {folder}
 Try, in another terminal:
   curl -s {url}/v1/chat/completions -H 'content-type: application/json' -d '{body}'
   .venv/bin/edge-proxy status --config {info['edge']}
+  .venv/bin/edge-proxy history --config {info['edge']}     # wakes, held time (also once stopped)
+  .venv/bin/edge-proxy energy --config {info['edge']}
   .venv/bin/node-agent status --config {info['agent']}
 
 The model is a generated tiny one built to answer every prompt with: {DEMO_SENTENCE}

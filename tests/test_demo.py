@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 
+from edge_proxy.history import query
 from shared.tiny_gguf import DEMO_SENTENCE
 
 pytestmark = pytest.mark.llama
@@ -28,6 +29,14 @@ def test_the_demo_sleeps_and_a_request_wakes_it(tmp_path: Path, llama_server_bin
     assert "demo self-test: ok" in out
     # the sentence model gives a readable answer, also after the wake
     assert out.count(f"ms: {DEMO_SENTENCE!r}") == 2
+    # the proxy kept the history, written out when it stopped: the wake the request caused
+    with query.open_readonly(tmp_path / "history.sqlite3") as conn:
+        wakes = query.wakes(conn)
+        states = [i.state for i in query.power_intervals(conn)]
+        last = query.connections(conn)[0]
+    assert wakes and all(w.outcome == "ready" and w.packets >= 1 for w in wakes)
+    assert "asleep" in states and states[-1] == "awake"
+    assert last.woke and last.held_ms > 0 and last.bytes_down > 0  # the request after sleep
     logs = (tmp_path / "agent.log").read_text()
     assert "suspend command" in logs and "resume seen (sleep hook: post)" in logs
     assert "magic packet for 02:6c:6c:6e:61:70 sent to 127.0.0.1" in (tmp_path / "proxy.log").read_text()
