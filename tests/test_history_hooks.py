@@ -105,8 +105,14 @@ def test_node_history_records_wakes_with_their_packets_and_cause(tmp_path: Path)
     node = NodeHistory(recorder, "n")
     node.observe("UNKNOWN", 0, "started", WALL)
     node.observe("ASLEEP", 0, "probe timed out", WALL + 1)
+    node.probe("probe_timeout", "connect timed out", WALL + 5)  # not waking yet: ignored
     node.observe("WAKING", 1, "held connection", WALL + 10)  # its first packet counted
+    node.probe("probe_timeout", "connect timed out", WALL + 11)  # still asleep
+    node.observe("WAKING", 2, "tick", WALL + 11)
+    node.probe("probe_refused", "connect refused", WALL + 12.5)  # the host answers
     node.observe("WAKING", 3, "tick", WALL + 14)
+    node.probe("probe_refused", "GET /health answered 503", WALL + 15)  # the port is open
+    node.probe("probe_ok", "", WALL + 16)
     node.wake_finished("ready", 6.0, 4, WALL + 16)
     node.observe("AWAKE", 4, "probe ok", WALL + 16)
     node.close(WALL + 20)
@@ -115,7 +121,8 @@ def test_node_history_records_wakes_with_their_packets_and_cause(tmp_path: Path)
         (wake,) = query.wakes(conn)
         intervals = query.power_intervals(conn)
     assert wake == WakeRecord("n", WALL + 10, "ready", "held connection", packets=4,
-                              ready_ms=6000.0, total_ms=6000.0)
+                              host_up_ms=2500.0, port_open_ms=5000.0, ready_ms=6000.0,
+                              total_ms=6000.0)
     # WAKING draws awake power; UNKNOWN is no interval
     assert intervals == [PowerInterval("n", "asleep", WALL + 1, WALL + 10),
                          PowerInterval("n", "awake", WALL + 10, WALL + 20)]

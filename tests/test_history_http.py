@@ -78,6 +78,9 @@ async def test_requests_leave_rows_with_llama_servers_numbers(
     (wake,) = wakes
     assert (wake.node, wake.outcome) == ("box", "ready")
     assert wake.packets >= 1 and wake.reason
+    # steps: the host answers (loopback: at once), /health answers, the wake ends
+    assert wake.host_up_ms is not None and wake.port_open_ms is not None
+    assert wake.host_up_ms <= wake.port_open_ms <= (wake.ready_ms or 0) + 1
     assert wake.total_ms is not None and 0 < wake.total_ms <= first.held_ms + 1000
     assert [i.state for i in intervals] == ["asleep", "awake"]
     asleep, awake = intervals

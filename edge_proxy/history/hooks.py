@@ -191,6 +191,9 @@ class NodeHistory:
         self._packets_at_start = 0
         self._wake_reason = ""
         self._waking = False
+        self._wake_began = 0.0  # Unix time the wake began
+        self._host_up_s: float | None = None
+        self._port_open_s: float | None = None
 
     def observe(self, state: str, packets_total: int, reason: str, now: float) -> None:
         """The machine is in ``state`` (``State.value``, entered for ``reason``) having sent
@@ -198,10 +201,24 @@ class NodeHistory:
         if state == "WAKING" and not self._waking:
             # the event that started the wake already counted its first packet
             self._packets_at_start, self._wake_reason = self._packets_seen, reason
+            self._wake_began, self._host_up_s, self._port_open_s = now, None, None
         self._waking = state == "WAKING"
         self._packets_seen = packets_total
         for interval in self._states.observe(self._node, POWER_OF_STATE.get(state), now):
             self._recorder.record_power_interval(interval)
+
+    def probe(self, event: str, reason: str, now: float) -> None:
+        """A probe result (``Event.value``) during a wake: the first answer of any kind
+        means the host is up (a sleeping host does not answer; a refused connect means up,
+        service not); the first HTTP answer ("GET /health answered 503") or success means
+        the backend's port is open."""
+        if not self._waking or event not in ("probe_ok", "probe_refused"):
+            return
+        after = now - self._wake_began
+        if self._host_up_s is None:
+            self._host_up_s = after
+        if self._port_open_s is None and (event == "probe_ok" or " answered " in reason):
+            self._port_open_s = after
 
     def wake_finished(self, outcome: str, duration_s: float, packets_total: int,
                       now: float) -> None:
@@ -212,6 +229,8 @@ class NodeHistory:
             node=self._node, started=now - duration_s, outcome=outcome,
             reason=self._wake_reason,
             packets=packets_total - self._packets_at_start,
+            host_up_ms=None if self._host_up_s is None else self._host_up_s * 1000,
+            port_open_ms=None if self._port_open_s is None else self._port_open_s * 1000,
             ready_ms=total_ms if outcome == "ready" else None, total_ms=total_ms))
 
     def close(self, now: float) -> None:

@@ -182,6 +182,8 @@ class NodeDriver:
         """Feed the machine one event now and carry out what it asks for."""
         before = (self.machine.generation, self.machine.demand)
         actions = self.machine.handle(event, trio.current_time(), reason)
+        if self.history is not None:
+            self.history.probe(event.value, reason, time.time())
         self._do(actions)
         if (self.machine.generation, self.machine.demand) != before:
             self._poke()
