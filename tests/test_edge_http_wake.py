@@ -168,8 +168,9 @@ async def test_a_wake_that_times_out_is_an_openai_error_from_the_proxy(tmp_path:
                 assert streamed.status_code == 200  # committed by the first comment
                 lines = streamed.text.splitlines()
                 assert any(line.startswith(": waking box") for line in lines)
-                (event,) = sse_payloads(lines)
-                assert json.loads(event)["error"]["type"] == "wake_timeout"
+                events = sse_payloads(lines)
+                assert len(events) == 1, lines
+                assert json.loads(events[0])["error"]["type"] == "wake_timeout"
 
                 # without a cached answer a poll is a 503 that says when to come back
                 health = await client.get("/health")

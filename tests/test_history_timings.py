@@ -61,7 +61,10 @@ async def test_real_llama_server_bodies_in_random_splits(llama_server_bin: Path,
     model = write_tiny_model(tmp_path / "sentence.gguf", PRESETS["llama-sentence"])
     async with (
         llama_server(llama_server_bin, model, SERVER_ARGS) as server,
-        httpx.AsyncClient(base_url=server.url, timeout=REQUEST_TIMEOUT_S) as client,
+        # llama-server closes a connection after a streamed answer; a kept one could be
+        # reused just as that close arrives, so every request gets a connection of its own
+        httpx.AsyncClient(base_url=server.url, timeout=REQUEST_TIMEOUT_S,
+                          limits=httpx.Limits(max_keepalive_connections=0)) as client,
     ):
         bodies: list[tuple[str, bytes, str, LlamaNumbers]] = []
         r = await client.post("/v1/chat/completions", json=CHAT)
