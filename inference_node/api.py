@@ -1,6 +1,7 @@
 """The node-agent's control API: instances, their logs, start/stop/enable/disable, reload, metrics.
 
-Every route but ``/metrics`` needs the bearer token when one is configured (the config
+Every route but ``/metrics`` and the page at ``/`` (``status_page``; its files hold no data)
+needs the bearer token when one is configured (the config
 refuses a non-loopback ``api_listen`` without one). Errors are JSON
 ``{"error": {"message", "type", "source": "node-agent"}}``.
 
@@ -9,6 +10,7 @@ them all to ``build_app``. The core routes get the supervisor, the metrics regis
 agent's own controls (``AgentControl``: status summary, enable/disable, reload).
 
 Routes:
+    GET  /                               the node's page (polls the JSON below)
     GET  /v1/status                      agent summary, last reload, all instances
     GET  /v1/instances                   all instances
     GET  /v1/instances/{name}            one instance
@@ -27,6 +29,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 import trio
 
+from inference_node import status_page
 from inference_node.supervisor import ReloadPlan, State, Supervisor
 from inference_node.supervisor.instance import Instance
 from inference_node.supervisor.supervisor import SETTLED
@@ -68,8 +71,9 @@ class AgentControl(Protocol):
 
 
 def build_app(token: Secret | None, registrars: Sequence[RouteRegistrar]) -> App:
-    """The ASGI app with the routes of every registrar."""
-    app = App(SOURCE, token, public=frozenset({METRICS_PATH}))
+    """The ASGI app with the routes of every registrar, and the node's page."""
+    app = App(SOURCE, token, public=frozenset({METRICS_PATH}) | status_page.PUBLIC_PATHS)
+    status_page.routes(app)
     for register in registrars:
         register(app)
     return app

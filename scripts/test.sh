@@ -14,6 +14,13 @@ if [ "$(id -u)" = 0 ] && ! command -v nft >/dev/null; then
         || echo "warning: could not install nftables; the end-to-end test will fail" >&2
 fi
 
+# The dashboard tests load the pages in a real headless browser (Debian package chromium).
+if [ "$(id -u)" = 0 ] && ! command -v chromium >/dev/null; then
+    apt-get install -y -q chromium >/dev/null 2>&1 \
+        || { apt-get update -q >/dev/null 2>&1 && apt-get install -y -q chromium >/dev/null; } \
+        || echo "warning: could not install chromium; the dashboard tests will fail" >&2
+fi
+
 echo "== ruff"
 .venv/bin/ruff check .
 echo "== mypy"
