@@ -2,7 +2,8 @@
 
 Authentication: every path needs ``Authorization: Bearer TOKEN`` when ``control.token`` is set,
 except ``/metrics``, which is public so Prometheus can scrape without a secret (it holds
-counts, no hosts, MACs or tokens). Without a token the endpoint must listen on loopback (the
+counts, no hosts, MACs or tokens), and the dashboard's page files at ``/`` (they hold no data;
+the JSON they poll needs the token, which the page takes from ``/#token=...`` or a form). Without a token the endpoint must listen on loopback (the
 config enforces it).
 """
 
@@ -10,6 +11,8 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
+from edge_proxy.dashboard.routes import PUBLIC_PATHS as DASHBOARD_PATHS
+from edge_proxy.dashboard.routes import dashboard_routes
 from shared.events import EVENTS_PATH, EventError, EventReply, decode_event
 from shared.http import App, HTTPError, Request, Response, metrics_response
 
@@ -25,7 +28,9 @@ WAKE_PATH = "/v1/nodes/{node}/wake"
 
 def build_app(proxy: Proxy) -> App:
     """The control app for ``proxy`` (its token is read again after a reload)."""
-    app = App(SOURCE, proxy.cfg.control.token, public=frozenset({METRICS_PATH}))
+    app = App(SOURCE, proxy.cfg.control.token,
+              public=frozenset({METRICS_PATH}) | DASHBOARD_PATHS)
+    dashboard_routes(app, proxy.status, lambda: None)  # no history store yet
 
     def driver(name: str) -> NodeDriver:
         found = proxy.drivers.get(name)
