@@ -11,6 +11,9 @@
   const LEFT = 120;         // room for row labels
   const ROW_H = 18;
   const CHART_H = 150;
+  const SMALL_W = 420;      // the GPU charts, three to a row
+  const SMALL_LEFT = 60;
+  const SCATTER_W = 600;    // the request charts, two to a row
   const GPU_BUSY_PCT = 5;   // a GPU sample at or above this utilization draws as busy
   const PALETTE = ["#2563eb", "#dc2626", "#16a34a", "#9333ea", "#ea580c", "#0891b2",
                    "#be185d", "#4d7c0f"];
@@ -26,16 +29,18 @@
     windowSelect.value = fromUrl;
   }
 
-  function x(t, since, now) {
-    return LEFT + ((t - since) / Math.max(1, now - since)) * (W - LEFT - 10);
+  function x(t, since, now, width = W) {
+    const left = width >= W ? LEFT : SMALL_LEFT;
+    return left + ((t - since) / Math.max(1, now - since)) * (width - left - 10);
   }
 
-  function timeAxis(since, now, y) {
+  function timeAxis(since, now, y, width = W) {
     const ticks = [];
     for (let i = 0; i <= 4; i++) {
       const t = since + ((now - since) * i) / 4;
       const anchor = i === 0 ? "start" : i === 4 ? "end" : "middle";
-      ticks.push(svg("text", { x: x(t, since, now), y, "text-anchor": anchor }, fmtClock(t)));
+      ticks.push(svg("text", { x: x(t, since, now, width), y, "text-anchor": anchor },
+                     fmtClock(t)));
     }
     return ticks;
   }
@@ -108,7 +113,7 @@
       }
       y += ROW_H;
       for (const g of n.gpus) {
-        rows.push(svg("text", { x: 12, y: y + 13 }, "GPU " + g.uuid.slice(0, 12)));
+        rows.push(svg("text", { x: 12, y: y + 13 }, g.uuid.slice(0, 12) + "…"));
         g.points.forEach((p, i) => {
           const next = i + 1 < g.points.length ? g.points[i + 1].t : Math.min(now, p.t + 1);
           const busy = (p.utilization_pct || 0) >= GPU_BUSY_PCT;
@@ -138,7 +143,7 @@
     }
     const longest = Math.max(1, ...wakes.map((w) => Math.max(w.total_ms || 0,
       ...Object.values(w.steps).filter((v) => v !== null))));
-    const sx = (ms) => LEFT + (ms / longest) * (W - LEFT - 60);
+    const sx = (ms) => LEFT + (ms / longest) * (W - LEFT - 230);  // room for the label
     const parts = [];
     wakes.slice(0, 12).forEach((w, i) => {
       const y = i * 26 + 10;
@@ -154,7 +159,9 @@
                       "stroke-width": 3 }),
         marks,
         svg("text", { x: sx(last) + 8, y: y + 10 },
-            `${w.outcome} · ready ${fmtMs(w.steps.ready)} · ${w.packets} packet(s)`)));
+            `${w.outcome} · ` + (w.steps.ready === null ? "never READY"
+                                                          : `READY ${fmtMs(w.steps.ready)}`) +
+            ` · ${w.packets} packet(s)`)));
     });
     const legend = el("p", { class: "muted" },
       "Steps in ms after the first magic packet: " + STEPS.map(([, l]) => l).join(" → ") +
@@ -170,15 +177,15 @@
     if (!points.length) return empty(`no requests with ${unit} in this window`);
     const top = Math.max(1, ...points.map((r) => r[field])) * 1.1;
     const y = (v) => 10 + (1 - v / top) * (CHART_H - 30);
-    return svg("svg", { viewBox: `0 0 ${W} ${CHART_H}` },
-      svg("line", { class: "axis", x1: LEFT, x2: W - 10, y1: y(0), y2: y(0) }),
+    return svg("svg", { viewBox: `0 0 ${SCATTER_W} ${CHART_H}` },
+      svg("line", { class: "axis", x1: SMALL_LEFT, x2: SCATTER_W - 10, y1: y(0), y2: y(0) }),
       svg("text", { x: 0, y: 14 }, `${fmtNum(top, 0)} ${unit}`),
       svg("text", { x: 0, y: y(0) }, `0 ${unit}`),
-      points.map((r) => svg("circle", { cx: x(r.t, since, now), cy: y(r[field]), r: 4,
+      points.map((r) => svg("circle", { cx: x(r.t, since, now, SCATTER_W), cy: y(r[field]), r: 4,
         fill: colors[r.model || "(no model)"], "data-kind": kind,
         "data-model": r.model || "(no model)" },
         title(`${r.model || "(no model)"}: ${r[field].toFixed(1)} ${unit}`))),
-      timeAxis(since, now, CHART_H - 4));
+      timeAxis(since, now, CHART_H - 4, SCATTER_W));
   }
 
   function drawRequests(data, answer) {
@@ -221,15 +228,17 @@
     const hi = Math.max(...values.map((p) => p[field]));
     const span = Math.max(1, hi - lo);
     const y = (v) => 10 + (1 - (v - lo) / span) * (CHART_H - 40);
-    const path = values.map((p) => `${x(p.t, since, now).toFixed(1)},${y(p[field]).toFixed(1)}`);
-    return el("div", {}, el("h3", {}, `${label}: ${fmtNum(values[values.length - 1][field], 0)} ${unit}`),
-      svg("svg", { viewBox: `0 0 ${W} ${CHART_H}` },
+    const path = values.map((p) => `${x(p.t, since, now, SMALL_W).toFixed(1)},` +
+                                   `${y(p[field]).toFixed(1)}`);
+    const last = fmtNum(values[values.length - 1][field], 0);
+    return el("div", {}, el("h3", {}, `${label}: ${last} ${unit}`),
+      svg("svg", { viewBox: `0 0 ${SMALL_W} ${CHART_H}` },
         svg("text", { x: 0, y: 14 }, `${fmtNum(hi, 0)} ${unit}`),
         svg("text", { x: 0, y: y(lo) }, `${fmtNum(lo, 0)} ${unit}`),
         svg("polyline", { points: path.join(" "), fill: "none", stroke: "#2563eb",
           "stroke-width": 2, "data-kind": "gpu-" + field, "data-gpu": gpu, "data-node": node,
           "data-points": values.length }),
-        timeAxis(since, now, CHART_H - 4)));
+        timeAxis(since, now, CHART_H - 4, SMALL_W)));
   }
 
   function drawGpus(data) {
@@ -237,7 +246,7 @@
     for (const n of data.nodes) {
       for (const g of n.gpus) {
         cards.push(el("h3", {}, `${n.name} · GPU ${g.uuid}`),
-          el("div", { class: "grid2" },
+          el("div", { class: "grid3" },
             line(g.points, "temperature_c", "temperature", "°C", g.uuid, n.name, data.since, data.now),
             line(g.points, "power_w", "power", "W", g.uuid, n.name, data.since, data.now),
             line(g.points, "memory_used_mib", "memory used", "MiB", g.uuid, n.name, data.since, data.now)));
