@@ -115,6 +115,7 @@ llamanap demo — everything on 127.0.0.1, files in {folder}
   edge-proxy  {url}  ->  llama-server on port {ports['backend']} (node {DEMO_NODE})
   node-agent  API on port {ports['api']}; the node suspends after idle, and wakes on a
               magic packet to UDP 127.0.0.1:{ports['wol']}
+  dashboard   http://127.0.0.1:{ports['control']}/  (the page asks for the token in {info['token']})
 
 Try, in another terminal:
   curl -s {url}/v1/chat/completions -H 'content-type: application/json' -d '{body}'

@@ -4,6 +4,7 @@ simulated suspend) and, with ``--self-test``, goes through one sleep and one wak
 
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -25,6 +26,7 @@ def test_the_demo_sleeps_and_a_request_wakes_it(tmp_path: Path, llama_server_bin
     out = result.stdout + result.stderr
     assert result.returncode == 0, out[-4000:]
     assert "curl -s http://127.0.0.1:" in out  # it tells a person what to type
+    assert re.search(r"dashboard   http://127\.0\.0\.1:\d+/  \(the page asks for the token", out)
     assert "the node is asleep" in out and "woke the node and answered" in out
     assert "demo self-test: ok" in out
     # the sentence model gives a readable answer, also after the wake
