@@ -63,7 +63,8 @@ def _read_rows(source: HistorySource, since: float, now: float) -> HistoryRows:
         wakes=source.wakes(since, now),
         gpu_samples=source.gpu_samples(since, now),
         power_intervals=source.power_intervals(since, now),
-        woke_requests=[r for r in source.requests(since, now) if r["outcome"] == "woke"],
+        woke_requests=[r for r in source.requests(since, now, limit=MAX_REQUEST_ROWS)
+                       if r["outcome"] == "woke"],
         energy_week=source.energy_week(now),
         nodes=source.nodes(),
     )
