@@ -24,7 +24,12 @@ Module map:
   ``history.query``: reading rows back; ``history.timings``: llama-server's numbers from a
   passing response; ``history.hooks``: a request's row in the making, power-state intervals;
   ``history.energy``: kWh used and saved, pure; ``history.cli``: ``history`` and ``energy``.
-- ``control``: ``/status``, ``/metrics``, agent events (schema in ``shared.events``).
+- ``control``: ``/status``, ``/metrics``, agent events (schema in ``shared.events``), and
+  the dashboard's routes.
+- ``dashboard/``: the page at ``/`` on the control listener. ``dashboard.source``: the
+  history queries it reads (a Protocol); ``dashboard.summary``: rows and status into the JSON
+  the page polls (pure); ``dashboard.routes``: the page's files and JSON endpoints. The
+  page is ``index.html`` + ``dashboard.js`` (package data).
 - ``metrics``: the Prometheus registry.
 - ``service``: the whole proxy service (``serve_proxy`` in-process, ``run_service`` for ``run``).
 - ``cli``, ``doctor``, ``errors``.
