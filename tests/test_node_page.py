@@ -44,6 +44,9 @@ async def test_the_page_shows_instances_gpus_and_power(nursery: trio.Nursery,
     base = agent.api_urls[0]
     async with httpx.AsyncClient(base_url=base, headers={"authorization": f"Bearer {TOKEN}"}) \
             as api:
+        held = await api.post("/v1/power/inhibit", json={"reason": "fine-tune running",
+                                                         "for_s": 3600})
+        assert held.status_code == 200
         power = (await api.get("/v1/power")).json()
         gpus = (await api.get("/v1/gpus")).json()
     shot = tmp_path / "node-page.png"
@@ -56,7 +59,8 @@ async def test_the_page_shows_instances_gpus_and_power(nursery: trio.Nursery,
     assert page.count(kind="gpu") == len(gpus["gpus"]) == 3
     for gpu in gpus["gpus"]:
         assert page.count(kind="gpu", gpu=gpu["uuid"]) == 1
-    assert page.count(kind="keeping-awake") == len(power["keeping_awake"])
+    assert page.count(kind="keeping-awake") == len(power["keeping_awake"]) >= 1
+    assert page.count(kind="inhibit") == 1 and "fine-tune running" in page.dom
     assert "node-agent · gpubox" in page.dom
     assert shot.stat().st_size > 10_000
 
