@@ -14,6 +14,7 @@ from inference_node.agent import Agent, Component, build_parts, run_agent
 from inference_node.supervisor import State
 from tests.fakes.gpu import FakeNvml, RecordingBackend, three_gpu_rig
 from tests.support.browser import load
+from tests.support.devtools import open_browser
 from tests.support.ports import free_port
 from tests.support.supervised import toy_command, wait_state
 from tests.test_api import FAST, TOKEN, write_config
@@ -78,3 +79,23 @@ async def test_without_the_token_the_page_asks_for_it(nursery: trio.Nursery,
     page = await load(base + "/", tmp_path)
     assert 'id="login-form"' in page.dom
     assert page.count(kind="instance") == 0
+
+
+async def test_the_page_follows_the_agent_without_a_reload(nursery: trio.Nursery,
+                                                           tmp_path: Path) -> None:
+    agent = await _agent(nursery, tmp_path)
+    base = agent.api_urls[0]
+    async with open_browser(tmp_path) as browser:
+        page = await browser.open(f"{base}/#token={TOKEN}")
+        await page.wait_for("document.body?.dataset.loaded === 'true'")
+        assert await page.count('[data-kind="instance"][data-loaded="true"]') == 1
+        async with httpx.AsyncClient(base_url=base,
+                                     headers={"authorization": f"Bearer {TOKEN}"}) as api:
+            started = await api.post("/v1/instances/b/enable", json={"wait": True})
+        assert started.json()["state"] == "ready"
+        # the next poll shows it: both models loaded, in the same page
+        await page.wait_for("document.querySelectorAll("
+                            "'[data-kind=\"instance\"][data-loaded=\"true\"]').length === 2")
+        assert await page.evaluate("location.hash") == ""  # the token left the address bar
+        await page.screenshot(tmp_path / "node-page-live.png")
+        assert page.console == []

@@ -59,12 +59,16 @@ def chromium() -> str:
     return found
 
 
-def _command(profile: Path, *extra: str) -> list[str]:
-    command = [chromium(), *_FLAGS, f"--user-data-dir={profile}",
-               f"--virtual-time-budget={VIRTUAL_TIME_BUDGET_MS}", *extra]
+def chromium_command(profile: Path, *extra: str) -> list[str]:
+    """The browser's argv: headless, loopback only, its own profile folder."""
+    command = [chromium(), *_FLAGS, f"--user-data-dir={profile}", *extra]
     if os.geteuid() == 0:
         command.append("--no-sandbox")  # Chromium refuses to run as root with its sandbox
     return command
+
+
+def _command(profile: Path, *extra: str) -> list[str]:
+    return chromium_command(profile, f"--virtual-time-budget={VIRTUAL_TIME_BUDGET_MS}", *extra)
 
 
 async def _run(command: list[str]) -> tuple[bytes, list[str]]:
