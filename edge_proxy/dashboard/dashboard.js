@@ -143,7 +143,7 @@
     }
     const longest = Math.max(1, ...wakes.map((w) => Math.max(w.total_ms || 0,
       ...Object.values(w.steps).filter((v) => v !== null))));
-    const sx = (ms) => LEFT + (ms / longest) * (W - LEFT - 230);  // room for the label
+    const sx = (ms) => LEFT + (ms / longest) * (W - LEFT - 290);  // room for the label
     const parts = [];
     wakes.slice(0, 12).forEach((w, i) => {
       const y = i * 26 + 10;
@@ -159,9 +159,10 @@
                       "stroke-width": 3 }),
         marks,
         svg("text", { x: sx(last) + 8, y: y + 10 },
-            `${w.outcome} · ` + (w.steps.ready === null ? "never READY"
-                                                          : `READY ${fmtMs(w.steps.ready)}`) +
-            ` · ${w.packets} packet(s)`)));
+            [w.outcome === "ready" ? null : w.outcome,
+             w.steps.ready === null ? "never READY" : `READY ${fmtMs(w.steps.ready)}`,
+             w.steps.first_byte === null ? null : `first byte ${fmtMs(w.steps.first_byte)}`,
+             `${w.packets} packet(s)`].filter((p) => p).join(" · "))));
     });
     const legend = el("p", { class: "muted" },
       "Steps in ms after the first magic packet: " + STEPS.map(([, l]) => l).join(" → ") +
