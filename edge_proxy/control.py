@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
+from edge_proxy.dashboard.history_db import DatabaseHistory
 from edge_proxy.dashboard.routes import PUBLIC_PATHS as DASHBOARD_PATHS
 from edge_proxy.dashboard.routes import dashboard_routes
 from shared.events import EVENTS_PATH, EventError, EventReply, decode_event
@@ -30,7 +31,7 @@ def build_app(proxy: Proxy) -> App:
     """The control app for ``proxy`` (its token is read again after a reload)."""
     app = App(SOURCE, proxy.cfg.control.token,
               public=frozenset({METRICS_PATH}) | DASHBOARD_PATHS)
-    dashboard_routes(app, proxy.status, lambda: None)  # no history store yet
+    dashboard_routes(app, proxy.status, lambda: DatabaseHistory.from_config(proxy.cfg))
 
     def driver(name: str) -> NodeDriver:
         found = proxy.drivers.get(name)
