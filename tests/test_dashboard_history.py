@@ -18,6 +18,7 @@ from edge_proxy.history.store import HistoryRecorder, StoreLimits
 from edge_proxy.service import Proxy, serve_proxy
 from shared.config.edge import load_edge_config
 from tests.support.browser import Loaded, load
+from tests.support.devtools import open_browser
 from tests.support.edge_http import TOKEN, NodeSpec, write_http_config
 from tests.support.ports import free_port
 
@@ -156,3 +157,37 @@ async def test_history_on_but_nothing_recorded_yet_says_so(nursery: trio.Nursery
     assert "no GPU samples recorded in this window" in page.dom
     assert "no power states recorded this week yet" in page.dom
     assert page.count(kind="power", node="gpubox") == 1  # the live state is still drawn
+
+
+async def test_rows_recorded_while_the_page_is_open_appear_without_a_reload(
+        nursery: trio.Nursery, tmp_path: Path) -> None:
+    db = tmp_path / "history.sqlite3"
+    now = time.time()
+    await trio.to_thread.run_sync(_record, db, now)
+    proxy = await _proxy(nursery, tmp_path, db)
+    async with open_browser(tmp_path) as browser:
+        page = await browser.open(f"{proxy.control_url}/#token={TOKEN}")
+        await page.wait_for("document.body?.dataset.loaded === 'true'")
+        assert await page.count('[data-kind="ttft"][data-model="tiny"]') == 7
+        assert await page.count('[data-kind="wake"]') == 3
+
+        def more() -> None:  # a later wake, and the request it woke, from the same recorder
+            recorder = HistoryRecorder(db, ROOMY)
+            recorder.start()
+            t = time.time()
+            recorder.record_wake(WakeRecord("gpubox", t - 5, "ready", "request for tiny",
+                                            packets=2, host_up_ms=800.0, port_open_ms=1200.0,
+                                            ready_ms=2000.0, total_ms=2050.0))
+            recorder.record_request(RequestRecord(t - 5, "127.0.0.1:0", "gpubox", "tiny",
+                                                  "POST", "/v1/chat/completions", 200, "woke",
+                                                  held_ms=2050.0, ttfb_ms=2300.0,
+                                                  predicted_per_s=39.0))
+            recorder.close()
+
+        await trio.to_thread.run_sync(more)
+        await page.wait_for("document.querySelectorAll("
+                            "'[data-kind=\"ttft\"][data-model=\"tiny\"]').length === 8")
+        assert await page.count('[data-kind="wake"]') == 4
+        assert await page.count('[data-step="first_byte"]') == 2
+        await page.screenshot(tmp_path / "dashboard-live.png")
+        assert page.console == []
