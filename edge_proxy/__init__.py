@@ -28,8 +28,9 @@ Module map:
   the dashboard's routes.
 - ``dashboard/``: the page at ``/`` on the control listener. ``dashboard.source``: the
   history queries it reads (a Protocol); ``dashboard.summary``: rows and status into the JSON
-  the page polls (pure); ``dashboard.routes``: the page's files and JSON endpoints. The
-  page is ``index.html`` + ``dashboard.js`` (package data).
+  the page polls (pure); ``dashboard.routes``: the page's files and JSON endpoints;
+  ``dashboard.history_db``: that Protocol over the history database. The page is
+  ``index.html`` + ``dashboard.js`` (package data).
 - ``metrics``: the Prometheus registry.
 - ``service``: the whole proxy service (``serve_proxy`` in-process, ``run_service`` for ``run``).
 - ``cli``, ``doctor``, ``errors``.
