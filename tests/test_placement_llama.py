@@ -201,3 +201,30 @@ async def test_pipeline_compute_without_flash_attention_at_a_long_context(
     pairs = [(est.host, got.host), *((est.devices[i], got.devices[names[i]]) for i in range(2))]
     for mine, theirs in pairs:
         assert mib(mine.compute) == pytest.approx(theirs.compute, rel=COMPUTE_TOLERANCE)
+
+
+# A layer width where one n_embd of activations is ~7% of the device's compute buffer.
+WIDE_FFN = TinyModelSpec(n_layer=8, n_embd=512, n_ff=1536, n_head=8, n_ctx_train=32768,
+                         tensor_type="F16")
+TIGHT_COMPUTE = 0.03
+
+
+@pytest.mark.parametrize("flags", [("-c", "4096", "-ngl", "3"),
+                                   ("-c", "4096", "-ngl", "5", "-ub", "256"),
+                                   # a quantized cache's rotated Q and K fill that gap again
+                                   ("-c", "4096", "-ngl", "3", "-ctk", "q8_0")])
+async def test_partial_offload_device_compute(llama_server_bin: Path, tmp_path: Path,
+                                              flags: tuple[str, ...]) -> None:
+    # The device's first layer input comes from the host (the residual add moves over in two
+    # halves): its feed-forward peak is one n_embd below a device that holds layer 0, which a
+    # full-offload formula overestimates by ~7% here.
+    path = write_tiny_model(tmp_path / "m.gguf", WIDE_FFN)
+    async with rpc_servers(find_rpc_server(), 1) as endpoints, \
+            llama_server(llama_server_bin, path,
+                         (*BASE_ARGS, *flags, "--rpc", ",".join(e for e, _ in endpoints))
+                         ) as server:
+        got = parse_memory(server.log.lines)
+    est = estimate(read_model(path), settings_from_args(flags), [DeviceSpec("RPC0", "rpc")])
+    (name,) = got.gpu_names()
+    assert mib(est.devices[0].compute) == pytest.approx(got.devices[name].compute,
+                                                        rel=TIGHT_COMPUTE)

@@ -17,7 +17,9 @@ them):
   ``n_kv × n_ubatch × n_head`` f32 score matrix. The host, which also holds the input
   embeddings, needs ``HOST_EMBD·n_embd`` (and ``HOST_ATTN_KV·n_embd_kv`` in attention) more.
   The last layer computes its feed-forward for the output rows only, so a device holding
-  just that layer needs attention memory only.
+  just that layer needs attention memory only. A device whose first layer's input comes
+  from another backend (partial offload, no pipeline parallelism) needs
+  ``RELAYED_FFN_EMBD·n_embd`` in the dense feed-forward instead.
 - a host that holds no layer still prepares the inputs: the masks and
   ``HOST_INPUT_EMBD·n_embd`` per token; the first device receives ``FIRST_DEVICE_EMBD·n_embd``.
 - pipeline parallelism also keeps copies of the activations passed between devices:
@@ -52,6 +54,16 @@ F32: Final = 4
 F16: Final = 2
 PIPELINE_COPIES: Final = 4  # GGML_SCHED_MAX_COPIES
 FFN_EMBD: Final = 3.0
+# A device without layer 0 (and without pipeline parallelism) gets its first layer's input
+# from another backend: the scheduler moves that backend's last weightless op, the residual
+# add, onto the device, which receives its two halves (``ffn_out``, ``ffn_inp``) as inputs
+# instead of one embedding. The freed halves leave the dense feed-forward one ``n_embd``
+# less fragmentation: measured ``2·n_embd + 3·n_ff`` per token for -ngl 2..8 of 9 on one
+# and two devices, n_embd 384..2048, n_ff 1024..5632, -ub 16..512. MoE layers (another
+# allocation order) measure as ``FFN_EMBD``, and so does a quantized K or V cache: llama.cpp
+# then rotates Q and K (``attn_inp_k_rot``), and the rotated copies take that gap.
+RELAYED_FFN_EMBD: Final = 2.0
+UNROTATED_CACHE_TYPES: Final = frozenset({"f16", "bf16", "f32"})
 FFN_FF: Final = 3.0
 ATTN_EMBD: Final = 4.0
 ATTN_KV: Final = 1.0
@@ -107,7 +119,10 @@ def compute_bytes(model: ModelInfo, s: LaunchSettings, assign: Sequence[int], de
         n_caches = len(set(model.swa_layers)) if not s.swa_full else 1
         cells = min(cells * s.n_stream, NO_FA_KV_INPUT_MAX_UBATCHES * ub)
         total += n_caches * copies * cells * kv_embd * NO_FA_KV_INPUT_BYTES
-    total += max((_layer_peak(model, s, il, dev == HOST, ub) for il in layers), default=0.0)
+    relayed = (dev != HOST and not pp and assign[0] != dev
+               and {s.cache_type_k, s.cache_type_v} <= UNROTATED_CACHE_TYPES)
+    total += max((_layer_peak(model, s, il, dev == HOST, ub, relayed=relayed) for il in layers),
+                 default=0.0)
     if kind == "cuda" and layers:
         total += _cuda_fa_staging(model, s, layers)
 
@@ -125,8 +140,10 @@ def compute_bytes(model: ModelInfo, s: LaunchSettings, assign: Sequence[int], de
     return int(total)
 
 
-def _layer_peak(model: ModelInfo, s: LaunchSettings, il: int, on_host: bool, ub: int) -> float:
-    """Bytes of the widest phase (attention or feed-forward) of layer ``il``."""
+def _layer_peak(model: ModelInfo, s: LaunchSettings, il: int, on_host: bool, ub: int,
+                *, relayed: bool = False) -> float:
+    """Bytes of the widest phase (attention or feed-forward) of layer ``il``; ``relayed``: on
+    a device whose layer input comes from another backend (``RELAYED_FFN_EMBD``)."""
     e = model.n_embd
     kv_embd = model.n_head_kv[il] * model.head_dim_k
     extra = HOST_EMBD * e if on_host else 0.0
@@ -136,7 +153,8 @@ def _layer_peak(model: ModelInfo, s: LaunchSettings, il: int, on_host: bool, ub:
         attn += kv_cells(model, s, il) * ub * model.n_head[il] * F32
     if il == model.n_layer - 1:
         return attn  # the last layer's feed-forward runs on the output rows only
-    return max(attn, ub * F32 * (FFN_EMBD * e + extra + FFN_FF * _ffn_width(model)))
+    ffn_embd = RELAYED_FFN_EMBD if relayed and not model.n_expert else FFN_EMBD
+    return max(attn, ub * F32 * (ffn_embd * e + extra + FFN_FF * _ffn_width(model)))
 
 
 def _cuda_fa_staging(model: ModelInfo, s: LaunchSettings, layers: Sequence[int]) -> float:
