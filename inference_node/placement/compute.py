@@ -60,10 +60,11 @@ FFN_EMBD: Final = 3.0
 # instead of one embedding. The freed halves leave the dense feed-forward one ``n_embd``
 # less fragmentation: measured ``2·n_embd + 3·n_ff`` per token for -ngl 2..8 of 9 on one
 # and two devices, n_embd 384..2048, n_ff 1024..5632, -ub 16..512. MoE layers (another
-# allocation order) measure as ``FFN_EMBD``, and so does a quantized K or V cache: llama.cpp
-# then rotates Q and K (``attn_inp_k_rot``), and the rotated copies take that gap.
+# allocation order) measure as ``FFN_EMBD``, and so does a quantized K or V cache (q8_0,
+# q4_0): llama.cpp then rotates Q and K (``attn_inp_k_rot``), and the rotated copies take
+# that gap. An f32 cache measures as ``FFN_EMBD`` on some shapes, so only f16 and bf16 count.
 RELAYED_FFN_EMBD: Final = 2.0
-UNROTATED_CACHE_TYPES: Final = frozenset({"f16", "bf16", "f32"})
+RELAYED_CACHE_TYPES: Final = frozenset({"f16", "bf16"})
 FFN_FF: Final = 3.0
 ATTN_EMBD: Final = 4.0
 ATTN_KV: Final = 1.0
@@ -120,7 +121,7 @@ def compute_bytes(model: ModelInfo, s: LaunchSettings, assign: Sequence[int], de
         cells = min(cells * s.n_stream, NO_FA_KV_INPUT_MAX_UBATCHES * ub)
         total += n_caches * copies * cells * kv_embd * NO_FA_KV_INPUT_BYTES
     relayed = (dev != HOST and not pp and assign[0] != dev
-               and {s.cache_type_k, s.cache_type_v} <= UNROTATED_CACHE_TYPES)
+               and {s.cache_type_k, s.cache_type_v} <= RELAYED_CACHE_TYPES)
     total += max((_layer_peak(model, s, il, dev == HOST, ub, relayed=relayed) for il in layers),
                  default=0.0)
     if kind == "cuda" and layers:
