@@ -228,3 +228,27 @@ async def test_partial_offload_device_compute(llama_server_bin: Path, tmp_path: 
     (name,) = got.gpu_names()
     assert mib(est.devices[0].compute) == pytest.approx(got.devices[name].compute,
                                                         rel=TIGHT_COMPUTE)
+
+
+SWA = TinyModelSpec(family="gemma2", n_layer=8, n_embd=512, n_ff=1024, n_head=8, n_head_kv=4,
+                    sliding_window=256, tied_embeddings=True, n_ctx_train=32768,
+                    tensor_type="F16")
+
+
+async def test_device_with_one_kind_of_swa_layer_gets_one_cache_input(
+        llama_server_bin: Path, tmp_path: Path) -> None:
+    # Without flash attention each KV cache (full, windowed) feeds its own cache-sized input;
+    # the device holding only gemma2's last (full) layer gets one of the two: counting both
+    # is ~4% high here.
+    path = write_tiny_model(tmp_path / "swa.gguf", SWA)
+    flags = ("-c", "4096", "-np", "2", "-ngl", "2", "-fa", "off")
+    async with rpc_servers(find_rpc_server(), 1) as endpoints, \
+            llama_server(llama_server_bin, path,
+                         (*BASE_ARGS, *flags, "--rpc", ",".join(e for e, _ in endpoints))
+                         ) as server:
+        got = parse_memory(server.log.lines)
+    est = estimate(read_model(path), settings_from_args(flags), [DeviceSpec("RPC0", "rpc")])
+    (name,) = got.gpu_names()
+    assert est.devices[0].layers == [7, 8]
+    assert mib(est.devices[0].compute) == pytest.approx(got.devices[name].compute,
+                                                        rel=TIGHT_COMPUTE)

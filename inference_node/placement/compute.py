@@ -116,8 +116,10 @@ def compute_bytes(model: ModelInfo, s: LaunchSettings, assign: Sequence[int], de
     if not s.flash and (layers or feeds_only) and not (dev == HOST and not feeds_only):
         kv_embd = max(model.n_head_kv) * model.head_dim_k
         cells = max(kv_cells(model, s, il) for il in range(n_layer))
-        # one per KV cache: sliding-window models keep two (full and windowed layers)
-        n_caches = len(set(model.swa_layers)) if not s.swa_full else 1
+        # one per KV cache whose layers this device computes: sliding-window models keep two
+        # (full and windowed layers), and a device holding layers of one kind only gets
+        # that cache's input (measured: gemma2 with only its last, full layer on a device)
+        n_caches = len({model.swa_layers[il] for il in mask_layers}) if not s.swa_full else 1
         cells = min(cells * s.n_stream, NO_FA_KV_INPUT_MAX_UBATCHES * ub)
         total += n_caches * copies * cells * kv_embd * NO_FA_KV_INPUT_BYTES
     relayed = (dev != HOST and not pp and assign[0] != dev
