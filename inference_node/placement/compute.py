@@ -33,9 +33,10 @@ them):
 - on the output device, the output rows (one per slot): logits twice and
   ``OUTPUT_EMBD·n_embd`` of activations, f32.
 
-Over seven model shapes (``benchmarks/placement_accuracy.py``) this lands within 1% on one
-device (CPU, or one RPC device) and within 12% (5 MiB) per device across two RPC devices;
-the largest misses are a few MiB on gemma2 (its feed-forward needs less than modeled).
+Over eight model shapes (``benchmarks/placement_accuracy.py``) this lands within 2.5%
+(1.2 MiB) on the host or one RPC device, with or without a partial offload, and within 12%
+(4.3 MiB) per device across two RPC devices; the largest misses are a few MiB on gemma2
+(its feed-forward needs less than modeled, most with a quantized cache).
 CUDA allocates the same graph with the same allocator, so the model carries over; its
 CUDA-only scratch (cuBLAS workspace, the flash-attention pool) lies outside these buffers
 and inside the safety margin.
