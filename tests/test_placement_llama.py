@@ -212,7 +212,9 @@ TIGHT_COMPUTE = 0.03
 @pytest.mark.parametrize("flags", [("-c", "4096", "-ngl", "3"),
                                    ("-c", "4096", "-ngl", "5", "-ub", "256"),
                                    # a quantized cache's rotated Q and K fill that gap again
-                                   ("-c", "4096", "-ngl", "3", "-ctk", "q8_0")])
+                                   ("-c", "4096", "-ngl", "3", "-ctk", "q8_0"),
+                                   # attention on the host: the device is fed every layer
+                                   ("-c", "4096", "-ngl", "3", "-nkvo")])
 async def test_partial_offload_device_compute(llama_server_bin: Path, tmp_path: Path,
                                               flags: tuple[str, ...]) -> None:
     # The device's first layer input comes from the host (the residual add moves over in two

@@ -63,7 +63,9 @@ FFN_EMBD: Final = 3.0
 # and two devices, n_embd 384..2048, n_ff 1024..5632, -ub 16..512. MoE layers (another
 # allocation order) measure as ``FFN_EMBD``, and so does a quantized K or V cache (q8_0,
 # q4_0): llama.cpp then rotates Q and K (``attn_inp_k_rot``), and the rotated copies take
-# that gap. An f32 cache measures as ``FFN_EMBD`` on some shapes, so only f16 and bf16 count.
+# that gap. An f32 cache measures as ``FFN_EMBD`` on some shapes, so only f16 and bf16 count;
+# with the KV cache on the host (-nkvo) attention runs there and the device measures as
+# ``FFN_EMBD`` too.
 RELAYED_FFN_EMBD: Final = 2.0
 RELAYED_CACHE_TYPES: Final = frozenset({"f16", "bf16"})
 FFN_FF: Final = 3.0
@@ -123,7 +125,7 @@ def compute_bytes(model: ModelInfo, s: LaunchSettings, assign: Sequence[int], de
         n_caches = len({model.swa_layers[il] for il in mask_layers}) if not s.swa_full else 1
         cells = min(cells * s.n_stream, NO_FA_KV_INPUT_MAX_UBATCHES * ub)
         total += n_caches * copies * cells * kv_embd * NO_FA_KV_INPUT_BYTES
-    relayed = (dev != HOST and not pp and assign[0] != dev
+    relayed = (dev != HOST and not pp and assign[0] != dev and s.kv_offload
                and {s.cache_type_k, s.cache_type_v} <= RELAYED_CACHE_TYPES)
     total += max((_layer_peak(model, s, il, dev == HOST, ub, relayed=relayed) for il in layers),
                  default=0.0)
