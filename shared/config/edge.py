@@ -9,6 +9,8 @@ token_file = "/etc/llamanap/proxy.token"
 host = "192.168.1.50"
 mac = "aa:bb:cc:dd:ee:ff"
 wol = { broadcast = "192.168.1.255" }
+agent_url = "http://192.168.1.50:9181"       # optional: its node-agent's API (models on demand)
+agent_token_file = "/etc/llamanap/agent.token"
 
 [[routes]]
 listen = "0.0.0.0:8080"
@@ -50,7 +52,14 @@ from pathlib import Path
 from typing import Literal
 
 from shared.config.loader import Context, Secret, load, read_secret, setting
-from shared.config.values import HostPort, check_host, parse_hostport, parse_mac, split_rule
+from shared.config.values import (
+    HostPort,
+    check_host,
+    check_http_url,
+    parse_hostport,
+    parse_mac,
+    split_rule,
+)
 
 
 @dataclass(frozen=True)
@@ -107,10 +116,20 @@ class NodeConfig:
                                      help="awake and idle, GPUs excluded (wall meter)")
     host_sleep_watts: float = setting(2.0, min=0, max=100_000,
                                       help="suspended (wall meter)")
+    agent_url: str | None = setting(None, help="the node-agent's API, http://HOST:PORT: model "
+                                    "lists and loads of on-demand models")
+    agent_token: Secret | None = None
+    agent_token_file: Path | None = setting(None, help="file with the agent API's bearer token")
 
     def check(self, ctx: Context, key: str) -> None:
         check_host(self.host, ctx, f"{key}.host")
         parse_mac(self.mac, ctx, f"{key}.mac")
+        if self.agent_url is not None:
+            check_http_url(self.agent_url, ctx, f"{key}.agent_url")
+        elif self.agent_token is not None or self.agent_token_file is not None:
+            raise ctx.error(f"{key}.agent_url", "missing; a token is set but no agent_url to "
+                            "send it to (set agent_url = \"http://HOST:PORT\")")
+        object.__setattr__(self, "agent_token", _agent_token(self, ctx, key))
         if self.probe_timeout_s >= self.wake_timeout_s:
             raise ctx.error(f"{key}.probe_timeout_s", f"found {self.probe_timeout_s:g}; expected "
                             f"less than wake_timeout_s ({self.wake_timeout_s:g})")
@@ -122,6 +141,24 @@ class NodeConfig:
     @property
     def mac_bytes(self) -> bytes:
         return bytes.fromhex(self.mac.replace(":", "").replace("-", ""))
+
+
+def _agent_token(node: NodeConfig, ctx: Context, key: str) -> Secret | None:
+    """``read_secret`` for the agent_-prefixed keys (its messages name token/token_file)."""
+    if node.agent_token_file is None:
+        return node.agent_token
+    if node.agent_token is not None:
+        raise ctx.error(f"{key}.agent_token_file", "set either agent_token or agent_token_file, "
+                        "not both")
+    try:
+        text = node.agent_token_file.read_text().strip()
+    except OSError as exc:
+        raise ctx.error(f"{key}.agent_token_file", f"cannot read {node.agent_token_file}: "
+                        f"{exc.strerror}") from exc
+    if not text:
+        raise ctx.error(f"{key}.agent_token_file", f"{node.agent_token_file} is empty; put the "
+                        "token in it")
+    return Secret(text)
 
 
 Readiness = str  # "tcp" or "http:/path"

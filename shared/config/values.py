@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import ipaddress
 import re
+import urllib.parse
 from dataclasses import dataclass
 
 from shared.config.loader import Context
@@ -85,6 +86,22 @@ def check_host(host: str, ctx: Context, key: str, *, shown: str | None = None) -
     if len(host) > _MAX_HOSTNAME_CHARS or not all(_LABEL_RE.match(label) for label in labels):
         raise ctx.error(key, f"found {found}; {host!r} is not a host name (letters, digits and "
                         "- between dots) or an IP address")
+
+
+def check_http_url(url: str, ctx: Context, key: str) -> None:
+    """Raise unless ``url`` is ``http(s)://HOST:PORT[/...]`` with a valid host and port."""
+    expected = f"found {url!r}; expected http://HOST:PORT"
+    if not url.startswith(("http://", "https://")):
+        raise ctx.error(key, expected)
+    try:
+        parts = urllib.parse.urlsplit(url)
+        if parts.port == 0:  # .port raises for a port out of range or not a number
+            raise ValueError("port 0")
+    except ValueError:
+        raise ctx.error(key, f"{expected} (PORT 1 to 65535)") from None
+    if not parts.hostname:
+        raise ctx.error(key, expected)
+    check_host(parts.hostname, ctx, key, shown=url)
 
 
 def parse_hostport(text: str, ctx: Context, key: str, *, allow_port_zero: bool = False) -> HostPort:
