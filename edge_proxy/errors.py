@@ -84,6 +84,20 @@ class WakeFailed(BackendFault):
     """The node did not become ready in time (or was removed); held connections close."""
 
 
+class AgentError(BackendFault):
+    """A node's agent API could not be asked (unreachable, an error, a malformed answer)."""
+
+
+class LoadFailed(BackendFault):
+    """A model on demand did not load; the message names the model, the node and why."""
+
+    def __init__(self, model: str, node: str, reason: str) -> None:
+        super().__init__(f"model {model} on node {node} did not load: {reason}")
+        self.model = model
+        self.node = node
+        self.reason = reason
+
+
 class WolError(BackendFault):
     """A magic packet could not be sent (bad source address, no route, ...)."""
 

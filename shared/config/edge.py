@@ -120,6 +120,9 @@ class NodeConfig:
                                     "lists and loads of on-demand models")
     agent_token: Secret | None = None
     agent_token_file: Path | None = setting(None, help="file with the agent API's bearer token")
+    load_timeout_s: float = setting(300.0, min=0.1, max=86400,
+                                    help="a request for an on-demand model waits this long "
+                                    "for the agent to load it")
 
     def check(self, ctx: Context, key: str) -> None:
         check_host(self.host, ctx, f"{key}.host")

@@ -1,0 +1,264 @@
+"""Models on demand, the proxy's side: ask a node's agent for its models and to load one.
+
+A node whose ``[nodes.NAME]`` names ``agent_url`` may serve models that are not loaded
+(instances ``load = "on-demand"`` on the agent). The proxy then:
+
+- learns every model the node can serve, loaded or not, from the agent's ``GET /v1/models``
+  while the node is awake, and keeps that list while it sleeps (``NodeModels``);
+- before sending a request for a model that is not LOADED there, asks the agent to load it
+  (``POST /v1/models/{model}/load``, which returns once the model is ready, or an error that
+  says why) and holds the request meanwhile, as it holds one while the node wakes. A model
+  that is being evicted is loaded again the same way: it gets no request until then.
+
+One load per (node, model) at a time (``ModelLoader``): concurrent requests for one model
+that is not loaded wait on the same load, not one each.
+
+The agent API this relies on (JSON; errors ``{"error": {"message", "type", "source"}}``):
+
+    GET  /v1/models              {"object": "list", "data": [{"id", "state", "port"?, ...}]}
+                                 state: loaded, loading, unloaded, evicting or failed
+    POST /v1/models/{id}/load    200 once the model is ready; 4xx/5xx with the reason
+"""
+
+from __future__ import annotations
+
+import enum
+import json
+import logging
+import urllib.parse
+from collections.abc import Awaitable, Callable, Iterable
+from dataclasses import dataclass, field
+from typing import Any, Final
+
+import httpx
+import trio
+
+from edge_proxy.errors import AgentError, LoadFailed
+from shared.config.edge import NodeConfig
+
+log = logging.getLogger(__name__)
+
+# The model list is small and the agent answers it from memory: a slow answer is a sick agent.
+MODELS_TIMEOUT_S: Final = 5.0
+# A load error's message is read up to this size (it is one line from the agent).
+MAX_ERROR_BYTES: Final = 4096
+
+
+class ModelState(enum.Enum):
+    """A model's state as the agent reports it (UNKNOWN: a word this proxy does not know)."""
+
+    LOADED = "loaded"
+    LOADING = "loading"
+    UNLOADED = "unloaded"
+    EVICTING = "evicting"
+    FAILED = "failed"
+    UNKNOWN = "unknown"
+
+    @classmethod
+    def parse(cls, text: object) -> ModelState:
+        try:
+            return cls(str(text).lower())
+        except ValueError:
+            return cls.UNKNOWN
+
+
+@dataclass(frozen=True)
+class AgentModel:
+    """One model the agent can serve. ``port``: its llama-server's port, when the agent says."""
+
+    id: str
+    state: ModelState
+    port: int | None = None
+
+
+def parse_model_list(body: bytes) -> list[AgentModel]:
+    """The agent's ``GET /v1/models`` answer; raises ``ValueError`` naming what is wrong."""
+    try:
+        data = json.loads(body)["data"]
+    except (ValueError, KeyError, TypeError) as exc:
+        raise ValueError(f"not a model list ({type(exc).__name__}: {exc})") from None
+    if not isinstance(data, list):
+        raise ValueError("not a model list (data is not a list)")
+    models = []
+    for entry in data:
+        if not isinstance(entry, dict) or not isinstance(entry.get("id"), str):
+            raise ValueError(f"model entry without an id: {entry!r:.100}")
+        port = entry.get("port")
+        models.append(AgentModel(entry["id"], ModelState.parse(entry.get("state")),
+                                 port if isinstance(port, int) else None))
+    return models
+
+
+@dataclass
+class NodeModels:
+    """What one node can serve, as its agent last said (kept while the node sleeps)."""
+
+    models: dict[str, AgentModel] = field(default_factory=dict)
+    seen_at: float | None = None  # trio time of the last answer
+
+    def update(self, models: Iterable[AgentModel], now: float) -> None:
+        self.models = {m.id: m for m in models}
+        self.seen_at = now
+
+    def loaded(self, model: str) -> None:
+        """The agent said ``model`` is ready (its load call returned)."""
+        known = self.models.get(model)
+        self.models[model] = AgentModel(model, ModelState.LOADED, known.port if known else None)
+
+    def needs_load(self, model: str) -> bool:
+        """Whether a request for ``model`` must wait for a load first. A model the agent has
+        not listed is left to the backend to answer (it may be served under another name)."""
+        known = self.models.get(model)
+        return known is not None and known.state is not ModelState.LOADED
+
+    def model_on_port(self, port: int) -> str | None:
+        """The model whose llama-server listens on ``port`` (TCP routes), if the agent says."""
+        return next((m.id for m in self.models.values() if m.port == port), None)
+
+    def openai_list(self) -> dict[str, Any]:
+        """Every model, loaded or not, as an OpenAI model list (what ``/v1/models`` lists)."""
+        return {"object": "list", "data": [{"id": m.id, "object": "model", "owned_by": "llamanap"}
+                                           for m in self.models.values()]}
+
+
+class AgentClient:
+    """HTTP client of one node's agent API. Errors become ``AgentError`` / ``LoadFailed``."""
+
+    def __init__(self, node: str, cfg: NodeConfig) -> None:
+        if cfg.agent_url is None:
+            raise ValueError(f"node {node} has no agent_url")
+        self.node = node
+        self.url = cfg.agent_url.rstrip("/")
+        headers = {"accept": "application/json"}
+        if cfg.agent_token is not None:
+            headers["authorization"] = f"Bearer {cfg.agent_token.reveal()}"
+        # Timeouts are cancel scopes at the call sites; httpx's own would cut a long load.
+        self._http = httpx.AsyncClient(headers=headers, timeout=None)
+
+    def __repr__(self) -> str:
+        return f"<AgentClient {self.node} {self.url}>"
+
+    async def aclose(self) -> None:
+        await self._http.aclose()
+
+    async def models(self) -> list[AgentModel]:
+        """Every model the node can serve; raises ``AgentError``."""
+        with trio.move_on_after(MODELS_TIMEOUT_S) as scope:
+            try:
+                response = await self._http.get(f"{self.url}/v1/models")
+            except httpx.HTTPError as exc:
+                raise AgentError(f"agent of {self.node} at {self.url}: {exc!r}") from exc
+        if scope.cancelled_caught:
+            raise AgentError(f"agent of {self.node} at {self.url}: no model list after "
+                             f"{MODELS_TIMEOUT_S:g} s")
+        if response.status_code != 200:
+            raise AgentError(f"agent of {self.node} at {self.url}: GET /v1/models answered "
+                             f"{response.status_code}: {_reason(response.content)}")
+        try:
+            return parse_model_list(response.content)
+        except ValueError as exc:
+            raise AgentError(f"agent of {self.node} at {self.url}: GET /v1/models: {exc}") from exc
+
+    async def load(self, model: str) -> None:
+        """Return once the agent says ``model`` is ready; raise ``LoadFailed`` with its reason.
+        The caller bounds the wait (a load may take minutes)."""
+        path = f"/v1/models/{urllib.parse.quote(model, safe='')}/load"
+        try:
+            response = await self._http.post(f"{self.url}{path}", json={})
+        except httpx.HTTPError as exc:
+            raise LoadFailed(model, self.node, f"agent at {self.url} unreachable: {exc!r}"
+                             ) from exc
+        if response.status_code != 200:
+            raise LoadFailed(model, self.node, f"the agent answered {response.status_code}: "
+                             f"{_reason(response.content)}")
+
+
+def _reason(body: bytes) -> str:
+    """The ``error.message`` of an agent's error answer, else the start of the body."""
+    try:
+        message = json.loads(body)["error"]["message"]
+        if isinstance(message, str):
+            return message
+    except (ValueError, KeyError, TypeError):
+        pass
+    return body[:MAX_ERROR_BYTES].decode("utf-8", "replace").strip() or "(empty answer)"
+
+
+@dataclass
+class _Flight:
+    done: trio.Event = field(default_factory=trio.Event)
+    failure: LoadFailed | None = None
+
+
+Load = Callable[[str, str], Awaitable[None]]  # (node, model) -> returns once loaded
+
+
+class ModelLoader:
+    """Loads models on demand, one load per (node, model) at a time, each in this loader's
+    nursery (``run``) so a load outlives the request that started it: the next request
+    finds the model loaded. ``load`` does the work (``AgentClient.load`` per node)."""
+
+    def __init__(self, load: Load, load_timeout_s: Callable[[str], float]) -> None:
+        self._load = load
+        self._timeout_s = load_timeout_s
+        self._flights: dict[tuple[str, str], _Flight] = {}
+        self._nursery: trio.Nursery | None = None
+        self.loads: dict[tuple[str, str], int] = {}  # loads started, per (node, model)
+
+    def __repr__(self) -> str:
+        loading = ", ".join(f"{n}/{m}" for n, m in self._flights) or "nothing"
+        return f"<ModelLoader loading {loading}>"
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """Own the loads until cancelled."""
+        async with trio.open_nursery() as nursery:
+            self._nursery = nursery
+            task_status.started()
+            try:
+                await trio.sleep_forever()
+            finally:
+                self._nursery = None
+
+    def loading(self, node: str, model: str) -> bool:
+        return (node, model) in self._flights
+
+    async def ensure_loaded(self, node: str, model: str) -> None:
+        """Return once ``model`` is loaded on ``node``: join the load under way or start one.
+        Raises ``LoadFailed`` (naming the model and why) when it fails or times out."""
+        if self._nursery is None:
+            raise RuntimeError("ModelLoader.ensure_loaded before run() started")
+        key = (node, model)
+        flight = self._flights.get(key)
+        if flight is None:
+            flight = self._flights[key] = _Flight()
+            self.loads[key] = self.loads.get(key, 0) + 1
+            self._nursery.start_soon(self._fly, key, flight)
+        await flight.done.wait()
+        if flight.failure is not None:
+            raise flight.failure
+
+    async def _fly(self, key: tuple[str, str], flight: _Flight) -> None:
+        node, model = key
+        timeout_s = self._timeout_s(node)
+        started = trio.current_time()
+        ended = False
+        try:
+            with trio.move_on_after(timeout_s) as scope:
+                await self._load(node, model)
+            if scope.cancelled_caught:
+                flight.failure = LoadFailed(model, node, f"not loaded after {timeout_s:g} s "
+                                            f"(nodes.{node}.load_timeout_s)")
+            ended = True
+        except LoadFailed as exc:
+            flight.failure = exc
+            ended = True
+        finally:
+            if not ended:  # cancelled (shutdown) or a bug: no waiter may take it as loaded
+                flight.failure = LoadFailed(model, node, "the load was interrupted")
+            del self._flights[key]
+            flight.done.set()
+        took = trio.current_time() - started
+        if flight.failure is None:
+            log.info("node %s: model %s loaded in %.2f s", node, model, took)
+        else:
+            log.warning("node %s: %s", node, flight.failure)
