@@ -13,15 +13,20 @@ A node whose ``[nodes.NAME]`` names ``agent_url`` may serve models that are not 
 One load per (node, model) at a time (``ModelLoader``): concurrent requests for one model
 that is not loaded wait on the same load, not one each.
 
-The agent API this relies on (JSON; errors ``{"error": {"message", "type", "source"}}``):
+The agent API this relies on (node-agent's on-demand routes; errors are
+``{"error": {"message", "type", "source": "node-agent"}}``):
 
-    GET  /v1/models              {"object": "list", "data": [{"id", "state", "port"?, ...}]}
-                                 state: loaded, loading, unloaded, evicting or failed
-    POST /v1/models/{id}/load    200 once the model is ready; 4xx/5xx with the reason
+    GET  /v1/models              {"models": [{"model", "instance", "state", ...}]}, one row
+                                 per name; state: loaded, loading, stopping or unloaded
+    GET  /v1/instances           {"instances": [{"name", "port", ...}]}: the port of each
+                                 instance, so a TCP route's backend_port names its models
+    POST /v1/models/{model}/load 200 once it is READY; 404 model_not_found, 409 load_refused,
+                                 502 load_failed, each with the reason
 """
 
 from __future__ import annotations
 
+import dataclasses
 import enum
 import json
 import logging
@@ -49,9 +54,8 @@ class ModelState(enum.Enum):
 
     LOADED = "loaded"
     LOADING = "loading"
+    STOPPING = "stopping"  # being evicted (or its TTL ran out): no new requests until loaded
     UNLOADED = "unloaded"
-    EVICTING = "evicting"
-    FAILED = "failed"
     UNKNOWN = "unknown"
 
     @classmethod
@@ -64,29 +68,39 @@ class ModelState(enum.Enum):
 
 @dataclass(frozen=True)
 class AgentModel:
-    """One model the agent can serve. ``port``: its llama-server's port, when the agent says."""
+    """One model name the agent serves: its instance and that instance's port, if known."""
 
     id: str
     state: ModelState
+    instance: str | None = None
     port: int | None = None
 
 
-def parse_model_list(body: bytes) -> list[AgentModel]:
-    """The agent's ``GET /v1/models`` answer; raises ``ValueError`` naming what is wrong."""
+def _rows(body: bytes, key: str) -> list[dict[str, Any]]:
     try:
-        data = json.loads(body)["data"]
+        rows = json.loads(body)[key]
     except (ValueError, KeyError, TypeError) as exc:
-        raise ValueError(f"not a model list ({type(exc).__name__}: {exc})") from None
-    if not isinstance(data, list):
-        raise ValueError("not a model list (data is not a list)")
-    models = []
-    for entry in data:
-        if not isinstance(entry, dict) or not isinstance(entry.get("id"), str):
-            raise ValueError(f"model entry without an id: {entry!r:.100}")
-        port = entry.get("port")
-        models.append(AgentModel(entry["id"], ModelState.parse(entry.get("state")),
-                                 port if isinstance(port, int) else None))
-    return models
+        raise ValueError(f"no {key} list ({type(exc).__name__}: {exc})") from None
+    if not isinstance(rows, list) or not all(isinstance(r, dict) for r in rows):
+        raise ValueError(f"no {key} list ({key} is not a list of objects)")
+    return rows
+
+
+def parse_model_list(models: bytes, instances: bytes | None = None) -> list[AgentModel]:
+    """The agent's ``GET /v1/models`` answer, with ports from its ``GET /v1/instances``
+    answer when given; raises ``ValueError`` naming what is wrong."""
+    ports = {}
+    for row in _rows(instances, "instances") if instances is not None else []:
+        if isinstance(row.get("name"), str) and isinstance(row.get("port"), int):
+            ports[row["name"]] = row["port"]
+    out = []
+    for row in _rows(models, "models"):
+        if not isinstance(row.get("model"), str):
+            raise ValueError(f"a model row without a model name: {row!r:.100}")
+        instance = row.get("instance") if isinstance(row.get("instance"), str) else None
+        out.append(AgentModel(row["model"], ModelState.parse(row.get("state")), instance,
+                              ports.get(instance) if instance else None))
+    return out
 
 
 @dataclass
@@ -102,8 +116,8 @@ class NodeModels:
 
     def loaded(self, model: str) -> None:
         """The agent said ``model`` is ready (its load call returned)."""
-        known = self.models.get(model)
-        self.models[model] = AgentModel(model, ModelState.LOADED, known.port if known else None)
+        known = self.models.get(model) or AgentModel(model, ModelState.LOADED)
+        self.models[model] = dataclasses.replace(known, state=ModelState.LOADED)
 
     def needs_load(self, model: str) -> bool:
         """Whether a request for ``model`` must wait for a load first. A model the agent has
@@ -112,7 +126,8 @@ class NodeModels:
         return known is not None and known.state is not ModelState.LOADED
 
     def model_on_port(self, port: int) -> str | None:
-        """The model whose llama-server listens on ``port`` (TCP routes), if the agent says."""
+        """A model name of the instance whose llama-server listens on ``port`` (TCP routes
+        hold for it), if the agent said which port that is."""
         return next((m.id for m in self.models.values() if m.port == port), None)
 
     def openai_list(self) -> dict[str, Any]:
@@ -142,22 +157,27 @@ class AgentClient:
         await self._http.aclose()
 
     async def models(self) -> list[AgentModel]:
-        """Every model the node can serve; raises ``AgentError``."""
+        """Every model the node can serve, with its instance's port; raises ``AgentError``."""
+        models = await self._get("/v1/models")
+        instances = await self._get("/v1/instances")
+        try:
+            return parse_model_list(models, instances)
+        except ValueError as exc:
+            raise AgentError(f"agent of {self.node} at {self.url}: {exc}") from exc
+
+    async def _get(self, path: str) -> bytes:
+        where = f"agent of {self.node} at {self.url}: GET {path}"
         with trio.move_on_after(MODELS_TIMEOUT_S) as scope:
             try:
-                response = await self._http.get(f"{self.url}/v1/models")
+                response = await self._http.get(f"{self.url}{path}")
             except httpx.HTTPError as exc:
-                raise AgentError(f"agent of {self.node} at {self.url}: {exc!r}") from exc
+                raise AgentError(f"{where}: {exc!r}") from exc
         if scope.cancelled_caught:
-            raise AgentError(f"agent of {self.node} at {self.url}: no model list after "
-                             f"{MODELS_TIMEOUT_S:g} s")
+            raise AgentError(f"{where}: no answer after {MODELS_TIMEOUT_S:g} s")
         if response.status_code != 200:
-            raise AgentError(f"agent of {self.node} at {self.url}: GET /v1/models answered "
-                             f"{response.status_code}: {_reason(response.content)}")
-        try:
-            return parse_model_list(response.content)
-        except ValueError as exc:
-            raise AgentError(f"agent of {self.node} at {self.url}: GET /v1/models: {exc}") from exc
+            raise AgentError(f"{where} answered {response.status_code}: "
+                             f"{_reason(response.content)}")
+        return response.content
 
     async def load(self, model: str) -> None:
         """Return once the agent says ``model`` is ready; raise ``LoadFailed`` with its reason.

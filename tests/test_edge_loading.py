@@ -44,19 +44,24 @@ def node_config(url: str | None, token: str | None = TOKEN) -> NodeConfig:
 
 # ---- the agent's model list ------------------------------------------------------------------
 
-def test_model_list_is_parsed_with_states_and_ports() -> None:
-    body = (b'{"object": "list", "data": [{"id": "a", "state": "loaded", "port": 8081},'
-            b' {"id": "b", "state": "EVICTING"}, {"id": "c", "state": "sideways", "port": "x"}]}')
-    assert parse_model_list(body) == [AgentModel("a", ModelState.LOADED, 8081),
-                                      AgentModel("b", ModelState.EVICTING),
-                                      AgentModel("c", ModelState.UNKNOWN)]
+def test_model_list_is_parsed_with_states_and_the_ports_of_instances() -> None:
+    models = (b'{"models": [{"model": "a", "instance": "ia", "state": "loaded"},'
+              b' {"model": "a2", "instance": "ia", "state": "loaded"},'
+              b' {"model": "b", "instance": "ib", "state": "STOPPING"},'
+              b' {"model": "c", "state": "sideways"}]}')
+    instances = b'{"instances": [{"name": "ia", "port": 8081}, {"name": "ib", "port": "x"}]}'
+    assert parse_model_list(models, instances) == [
+        AgentModel("a", ModelState.LOADED, "ia", 8081), AgentModel("a2", ModelState.LOADED,
+                                                                   "ia", 8081),
+        AgentModel("b", ModelState.STOPPING, "ib"), AgentModel("c", ModelState.UNKNOWN)]
+    assert parse_model_list(models)[0] == AgentModel("a", ModelState.LOADED, "ia")
 
 
 @pytest.mark.parametrize(("body", "problem"), [
-    (b"<html>", "not a model list (JSONDecodeError"),
-    (b'{"models": []}', "not a model list (KeyError"),
-    (b'{"data": {}}', "not a model list (data is not a list)"),
-    (b'{"data": [{"state": "loaded"}]}', "model entry without an id"),
+    (b"<html>", "no models list (JSONDecodeError"),
+    (b'{"data": []}', "no models list (KeyError"),
+    (b'{"models": {}}', "no models list (models is not a list of objects)"),
+    (b'{"models": [{"state": "loaded"}]}', "a model row without a model name"),
 ])
 def test_a_malformed_model_list_says_what_is_wrong(body: bytes, problem: str) -> None:
     with pytest.raises(ValueError) as info:
@@ -66,8 +71,9 @@ def test_a_malformed_model_list_says_what_is_wrong(body: bytes, problem: str) ->
 
 def test_only_models_the_agent_lists_as_not_loaded_wait_for_a_load() -> None:
     table = NodeModels()
-    table.update([AgentModel("a", ModelState.LOADED, 8081), AgentModel("b", ModelState.UNLOADED),
-                  AgentModel("c", ModelState.EVICTING, 8083),
+    table.update([AgentModel("a", ModelState.LOADED, "ia", 8081),
+                  AgentModel("b", ModelState.UNLOADED, "ib", 8082),
+                  AgentModel("c", ModelState.STOPPING, "ic", 8083),
                   AgentModel("d", ModelState.LOADING)], now=5.0)
     assert not table.needs_load("a")
     assert table.needs_load("b") and table.needs_load("c") and table.needs_load("d")
