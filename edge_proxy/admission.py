@@ -13,8 +13,9 @@ Both route kinds (TCP routes and HTTP-aware routes) go through ``Admission.conne
    (``GaveUp``); the holds between them do not count.
 
 What a held connection waits for is listed in one place, ``Admission.ready`` and
-``Admission.wait_ready``: today the node awake; a model that loads on demand is waited for
-there too, so every route kind holds for it the same way.
+``Admission.wait_ready``: the node awake, then (``model``, for a node with an agent) its
+model loaded, so every route kind holds for a load the same way as for a wake. A failed or
+timed-out load is ``NotLoaded``.
 
 ``ConnectionCounts`` is the state all routes share: how many connections are open (a
 graceful stop waits for them) and held (against ``limits.max_held_total``).
@@ -30,9 +31,10 @@ from typing import Final, Generic, TypeAlias, TypeVar
 
 import trio
 
-from edge_proxy.errors import BackendUnavailable, WakeFailed
+from edge_proxy.errors import BackendUnavailable, LoadFailed, WakeFailed
+from edge_proxy.loading import ModelNeed
 from edge_proxy.wake.driver import NodeDriver
-from edge_proxy.wake.machine import State
+from edge_proxy.wake.machine import Event, State
 from shared.config.edge import LimitsConfig
 
 log = logging.getLogger(__name__)
@@ -138,6 +140,14 @@ class NotWoken:
 
 
 @dataclass(frozen=True)
+class NotLoaded:
+    """The node woke but the model on demand did not load (the agent's reason, or a timeout)."""
+
+    model: str
+    reason: str
+
+
+@dataclass(frozen=True)
 class LeftWhileHeld:
     """The client went away while held (as the route's ``while_held`` hook saw it)."""
 
@@ -151,7 +161,7 @@ class GaveUp:
     attempts: int
 
 
-Outcome: TypeAlias = Connected[T] | Refused | NotWoken | LeftWhileHeld | GaveUp
+Outcome: TypeAlias = Connected[T] | Refused | NotWoken | NotLoaded | LeftWhileHeld | GaveUp
 
 
 # ---- the step ------------------------------------------------------------------------------
@@ -165,15 +175,18 @@ class Admission:
     port: int
     counts: ConnectionCounts
     route: str
+    model: ModelNeed | None = None  # a model on demand to load once the node is awake
 
     def ready(self) -> bool:
         """Whether a connection may go to the backend now (see ``wait_ready``)."""
-        return self.driver.state is State.AWAKE
+        return self.driver.state is State.AWAKE and (self.model is None or self.model.ready())
 
     async def wait_ready(self) -> None:
-        """Return once ``ready()`` holds; raise ``WakeFailed`` when it cannot come to be.
-        Everything a held connection waits for is awaited here, in order."""
+        """Return once ``ready()`` holds; raise ``WakeFailed`` or ``LoadFailed`` when it
+        cannot come to be. Everything a held connection waits for is awaited here, in order."""
         await self.driver.wait_awake()
+        if self.model is not None:
+            await self.model.wait_loaded()
 
     async def connect(self, connect: Callable[[], Awaitable[T]], *,
                       holding: Callable[[], AbstractContextManager[object]] = nullcontext,
@@ -193,7 +206,12 @@ class Admission:
                     return Connected(await connect())
                 except BackendUnavailable as exc:
                     log.info("route %s: %s", self.route, exc.reason)
-                    driver.connect_failed(exc, generation)
+                    if self.model is not None and exc.event is Event.PROBE_REFUSED:
+                        # the host is up, the instance on demand went (TTL, eviction): the
+                        # agent, not this port, says whether the node is up; load it again
+                        self.model.gone()
+                    else:
+                        driver.connect_failed(exc, generation)
                     continue
             if not self.counts.has_room(driver):
                 return Refused(f"held limit reached ({driver.held} for node {driver.name}, "
@@ -204,13 +222,14 @@ class Admission:
                 return ended
         return GaveUp(attempts)
 
-    async def _hold(self, while_held: WhileHeld | None) -> NotWoken | LeftWhileHeld | None:
+    async def _hold(self, while_held: WhileHeld | None
+                    ) -> NotWoken | NotLoaded | LeftWhileHeld | None:
         """Count the connection as held while ``wait_ready`` runs; None once ready."""
         driver, counts = self.driver, self.counts
         driver.hold(self.port)
         counts.hold()
         hold = Hold()
-        failure: str | None = None
+        failure: NotWoken | NotLoaded | None = None
         try:
             async with trio.open_nursery() as nursery:
                 if while_held is not None:
@@ -218,7 +237,9 @@ class Admission:
                 try:
                     await self.wait_ready()
                 except WakeFailed as exc:
-                    failure = str(exc)  # returned, not raised out of the nursery
+                    failure = NotWoken(str(exc))  # returned, not raised out of the nursery
+                except LoadFailed as exc:
+                    failure = NotLoaded(exc.model, exc.reason)
                 finally:
                     hold.release()
         finally:
@@ -226,7 +247,7 @@ class Admission:
             driver.unhold(self.port)
         if hold.left is not None:
             return LeftWhileHeld(hold.left)
-        return None if failure is None else NotWoken(failure)
+        return failure
 
 
 async def _beside(hook: WhileHeld, hold: Hold, wait: trio.CancelScope) -> None:

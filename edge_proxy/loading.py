@@ -119,6 +119,12 @@ class NodeModels:
         known = self.models.get(model) or AgentModel(model, ModelState.LOADED)
         self.models[model] = dataclasses.replace(known, state=ModelState.LOADED)
 
+    def unloaded(self, model: str) -> None:
+        """``model``'s instance refused a connection: it must be asked for again."""
+        known = self.models.get(model)
+        if known is not None:
+            self.models[model] = dataclasses.replace(known, state=ModelState.UNLOADED)
+
     def needs_load(self, model: str) -> bool:
         """Whether a request for ``model`` must wait for a load first. A model the agent has
         not listed is left to the backend to answer (it may be served under another name)."""
@@ -282,3 +288,71 @@ class ModelLoader:
             log.info("node %s: model %s loaded in %.2f s", node, model, took)
         else:
             log.warning("node %s: %s", node, flight.failure)
+
+
+class ModelGate:
+    """One node's models on demand, for the routes: what is loaded, and the wait for a load.
+    Built per node with an agent (``agent_url``); the table is this gate's, the loads the
+    shared ``ModelLoader``'s."""
+
+    def __init__(self, node: str, client: AgentClient, loader: ModelLoader) -> None:
+        self.node = node
+        self.client = client
+        self.loader = loader
+        self.table = NodeModels()
+
+    def __repr__(self) -> str:
+        states = ", ".join(f"{m.id}={m.state.value}" for m in self.table.models.values())
+        return f"<ModelGate {self.node} {states or '(no list yet)'}>"
+
+    async def refresh(self) -> bool:
+        """Ask the agent for its models (call while the node is awake); False on failure,
+        keeping the last list."""
+        try:
+            models = await self.client.models()
+        except AgentError as exc:
+            log.info("node %s: model list not refreshed: %s", self.node, exc)
+            return False
+        self.table.update(models, trio.current_time())
+        return True
+
+    def need(self, model: str | None) -> ModelNeed | None:
+        """What a request for ``model`` waits for beyond the wake (None: nothing)."""
+        if model is None or model not in self.table.models:
+            return None
+        return ModelNeed(self, model)
+
+    def need_for_port(self, port: int) -> ModelNeed | None:
+        """For a TCP route: the model of the instance behind ``port``, if the agent said."""
+        model = self.table.model_on_port(port)
+        return None if model is None else ModelNeed(self, model)
+
+
+@dataclass(frozen=True)
+class ModelNeed:
+    """A request's model on one node: loaded, or the load to wait for (``Admission``)."""
+
+    gate: ModelGate
+    model: str
+
+    def ready(self) -> bool:
+        return not self.gate.table.needs_load(self.model)
+
+    def loading(self) -> bool:
+        """Whether a load of this model is under way (what a held client is told)."""
+        return self.gate.loader.loading(self.gate.node, self.model)
+
+    def gone(self) -> None:
+        """Its backend refused a connection: the instance went away (TTL, eviction); ask
+        the agent again before the next request goes there."""
+        self.gate.table.unloaded(self.model)
+
+    async def wait_loaded(self) -> None:
+        """Ask the agent (once per model at a time) and return once it is loaded; raise
+        ``LoadFailed``. Called after a wake, so the list is refreshed first."""
+        gate = self.gate
+        await gate.refresh()
+        if not self.ready():
+            await gate.loader.ensure_loaded(gate.node, self.model)
+            gate.table.loaded(self.model)
+            await gate.refresh()  # a load may have evicted others

@@ -13,6 +13,7 @@ import functools
 import logging
 import resource
 import signal
+import urllib.parse
 from pathlib import Path
 from typing import Any, Literal
 
@@ -20,13 +21,15 @@ import trio
 
 from edge_proxy.admission import ConnectionCounts
 from edge_proxy.control import build_app
-from edge_proxy.errors import ListenError
+from edge_proxy.errors import ListenError, LoadFailed
 from edge_proxy.history.store import NullRecorder, Recorder, open_recorder
 from edge_proxy.http_routes.service import HttpRoutes
+from edge_proxy.loading import AgentClient, ModelGate, ModelLoader
 from edge_proxy.metrics import ProxyMetrics
 from edge_proxy.tcp_routes.listener import Route
 from edge_proxy.tcp_routes.relay_loop import RelayLoop
 from edge_proxy.wake.driver import Backend, NodeDriver
+from edge_proxy.wake.machine import State
 from edge_proxy.wake.wol import UdpWolSender, WolSender
 from shared import systemd
 from shared.config.edge import EdgeConfig, RouteConfig, load_edge_config
@@ -37,6 +40,10 @@ from shared.http import serve
 log = logging.getLogger(__name__)
 
 RelayEngine = Literal["loop", "trio"]  # see tcp_routes.relay
+# An awake node's agent is asked for its models this often (kept while the node sleeps).
+MODELS_REFRESH_INTERVAL_S = 5.0
+# The node is up when its agent answers here (no token needed), for nodes with agent_url.
+AGENT_READY_PATH = "/metrics"
 
 
 def _route_key(index: int, cfg: RouteConfig) -> str:
@@ -59,8 +66,11 @@ class Proxy:
         self.drivers: dict[str, NodeDriver] = {}
         self.routes: dict[str, Route] = {}
         self.recorder = recorder  # None: history is off
+        # nodes with an agent (agent_url): their models on demand, loaded one at a time each
+        self.loader = ModelLoader(self._agent_load, lambda node: self.cfg.nodes[node].load_timeout_s)
+        self.gates: dict[str, ModelGate] = {}
         self.http_routes = HttpRoutes(self.metrics.registry,  # protocol = "http" listeners
-                                      recorder=recorder)
+                                      recorder=recorder, gates=self.gates)
         self.app = build_app(self)
         self.control_urls: list[str] = []
         self._driver_scopes: dict[str, trio.CancelScope] = {}
@@ -87,6 +97,8 @@ class Proxy:
             self._connections, self._services = connections, services
             if self.relay_engine == "loop":
                 await services.start(self.relay_loop.run)
+            await services.start(self.loader.run)
+            services.start_soon(self._refresh_models)
             interval = systemd.watchdog_interval_s()
             if interval is not None:  # pings stop with the event loop, or with the proxy
                 services.start_soon(_watchdog, interval)
@@ -113,7 +125,10 @@ class Proxy:
             if self.counts.open:
                 log.warning("stopping: closing %d connection(s) after the grace period",
                             self.counts.open)
-            connections.cancel_scope.cancel()
+            connections.cancel_scope.cancel()  # (services run inside it)
+        with trio.CancelScope(shield=True):
+            for gate in self.gates.values():
+                await gate.client.aclose()
 
     def stop(self) -> None:
         """Begin a graceful shutdown."""
@@ -135,6 +150,7 @@ class Proxy:
     async def _apply(self, cfg: EdgeConfig, *, initial: bool) -> None:
         assert self._services is not None and self._connections is not None
         self.counts.limits = cfg.limits
+        await self._apply_gates(cfg)
         for name, node_cfg in cfg.nodes.items():
             if name in self.drivers:
                 self.drivers[name].update(node_cfg)
@@ -159,7 +175,7 @@ class Proxy:
                 self.routes[key].update(route_cfg, self.drivers[route_cfg.node])
                 continue
             route = Route(route_cfg, self.drivers[route_cfg.node], self.counts, self.metrics,
-                          self.relay_loop, recorder=self.recorder)
+                          self.relay_loop, recorder=self.recorder, gates=self.gates)
             try:
                 await self._services.start(route.serve, self._connections)
             except ListenError as exc:
@@ -168,6 +184,33 @@ class Proxy:
                 log.error("reload: %s", exc)
                 continue
             self.routes[key] = route
+
+    async def _apply_gates(self, cfg: EdgeConfig) -> None:
+        """A gate per node with an agent; one whose agent_url or token changed is new."""
+        for name in list(self.gates):
+            node = cfg.nodes.get(name)
+            old = self.cfg.nodes.get(name)
+            if node is None or node.agent_url is None or old is None or (
+                    (node.agent_url, node.agent_token) != (old.agent_url, old.agent_token)):
+                await self.gates.pop(name).client.aclose()
+        for name, node in cfg.nodes.items():
+            if node.agent_url is not None and name not in self.gates:
+                self.gates[name] = ModelGate(name, AgentClient(name, node), self.loader)
+
+    async def _agent_load(self, node: str, model: str) -> None:
+        gate = self.gates.get(node)
+        if gate is None:
+            raise LoadFailed(model, node, f"nodes.{node}.agent_url was removed")
+        await gate.client.load(model)
+
+    async def _refresh_models(self) -> None:
+        """Learn each awake node's models from its agent (kept while it sleeps)."""
+        while True:
+            for name, gate in list(self.gates.items()):
+                driver = self.drivers.get(name)
+                if driver is not None and driver.state is State.AWAKE:
+                    await gate.refresh()
+            await trio.sleep(MODELS_REFRESH_INTERVAL_S)
 
     @staticmethod
     async def _run_driver(driver: NodeDriver, scope: trio.CancelScope, *,
@@ -198,6 +241,13 @@ class Proxy:
 
 
 def _backends(cfg: EdgeConfig, node: str) -> set[Backend]:
+    agent_url = cfg.nodes[node].agent_url
+    if agent_url is not None:
+        # Instances on demand are down until asked for: the node is up when its agent is
+        # (its /metrics needs no token); each model's own readiness is the agent's load.
+        parts = urllib.parse.urlsplit(agent_url)
+        port = parts.port or (443 if parts.scheme == "https" else 80)
+        return {Backend(port, AGENT_READY_PATH)}
     return {Backend(r.backend_port, r.ready_http_path) for r in cfg.routes if r.node == node}
 
 

@@ -23,7 +23,7 @@ import json
 import logging
 import time
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
 from functools import partial
@@ -37,6 +37,7 @@ from edge_proxy.admission import (
     ConnectionCounts,
     GaveUp,
     Hold,
+    NotLoaded,
     NotWoken,
     Refused,
 )
@@ -56,6 +57,7 @@ from edge_proxy.http_routes.metrics import HttpMetrics, Refusals
 from edge_proxy.http_routes.models import ModelTable, Unroutable, requested_model, wants_stream
 from edge_proxy.http_routes.rules import WakePolicy
 from edge_proxy.http_routes.upstream import Response, Upstream, read_capped
+from edge_proxy.loading import ModelGate, ModelNeed
 from edge_proxy.wake.driver import NodeDriver
 from edge_proxy.wake.machine import State
 from shared.config.edge import HttpOptions, RouteConfig
@@ -92,9 +94,11 @@ class HttpRouteApp:
 
     def __init__(self, listen: str, backends: list[NodeBackend], options: HttpOptions,
                  counts: ConnectionCounts, metrics: HttpMetrics, cache: ResponseCache | None = None,
-                 recorder: Recorder | None = None) -> None:
+                 recorder: Recorder | None = None,
+                 gates: Mapping[str, ModelGate] | None = None) -> None:
         self.listen = listen
         self.recorder = recorder  # None: no history rows
+        self.gates = gates or {}  # nodes with an agent: their models on demand (the proxy's)
         self.counts = counts
         self.metrics = metrics
         self.refusals = Refusals(listen, metrics)
@@ -169,10 +173,13 @@ class HttpRouteApp:
             scope.cancel()
 
     async def _dispatch(self, ex: Exchange, body: bytes) -> None:
-        if ex.method == "GET" and ex.path in MODEL_LIST_PATHS and len(self.backends) > 1:
+        self._learn_from_agents()
+        if ex.method == "GET" and ex.path in MODEL_LIST_PATHS and (
+                len(self.backends) > 1 or self._agent_listed()):
             await self._model_union(ex)
             return
-        decision = self.table.route(requested_model(body), lambda n: self.backends[n].is_awake())
+        asked = requested_model(body)
+        decision = self.table.route(asked, lambda n: self.backends[n].is_awake())
         if isinstance(decision, Unroutable):
             self.metrics.unknown_model.labels(self.listen).inc()
             ex.outcome("refused")
@@ -184,7 +191,9 @@ class HttpRouteApp:
         preflight = header(ex.scope["headers"], b"access-control-request-method")
         if self.policy.may_wake(ex.method, ex.path,
                                 preflight.decode("latin-1") if preflight else None):
-            await self._forward_waking(ex, backend, decision.model, body)
+            gate = self.gates.get(backend.name)
+            await self._forward_waking(ex, backend, decision.model, body,
+                                       gate.need(asked) if gate is not None else None)
         else:
             await self._forward_no_wake(ex, backend, body)
 
@@ -224,11 +233,25 @@ class HttpRouteApp:
                       "service_unavailable",
                       headers=[(b"retry-after", str(NO_CACHE_RETRY_AFTER_S).encode())])
 
+    def _learn_from_agents(self) -> None:
+        """Every model a node's agent listed, loaded or not, is one this listener serves."""
+        for name in self.backends:
+            gate = self.gates.get(name)
+            if gate is not None and gate.table.models:
+                self.table.learn(name, json.dumps(gate.table.openai_list()).encode())
+
+    def _agent_listed(self) -> bool:
+        return any(name in self.gates and self.gates[name].table.models for name in self.backends)
+
     async def _model_union(self, ex: Exchange) -> None:
         answers: dict[str, bytes | None] = {}
         key = cache_key("GET", "/v1/models", b"")
 
         async def fetch(backend: NodeBackend) -> None:
+            gate = self.gates.get(backend.name)
+            if gate is not None and gate.table.models:  # the agent's list has them all
+                answers[backend.name] = json.dumps(gate.table.openai_list()).encode()
+                return
             if backend.is_awake():
                 with trio.move_on_after(MODELS_FETCH_TIMEOUT_S):
                     answers[backend.name] = await self.fetch_models(backend)
@@ -271,13 +294,14 @@ class HttpRouteApp:
     # ---- everything else: wake when needed -----------------------------------------------
 
     async def _forward_waking(self, ex: Exchange, backend: NodeBackend, model: str,
-                              body: bytes) -> None:
+                              body: bytes, need: ModelNeed | None = None) -> None:
         driver = backend.driver
-        admission = Admission(driver, backend.route.backend_port, self.counts, self.listen)
+        admission = Admission(driver, backend.route.backend_port, self.counts, self.listen,
+                              need)
         outcome = await admission.connect(
             partial(self._relay, ex, backend, body),
             holding=partial(self._count_hold, ex, backend, model),
-            while_held=partial(self._comment_while_held, ex, backend.name)
+            while_held=partial(self._comment_while_held, ex, backend, need)
             if wants_stream(body) else None)
         if isinstance(outcome, Connected):
             self._count(backend, "relayed")
@@ -298,6 +322,13 @@ class HttpRouteApp:
                         ex.path, backend.name, outcome.reason)
             await ex.fail(504, f"node {backend.name} did not wake: {outcome.reason}",
                           "wake_timeout")
+        elif isinstance(outcome, NotLoaded):
+            self._count(backend, "load_failed")
+            ex.outcome("refused")
+            log.warning("route %s: %s %s: model %s on %s did not load: %s", self.listen,
+                        ex.method, ex.path, outcome.model, backend.name, outcome.reason)
+            await ex.fail(503, f"model {outcome.model} on node {backend.name} did not load: "
+                          f"{outcome.reason}", "model_load_failed", code="model_not_loaded")
         elif isinstance(outcome, GaveUp):
             self._count(backend, "gave_up")
             await ex.fail(502, f"node {backend.name} kept refusing after {outcome.attempts} "
@@ -318,16 +349,22 @@ class HttpRouteApp:
             if ex.log is not None:
                 ex.log.hold_ended()
 
-    async def _comment_while_held(self, ex: Exchange, node: str, hold: Hold) -> str | None:
+    async def _comment_while_held(self, ex: Exchange, backend: NodeBackend,
+                                  need: ModelNeed | None, hold: Hold) -> str | None:
         """SSE comments every ``waking_comment_interval_s`` until the hold ends (the first one
-        starts the answer); a comment being sent when it ends is finished first."""
+        starts the answer): ``: waking NODE``, then ``: loading MODEL`` once the node is up;
+        a comment being sent when it ends is finished first."""
         started = trio.current_time()
         while True:
             await trio.sleep(self.options.waking_comment_interval_s)
             with hold.uninterrupted():
                 if not ex.started:
                     await ex.start(200, list(waking.SSE_HEADERS))
-                await ex.body(waking.comment(node, trio.current_time() - started))
+                waited = trio.current_time() - started
+                if need is not None and backend.is_awake():
+                    await ex.body(waking.loading_comment(need.model, waited))
+                else:
+                    await ex.body(waking.comment(backend.name, waited))
 
     # ---- relaying ------------------------------------------------------------------------
 

@@ -24,6 +24,7 @@ from edge_proxy.history.store import Recorder
 from edge_proxy.http_routes.app import HttpRouteApp, NodeBackend
 from edge_proxy.http_routes.metrics import HttpMetrics
 from edge_proxy.http_routes.upstream import Upstream
+from edge_proxy.loading import ModelGate
 from edge_proxy.wake.driver import NodeDriver
 from edge_proxy.wake.machine import State
 from shared.config.edge import HttpOptions, RouteConfig
@@ -59,7 +60,8 @@ class HttpListener:
 
     def __init__(self, routes: list[RouteConfig], drivers: Mapping[str, NodeDriver],
                  counts: ConnectionCounts, metrics: HttpMetrics,
-                 recorder: Recorder | None = None) -> None:
+                 recorder: Recorder | None = None,
+                 gates: Mapping[str, ModelGate] | None = None) -> None:
         if not routes:
             raise ValueError("an HTTP listener needs at least one route")
         self.listen = routes[0].listen
@@ -67,7 +69,7 @@ class HttpListener:
         backends = [NodeBackend(r, drivers[r.node], Upstream(r.node, r.backend_port))
                     for r in routes]
         self.app = HttpRouteApp(self.listen, backends, self.options, counts, metrics,
-                                recorder=recorder)
+                                recorder=recorder, gates=gates)
         self.counts = counts
         self.urls: list[str] = []
         self._stopping = trio.Event()

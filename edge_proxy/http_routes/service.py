@@ -14,6 +14,7 @@ from edge_proxy.errors import ListenError
 from edge_proxy.history.store import Recorder
 from edge_proxy.http_routes.metrics import HttpMetrics
 from edge_proxy.http_routes.server import HttpListener, group_http_routes
+from edge_proxy.loading import ModelGate
 from edge_proxy.metrics import watch_listen_overflows
 from edge_proxy.wake.driver import NodeDriver
 from shared.config.edge import EdgeConfig, RouteConfig
@@ -24,9 +25,11 @@ log = logging.getLogger(__name__)
 class HttpRoutes:
     """Starts a listener per group of ``protocol = "http"`` routes; ``stop()`` stops them all."""
 
-    def __init__(self, registry: CollectorRegistry, *, recorder: Recorder | None = None) -> None:
+    def __init__(self, registry: CollectorRegistry, *, recorder: Recorder | None = None,
+                 gates: Mapping[str, ModelGate] | None = None) -> None:
         self.metrics = HttpMetrics(registry)
         self.recorder = recorder
+        self.gates = gates  # nodes with an agent: their models on demand (the proxy's)
         self.listeners: dict[str, HttpListener] = {}
         self._routes: dict[str, list[RouteConfig]] = {}
 
@@ -49,7 +52,8 @@ class HttpRoutes:
                     self.listeners[key].update(routes, drivers)
                     self._routes[key] = routes
                 continue
-            listener = HttpListener(routes, drivers, counts, self.metrics, self.recorder)
+            listener = HttpListener(routes, drivers, counts, self.metrics, self.recorder,
+                                    self.gates)
             try:
                 await services.start(listener.serve)
             except ListenError as exc:

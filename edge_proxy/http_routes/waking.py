@@ -30,6 +30,10 @@ def comment(node: str, waited_s: float) -> bytes:
     return f": waking {node} {waited_s:.0f} s\n\n".encode()
 
 
+def loading_comment(model: str, waited_s: float) -> bytes:
+    return f": loading {model} {waited_s:.0f} s\n\n".encode()
+
+
 def error_json(message: str, kind: str, code: str | None = None) -> bytes:
     body: dict[str, Any] = error_body(message, kind, SOURCE)
     if code is not None:

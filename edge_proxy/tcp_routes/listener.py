@@ -17,6 +17,7 @@ from __future__ import annotations
 import errno
 import logging
 import time
+from collections.abc import Mapping
 from functools import partial
 
 import trio
@@ -27,12 +28,14 @@ from edge_proxy.admission import (
     ConnectionCounts,
     Hold,
     LeftWhileHeld,
+    NotLoaded,
     NotWoken,
     Refused,
 )
 from edge_proxy.errors import ClientGone, ListenError
 from edge_proxy.history.hooks import ConnectionLog
 from edge_proxy.history.store import Recorder
+from edge_proxy.loading import ModelGate
 from edge_proxy.metrics import ProxyMetrics, RouteMetrics
 from edge_proxy.probe import connect
 from edge_proxy.tcp_routes.idle import IdleTimeouts, idle_side
@@ -53,9 +56,11 @@ class Route:
 
     def __init__(self, cfg: RouteConfig, driver: NodeDriver, counts: ConnectionCounts,
                  metrics: ProxyMetrics, relay_loop: RelayLoop,
-                 recorder: Recorder | None = None) -> None:
+                 recorder: Recorder | None = None,
+                 gates: Mapping[str, ModelGate] | None = None) -> None:
         self.cfg = cfg
         self.recorder = recorder  # None: no history rows
+        self.gates = gates or {}  # nodes with an agent: their models on demand (the proxy's)
         self.driver = driver
         self.counts = counts
         self.proxy_metrics = metrics
@@ -142,7 +147,10 @@ class Route:
 
         row = None if self.recorder is None else ConnectionLog(
             self.recorder, route, cfg.node, clock=trio.current_time, wall=time.time)
-        admission = Admission(driver, cfg.backend_port, self.counts, route)
+        gate = self.gates.get(cfg.node)
+        # the instance behind this port, when the agent said which one it is
+        need = gate.need_for_port(cfg.backend_port) if gate is not None else None
+        admission = Admission(driver, cfg.backend_port, self.counts, route, need)
         outcome = await admission.connect(
             lambda: connect(driver.cfg.host, cfg.backend_port, driver.cfg.probe_timeout_s),
             holding=metrics.held.track_inprogress if row is None
@@ -161,6 +169,10 @@ class Route:
         elif isinstance(outcome, NotWoken):
             metrics.timed_out.inc()
             log.warning("route %s: closing held connection: %s", route, outcome.reason)
+        elif isinstance(outcome, NotLoaded):
+            metrics.timed_out.inc()
+            log.warning("route %s: closing held connection: model %s did not load: %s",
+                        route, outcome.model, outcome.reason)
         elif isinstance(outcome, LeftWhileHeld):
             log.info("route %s: held client left: %s", route, outcome.reason)
             return
