@@ -317,8 +317,10 @@ class ModelGate:
         return True
 
     def need(self, model: str | None) -> ModelNeed | None:
-        """What a request for ``model`` waits for beyond the wake (None: nothing)."""
-        if model is None or model not in self.table.models:
+        """What a request for ``model`` waits for beyond the wake (None: nothing). Before
+        the first list (a node asleep since the proxy started) any model may be on demand:
+        the list is asked for once the node is up."""
+        if model is None or (self.table.seen_at is not None and model not in self.table.models):
             return None
         return ModelNeed(self, model)
 

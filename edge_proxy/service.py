@@ -42,6 +42,9 @@ log = logging.getLogger(__name__)
 RelayEngine = Literal["loop", "trio"]  # see tcp_routes.relay
 # An awake node's agent is asked for its models this often (kept while the node sleeps).
 MODELS_REFRESH_INTERVAL_S = 5.0
+# Until an awake node's agent has answered once, it is asked this often (a list soon after
+# the agent comes up, so frontends see every model).
+FIRST_MODELS_RETRY_S = 0.25
 # The node is up when its agent answers here (no token needed), for nodes with agent_url.
 AGENT_READY_PATH = "/metrics"
 
@@ -205,12 +208,17 @@ class Proxy:
 
     async def _refresh_models(self) -> None:
         """Learn each awake node's models from its agent (kept while it sleeps)."""
+        last: dict[str, float] = {}
         while True:
+            now = trio.current_time()
             for name, gate in list(self.gates.items()):
                 driver = self.drivers.get(name)
-                if driver is not None and driver.state is State.AWAKE:
+                due = gate.table.seen_at is None or (
+                    now - last.get(name, -MODELS_REFRESH_INTERVAL_S) >= MODELS_REFRESH_INTERVAL_S)
+                if driver is not None and driver.state is State.AWAKE and due:
+                    last[name] = now
                     await gate.refresh()
-            await trio.sleep(MODELS_REFRESH_INTERVAL_S)
+            await trio.sleep(FIRST_MODELS_RETRY_S)
 
     @staticmethod
     async def _run_driver(driver: NodeDriver, scope: trio.CancelScope, *,
