@@ -119,6 +119,13 @@ class NodeModels:
         known = self.models.get(model) or AgentModel(model, ModelState.LOADED)
         self.models[model] = dataclasses.replace(known, state=ModelState.LOADED)
 
+    def evicted(self, instances: Iterable[str]) -> None:
+        """The agent stopped these instances (for another model): their models are gone."""
+        gone = set(instances)
+        for m in list(self.models.values()):
+            if m.instance in gone:
+                self.models[m.id] = dataclasses.replace(m, state=ModelState.UNLOADED)
+
     def unloaded(self, model: str) -> None:
         """``model``'s instance refused a connection: it must be asked for again."""
         known = self.models.get(model)
@@ -185,9 +192,10 @@ class AgentClient:
                              f"{_reason(response.content)}")
         return response.content
 
-    async def load(self, model: str) -> None:
-        """Return once the agent says ``model`` is ready; raise ``LoadFailed`` with its reason.
-        The caller bounds the wait (a load may take minutes)."""
+    async def load(self, model: str) -> list[str]:
+        """Return once the agent says ``model`` is ready, with the instances it evicted for
+        it; raise ``LoadFailed`` with its reason. The caller bounds the wait (a load may take
+        minutes)."""
         path = f"/v1/models/{urllib.parse.quote(model, safe='')}/load"
         try:
             response = await self._http.post(f"{self.url}{path}", json={})
@@ -197,6 +205,11 @@ class AgentClient:
         if response.status_code != 200:
             raise LoadFailed(model, self.node, f"the agent answered {response.status_code}: "
                              f"{_reason(response.content)}")
+        try:
+            evicted = json.loads(response.content).get("evicted") or []
+        except (ValueError, AttributeError):
+            evicted = []
+        return [name for name in evicted if isinstance(name, str)]
 
 
 def _reason(body: bytes) -> str:
@@ -214,9 +227,11 @@ def _reason(body: bytes) -> str:
 class _Flight:
     done: trio.Event = field(default_factory=trio.Event)
     failure: LoadFailed | None = None
+    evicted: list[str] = field(default_factory=list)
 
 
-Load = Callable[[str, str], Awaitable[None]]  # (node, model) -> returns once loaded
+# (node, model) -> returns once loaded, with the instances evicted for it
+Load = Callable[[str, str], Awaitable[list[str]]]
 
 
 class ModelLoader:
@@ -248,9 +263,10 @@ class ModelLoader:
     def loading(self, node: str, model: str) -> bool:
         return (node, model) in self._flights
 
-    async def ensure_loaded(self, node: str, model: str) -> None:
-        """Return once ``model`` is loaded on ``node``: join the load under way or start one.
-        Raises ``LoadFailed`` (naming the model and why) when it fails or times out."""
+    async def ensure_loaded(self, node: str, model: str) -> list[str]:
+        """Return once ``model`` is loaded on ``node``, with the instances evicted for it:
+        join the load under way or start one. Raises ``LoadFailed`` (naming the model and
+        why) when it fails or times out."""
         if self._nursery is None:
             raise RuntimeError("ModelLoader.ensure_loaded before run() started")
         key = (node, model)
@@ -262,6 +278,7 @@ class ModelLoader:
         await flight.done.wait()
         if flight.failure is not None:
             raise flight.failure
+        return flight.evicted
 
     async def _fly(self, key: tuple[str, str], flight: _Flight) -> None:
         node, model = key
@@ -270,7 +287,7 @@ class ModelLoader:
         ended = False
         try:
             with trio.move_on_after(timeout_s) as scope:
-                await self._load(node, model)
+                flight.evicted = await self._load(node, model)
             if scope.cancelled_caught:
                 flight.failure = LoadFailed(model, node, f"not loaded after {timeout_s:g} s "
                                             f"(nodes.{node}.load_timeout_s)")
@@ -351,10 +368,9 @@ class ModelNeed:
 
     async def wait_loaded(self) -> None:
         """Ask the agent (once per model at a time) and return once it is loaded; raise
-        ``LoadFailed``. Called after a wake, so the list is refreshed first."""
+        ``LoadFailed``. Asked even when the list says loaded: after a wake the list is from
+        before the sleep, and the agent answers at once for a model that is loaded."""
         gate = self.gate
-        await gate.refresh()
-        if not self.ready():
-            await gate.loader.ensure_loaded(gate.node, self.model)
-            gate.table.loaded(self.model)
-            await gate.refresh()  # a load may have evicted others
+        evicted = await gate.loader.ensure_loaded(gate.node, self.model)
+        gate.table.evicted(evicted)
+        gate.table.loaded(self.model)

@@ -200,11 +200,11 @@ class Proxy:
             if node.agent_url is not None and name not in self.gates:
                 self.gates[name] = ModelGate(name, AgentClient(name, node), self.loader)
 
-    async def _agent_load(self, node: str, model: str) -> None:
+    async def _agent_load(self, node: str, model: str) -> list[str]:
         gate = self.gates.get(node)
         if gate is None:
             raise LoadFailed(model, node, f"nodes.{node}.agent_url was removed")
-        await gate.client.load(model)
+        return await gate.client.load(model)
 
     async def _refresh_models(self) -> None:
         """Learn each awake node's models from its agent (kept while it sleeps)."""
