@@ -80,6 +80,8 @@ def test_only_models_the_agent_lists_as_not_loaded_wait_for_a_load() -> None:
     assert not table.needs_load("unlisted")  # the backend answers for names it knows
     table.loaded("c")
     assert not table.needs_load("c") and table.model_on_port(8083) == "c"
+    table.evicted(["ia"])
+    assert table.needs_load("a") and table.models["a"].port == 8081
     assert table.model_on_port(9999) is None
     assert [m["id"] for m in table.openai_list()["data"]] == ["a", "b", "c", "d"]
     assert table.seen_at == 5.0
@@ -94,14 +96,15 @@ async def agent(nursery: trio.Nursery, tmp_path: Path) -> AsyncIterator[Agent]:
     yield await nursery.start(run_agent, cfg)
 
 
-async def test_an_agent_without_the_model_api_is_an_agent_error(agent: Agent) -> None:
+async def test_the_agent_lists_its_models_and_names_a_model_it_does_not_know(
+        agent: Agent) -> None:
     client = AgentClient("gpubox", node_config(agent.api_urls[0]))
     try:
-        with pytest.raises(AgentError, match=r"agent of gpubox at http://127\.0\.0\.1:\d+: "
-                                             r"GET /v1/models answered 404: "):
-            await client.models()
+        listed = await client.models()
+        assert [(m.id, m.instance) for m in listed] == [("a", "a")]
+        assert listed[0].port == agent.supervisor.get("a").config.effective_port
         with pytest.raises(LoadFailed, match=r"model qwen/7b on node gpubox did not load: the "
-                                             r"agent answered 404: "):
+                                             r"agent answered 404: .*qwen/7b"):
             await client.load("qwen/7b")
     finally:
         await client.aclose()
@@ -133,9 +136,10 @@ async def test_concurrent_requests_for_one_model_share_one_load(
         autojump_clock: trio.testing.MockClock) -> None:
     calls: list[tuple[str, str, float]] = []
 
-    async def load(node: str, model: str) -> None:
+    async def load(node: str, model: str) -> list[str]:
         calls.append((node, model, trio.current_time()))
         await trio.sleep(LOAD_S)
+        return ["other"] if model == "b" else []
 
     loader = ModelLoader(load, lambda node: 60.0)
     done: list[float] = []
@@ -143,7 +147,8 @@ async def test_concurrent_requests_for_one_model_share_one_load(
         await nursery.start(loader.run)
 
         async def request(model: str) -> None:
-            await loader.ensure_loaded("box", model)
+            evicted = await loader.ensure_loaded("box", model)
+            assert evicted == (["other"] if model == "b" else [])
             done.append(trio.current_time())
 
         start = trio.current_time()
@@ -162,7 +167,7 @@ async def test_concurrent_requests_for_one_model_share_one_load(
 
 async def test_a_failed_load_fails_every_waiter_and_the_next_request_tries_again(
         autojump_clock: trio.testing.MockClock) -> None:
-    async def load(node: str, model: str) -> None:
+    async def load(node: str, model: str) -> list[str]:
         await trio.sleep(LOAD_S)
         raise LoadFailed(model, node, "the agent answered 507: needs 9.1 GiB, budget 8 GiB")
 
@@ -189,8 +194,9 @@ async def test_a_failed_load_fails_every_waiter_and_the_next_request_tries_again
 
 async def test_a_load_past_the_node_timeout_names_the_key(
         autojump_clock: trio.testing.MockClock) -> None:
-    async def load(node: str, model: str) -> None:
+    async def load(node: str, model: str) -> list[str]:
         await trio.sleep_forever()
+        return []
 
     loader = ModelLoader(load, lambda node: 2.5)
     async with trio.open_nursery() as nursery:
@@ -205,8 +211,9 @@ async def test_a_load_past_the_node_timeout_names_the_key(
 
 
 async def test_a_load_cut_by_shutdown_is_a_failure_for_its_waiters() -> None:
-    async def load(node: str, model: str) -> None:
+    async def load(node: str, model: str) -> list[str]:
         await trio.sleep_forever()
+        return []
 
     loader = ModelLoader(load, lambda node: 60.0)
     seen: list[BaseException] = []
