@@ -5,15 +5,18 @@ Run: ``.venv/bin/python benchmarks/model_swap_bench.py [--quick]``. Prints one t
 
 Columns, all on 127.0.0.1:
 
-- **direct**: the floor. ``llama-server -m MODEL`` is started by hand for every request (the
-  previous one stopped first); time to first token is counted from the spawn, so it is
-  llama-server's own start-and-load time plus its first token.
+- **direct**: the floor, a swap by hand: the running ``llama-server`` is stopped (SIGTERM,
+  until it exits) and ``llama-server -m MODEL`` started for the next request; time to first
+  token is counted from the stop (from the spawn when nothing ran), so it is llama-server's
+  own stop, start-and-load time plus its first token.
 - **router**: ``llama-server --models-dir DIR --models-max 1`` (router mode, autoload on). It
   names each model by its file stem; a request for a model that is not loaded spawns a child
   for it and, past ``--models-max``, stops the least recently used one first.
-- **llamanap**: edge-proxy + node-agent with a memory budget of one model and both instances
-  ``load = "on-demand"``. Needs the agent's on-demand instances; where this tree's node config
-  has no such key the column says so instead of measuring.
+- **llamanap**: ``edge-proxy run`` + ``node-agent run`` (fresh per run, nothing loaded), a
+  memory budget that holds one model, both instances ``load = "on-demand"`` with start-up
+  health polls every 10 ms (the floor's resolution; the default is 0.25 s), one HTTP route
+  per instance. Needs the agent's on-demand instances; where this tree's node config has no
+  such key the column says so instead of measuring.
 
 Rows: "cold" (nothing loaded; first request for A) and "swap" (alternating B/A/B/A... each
 request for the model that is not loaded). Per request: time to first token (request sent, or
@@ -28,6 +31,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import importlib
 import json
 import os
 import signal
@@ -40,8 +44,10 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 import httpx
+import tomli_w
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
@@ -62,6 +68,12 @@ MAX_TOKENS = 4
 MODEL_SPEC = TinyModelSpec(n_layer=8, n_embd=512, n_ff=2048, n_head=8)
 MODEL_NAMES = ("tiny-a", "tiny-b")
 LLAMA_ARGS = ("-c", "2048", "-np", "1", "-t", "1")
+# Between columns: the last one's children exit (and free the cores) before the next starts.
+SETTLE_S = 0.5
+# The agent's start-up health polls (default 0.25 s) at the floor's resolution, so the
+# column compares the proxy and agent, not two polling intervals.
+AGENT_HEALTH_INTERVAL_S = 0.01
+PROXY_PROBE_INTERVAL_S = 0.05  # only finds the agent up at the start; not on the load path
 
 
 def free_port() -> int:
@@ -78,20 +90,29 @@ def write_models(folder: Path) -> dict[str, Path]:
             for i, name in enumerate(MODEL_NAMES)}
 
 
+def spawn(command: list[str], log: Path) -> subprocess.Popen[bytes]:
+    with log.open("ab") as out:
+        return subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT)
+
+
+def stop(proc: subprocess.Popen[bytes]) -> None:
+    """SIGTERM, grace, SIGKILL; always waited for."""
+    proc.send_signal(signal.SIGTERM)
+    try:
+        proc.wait(TERM_GRACE_S)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+
+
 @contextmanager
 def process(command: list[str], log: Path) -> Iterator[subprocess.Popen[bytes]]:
-    """A child with its output in ``log``; SIGTERM, grace, SIGKILL, always waited for."""
-    with log.open("ab") as out:
-        proc = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT)
+    """A child with its output in ``log``, stopped on the way out."""
+    proc = spawn(command, log)
     try:
         yield proc
     finally:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(TERM_GRACE_S)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        stop(proc)
 
 
 def wait_healthy(port: int, proc: subprocess.Popen[bytes], log: Path) -> None:
@@ -136,15 +157,23 @@ def first_token(port: int, model: str, since: float | None = None) -> float:
 # ---- columns -------------------------------------------------------------------------------
 
 def direct(binary: Path, models: dict[str, Path], order: list[str], log: Path) -> list[float]:
-    """Start llama-server by hand per request; time to first token counted from the spawn."""
+    """Swap by hand: stop the running llama-server (SIGTERM, wait for it to exit), start the
+    next; time to first token counted from the stop (from the spawn for the first one)."""
     samples = []
-    for name in order:
-        port = free_port()
-        start = time.perf_counter()
-        with process([str(binary), "-m", str(models[name]), "--alias", name, "--host", LOOPBACK,
-                      "--port", str(port), *LLAMA_ARGS], log) as proc:
-            wait_healthy(port, proc, log)
+    running: subprocess.Popen[bytes] | None = None
+    try:
+        for name in order:
+            start = time.perf_counter()
+            if running is not None:
+                stop(running)
+            port = free_port()
+            running = spawn([str(binary), "-m", str(models[name]), "--alias", name, "--host",
+                             LOOPBACK, "--port", str(port), *LLAMA_ARGS], log)
+            wait_healthy(port, running, log)
             samples.append(first_token(port, name, since=start))
+    finally:
+        if running is not None:
+            stop(running)
     return samples
 
 
@@ -161,11 +190,99 @@ def router(binary: Path, folder: Path, order: list[str], log: Path) -> list[floa
 def llamanap_missing() -> str | None:
     """Why the llamanap column cannot run on this tree, or None when it can."""
     from shared.config import node
-    for cls in vars(node).values():
-        if dataclasses.is_dataclass(cls) and "load" in {f.name for f in dataclasses.fields(cls)}:
-            return None
+    if "load" in {f.name for f in dataclasses.fields(node.InstanceConfig)}:
+        return None
     return ("not run: this tree's node-agent has no on-demand instances "
             "(instances.NAME.load); it lands with the agent's on-demand work")
+
+
+def write_llamanap(folder: Path, binary: Path, models: dict[str, Path]
+                   ) -> tuple[Path, Path, dict[str, int], int]:
+    """Agent and proxy configs: both instances on demand, a budget that holds one, one HTTP
+    route per instance. Returns (agent config, proxy config, route port per model, agent
+    port)."""
+    from shared.config.loader import Context, build
+    from shared.config.node import InstanceConfig
+
+    # (imported by name: the module lands with the agent's on-demand work)
+    instance_need = importlib.import_module("inference_node.ondemand.estimate").instance_need
+
+    instances: dict[str, Any] = {}
+    routes = {}
+    for name, path in models.items():
+        instances[name] = {
+            "model": str(path), "binary": str(binary), "port": free_port(),
+            "args": list(LLAMA_ARGS), "load": "on-demand", "models": [name],
+            # the floor polls /health every POLL_S; the agent gets the same resolution
+            "health": {"interval_s": AGENT_HEALTH_INTERVAL_S}}
+        routes[name] = free_port()
+    needs = [sum(instance_need(n, build(InstanceConfig, t, Context(folder / "x.toml"),
+                                        f"instances.{n}"), []).values())
+             for n, t in instances.items()]
+    agent_port = free_port()
+    agent_cfg = folder / "node-agent.toml"
+    agent_cfg.write_text(tomli_w.dumps({
+        "agent": {"api_listen": f"{LOOPBACK}:{agent_port}", "state_file": str(folder / "s.toml"),
+                  "memory_budget_mib": int(max(needs) + min(needs) / 2)},
+        "power": {"enabled": False}, "pstate": {"enabled": False}, "instances": instances}))
+    proxy = {"control": {"listen": f"{LOOPBACK}:0"},
+             "nodes": {"box": {"host": LOOPBACK, "mac": "02:00:00:00:00:01",
+                               "wol": {"broadcast": LOOPBACK, "port": free_port()},
+                               "probe_interval_s": PROXY_PROBE_INTERVAL_S, "probe_timeout_s": 0.5,
+                               "agent_url": f"http://{LOOPBACK}:{agent_port}"}},
+             "routes": [{"listen": f"{LOOPBACK}:{routes[n]}", "node": "box",
+                         "backend_port": instances[n]["port"], "ready": "http:/health",
+                         "protocol": "http"} for n in models]}
+    proxy_cfg = folder / "edge-proxy.toml"
+    proxy_cfg.write_text(tomli_w.dumps(proxy))
+    return agent_cfg, proxy_cfg, routes, agent_port
+
+
+def llamanap(binary: Path, models: dict[str, Path], order: list[str], folder: Path,
+             log: Path) -> list[float]:
+    """A fresh agent and proxy per run (nothing loaded): the first request is cold."""
+    agent_cfg, proxy_cfg, routes, agent_port = write_llamanap(folder, binary, models)
+    # the agent first: a proxy that found the node down waits for a request or an event
+    with process([sys.executable, "-m", "inference_node", "run", "--config", str(agent_cfg)],
+                 log) as agent:
+        wait_agent_listed(agent_port, agent, log)
+        with process([sys.executable, "-m", "edge_proxy", "run", "-c", str(proxy_cfg)],
+                     log) as proxy:
+            wait_listed(routes[order[0]], proxy, log, set(models))
+            return [first_token(routes[name], name) for name in order]
+
+
+def wait_agent_listed(port: int, proc: subprocess.Popen[bytes], log: Path) -> None:
+    deadline = time.perf_counter() + START_TIMEOUT_S
+    with httpx.Client(timeout=1.0) as client:
+        while time.perf_counter() < deadline:
+            if proc.poll() is not None:
+                raise SystemExit(f"node-agent exited with {proc.returncode}; log: {log}")
+            try:
+                if client.get(f"http://{LOOPBACK}:{port}/v1/models").status_code == 200:
+                    return
+            except httpx.TransportError:
+                pass
+            time.sleep(POLL_S)
+    raise SystemExit(f"node-agent not answering after {START_TIMEOUT_S:g} s; log: {log}")
+
+
+def wait_listed(port: int, proc: subprocess.Popen[bytes], log: Path, want: set[str]) -> None:
+    """Until the proxy lists every model (learned from the agent, none loaded)."""
+    deadline = time.perf_counter() + START_TIMEOUT_S
+    with httpx.Client(timeout=1.0) as client:
+        while time.perf_counter() < deadline:
+            if proc.poll() is not None:
+                raise SystemExit(f"edge-proxy exited with {proc.returncode}; log: {log}")
+            try:
+                r = client.get(f"http://{LOOPBACK}:{port}/v1/models")
+                if r.status_code == 200 and want <= {m["id"] for m in r.json()["data"]}:
+                    return
+            except httpx.TransportError:
+                pass
+            time.sleep(POLL_S)
+    raise SystemExit(f"edge-proxy does not list {sorted(want)} after {START_TIMEOUT_S:g} s; "
+                     f"log: {log}")
 
 
 # ---- report --------------------------------------------------------------------------------
@@ -217,17 +334,27 @@ def main() -> int:
         print(f"llama-server {binary}; models {', '.join(MODEL_NAMES)} "
               f"({os.path.getsize(models[MODEL_NAMES[0]]) / 1e6:.0f} MB each); "
               f"{cold_runs} cold runs, {swaps} swaps per run", flush=True)
+        missing = llamanap_missing()
+        if missing:
+            notes["llamanap"] = missing
+        else:
+            results["llamanap"] = {"cold": [], "swap": []}
         # Runs alternate between the columns so drift on a shared machine hits each alike.
         for _ in range(cold_runs):
             first, *rest = direct(binary, models, [MODEL_NAMES[0], *order], log)
             results["direct"]["cold"].append(first)
             results["direct"]["swap"].extend(rest)
+            time.sleep(SETTLE_S)
             first, *rest = router(binary, folder, [MODEL_NAMES[0], *order], log)
             results["router"]["cold"].append(first)
             results["router"]["swap"].extend(rest)
-        missing = llamanap_missing()
-        if missing:
-            notes["llamanap"] = missing
+            if "llamanap" in results:
+                time.sleep(SETTLE_S)
+                run_dir = Path(tempfile.mkdtemp(dir=tmp))
+                first, *rest = llamanap(binary, models, [MODEL_NAMES[0], *order], run_dir, log)
+                results["llamanap"]["cold"].append(first)
+                results["llamanap"]["swap"].extend(rest)
+            time.sleep(SETTLE_S)
     report(results, notes)
     return 0
 
