@@ -56,6 +56,8 @@ def test_check_config_accepts_and_rejects_in_one_line(tmp_path: Path, service: s
 @pytest.mark.parametrize(("service", "example"), [
     ("edge-proxy", "edge-proxy.toml"),
     ("node-agent", "node-agent.toml"),
+    ("edge-proxy", "single-box/edge-proxy.toml"),
+    ("node-agent", "single-box/node-agent.toml"),
 ])
 def test_shipped_examples_pass_check_config(service: str, example: str) -> None:
     path = EXAMPLES / example
