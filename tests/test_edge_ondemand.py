@@ -1,0 +1,290 @@
+"""Models on demand through the proxy: a real node-agent with two on-demand instances of
+real llama-servers on tiny models and a memory budget that holds one, and a real proxy in
+front (one HTTP route per instance). The node "sleeps" by having no agent running; a magic
+packet starts it. Needs the agent's on-demand instances and API (inference_node.ondemand)."""
+
+from __future__ import annotations
+
+import functools
+import importlib
+import json
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Final
+
+import httpx
+import pytest
+import tomli_w
+import trio
+
+from edge_proxy.service import Proxy, serve_proxy
+from edge_proxy.wake.machine import State
+from inference_node.agent import Agent, Component, build_parts, run_agent
+from inference_node.gpu.inventory import NoGpus
+from inference_node.gpu.nvapi import NvapiBackend
+from shared.config.edge import load_edge_config
+from shared.config.loader import Context, build
+from shared.config.node import InstanceConfig
+from shared.tiny_gguf import TinyModelSpec, write_tiny_model
+from tests.support.edge import PacketListener, expected_packet
+from tests.support.edge_http import POLL_S, TEST_TIMEOUT_S, sse_payloads, wait_state
+from tests.support.ports import LOOPBACK, free_port
+
+pytestmark = pytest.mark.llama
+
+MAC: Final = "aa:bb:cc:dd:ee:31"
+ARGS: Final = ["-c", "512", "-np", "1", "-t", "1", "--no-warmup"]
+FAST: Final = {"restart": {"backoff_initial_s": 0.05, "max_restarts": 3},
+               "health": {"interval_s": 0.05, "timeout_s": 60}, "stop_timeout_s": 5}
+MODELS: Final = ("tiny-a", "tiny-b")
+CONCURRENT: Final = 20
+BIG: Final = "tiny-big"
+
+
+@dataclass
+class Node:
+    agent_cfg: Path
+    proxy_cfg: Path
+    ports: dict[str, int]  # model -> its instance's llama-server port
+    listens: dict[str, int]  # model -> the proxy's HTTP route for it
+
+
+def _no_library(name: str) -> Any:
+    raise OSError(f"{name}: not on this test machine")
+
+
+def write_node(tmp_path: Path, binary: Path, wol_port: int, big: bool = False) -> Node:
+    """``big``: a third model, tiny-big, larger than the whole budget."""
+    ports, listens, instances = {}, {}, {}
+    specs = {m: TinyModelSpec(n_embd=128, seed=i) for i, m in enumerate(MODELS)}
+    if big:
+        specs[BIG] = TinyModelSpec(n_embd=512, n_ff=2048, n_layer=8)
+    for model, spec in specs.items():
+        path = write_tiny_model(tmp_path / f"{model}.gguf", spec)
+        ports[model], listens[model] = free_port(), free_port()
+        instances[model.replace("tiny-", "inst-")] = {
+            "model": str(path), "binary": str(binary), "port": ports[model], "args": ARGS,
+            "load": "on-demand", "models": [model], **FAST}
+    instance_need = importlib.import_module("inference_node.ondemand.estimate").instance_need
+    needs = [sum(instance_need(n, build(InstanceConfig, t, Context(tmp_path / "x.toml"),
+                                        f"instances.{n}"), []).values())
+             for n, t in instances.items() if n != "inst-big"]
+    budget = int(max(needs) + min(needs) / 2)  # room for one of them, not both
+    assert budget < sum(needs)
+    agent_port = free_port()
+    agent_cfg = tmp_path / "node-agent.toml"
+    agent_cfg.write_text(tomli_w.dumps({
+        "agent": {"api_listen": f"{LOOPBACK}:{agent_port}",
+                  "state_file": str(tmp_path / "state.toml"), "memory_budget_mib": budget},
+        "power": {"enabled": False}, "instances": instances}))
+    text = f"""log_level = "debug"
+[control]
+listen = "127.0.0.1:0"
+
+[nodes.box]
+host = "127.0.0.1"
+mac = "{MAC}"
+wol = {{ broadcast = "127.0.0.1", port = {wol_port} }}
+wol_interval_s = 0.5
+wake_timeout_s = 60
+probe_interval_s = 0.05
+probe_timeout_s = 0.5
+agent_url = "http://127.0.0.1:{agent_port}"
+load_timeout_s = 60
+"""
+    for model in specs:
+        text += f"""
+[[routes]]
+listen = "127.0.0.1:{listens[model]}"
+node = "box"
+backend_port = {ports[model]}
+ready = "http:/health"
+protocol = "http"
+[routes.http]
+waking_comment_interval_s = 0.05
+"""
+    proxy_cfg = tmp_path / "edge.toml"
+    proxy_cfg.write_text(text)
+    return Node(agent_cfg, proxy_cfg, ports, listens)
+
+
+@asynccontextmanager
+async def agent_running(cfg: Path) -> AsyncIterator[Agent]:
+    def components(agent: Agent) -> list[Component]:
+        return build_parts(agent, inventory=NoGpus("test: CPU only"),
+                           backend=NvapiBackend(loader=_no_library),
+                           watch_system=False).components()
+
+    async with trio.open_nursery() as nursery:
+        agent: Agent = await nursery.start(functools.partial(
+            run_agent, cfg, handle_signals=False, make_components=components))
+        try:
+            yield agent
+        finally:
+            agent.request_shutdown()
+
+
+def chat(model: str, stream: bool = False) -> dict[str, Any]:
+    return {"model": model, "stream": stream, "max_tokens": 4, "ignore_eos": True,
+            "messages": [{"role": "user", "content": "hello"}]}
+
+
+def answered(response: httpx.Response, model: str) -> None:
+    assert response.status_code == 200, response.text
+    body = response.json()
+    assert body["model"] == model and body["choices"][0]["finish_reason"] == "length"
+
+
+async def instance_states(agent: Agent) -> dict[str, str]:
+    async with httpx.AsyncClient(base_url=agent.api_urls[0]) as client:
+        rows = (await client.get("/v1/models")).json()["models"]
+    return {row["model"]: row["state"] for row in rows}
+
+
+async def agent_metric(agent: Agent, needle: str) -> str:
+    async with httpx.AsyncClient(base_url=agent.api_urls[0]) as client:
+        text = (await client.get("/metrics")).text
+    return "\n".join(line for line in text.splitlines() if needle in line)
+
+
+async def listed_by_proxy(url: str) -> set[str]:
+    async with httpx.AsyncClient() as client:
+        response = await client.get(f"{url}/v1/models")
+    return {m["id"] for m in response.json()["data"]} if response.status_code == 200 else set()
+
+
+async def test_the_first_request_loads_a_model_and_the_other_model_evicts_it(
+        tmp_path: Path, llama_server_bin: Path) -> None:
+    packets = await PacketListener.open()
+    node = write_node(tmp_path, llama_server_bin, packets.port)
+    url = {m: f"http://{LOOPBACK}:{p}" for m, p in node.listens.items()}
+    with trio.fail_after(TEST_TIMEOUT_S):
+        async with trio.open_nursery() as nursery, agent_running(node.agent_cfg) as agent:
+            nursery.start_soon(packets.run)
+            proxy: Proxy = await nursery.start(serve_proxy, load_edge_config(node.proxy_cfg))
+            await wait_state(proxy, "box", State.AWAKE)
+            while await listed_by_proxy(url["tiny-a"]) != set(MODELS):
+                await trio.sleep(POLL_S)  # learned from the agent, loaded or not
+            assert await instance_states(agent) == {"tiny-a": "unloaded", "tiny-b": "unloaded"}
+            async with httpx.AsyncClient(timeout=TEST_TIMEOUT_S) as client:
+                answered(await client.post(f"{url['tiny-a']}/v1/chat/completions",
+                                           json=chat("tiny-a")), "tiny-a")
+                assert await instance_states(agent) == {"tiny-a": "loaded",
+                                                        "tiny-b": "unloaded"}
+                async with client.stream("POST", f"{url['tiny-b']}/v1/chat/completions",
+                                         json=chat("tiny-b", stream=True)) as response:
+                    lines = [line async for line in response.aiter_lines()]
+            assert response.status_code == 200
+            # (": loading tiny-b N s" comments go out only when the load outlasts
+            # waking_comment_interval_s; a tiny model may load sooner)
+            events = sse_payloads(lines)
+            assert events[-1] == "[DONE]"
+            assert json.loads(events[0])["model"] == "tiny-b"
+            assert await instance_states(agent) == {"tiny-a": "unloaded", "tiny-b": "loaded"}
+            assert 'result="ok"} 1.0' in await agent_metric(agent, 'model="tiny-b"')
+            assert proxy.loader.loads == {("box", "tiny-a"): 1, ("box", "tiny-b"): 1}
+            assert packets.packets == []  # an awake node is never sent a packet
+            nursery.cancel_scope.cancel()
+
+
+async def test_concurrent_requests_for_one_unloaded_model_load_it_once(
+        tmp_path: Path, llama_server_bin: Path) -> None:
+    packets = await PacketListener.open()
+    node = write_node(tmp_path, llama_server_bin, packets.port)
+    url = f"http://{LOOPBACK}:{node.listens['tiny-a']}"
+    answers: list[httpx.Response] = []
+    with trio.fail_after(TEST_TIMEOUT_S):
+        async with trio.open_nursery() as nursery, agent_running(node.agent_cfg) as agent:
+            nursery.start_soon(packets.run)
+            proxy: Proxy = await nursery.start(serve_proxy, load_edge_config(node.proxy_cfg))
+            await wait_state(proxy, "box", State.AWAKE)
+            while not proxy.gates["box"].table.models:
+                await trio.sleep(POLL_S)
+            async with httpx.AsyncClient(timeout=TEST_TIMEOUT_S) as client:
+                async def one() -> None:
+                    answers.append(await client.post(f"{url}/v1/chat/completions",
+                                                     json=chat("tiny-a")))
+
+                async with trio.open_nursery() as requests:
+                    for _ in range(CONCURRENT):
+                        requests.start_soon(one)
+            assert len(answers) == CONCURRENT
+            for response in answers:
+                answered(response, "tiny-a")
+            assert proxy.loader.loads == {("box", "tiny-a"): 1}
+            # the agent saw one load that did the work (joiners of it are not counted again)
+            assert 'llamanap_ondemand_loads_total{model="tiny-a",result="ok"} 1.0' in \
+                await agent_metric(agent, "llamanap_ondemand_loads_total")
+            nursery.cancel_scope.cancel()
+
+
+async def test_a_sleeping_node_is_woken_once_then_the_model_loads(
+        tmp_path: Path, llama_server_bin: Path) -> None:
+    packets = await PacketListener.open()
+    node = write_node(tmp_path, llama_server_bin, packets.port)
+    url = f"http://{LOOPBACK}:{node.listens['tiny-b']}"
+    started: list[Agent] = []
+
+    async def wake_on_packet() -> None:
+        while not any(data == expected_packet(MAC) for _, data in packets.packets):
+            await packets.arrived.wait()
+        async with agent_running(node.agent_cfg) as agent:
+            started.append(agent)
+            await trio.sleep_forever()
+
+    with trio.fail_after(TEST_TIMEOUT_S):
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(packets.run)
+            nursery.start_soon(wake_on_packet)
+            proxy: Proxy = await nursery.start(serve_proxy, load_edge_config(node.proxy_cfg))
+            await wait_state(proxy, "box", State.ASLEEP)
+            async with httpx.AsyncClient(timeout=TEST_TIMEOUT_S) as client, client.stream(
+                    "POST", f"{url}/v1/chat/completions",
+                    json=chat("tiny-b", stream=True)) as response:
+                lines = [line async for line in response.aiter_lines()]
+            assert response.status_code == 200
+            comments = [line for line in lines if line.startswith(":")]
+            assert comments and comments[0].startswith(": waking box ")  # the agent starts
+            assert all(c.startswith((": waking box ", ": loading tiny-b ")) for c in comments)
+            events = sse_payloads(lines)
+            assert events[-1] == "[DONE]" and json.loads(events[0])["model"] == "tiny-b"
+            assert len(started) == 1
+            assert await instance_states(started[0]) == {"tiny-a": "unloaded",
+                                                         "tiny-b": "loaded"}
+            assert proxy.loader.loads == {("box", "tiny-b"): 1}
+            wakes = proxy.http_routes.metrics.wakes.labels(f"127.0.0.1:{node.listens['tiny-b']}",
+                                                           "box", "other")
+            assert wakes._value.get() == 1
+            nursery.cancel_scope.cancel()
+
+
+async def test_a_model_that_cannot_load_is_an_openai_error_naming_it_and_why(
+        tmp_path: Path, llama_server_bin: Path) -> None:
+    packets = await PacketListener.open()
+    node = write_node(tmp_path, llama_server_bin, packets.port, big=True)
+    url = f"http://{LOOPBACK}:{node.listens[BIG]}"
+    with trio.fail_after(TEST_TIMEOUT_S):
+        async with trio.open_nursery() as nursery, agent_running(node.agent_cfg):
+            nursery.start_soon(packets.run)
+            proxy: Proxy = await nursery.start(serve_proxy, load_edge_config(node.proxy_cfg))
+            await wait_state(proxy, "box", State.AWAKE)
+            while not proxy.gates["box"].table.models:
+                await trio.sleep(POLL_S)
+            async with httpx.AsyncClient(timeout=TEST_TIMEOUT_S) as client:
+                plain = await client.post(f"{url}/v1/chat/completions", json=chat(BIG))
+                async with client.stream("POST", f"{url}/v1/chat/completions",
+                                         json=chat(BIG, stream=True)) as response:
+                    lines = [line async for line in response.aiter_lines()]
+            assert plain.status_code == 503
+            error = plain.json()["error"]
+            assert error["source"] == "edge-proxy" and error["code"] == "model_not_loaded"
+            assert error["message"].startswith(f"model {BIG} on node box did not load: the "
+                                               "agent answered 409: ")
+            # streaming: the same error as one SSE event (comments may have started it)
+            streamed = [json.loads(p) for p in sse_payloads(lines)]
+            assert response.status_code in (200, 503)
+            assert streamed[-1]["error"]["message"] == error["message"] if streamed else \
+                response.status_code == 503
+            nursery.cancel_scope.cancel()
