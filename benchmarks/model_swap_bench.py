@@ -17,6 +17,8 @@ Columns, all on 127.0.0.1:
   health polls every 10 ms (the floor's resolution; the default is 0.25 s), one HTTP route
   per instance. Needs the agent's on-demand instances; where this tree's node config has no
   such key the column says so instead of measuring.
+- **agent**: the same node-agent without the proxy: ``POST /v1/models/NAME/load``, then the
+  request to the instance's own port. llamanap minus agent is the proxy's own share.
 
 Rows: "cold" (nothing loaded; first request for A) and "swap" (alternating B/A/B/A... each
 request for the model that is not loaded). Per request: time to first token (request sent, or
@@ -197,10 +199,10 @@ def llamanap_missing() -> str | None:
 
 
 def write_llamanap(folder: Path, binary: Path, models: dict[str, Path]
-                   ) -> tuple[Path, Path, dict[str, int], int]:
+                   ) -> tuple[Path, Path, dict[str, int], dict[str, int], int]:
     """Agent and proxy configs: both instances on demand, a budget that holds one, one HTTP
-    route per instance. Returns (agent config, proxy config, route port per model, agent
-    port)."""
+    route per instance. Returns (agent config, proxy config, route port per model, instance
+    port per model, agent port)."""
     from shared.config.loader import Context, build
     from shared.config.node import InstanceConfig
 
@@ -235,13 +237,13 @@ def write_llamanap(folder: Path, binary: Path, models: dict[str, Path]
                          "protocol": "http"} for n in models]}
     proxy_cfg = folder / "edge-proxy.toml"
     proxy_cfg.write_text(tomli_w.dumps(proxy))
-    return agent_cfg, proxy_cfg, routes, agent_port
+    return agent_cfg, proxy_cfg, routes, {n: t["port"] for n, t in instances.items()}, agent_port
 
 
 def llamanap(binary: Path, models: dict[str, Path], order: list[str], folder: Path,
              log: Path) -> list[float]:
     """A fresh agent and proxy per run (nothing loaded): the first request is cold."""
-    agent_cfg, proxy_cfg, routes, agent_port = write_llamanap(folder, binary, models)
+    agent_cfg, proxy_cfg, routes, _, agent_port = write_llamanap(folder, binary, models)
     # the agent first: a proxy that found the node down waits for a request or an event
     with process([sys.executable, "-m", "inference_node", "run", "--config", str(agent_cfg)],
                  log) as agent:
@@ -250,6 +252,24 @@ def llamanap(binary: Path, models: dict[str, Path], order: list[str], folder: Pa
                      log) as proxy:
             wait_listed(routes[order[0]], proxy, log, set(models))
             return [first_token(routes[name], name) for name in order]
+
+
+def agent_alone(binary: Path, models: dict[str, Path], order: list[str], folder: Path,
+                log: Path) -> list[float]:
+    """The node-agent without the proxy (fresh per run): ask it to load the model, then send
+    the request to the instance's own port; counted from the load call."""
+    agent_cfg, _, _, ports, agent_port = write_llamanap(folder, binary, models)
+    samples = []
+    with process([sys.executable, "-m", "inference_node", "run", "--config", str(agent_cfg)],
+                 log) as agent, httpx.Client(timeout=REQUEST_TIMEOUT_S) as client:
+        wait_agent_listed(agent_port, agent, log)
+        for name in order:
+            start = time.perf_counter()
+            r = client.post(f"http://{LOOPBACK}:{agent_port}/v1/models/{name}/load")
+            if r.status_code != 200:
+                raise SystemExit(f"agent load {name}: {r.status_code} {r.text[:300]}")
+            samples.append(first_token(ports[name], name, since=start))
+    return samples
 
 
 def wait_agent_listed(port: int, proc: subprocess.Popen[bytes], log: Path) -> None:
@@ -292,7 +312,7 @@ def p50(values: list[float]) -> float:
 
 
 def report(results: dict[str, dict[str, list[float]]], notes: dict[str, str]) -> None:
-    columns = ["direct", "router", "llamanap"]
+    columns = ["direct", "router", "agent", "llamanap"]
     print(f"{'time to first token (ms)':<32}" + "".join(f"{c:>14}" for c in columns))
 
     def row(label: str, cell: dict[str, str]) -> None:
@@ -311,6 +331,9 @@ def report(results: dict[str, dict[str, list[float]]], notes: dict[str, str]) ->
     if "llamanap" in results:
         over = (p50(results["llamanap"]["swap"]) - p50(results["direct"]["swap"])) * 1000
         cold_ok = p50(results["llamanap"]["cold"]) <= p50(results["router"]["cold"])
+        for kind in ("cold", "swap"):
+            own = (p50(results["llamanap"][kind]) - p50(results["agent"][kind])) * 1000
+            print(f"{kind}: the proxy's own share (llamanap - agent, p50): {own:+.1f} ms")
         print(f"targets: overhead {over:.1f} ms p50 (<= 30: {'met' if over <= 30 else 'MISSED'});"
               f" cold no worse than the router: {'met' if cold_ok else 'MISSED'}")
 
@@ -339,6 +362,7 @@ def main() -> int:
             notes["llamanap"] = missing
         else:
             results["llamanap"] = {"cold": [], "swap": []}
+            results["agent"] = {"cold": [], "swap": []}
         # Runs alternate between the columns so drift on a shared machine hits each alike.
         for _ in range(cold_runs):
             first, *rest = direct(binary, models, [MODEL_NAMES[0], *order], log)
@@ -354,6 +378,11 @@ def main() -> int:
                 first, *rest = llamanap(binary, models, [MODEL_NAMES[0], *order], run_dir, log)
                 results["llamanap"]["cold"].append(first)
                 results["llamanap"]["swap"].extend(rest)
+                time.sleep(SETTLE_S)
+                run_dir = Path(tempfile.mkdtemp(dir=tmp))
+                first, *rest = agent_alone(binary, models, [MODEL_NAMES[0], *order], run_dir, log)
+                results["agent"]["cold"].append(first)
+                results["agent"]["swap"].extend(rest)
             time.sleep(SETTLE_S)
     report(results, notes)
     return 0
