@@ -173,6 +173,10 @@ async def test_the_first_request_loads_a_model_and_the_other_model_evicts_it(
                                            json=chat("tiny-a")), "tiny-a")
                 assert await instance_states(agent) == {"tiny-a": "loaded",
                                                         "tiny-b": "unloaded"}
+                # no idle connection kept to an instance on demand (it would slow its exit)
+                upstream = proxy.http_routes.listeners[f"127.0.0.1:{node.listens['tiny-a']}"] \
+                    .app.backends["box"].upstream
+                assert not upstream.keep_alive and repr(upstream).endswith("idle=0>")
                 async with client.stream("POST", f"{url['tiny-b']}/v1/chat/completions",
                                          json=chat("tiny-b", stream=True)) as response:
                     lines = [line async for line in response.aiter_lines()]

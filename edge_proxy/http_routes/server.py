@@ -66,7 +66,7 @@ class HttpListener:
             raise ValueError("an HTTP listener needs at least one route")
         self.listen = routes[0].listen
         self.options = next((r.http for r in routes if r.http is not None), HttpOptions())
-        backends = [NodeBackend(r, drivers[r.node], Upstream(r.node, r.backend_port))
+        backends = [NodeBackend(r, drivers[r.node], _upstream(r, drivers[r.node]))
                     for r in routes]
         self.app = HttpRouteApp(self.listen, backends, self.options, counts, metrics,
                                 recorder=recorder, gates=gates)
@@ -101,7 +101,7 @@ class HttpListener:
                 backends.append(NodeBackend(route, prev.driver, prev.upstream))
             else:
                 backends.append(NodeBackend(route, drivers[route.node],
-                                            Upstream(route.node, route.backend_port)))
+                                            _upstream(route, drivers[route.node])))
         kept = {id(b.upstream) for b in backends}
         for prev in old.values():
             if id(prev.upstream) not in kept:
@@ -167,3 +167,8 @@ class HttpListener:
                     learned_at = driver.machine.generation
                     await self.app.fetch_models(backend)
                 await trio.sleep(LEARN_POLL_S)
+
+
+def _upstream(route: RouteConfig, driver: NodeDriver) -> Upstream:
+    # a node with an agent runs instances on demand: no idle connections to slow an eviction
+    return Upstream(route.node, route.backend_port, keep_alive=driver.cfg.agent_url is None)
