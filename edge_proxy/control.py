@@ -1,4 +1,5 @@
-"""The control endpoint: ``GET /status``, ``GET /metrics``, agent events, operator wakes.
+"""The control endpoint: ``GET /status``, ``GET /metrics``, agent events and reports,
+operator wakes.
 
 Authentication: every path needs ``Authorization: Bearer TOKEN`` when ``control.token`` is set,
 except ``/metrics``, which is public so Prometheus can scrape without a secret (it holds
@@ -16,6 +17,7 @@ from edge_proxy.dashboard.routes import PUBLIC_PATHS as DASHBOARD_PATHS
 from edge_proxy.dashboard.routes import dashboard_routes
 from shared.events import EVENTS_PATH, EventError, EventReply, decode_event
 from shared.http import App, HTTPError, Request, Response, metrics_response
+from shared.reports import REPORTS_PATH, ReportError, decode_batch
 
 if TYPE_CHECKING:
     from edge_proxy.service import Proxy
@@ -64,6 +66,15 @@ def build_app(proxy: Proxy) -> App:
         reply = EventReply(node=node.name, allowed=allowed, state=node.state.name,
                            in_flight=node.active, held=node.held, reason=reason)
         return Response(200, reply.encode() + b"\n")
+
+    @app.route("POST", REPORTS_PATH)
+    async def reports(req: Request) -> Response:
+        try:
+            batch = decode_batch(req.body)
+        except ReportError as exc:
+            raise HTTPError(400, f"bad report: {exc}") from exc
+        driver(batch.node)  # an unknown node is a 404, as for events
+        return Response(200, proxy.reports.receive(batch).encode() + b"\n")
 
     @app.route("POST", WAKE_PATH)
     async def wake(req: Request) -> Response:

@@ -20,12 +20,15 @@ from typing import Any, Literal
 import trio
 
 from edge_proxy.admission import ConnectionCounts
+from edge_proxy.alerts.runner import AlertRunner
 from edge_proxy.control import build_app
 from edge_proxy.errors import ListenError, LoadFailed
 from edge_proxy.history.store import NullRecorder, Recorder, open_recorder
 from edge_proxy.http_routes.service import HttpRoutes
 from edge_proxy.loading import AgentClient, ModelGate, ModelLoader
 from edge_proxy.metrics import ProxyMetrics
+from edge_proxy.reports.intake import ReportIntake
+from edge_proxy.reports.sink import MemorySink, ReportSink
 from edge_proxy.tcp_routes.listener import Route
 from edge_proxy.tcp_routes.relay_loop import RelayLoop
 from edge_proxy.wake.driver import Backend, NodeDriver
@@ -74,6 +77,10 @@ class Proxy:
         self.gates: dict[str, ModelGate] = {}
         self.http_routes = HttpRoutes(self.metrics.registry,  # protocol = "http" listeners
                                       recorder=recorder, gates=self.gates)
+        self.alerts = AlertRunner(cfg.alerts, self.metrics.registry,
+                                  wake_failures=self._wake_failures)
+        self.report_sink: ReportSink = MemorySink()
+        self.reports = ReportIntake(self.report_sink, self.alerts.observe, self.metrics.registry)
         self.app = build_app(self)
         self.control_urls: list[str] = []
         self._driver_scopes: dict[str, trio.CancelScope] = {}
@@ -106,6 +113,7 @@ class Proxy:
             if interval is not None:  # pings stop with the event loop, or with the proxy
                 services.start_soon(_watchdog, interval)
             await self._apply(self.cfg, initial=True)
+            await services.start(self.alerts.run)
             addr = self.cfg.control.listen
             try:
                 self.control_urls = await services.start(serve, self.app, _hostport(self.cfg))
@@ -145,6 +153,7 @@ class Proxy:
             log.warning("[history] changed; that takes a restart")
         await self._apply(cfg, initial=False)
         self.app.token = cfg.control.token
+        self.alerts.reconfigure(cfg.alerts)
         if cfg.log_level != self.cfg.log_level:
             logging.getLogger().setLevel(cfg.log_level.upper())
         self.cfg = cfg
@@ -240,6 +249,11 @@ class Proxy:
                        for r in self.routes.values()] + self.http_routes.status(),
         }
 
+    def _wake_failures(self) -> dict[str, float]:
+        """Failed wakes so far per node, as ``edge_wake_failures_total`` counts them."""
+        registry = self.metrics.registry
+        return {name: registry.get_sample_value("edge_wake_failures_total", {"node": name}) or 0.0
+                for name in self.drivers}
 
     def _engine_status(self) -> str:
         """Which engine relays TCP routes now, and why it is not the loop when it is not."""

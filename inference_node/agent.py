@@ -40,6 +40,7 @@ from inference_node.ondemand.service import OnDemandService
 from inference_node.placement.service import PlacementService
 from inference_node.power.manager import SuspendAction
 from inference_node.power.service import PowerService
+from inference_node.report.service import ReportService
 from inference_node.supervisor import ReloadPlan, Supervisor
 from inference_node.supervisor.launch import port_problem
 from inference_node.supervisor.metrics import SupervisorCollector
@@ -182,10 +183,12 @@ class Parts:
     placement: PlacementService
     power: PowerService
     ondemand: OnDemandService
+    report: ReportService
 
     def components(self) -> list[Component]:
         """In start order: activity and P-states run before power may release them."""
-        return [self.activity, self.pstates, self.placement, self.power, self.ondemand]
+        return [self.activity, self.pstates, self.placement, self.power, self.ondemand,
+                self.report]
 
 
 def build_parts(agent: Agent, *, inventory: GpuInventory | None = None,
@@ -205,14 +208,18 @@ def build_parts(agent: Agent, *, inventory: GpuInventory | None = None,
                          pstates=pstates.controller, suspend=suspend, watch_system=watch_system)
     ondemand = OnDemandService(sup, config, busy=activity.busy, gpus=gpus.snapshot)
     activity.add_listener(ondemand.on_busy)
+    report = ReportService(config.agent.node, config.proxy, config.report, gpus,
+                           wanted=lambda: {g["uuid"]: g["pstate_wanted"]
+                                           for g in pstates.gpu_status()["gpus"]},
+                           cycles=lambda: power.manager.history)
     sup.add_line_sink(activity.feed)
     sup.add_line_sink(placement.feed)
     for listener in (activity.on_state, pstates.on_state, placement.on_state, power.on_state,
-                     ondemand.on_state):
+                     ondemand.on_state, report.on_state):
         sup.add_state_listener(listener)
     # The supervisor's one planner hook, set before it starts anything.
     sup.launch_planner = placement.placer
-    return Parts(activity, pstates, placement, power, ondemand)
+    return Parts(activity, pstates, placement, power, ondemand, report)
 
 
 def default_components(agent: Agent) -> list[Component]:

@@ -298,6 +298,28 @@ class HistoryConfig:
 
 
 @dataclass(frozen=True)
+class AlertsConfig:
+    """When the proxy raises an alert (a log line, ``edge_alerts_total`` and, if set,
+    ``alert_command`` with the alert as JSON on stdin), at most once per key per
+    ``alert_repeat_s``. A threshold left unset raises no alert of its kind."""
+
+    gpu_temp_c: float | None = setting(90.0, min=1, max=200, help="a GPU at or above this")
+    gpu_memory_pct: float | None = setting(None, min=1, max=100,
+                                           help="GPU memory used at or above this share")
+    crash_loop_count: int = setting(3, min=1, max=1000, help="crashes of one instance ...")
+    crash_loop_window_s: float = setting(600.0, min=1, max=7 * 86400, help="... within this")
+    alert_command: list[str] | None = setting(None, help="argv; the alert as JSON on stdin")
+    alert_command_timeout_s: float = setting(10.0, min=0.1, max=3600)
+    alert_repeat_s: float = setting(3600.0, min=0, max=7 * 86400,
+                                    help="one alert per key at most this often")
+
+    def check(self, ctx: Context, key: str) -> None:
+        if self.alert_command is not None and (not self.alert_command or not self.alert_command[0]):
+            raise ctx.error(f"{key}.alert_command", "empty; expected an argv such as "
+                            '["/usr/local/bin/notify", "--to", "ops"]')
+
+
+@dataclass(frozen=True)
 class EdgeConfig:
     """The whole edge-proxy config file."""
 
@@ -305,6 +327,7 @@ class EdgeConfig:
     routes: list[RouteConfig]
     control: ControlConfig = setting(default_factory=ControlConfig)
     limits: LimitsConfig = setting(default_factory=LimitsConfig)
+    alerts: AlertsConfig = setting(default_factory=AlertsConfig)
     history: HistoryConfig = setting(default_factory=HistoryConfig)
     log_level: Literal["debug", "info", "warning", "error"] = "info"
 

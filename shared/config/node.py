@@ -335,6 +335,19 @@ class PlacementSection:
 
 
 @dataclass(frozen=True)
+class ReportSection:
+    """What the node reports to the edge proxy (needs ``[proxy]``): GPU samples, instance
+    changes and sleep cycles, batched, kept while the proxy is unreachable."""
+
+    enabled: bool = True
+    sample_interval_s: float = setting(10.0, min=0.05, max=3600, help="between GPU samples")
+    send_interval_s: float = setting(5.0, min=0.05, max=3600, help="between batches")
+    batch_records: int = setting(200, min=1, max=1000, help="records per batch at most")
+    buffer_records: int = setting(20_000, min=10, max=1_000_000,
+                                  help="kept while the proxy is unreachable; the oldest go first")
+
+
+@dataclass(frozen=True)
 class NodeAgentConfig:
     """The whole node-agent config file (instances merged from instances_dir)."""
 
@@ -343,6 +356,7 @@ class NodeAgentConfig:
     power: PowerSection = setting(default_factory=PowerSection)
     pstate: PstateSection = setting(default_factory=PstateSection)
     placement: PlacementSection = setting(default_factory=PlacementSection)
+    report: ReportSection = setting(default_factory=ReportSection)
     instances: dict[str, InstanceConfig] = setting(default_factory=dict)
     log_level: Literal["debug", "info", "warning", "error"] = "info"
 
