@@ -36,6 +36,8 @@ class FakeGpu:
     sticky: bool = False  # the switch "succeeds" but the P-state never changes
     fail_code: int = 0  # NVAPI code SetForcePstate returns (0: success)
     processes: tuple[int, ...] = ()
+    temperature_c: int = 30
+    memory_used_mib: float = 576.0
 
 
 @dataclass(frozen=True)
@@ -87,8 +89,9 @@ class FakeNvml:
     def snapshot(self) -> list[GpuInfo]:
         return [
             GpuInfo(index=i, uuid=g.uuid, pci_bus_id=g.pci_bus_id, name=g.name,
-                    memory_total_mib=24576.0, memory_free_mib=24000.0, memory_used_mib=576.0,
-                    utilization_pct=0, temperature_c=30, power_w=9.5, pstate=g.pstate,
+                    memory_total_mib=24576.0, memory_free_mib=24576.0 - g.memory_used_mib,
+                    memory_used_mib=g.memory_used_mib, utilization_pct=0,
+                    temperature_c=g.temperature_c, power_w=9.5, pstate=g.pstate,
                     memory_clocks=g.memory_clocks,
                     processes=tuple(GpuProcess(pid, 100.0) for pid in g.processes))
             for i, g in enumerate(self.rig.gpus)
