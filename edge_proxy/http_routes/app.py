@@ -23,7 +23,7 @@ import json
 import logging
 import time
 from collections import Counter
-from collections.abc import Iterator, Mapping
+from collections.abc import AsyncIterator, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
 from functools import partial
@@ -204,7 +204,7 @@ class HttpRouteApp:
         if backend.is_awake():
             try:
                 await self._relay(ex, backend, body, keep_as=key)
-                self._count(backend, "relayed")
+                self._count(ex, backend, "relayed")
                 return
             except BackendUnavailable as exc:
                 # Not reported to the driver: that would start a wake, which polls must not.
@@ -304,9 +304,9 @@ class HttpRouteApp:
             while_held=partial(self._comment_while_held, ex, backend, need)
             if wants_stream(body) else None)
         if isinstance(outcome, Connected):
-            self._count(backend, "relayed")
+            self._count(ex, backend, "relayed")
         elif isinstance(outcome, Refused):
-            self._count(backend, "refused")
+            self._count(ex, backend, "refused")
             ex.outcome("refused")
             self.refusals.refused("held_limit", f"{ex.method} {ex.path}: node "
                                   f"{backend.name} holds {driver.held} (max_held "
@@ -316,21 +316,21 @@ class HttpRouteApp:
                           "service_unavailable",
                           headers=[(b"retry-after", str(NO_CACHE_RETRY_AFTER_S).encode())])
         elif isinstance(outcome, NotWoken):
-            self._count(backend, "wake_timeout")
+            self._count(ex, backend, "wake_timeout")
             ex.outcome("timeout")
             log.warning("route %s: %s %s: wake of %s failed: %s", self.listen, ex.method,
                         ex.path, backend.name, outcome.reason)
             await ex.fail(504, f"node {backend.name} did not wake: {outcome.reason}",
                           "wake_timeout")
         elif isinstance(outcome, NotLoaded):
-            self._count(backend, "load_failed")
+            self._count(ex, backend, "load_failed")
             ex.outcome("refused")
             log.warning("route %s: %s %s: model %s on %s did not load: %s", self.listen,
                         ex.method, ex.path, outcome.model, backend.name, outcome.reason)
             await ex.fail(503, f"model {outcome.model} on node {backend.name} did not load: "
                           f"{outcome.reason}", "model_load_failed", code="model_not_loaded")
         elif isinstance(outcome, GaveUp):
-            self._count(backend, "gave_up")
+            self._count(ex, backend, "gave_up")
             await ex.fail(502, f"node {backend.name} kept refusing after {outcome.attempts} "
                           "connect attempts", "upstream_error")
         # LeftWhileHeld: only a while_held hook reports it, and the comments never do (a
@@ -379,19 +379,24 @@ class HttpRouteApp:
         headers = request_headers(list(ex.scope["headers"]), client[0] if client else None,
                                   host, ex.scope.get("scheme", "http"))
         driver.active += 1
+        # Polls (kept for the cache) are not model work: only the rest is timed per model.
+        meter = None if keep_as else self.metrics.models.meter(
+            backend.name, ex.model, streamed=wants_stream(body))
         try:
             async with backend.upstream.exchange(driver.cfg.host, ex.method, ex.target, headers,
                                                  body, driver.cfg.probe_timeout_s,
                                                  backend.route.upstream_idle_timeout_s
                                                  ) as response:
                 out = response_headers(_lower(response.headers))
+                chunks = response.aiter_stream() if meter is None else meter.watch(
+                    response.status, header(out, b"content-type"), response.aiter_stream())
                 if ex.started:  # SSE comments went out while the node woke
-                    await self._continue_sse(ex, response)
+                    await self._continue_sse(ex, response, chunks)
                     return
                 await ex.start(response.status, out)
                 kept: list[bytes] | None = [] if keep_as and response.status == 200 else None
                 size = 0
-                async for chunk in response.aiter_stream():
+                async for chunk in chunks:
                     await ex.body(chunk)
                     if kept is not None:
                         size += len(chunk)
@@ -405,12 +410,13 @@ class HttpRouteApp:
         finally:
             driver.active -= 1
 
-    async def _continue_sse(self, ex: Exchange, response: Response) -> None:
-        """After SSE comments the status is sent: relay an event stream, or turn any other
-        answer into one error event."""
+    async def _continue_sse(self, ex: Exchange, response: Response,
+                            chunks: AsyncIterator[bytes]) -> None:
+        """After SSE comments the status is sent: relay an event stream (``chunks``, the
+        body as the meter passes it on), or turn any other answer into one error event."""
         content_type = header(_lower(response.headers), b"content-type") or b""
         if response.status == 200 and content_type.startswith(b"text/event-stream"):
-            async for chunk in response.aiter_stream():
+            async for chunk in chunks:
                 await ex.body(chunk)
             await ex.end()
             return
@@ -425,8 +431,9 @@ class HttpRouteApp:
             await ex.fail(502, f"the backend answered {response.status}: "
                           f"{text[:200].decode('utf-8', 'replace')}", "upstream_error")
 
-    def _count(self, backend: NodeBackend, outcome: str) -> None:
+    def _count(self, ex: Exchange, backend: NodeBackend, outcome: str) -> None:
         self.metrics.requests.labels(self.listen, backend.name, outcome).inc()
+        self.metrics.models.requests.labels(backend.name, ex.model, outcome).inc()
 
 
 def _lower(raw: list[tuple[bytes, bytes]]) -> list[tuple[bytes, bytes]]:

@@ -30,9 +30,11 @@ class Exchange:
         self.status = 0
         self.finished = False
         self.node = ""  # the node the request goes to, once chosen
+        self.model = ""  # the model label it is counted under (models.Routed.model)
 
     def routed_to(self, node: str, model: str | None = None) -> None:
         self.node = node
+        self.model = model or ""
         if self.log is not None:
             self.log.routed(node, model)
 

@@ -19,6 +19,8 @@ from typing import Final, Literal
 import trio
 from prometheus_client import CollectorRegistry, Counter
 
+from edge_proxy.http_routes.model_metrics import ModelMetrics
+
 log = logging.getLogger(__name__)
 
 RefusalReason = Literal["held_limit", "body_timeout", "too_large", "http_version", "framing",
@@ -51,6 +53,7 @@ class HttpMetrics:
             "edge_http_refused", "Requests the proxy answered with an error of its own "
             "(held_limit 503, body_timeout 408, too_large 413, http_version 505, framing 400, "
             "bad_request 400)", ["route", "reason"], registry=r)
+        self.models = ModelMetrics(r)  # per node and model: TTFT, tokens/s, outcomes
 
 
 @dataclass

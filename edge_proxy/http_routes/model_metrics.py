@@ -1,0 +1,95 @@
+"""Per-model numbers of HTTP-aware routes: time to first token, generation speed, outcomes.
+
+``model`` is the routing label (``models.Routed.model``: a model the node is known to serve,
+``none`` or ``other``), never a raw client string, so a client cannot grow the label set.
+
+- ``edge_http_time_to_first_token_seconds{node,model}``: for a streamed answer (SSE) to a
+  request that may wake its node, from the request sent to the node to the first body bytes
+  of a 200 answer. Time held while the node woke is not in it (``edge_wake_duration_seconds``
+  has that), so it shows the model's own latency.
+- ``edge_http_tokens_per_second{node,model}``: generation speed as llama-server reports it
+  (``timings.predicted_per_second``), when the answer carries its numbers.
+- ``edge_http_model_requests_total{node,model,outcome}``: requests by how they ended (the
+  outcomes of ``edge_http_requests``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Callable
+from typing import Final, Protocol
+
+import trio
+from prometheus_client import CollectorRegistry, Counter, Histogram
+
+# A small model on a GPU answers in tens of ms; a big prompt on a CPU takes minutes.
+TTFT_BUCKETS_S: Final = (0.05, 0.1, 0.25, 0.5, 1.0, 2.0, 5.0, 10.0, 20.0, 30.0, 60.0, 120.0)
+# From a 70B model on old cards to a tiny one on a fast GPU.
+TOKENS_PER_S_BUCKETS: Final = (1.0, 2.0, 5.0, 10.0, 20.0, 30.0, 50.0, 75.0, 100.0, 150.0,
+                               200.0, 300.0, 500.0, 1000.0)
+SSE_CONTENT_TYPE: Final = b"text/event-stream"
+
+
+class GenerationSpeed(Protocol):
+    """Reads llama-server's numbers from an answer's body as it passes."""
+
+    def feed(self, chunk: bytes) -> None: ...
+
+    def predicted_per_second(self) -> float | None: ...
+
+
+class ModelMetrics:
+    """The per-model series, in the proxy's registry."""
+
+    def __init__(self, registry: CollectorRegistry) -> None:
+        r = registry
+        self.ttft = Histogram("edge_http_time_to_first_token_seconds",
+                              "Streamed answers: from the request sent to the node to the first "
+                              "body bytes (hold time excluded)", ["node", "model"],
+                              buckets=TTFT_BUCKETS_S, registry=r)
+        self.tokens_per_s = Histogram("edge_http_tokens_per_second",
+                                      "Generation speed llama-server reported "
+                                      "(timings.predicted_per_second)", ["node", "model"],
+                                      buckets=TOKENS_PER_S_BUCKETS, registry=r)
+        self.requests = Counter("edge_http_model_requests", "HTTP requests by node, model and "
+                                "how they ended", ["node", "model", "outcome"], registry=r)
+
+    def meter(self, node: str, model: str, *, streamed: bool,
+              speed: GenerationSpeed | None = None,
+              clock: Callable[[], float] = trio.current_time) -> ResponseMeter:
+        """A meter for one answer whose request is being sent now."""
+        return ResponseMeter(self, node, model, clock(), streamed=streamed, speed=speed,
+                             clock=clock)
+
+
+class ResponseMeter:
+    """Watches one answer's body go past: its first bytes (TTFT), llama-server's numbers."""
+
+    def __init__(self, metrics: ModelMetrics, node: str, model: str, sent_at: float, *,
+                 streamed: bool, speed: GenerationSpeed | None,
+                 clock: Callable[[], float]) -> None:
+        self.metrics = metrics
+        self.node = node
+        self.model = model
+        self.sent_at = sent_at
+        self.streamed = streamed
+        self.speed = speed
+        self.clock = clock
+        self.first_byte_s: float | None = None
+
+    async def watch(self, status: int, content_type: bytes | None,
+                    chunks: AsyncIterator[bytes]) -> AsyncIterator[bytes]:
+        """``chunks`` unchanged; a 200 answer is timed (SSE only) and read for its numbers."""
+        timed = status == 200 and self.streamed and (content_type or b"").startswith(
+            SSE_CONTENT_TYPE)
+        async for chunk in chunks:
+            if self.first_byte_s is None and chunk:
+                self.first_byte_s = self.clock() - self.sent_at
+                if timed:
+                    self.metrics.ttft.labels(self.node, self.model).observe(self.first_byte_s)
+            if self.speed is not None and status == 200:
+                self.speed.feed(chunk)
+            yield chunk
+        if self.speed is not None and status == 200:
+            rate = self.speed.predicted_per_second()
+            if rate is not None and rate > 0:
+                self.metrics.tokens_per_s.labels(self.node, self.model).observe(rate)
