@@ -133,6 +133,8 @@ def format_status(status: dict[str, Any]) -> str:
         else:
             lines.append(f"route {r['listen']} -> {r['node']}:{r['backend_port']} "
                          f"(ready: {r['ready']})")
+    for alert in status.get("alerts", []):  # absent from an older proxy's status
+        lines.append(f"alert {alert['kind']}: {alert['message']}")
     return "\n".join(lines)
 
 

@@ -247,6 +247,8 @@ class Proxy:
                         "backend_port": r.cfg.backend_port, "ready": r.cfg.ready,
                         "addresses": [f"{h}:{p}" for h, p in r.addresses]}
                        for r in self.routes.values()] + self.http_routes.status(),
+            "reports": self.reports.status(),
+            "alerts": [a.to_json() for a in self.alerts.raised[-5:]],
         }
 
     def _wake_failures(self) -> dict[str, float]:

@@ -13,6 +13,7 @@ import tomli_w
 from edge_proxy.http_routes.rules import WakePolicy
 from inference_node.power.service import command_suspend
 from shared.config.edge import (
+    AlertsConfig,
     EdgeConfig,
     HistoryConfig,
     HttpOptions,
@@ -27,6 +28,7 @@ from shared.config.node import (
     PowerSection,
     ProxySection,
     PstateSection,
+    ReportSection,
     RestartConfig,
     load_node_config,
 )
@@ -81,10 +83,11 @@ def load_error(tmp_path: Path, table: dict[str, Any], *, edge: bool) -> ConfigEr
 
 
 EDGE_SECTIONS = {"nodes.gpubox": NodeConfig, "routes[1].http": HttpOptions,
-                 "limits": LimitsConfig, "history": HistoryConfig}
+                 "limits": LimitsConfig, "alerts": AlertsConfig,
+                 "history": HistoryConfig}
 NODE_SECTIONS = {"power": PowerSection, "pstate": PstateSection, "proxy": ProxySection,
                  "instances.small": InstanceConfig, "instances.small.health": HealthConfig,
-                 "instances.small.restart": RestartConfig}
+                 "instances.small.restart": RestartConfig, "report": ReportSection}
 
 
 def float_keys(sections: dict[str, type]) -> list[str]:
@@ -116,6 +119,22 @@ def test_non_finite_durations_are_refused(tmp_path: Path, key: str, value: float
     assert err.key == key
     unit = "" if key in QUANTITIES else " of seconds"
     assert err.problem.startswith(f"found {value!r}; allowed: a finite number{unit}")
+
+
+@pytest.mark.parametrize(("edge", "section", "value", "problem"), [
+    (True, {"alerts": {"gpu_temp_c": -5}}, "alerts.gpu_temp_c", "found -5.0; allowed: between"),
+    (True, {"alerts": {"gpu_memory_pct": 101}}, "alerts.gpu_memory_pct", "found 101.0; allowed"),
+    (True, {"alerts": {"alert_command": []}}, "alerts.alert_command", "empty; expected an argv"),
+    (True, {"alerts": {"gpu_temp": 80}}, "alerts.gpu_temp", "unknown key"),
+    (False, {"report": {"sample_interval_s": 0}}, "report.sample_interval_s", "found 0.0; allowed"),
+    (False, {"report": {"batch_records": 5000}}, "report.batch_records", "found 5000; allowed"),
+])
+def test_alerts_and_report_settings_are_checked(tmp_path: Path, edge: bool,
+                                                section: dict[str, Any], value: str,
+                                                problem: str) -> None:
+    table = {**(edge_table() if edge else node_table()), **section}
+    err = load_error(tmp_path, table, edge=edge)
+    assert (err.key, err.problem[:len(problem)]) == (value, problem)
 
 
 def test_non_finite_message_names_the_bounds(tmp_path: Path) -> None:

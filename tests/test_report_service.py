@@ -14,12 +14,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import httpx
 import tomli_w
 import trio
 
+from edge_proxy.cli import format_status
 from edge_proxy.reports.sink import MemorySink
 from edge_proxy.service import Proxy, serve_proxy
 from inference_node.agent import Agent, Component, Parts, build_parts, run_agent
+from inference_node.power.policy import PowerState
 from inference_node.supervisor import State
 from shared.config.edge import load_edge_config
 from shared.reports import ReportBatch
@@ -41,7 +44,8 @@ def token_file(folder: Path) -> Path:
     return path
 
 
-def edge_config(folder: Path, control_port: int, wol_port: int, **alerts: Any) -> Path:
+def edge_config(folder: Path, control_port: int, wol_port: int, backend_port: int | None = None,
+                **alerts: Any) -> Path:
     path = folder / "edge-proxy.toml"
     path.write_text(tomli_w.dumps({
         "log_level": "debug",
@@ -50,18 +54,19 @@ def edge_config(folder: Path, control_port: int, wol_port: int, **alerts: Any) -
                           "wol": {"broadcast": "127.0.0.1", "port": wol_port},
                           "wol_interval_s": 0.2, "wake_timeout_s": 30, "probe_interval_s": 0.05,
                           "probe_timeout_s": 0.5}},
-        "routes": [{"listen": "127.0.0.1:0", "node": "box", "backend_port": free_port()}],
+        "routes": [{"listen": "127.0.0.1:0", "node": "box",
+                    "backend_port": backend_port or free_port(), "ready": "http:/health"}],
         "alerts": alerts,
     }))
     return path
 
 
 def agent_config(folder: Path, control_port: int, instances: dict[str, Any],
-                 power: dict[str, Any] | None = None) -> Path:
+                 power: dict[str, Any] | None = None, api_port: int = 0) -> Path:
     path = folder / "node-agent.toml"
     path.write_text(tomli_w.dumps({
         "log_level": "debug",
-        "agent": {"node": "box", "api_listen": "127.0.0.1:0", "token": TOKEN,
+        "agent": {"node": "box", "api_listen": f"127.0.0.1:{api_port}", "token": TOKEN,
                   "state_file": str(folder / "state.toml")},
         "proxy": {"url": f"http://127.0.0.1:{control_port}", "token_file": str(token_file(folder)),
                   "timeout_s": 1.0},
@@ -206,6 +211,42 @@ async def test_a_resend_after_a_lost_reply_is_stored_once(
         "edge_reports_duplicates_total", {"node": "box"}) == 3
 
 
+async def test_a_sleep_cycle_reaches_the_proxy_with_its_step_times_and_nothing_is_lost(
+        nursery: trio.Nursery, tmp_path: Path) -> None:
+    control, wol, api, backend, rig = free_port(), free_port(), free_port(), free_port(), \
+        three_gpu_rig()
+    running = await start_proxy(nursery, edge_config(tmp_path, control, wol, backend))
+    # The "suspend" blocks until the proxy's magic packet reaches 127.0.0.1:wol, then reports
+    # the resume through the agent's API, as the system-sleep hook does.
+    suspend = [sys.executable, "-m", "inference_node", "simulate-sleep", "--mac", MAC,
+               "--listen", f"127.0.0.1:{wol}", "--url", f"http://127.0.0.1:{api}",
+               "--token-file", str(token_file(tmp_path))]
+    power = {"idle_timeout_s": 1.0, "min_awake_s": 0.0, "check_interval_s": 0.1,
+             "suspend_command": suspend, "watch_foreign_gpu_processes": False}
+    agent, parts = await start_agent(nursery, agent_config(
+        tmp_path, control, {"web": {"command": toy_command(backend), **FAST}}, power, api), rig)
+    manager = parts.power.manager
+    await until(lambda: manager.machine.state is PowerState.SLEEPING, "asleep")
+    async with httpx.AsyncClient(timeout=WAIT_S) as client:  # held, wakes the node
+        host, port = running.proxy.route_address()
+        assert (await client.get(f"http://{host}:{port}/health")).status_code == 200
+    await until(lambda: bool(running.sink.cycles.get("box")), "the cycle reached the proxy")
+    [cycle] = running.sink.cycles["box"]
+    assert (cycle.outcome, cycle.detail) == ("slept", "slept and resumed")
+    names = [name for name, _ in cycle.steps]
+    assert names[:4] == ["asking the proxy", "stopping instances", "releasing P-states",
+                         "suspend command"]
+    assert "resume seen (sleep hook: post)" in names and names[-1] == "web READY"
+    assert cycle.idle_to_suspend_s is not None and cycle.suspend_to_resume_s is not None
+    assert cycle.resume_to_ready_s is not None
+    changes = [(r.instance, r.change) for r in running.sink.instances["box"]]
+    assert changes == [("web", "loaded"), ("web", "unloaded"), ("web", "loaded")]
+    await until(lambda: len(parts.report.buffer) == 0, "everything sent")
+    seqs = running.seqs()
+    assert seqs == list(range(1, seqs[-1] + 1))  # across the sleep: none lost, none twice
+    assert agent.supervisor.get("web").state is State.READY
+
+
 ALERT_SCRIPT = """\
 import json, sys
 alert = json.load(sys.stdin)
@@ -260,6 +301,10 @@ async def test_a_hot_gpu_a_crash_loop_and_a_failed_suspend_raise_one_alert_each(
     assert "95 °C" in by_kind["gpu_temperature"]["message"]
     assert "Access denied" in by_kind["suspend_failed"]["details"]["detail"]
     assert by_kind["crash_loop"]["details"]["crashes"] >= 3
+    status = running.proxy.status()
+    assert {a["kind"] for a in status["alerts"]} == kinds
+    assert status["reports"]["box"]["stored_through"] >= 30
+    assert "alert crash_loop: node box: instance crasher crashed" in format_status(status)
     metrics = running.proxy.metrics.registry
     for kind in kinds:
         assert metrics.get_sample_value("edge_alerts_total", {"kind": kind, "node": "box"}) == 1
