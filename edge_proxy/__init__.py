@@ -24,13 +24,17 @@ Module map:
   ``history.query``: reading rows back; ``history.timings``: llama-server's numbers from a
   passing response; ``history.hooks``: a request's row in the making, power-state intervals;
   ``history.energy``: kWh used and saved, pure; ``history.cli``: ``history`` and ``energy``.
-- ``control``: ``/status``, ``/metrics``, agent events (schema in ``shared.events``), and
-  the dashboard's routes.
+- ``control``: ``/status``, ``/metrics``, agent events (schema in ``shared.events``) and
+  reports (schema in ``shared.reports``), and the dashboard's routes.
 - ``dashboard/``: the page at ``/`` on the control listener. ``dashboard.source``: the
   history queries it reads (a Protocol); ``dashboard.summary``: rows and status into the JSON
   the page polls (pure); ``dashboard.routes``: the page's files and JSON endpoints;
   ``dashboard.history_db``: that Protocol over the history database. The page is
   ``index.html`` + ``dashboard.js`` (package data).
+- ``reports/``: what nodes report. ``reports.intake``: each record stored once, in order
+  (stream and sequence numbers); ``reports.sink``: where stored records go.
+- ``alerts/``: ``alerts.policy``: which observations are alerts and which may go out now,
+  pure; ``alerts.runner``: log line, ``edge_alerts_total`` and the alert command.
 - ``metrics``: the Prometheus registry.
 - ``service``: the whole proxy service (``serve_proxy`` in-process, ``run_service`` for ``run``).
 - ``cli``, ``doctor``, ``errors``.

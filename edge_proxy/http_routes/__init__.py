@@ -5,7 +5,7 @@ Pure decisions: ``rules`` (no-wake rules), ``cache`` (last good poll answers), `
 (model → node), ``headers`` (hop-by-hop rules). I/O: ``upstream`` (kept connections per
 node, framed by h11), ``exchange``, ``intake`` (what is refused before any node hears of it)
 and ``app`` (the ASGI app), ``server`` (hypercorn listener), ``waking`` (what held clients
-see), ``metrics``.
+see), ``metrics`` and ``model_metrics`` (time to first token and tokens/s per model).
 """
 
 from edge_proxy.http_routes.server import HttpListener, group_http_routes
