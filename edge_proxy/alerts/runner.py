@@ -86,8 +86,7 @@ class AlertRunner:
         """Poll the failed-wake counts and run alert commands until cancelled."""
         async with trio.open_nursery() as nursery:
             nursery.start_soon(self._command_loop)
-            self.check_wake_failures()  # what failed before is the baseline, not news
-            self.raised.clear()
+            self.check_wake_failures()  # (nothing has failed yet when the proxy starts)
             task_status.started()
             while True:
                 await trio.sleep(WAKE_FAILURE_POLL_S)

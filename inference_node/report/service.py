@@ -55,7 +55,7 @@ class ReportService:
         self.wall = wall
         self.stream = secrets.token_hex(STREAM_ID_BYTES)
         self.buffer = ReportBuffer(settings.buffer_records)
-        self.client = ReportClient(proxy) if proxy is not None else None
+        self.client = ReportClient(proxy) if proxy is not None and settings.enabled else None
         self.sent_batches = 0
         self.last_error = ""
         self._reported_cycles: set[float] = set()
@@ -67,7 +67,7 @@ class ReportService:
 
     @property
     def active(self) -> bool:
-        return self.client is not None and self.settings.enabled
+        return self.client is not None
 
     # -- inputs -------------------------------------------------------------------------------
 
@@ -79,8 +79,9 @@ class ReportService:
 
     def on_reload(self, config: NodeAgentConfig) -> None:
         """Intervals and the batch size apply from the next round; the buffer keeps its size."""
-        if config.report.buffer_records != self.settings.buffer_records:
-            log.warning("reload: report.buffer_records changed; restart node-agent to apply it")
+        for key in ("buffer_records", "enabled"):
+            if getattr(config.report, key) != getattr(self.settings, key):
+                log.warning("reload: report.%s changed; restart node-agent to apply it", key)
         self.settings = config.report
 
     # -- the loops ----------------------------------------------------------------------------
