@@ -91,3 +91,23 @@ def test_the_buffer_numbers_records_keeps_them_until_stored_and_drops_the_oldest
     assert [r.seq for r in buffer.oldest(10)] == [5]
     assert buffer.stored_through(4) == 0  # a repeated acknowledgement changes nothing
     assert (buffer.stored, buffer.last_seq, len(buffer)) == (2, 5, 1)
+
+
+def test_records_pushed_out_of_a_batch_on_its_way_count_as_dropped_only_if_not_stored() -> None:
+    buffer = ReportBuffer(capacity=3)
+    for _ in range(3):
+        buffer.add(GPU)
+    buffer.sending(buffer.oldest(3))  # 1..3 on their way
+    buffer.add(GPU)
+    buffer.add(GPU)  # 1 and 2 pushed out meanwhile
+    assert buffer.dropped == 0
+    assert buffer.stored_through(3) == 1  # the answer covers them: stored, not lost
+    assert (buffer.dropped, buffer.stored) == (0, 3)
+    buffer.sending(buffer.oldest(2))  # 4, 5
+    for _ in range(3):
+        buffer.add(GPU)  # 6, 7, 8: 4 and 5 pushed out; then no answer
+    buffer.send_failed()
+    assert (buffer.dropped, buffer.stored) == (2, 3)
+    assert [r.seq for r in buffer.oldest(5)] == [6, 7, 8]
+    buffer.add(GPU)  # 6 pushed out with nothing on its way: dropped at once
+    assert buffer.dropped == 3

@@ -22,6 +22,10 @@ class ReportBuffer:
         self._next_seq = 1
         self.dropped = 0  # records pushed out unsent because the ring was full
         self.stored = 0  # records the proxy acknowledged
+        # A batch on its way: records pushed out of it meanwhile are lost only if its answer
+        # does not cover them (they may well be stored already).
+        self._sending_through = 0
+        self._pushed_out_in_flight: list[int] = []
 
     def __repr__(self) -> str:
         return (f"<ReportBuffer {len(self._records)}/{self.capacity} next={self._next_seq} "
@@ -41,8 +45,11 @@ class ReportBuffer:
         numbered = dataclasses.replace(record, seq=self._next_seq)
         self._next_seq += 1
         if len(self._records) >= self.capacity:
-            self._records.popleft()
-            self.dropped += 1
+            oldest = self._records.popleft()
+            if oldest.seq <= self._sending_through:
+                self._pushed_out_in_flight.append(oldest.seq)
+            else:
+                self.dropped += 1
         self._records.append(numbered)
         return numbered
 
@@ -50,11 +57,28 @@ class ReportBuffer:
         """Up to ``limit`` of the oldest records, in order (they stay until ``stored``)."""
         return tuple(self._records[i] for i in range(min(limit, len(self._records))))
 
+    def sending(self, records: tuple[Report, ...]) -> None:
+        """``records`` (from ``oldest``) are on their way; ``stored_through`` or
+        ``send_failed`` says how it ended."""
+        self._sending_through = records[-1].seq if records else 0
+
+    def send_failed(self) -> None:
+        """No answer: records pushed out of the batch on its way count as dropped."""
+        self.dropped += len(self._pushed_out_in_flight)
+        self._settle()
+
     def stored_through(self, seq: int) -> int:
         """Forget every record up to ``seq`` (the proxy stored them); how many went."""
         gone = 0
         while self._records and self._records[0].seq <= seq:
             self._records.popleft()
             gone += 1
-        self.stored += gone
+        covered = sum(1 for s in self._pushed_out_in_flight if s <= seq)
+        self.dropped += len(self._pushed_out_in_flight) - covered
+        self.stored += gone + covered
+        self._settle()
         return gone
+
+    def _settle(self) -> None:
+        self._pushed_out_in_flight.clear()
+        self._sending_through = 0

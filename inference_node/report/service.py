@@ -145,9 +145,11 @@ class ReportService:
         while len(self.buffer):
             records = self.buffer.oldest(self.settings.batch_records)
             batch = ReportBatch(self.node, self.stream, records, self.buffer.dropped)
+            self.buffer.sending(records)
             try:
                 reply = await self.client.send(batch)
             except ProxyUnreachable as exc:
+                self.buffer.send_failed()
                 if not self.last_error:  # one line per outage, not one per round
                     log.warning("reports: %s; keeping %d record(s) to send later (at most %d)",
                                 exc, len(self.buffer), self.buffer.capacity)
