@@ -92,8 +92,9 @@ def cycle_report(record: CycleLike, t: float) -> CycleReport | None:
     return CycleReport(
         0, t, outcome, record.outcome[:500], steps[:50],
         idle_to_suspend_s=suspend,
-        suspend_to_resume_s=None if suspend is None or resume is None else resume - suspend,
-        resume_to_ready_s=None if resume is None or not ready else ready[-1] - resume)
+        suspend_to_resume_s=None if suspend is None or resume is None
+        else round(resume - suspend, 3),
+        resume_to_ready_s=None if resume is None or not ready else round(ready[-1] - resume, 3))
 
 
 def _first(steps: Sequence[tuple[str, float]], match: Callable[[str], bool]) -> float | None:
