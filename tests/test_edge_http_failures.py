@@ -164,3 +164,29 @@ async def test_requests_inside_the_wake_cooldown_fail_at_once_with_the_reason(
                 assert "wake timed out" in later.json()["error"]["message"]
                 assert packets_for(packets, node.mac) > sent
             nursery.cancel_scope.cancel()
+
+
+async def test_a_request_right_after_a_stream_goes_on_a_new_connection(tmp_path: Path) -> None:
+    # As llama-server does: the connection closes after a streamed answer, without a
+    # `Connection: close`; here the close comes late, so it cannot be seen in time.
+    async def stream_then_close_late(stream: trio.SocketStream) -> None:
+        await stream.send_all(b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\n"
+                              b"Transfer-Encoding: chunked\r\n\r\n"
+                              b"f\r\ndata: {\"a\":1}\n\n\r\n0\r\n\r\n")
+        await trio.sleep(0.5)
+
+    node = NodeSpec("box", "aa:bb:cc:dd:ee:01", free_port())
+    path = write_http_config(tmp_path, [node], free_port())
+    with trio.fail_after(TEST_TIMEOUT_S):
+        async with trio.open_nursery() as nursery:
+            await nursery.start(partial(trio.serve_tcp, raw_backend(stream_then_close_late),
+                                        node.port, host=LOOPBACK))
+            proxy: Proxy = await nursery.start(serve_proxy, load_edge_config(path))
+            await wait_state(proxy, "box", State.AWAKE)
+            async with httpx.AsyncClient(base_url=proxy.http_routes.url("127.0.0.1:0"),
+                                         timeout=TEST_TIMEOUT_S) as client:
+                first = await client.post("/v1/chat/completions", json=CHAT)
+                second = await client.post("/v1/chat/completions", json=CHAT)
+            nursery.cancel_scope.cancel()
+    assert (first.status_code, second.status_code) == (200, 200)
+    assert sse_payloads(second.text.splitlines()) == ['{"a":1}']

@@ -57,6 +57,7 @@ class _Connection:
     idle_since: float = 0.0
     read_timeout_s: float = math.inf  # the current request's upstream_idle_timeout_s
     name: str = ""
+    reusable: bool = True
 
     async def next_event(self) -> object:
         while True:
@@ -181,6 +182,10 @@ class Upstream:
                 if not isinstance(event, h11.Response):
                     raise h11.RemoteProtocolError(f"no answer ({type(event).__name__})")
                 response = Response(connection, event.status_code, list(event.headers))
+                if _is_event_stream(response.headers):
+                    # llama-server closes the connection after a streamed answer without
+                    # saying so; a request sent on it before the close arrives would fail.
+                    connection.reusable = False
                 yield response
             except _BROKEN as exc:
                 raise UpstreamError(f"{self.node}:{self.port}: {exc!r}") from exc
@@ -208,7 +213,8 @@ class Upstream:
 
     async def _release(self, connection: _Connection) -> None:
         state = connection.h11
-        if state.our_state is h11.DONE and state.their_state is h11.DONE and self.keep_alive \
+        if connection.reusable and state.our_state is h11.DONE and state.their_state is h11.DONE \
+                and self.keep_alive \
                 and len(self._idle) < UPSTREAM_KEEPALIVE_CONNECTIONS and not self._retired:
             state.start_next_cycle()
             connection.idle_since = trio.current_time()
@@ -218,6 +224,11 @@ class Upstream:
 
     def _say(self, what: str) -> str:
         return f"connect to {self.node}:{self.port}: {what}"
+
+
+def _is_event_stream(headers: RawHeaders) -> bool:
+    return any(name.lower() == b"content-type" and value.lower().startswith(b"text/event-stream")
+               for name, value in headers)
 
 
 async def _open(host: str, port: int) -> trio.SocketStream:
