@@ -27,6 +27,7 @@ from edge_proxy.history.store import NullRecorder, Recorder, open_recorder
 from edge_proxy.http_routes.service import HttpRoutes
 from edge_proxy.loading import AgentClient, ModelGate, ModelLoader
 from edge_proxy.metrics import ProxyMetrics
+from edge_proxy.reports.history_sink import HistorySink
 from edge_proxy.reports.intake import ReportIntake
 from edge_proxy.reports.sink import MemorySink, ReportSink
 from edge_proxy.tcp_routes.listener import Route
@@ -79,7 +80,8 @@ class Proxy:
                                       recorder=recorder, gates=self.gates)
         self.alerts = AlertRunner(cfg.alerts, self.metrics.registry,
                                   wake_failures=self._wake_failures)
-        self.report_sink: ReportSink = MemorySink()
+        # With history on, what nodes report becomes rows of it (the newest also in memory).
+        self.report_sink: ReportSink = MemorySink() if recorder is None else HistorySink(recorder)
         self.reports = ReportIntake(self.report_sink, self.alerts.observe, self.metrics.registry)
         self.app = build_app(self)
         self.control_urls: list[str] = []

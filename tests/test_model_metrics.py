@@ -101,6 +101,9 @@ async def test_a_streamed_answer_is_timed_per_model_and_counted_by_outcome(
             nursery.cancel_scope.cancel()
     assert streamed.status_code == plain.status_code == 200
     assert streamed.headers["content-type"].startswith("text/event-stream")
+    # llama-server's own speed, from the timings of both answers (SSE and JSON).
+    assert sample(r, "edge_http_tokens_per_second_count", **labels) == 2
+    assert sample(r, "edge_http_tokens_per_second_sum", **labels) > 0
     # Only the streamed answer has a first token to time; the plain one is one body.
     assert sample(r, "edge_http_time_to_first_token_seconds_count", **labels) == 1
     first_token_s = sample(r, "edge_http_time_to_first_token_seconds_sum", **labels)

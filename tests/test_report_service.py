@@ -19,6 +19,8 @@ import tomli_w
 import trio
 
 from edge_proxy.cli import format_status
+from edge_proxy.history import query
+from edge_proxy.reports.history_sink import HistorySink
 from edge_proxy.reports.sink import MemorySink
 from edge_proxy.service import Proxy, serve_proxy
 from inference_node.agent import Agent, Component, Parts, build_parts, run_agent
@@ -45,7 +47,7 @@ def token_file(folder: Path) -> Path:
 
 
 def edge_config(folder: Path, control_port: int, wol_port: int, backend_port: int | None = None,
-                **alerts: Any) -> Path:
+                history: dict[str, Any] | None = None, **alerts: Any) -> Path:
     path = folder / "edge-proxy.toml"
     path.write_text(tomli_w.dumps({
         "log_level": "debug",
@@ -57,6 +59,7 @@ def edge_config(folder: Path, control_port: int, wol_port: int, backend_port: in
         "routes": [{"listen": "127.0.0.1:0", "node": "box",
                     "backend_port": backend_port or free_port(), "ready": "http:/health"}],
         "alerts": alerts,
+        "history": history or {},
     }))
     return path
 
@@ -88,6 +91,8 @@ class RunningProxy:
     @property
     def sink(self) -> MemorySink:
         sink = self.proxy.report_sink
+        if isinstance(sink, HistorySink):  # history on: the newest also stay in memory
+            return sink.memory
         assert isinstance(sink, MemorySink)
         return sink
 
@@ -359,3 +364,37 @@ async def test_a_failed_wake_raises_an_alert(nursery: trio.Nursery, tmp_path: Pa
                 "the failed wake's alert ran the command")
     assert running.proxy.metrics.registry.get_sample_value(
         "edge_alerts_total", {"kind": "wake_failed", "node": "box"}) == 1
+
+
+async def test_with_history_on_the_reports_are_rows_of_the_history_database(
+        tmp_path: Path) -> None:
+    db = tmp_path / "history.sqlite3"
+    control, rig = free_port(), three_gpu_rig()
+    cfg = edge_config(tmp_path, control, free_port(), history={"enabled": True, "path": str(db)})
+    power = {"idle_timeout_s": 1.0, "min_awake_s": 0.0, "check_interval_s": 0.1,
+             "suspend_command": ["sh", "-c", "echo 'Access denied' >&2; exit 1"],
+             "failed_suspend_backoff_s": 600.0, "watch_foreign_gpu_processes": False}
+    async with trio.open_nursery() as nursery:
+        running = await start_proxy(nursery, cfg)
+        agent, _ = await start_agent(nursery, agent_config(
+            tmp_path, control, {"web": {"command": toy_command(free_port()), **FAST}}, power),
+            rig)
+        sink = running.sink
+        await until(lambda: bool(sink.cycles.get("box")) and len(sink.gpu["box"]) >= 6,
+                    "a failed suspend and samples reached the proxy")
+        agent.request_shutdown()
+        await running.stop()  # the recorder writes what it holds as the proxy ends
+        nursery.cancel_scope.cancel()
+    with query.open_readonly(db) as conn:
+        samples = query.gpu_samples(conn, query.Filter(node="box"))
+        changes = conn.execute("SELECT instance, change, state FROM instance_changes "
+                               "ORDER BY t, id").fetchall()
+        cycles = conn.execute("SELECT outcome, detail, steps FROM sleep_cycles").fetchall()
+    assert len(samples) >= 6 and {s.gpu_uuid for s in samples} == {g.uuid for g in rig.gpus}
+    assert (samples[0].power_w, samples[0].temperature_c, samples[0].memory_used_mib) == \
+        (9.5, 30.0, 576.0)
+    assert changes[0] == ("web", "loaded", "READY")
+    assert ("web", "unloaded", "STOPPED") in changes  # stopped for the suspend that failed
+    [(outcome, detail, steps)] = cycles
+    assert outcome == "failed" and "Access denied" in detail
+    assert "suspend command" in [name for name, _ in json.loads(steps)]

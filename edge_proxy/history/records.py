@@ -94,7 +94,35 @@ class PowerInterval:
     end: float
 
 
-Record = RequestRecord | ConnectionRecord | WakeRecord | GpuSample | PowerInterval
+@dataclass(frozen=True)
+class InstanceChange:
+    """A node's instance was loaded, unloaded or crashed (the agent's report)."""
+
+    t: float
+    node: str
+    instance: str
+    change: str  # "loaded", "unloaded" or "crashed"
+    state: str
+    reason: str = ""
+
+
+@dataclass(frozen=True)
+class SleepCycle:
+    """One suspend attempt of a node (the agent's report): its phases in seconds, and its
+    steps as JSON ``[[name, seconds after the start], ...]``."""
+
+    t: float
+    node: str
+    outcome: str  # "slept", "failed" or "vetoed"
+    detail: str = ""
+    idle_to_suspend_s: float | None = None
+    suspend_to_resume_s: float | None = None
+    resume_to_ready_s: float | None = None
+    steps: str = "[]"
+
+
+Record = (RequestRecord | ConnectionRecord | WakeRecord | GpuSample | PowerInterval
+          | InstanceChange | SleepCycle)
 
 # table name, the column that orders it by age, and the dataclass behind it
 TABLES: Final[dict[type[Record], tuple[str, str]]] = {
@@ -103,6 +131,8 @@ TABLES: Final[dict[type[Record], tuple[str, str]]] = {
     WakeRecord: ("wakes", "started"),
     GpuSample: ("gpu_samples", "t"),
     PowerInterval: ("power_intervals", "start"),
+    InstanceChange: ("instance_changes", "t"),
+    SleepCycle: ("sleep_cycles", "t"),
 }
 
 _SQL_TYPES: Final = {"float": "REAL", "int": "INTEGER", "bool": "INTEGER", "str": "TEXT"}

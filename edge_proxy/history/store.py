@@ -29,9 +29,11 @@ from edge_proxy.history.records import (
     TABLES,
     ConnectionRecord,
     GpuSample,
+    InstanceChange,
     PowerInterval,
     Record,
     RequestRecord,
+    SleepCycle,
     WakeRecord,
     insert_sql,
     row_values,
@@ -65,6 +67,8 @@ class Recorder(Protocol):
     def record_wake(self, record: WakeRecord) -> None: ...
     def record_gpu_sample(self, record: GpuSample) -> None: ...
     def record_power_interval(self, record: PowerInterval) -> None: ...
+    def record_instance_change(self, record: InstanceChange) -> None: ...
+    def record_sleep_cycle(self, record: SleepCycle) -> None: ...
 
 
 class NullRecorder:
@@ -83,6 +87,12 @@ class NullRecorder:
         """Keep nothing."""
 
     def record_power_interval(self, record: PowerInterval) -> None:
+        """Keep nothing."""
+
+    def record_instance_change(self, record: InstanceChange) -> None:
+        """Keep nothing."""
+
+    def record_sleep_cycle(self, record: SleepCycle) -> None:
         """Keep nothing."""
 
 
@@ -213,6 +223,14 @@ class HistoryRecorder:
 
     def record_power_interval(self, record: PowerInterval) -> None:
         """Queue one power-state interval."""
+        self._put(record)
+
+    def record_instance_change(self, record: InstanceChange) -> None:
+        """Queue one instance change a node reported."""
+        self._put(record)
+
+    def record_sleep_cycle(self, record: SleepCycle) -> None:
+        """Queue one sleep cycle a node reported."""
         self._put(record)
 
     def _put(self, record: Record) -> None:

@@ -16,10 +16,12 @@
 from __future__ import annotations
 
 from collections.abc import AsyncIterator, Callable
-from typing import Final, Protocol
+from typing import Final
 
 import trio
 from prometheus_client import CollectorRegistry, Counter, Histogram
+
+from edge_proxy.history.timings import TimingsParser
 
 # A small model on a GPU answers in tens of ms; a big prompt on a CPU takes minutes.
 TTFT_BUCKETS_S: Final = (0.05, 0.1, 0.25, 0.5, 1.0, 2.0, 5.0, 10.0, 20.0, 30.0, 60.0, 120.0)
@@ -27,14 +29,6 @@ TTFT_BUCKETS_S: Final = (0.05, 0.1, 0.25, 0.5, 1.0, 2.0, 5.0, 10.0, 20.0, 30.0, 
 TOKENS_PER_S_BUCKETS: Final = (1.0, 2.0, 5.0, 10.0, 20.0, 30.0, 50.0, 75.0, 100.0, 150.0,
                                200.0, 300.0, 500.0, 1000.0)
 SSE_CONTENT_TYPE: Final = b"text/event-stream"
-
-
-class GenerationSpeed(Protocol):
-    """Reads llama-server's numbers from an answer's body as it passes."""
-
-    def feed(self, chunk: bytes) -> None: ...
-
-    def predicted_per_second(self) -> float | None: ...
 
 
 class ModelMetrics:
@@ -54,42 +48,43 @@ class ModelMetrics:
                                 "how they ended", ["node", "model", "outcome"], registry=r)
 
     def meter(self, node: str, model: str, *, streamed: bool,
-              speed: GenerationSpeed | None = None,
               clock: Callable[[], float] = trio.current_time) -> ResponseMeter:
         """A meter for one answer whose request is being sent now."""
-        return ResponseMeter(self, node, model, clock(), streamed=streamed, speed=speed,
-                             clock=clock)
+        return ResponseMeter(self, node, model, clock(), streamed=streamed, clock=clock)
 
 
 class ResponseMeter:
     """Watches one answer's body go past: its first bytes (TTFT), llama-server's numbers."""
 
     def __init__(self, metrics: ModelMetrics, node: str, model: str, sent_at: float, *,
-                 streamed: bool, speed: GenerationSpeed | None,
-                 clock: Callable[[], float]) -> None:
+                 streamed: bool, clock: Callable[[], float]) -> None:
         self.metrics = metrics
         self.node = node
         self.model = model
         self.sent_at = sent_at
         self.streamed = streamed
-        self.speed = speed
         self.clock = clock
         self.first_byte_s: float | None = None
+        self.predicted_per_second: float | None = None
 
     async def watch(self, status: int, content_type: bytes | None,
                     chunks: AsyncIterator[bytes]) -> AsyncIterator[bytes]:
-        """``chunks`` unchanged; a 200 answer is timed (SSE only) and read for its numbers."""
+        """``chunks`` unchanged; a 200 answer is timed (SSE only) and read for llama-server's
+        numbers as it passes (``history.timings``: never the whole body)."""
         timed = status == 200 and self.streamed and (content_type or b"").startswith(
             SSE_CONTENT_TYPE)
+        parser = None if status != 200 else TimingsParser(
+            None if content_type is None else content_type.decode("latin-1"))
         async for chunk in chunks:
             if self.first_byte_s is None and chunk:
                 self.first_byte_s = self.clock() - self.sent_at
                 if timed:
                     self.metrics.ttft.labels(self.node, self.model).observe(self.first_byte_s)
-            if self.speed is not None and status == 200:
-                self.speed.feed(chunk)
+            if parser is not None:
+                parser.feed(chunk)
             yield chunk
-        if self.speed is not None and status == 200:
-            rate = self.speed.predicted_per_second()
-            if rate is not None and rate > 0:
-                self.metrics.tokens_per_s.labels(self.node, self.model).observe(rate)
+        numbers = None if parser is None else parser.numbers()
+        rate = None if numbers is None else numbers.predicted_per_second
+        if rate is not None and rate > 0:
+            self.predicted_per_second = rate
+            self.metrics.tokens_per_s.labels(self.node, self.model).observe(rate)
