@@ -18,7 +18,10 @@ Module map:
   established relay (its epoll loop in ``tcp_routes.relay_thread``; a failure ends its
   relays as broken and hands new ones to the trio engine); ``tcp_routes.idle``: the idle
   timeouts both engines apply.
-- ``http_routes/``: HTTP-aware routes (``protocol = "http"``) on the same drivers.
+- ``http_routes/``: HTTP-aware routes (``protocol = "http"``) on the same drivers;
+  ``http_routes.knowledge``: what each node serves (its agent's list, its last
+  ``/v1/models`` answer), kept in ``state_dir``; ``http_routes.poll_answers`` and
+  ``http_routes.polls``: the proxy's own answers to no-wake polls and when one goes through.
 - ``history/``: what the proxy saw, in SQLite on this box. ``history.records``: the rows;
   ``history.store``: the ``Recorder`` the request path calls and its one writer thread;
   ``history.query``: reading rows back; ``history.timings``: llama-server's numbers from a

@@ -57,7 +57,11 @@ def build_app(proxy: Proxy) -> App:
         except EventError as exc:
             raise HTTPError(400, f"bad event: {exc}") from exc
         node = driver(message.node)
-        if message.event == "suspending":
+        if message.models is not None:
+            proxy.knowledge.from_agent(node.name, message.models)
+        if message.event == "models":
+            allowed, reason = True, "models noted"
+        elif message.event == "suspending":
             verdict = node.suspending()
             allowed, reason = verdict.allowed, verdict.reason
         else:

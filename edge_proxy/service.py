@@ -24,6 +24,7 @@ from edge_proxy.alerts.runner import AlertRunner
 from edge_proxy.control import build_app
 from edge_proxy.errors import ListenError, LoadFailed
 from edge_proxy.history.store import NullRecorder, Recorder, open_recorder
+from edge_proxy.http_routes.knowledge import ModelKnowledge
 from edge_proxy.http_routes.service import HttpRoutes
 from edge_proxy.loading import AgentClient, ModelGate, ModelLoader
 from edge_proxy.metrics import ProxyMetrics
@@ -76,8 +77,10 @@ class Proxy:
         # nodes with an agent (agent_url): their models on demand, loaded one at a time each
         self.loader = ModelLoader(self._agent_load, lambda node: self.cfg.nodes[node].load_timeout_s)
         self.gates: dict[str, ModelGate] = {}
+        # What each node serves; read at start from state_dir, which a reload does not move.
+        self.knowledge = ModelKnowledge(cfg.state_dir)
         self.http_routes = HttpRoutes(self.metrics.registry,  # protocol = "http" listeners
-                                      recorder=recorder, gates=self.gates)
+                                      self.knowledge, recorder=recorder, gates=self.gates)
         self.alerts = AlertRunner(cfg.alerts, self.metrics.registry,
                                   wake_failures=self._wake_failures)
         # With history on, what nodes report becomes rows of it (the newest also in memory).
@@ -153,6 +156,8 @@ class Proxy:
             log.warning("control.listen changed to %s; that takes a restart", cfg.control.listen)
         if cfg.history != self.cfg.history:
             log.warning("[history] changed; that takes a restart")
+        if cfg.state_dir != self.cfg.state_dir:
+            log.warning("state_dir changed to %s; that takes a restart", cfg.state_dir)
         await self._apply(cfg, initial=False)
         self.app.token = cfg.control.token
         self.alerts.reconfigure(cfg.alerts)
@@ -244,7 +249,8 @@ class Proxy:
             "connections_open": self.counts.open,
             "relay_engine": self._engine_status(),
             "held_total": self.counts.held_total,
-            "nodes": {name: d.status() for name, d in sorted(self.drivers.items())},
+            "nodes": {name: d.status() | {"models": list(self.knowledge.ids(name))}
+                      for name, d in sorted(self.drivers.items())},
             "routes": [{"listen": r.cfg.listen, "node": r.cfg.node,
                         "backend_port": r.cfg.backend_port, "ready": r.cfg.ready,
                         "addresses": [f"{h}:{p}" for h, p in r.addresses]}

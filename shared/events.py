@@ -14,7 +14,14 @@ holds new connections for the node instead of forwarding them to a dying backend
 proxy takes the node as asleep at once instead of waiting for probes to time out. A proxy that
 does not know it answers 400, which the agent logs and ignores (probes still find out).
 ``resumed``: the node is back from sleep (its services may still be starting).
-``ready``: the node's services are ready; held connections are released at once.
+``ready``: the node's services are ready; held connections are released at once. The agent
+also sends ``models`` and ``ready`` when it starts, so a proxy that took the node for asleep
+sees it come up by itself.
+``models``: the node's model list changed (a reload, an instance enabled or disabled); nothing
+else changes. Every event may carry ``models``, the ids the node serves (what its instances
+list at ``GET /v1/models``), so the proxy can list them while the node sleeps. An event without
+it says nothing about the models (older agents); a proxy that does not know the field or the
+``models`` event answers 400, and the agent then sends its events without it.
 
 Both directions are plain JSON objects; ``decode_*`` validate every field and raise
 ``EventError`` with one line naming the field, so a malformed message never half-applies.
@@ -29,10 +36,13 @@ from typing import Any, Literal, get_args
 from shared.errors import LlamanapError
 
 EVENTS_PATH = "/v1/events"
-EventKind = Literal["suspending", "resumed", "ready", "suspended"]
+EventKind = Literal["suspending", "resumed", "ready", "suspended", "models"]
 EVENT_KINDS: tuple[str, ...] = get_args(EventKind)
 MAX_REASON_CHARS = 500  # reasons go into logs; a longer one is a bug on the sending side
 MAX_NODE_CHARS = 100
+# A node serves a handful of models; a list this long is a bug, and the proxy keeps it on disk.
+MAX_MODELS = 256
+MAX_MODEL_ID_CHARS = 512  # ids are names or file paths (llama-server without --alias)
 
 
 class EventError(LlamanapError):
@@ -46,9 +56,13 @@ class NodeEvent:
     event: EventKind
     node: str
     reason: str = ""
+    models: tuple[str, ...] | None = None  # None: not said (the field is left out)
 
     def encode(self) -> bytes:
-        return json.dumps(asdict(self)).encode()
+        obj: dict[str, Any] = {"event": self.event, "node": self.node, "reason": self.reason}
+        if self.models is not None:
+            obj["models"] = list(self.models)
+        return json.dumps(obj).encode()
 
 
 @dataclass(frozen=True)
@@ -70,13 +84,31 @@ class EventReply:
 def decode_event(data: bytes | str | Any) -> NodeEvent:
     """Parse and validate an event (raw JSON or an already-parsed object)."""
     obj = _parse(data)
-    _only_keys(obj, {"event", "node", "reason"})
+    _only_keys(obj, {"event", "node", "reason", "models"})
     kind = obj.get("event")
     if kind not in EVENT_KINDS:
         raise EventError(f"event: found {kind!r}; allowed: {', '.join(EVENT_KINDS)}")
     node = _string(obj, "node", required=True, limit=MAX_NODE_CHARS)
     reason = _string(obj, "reason", required=False, limit=MAX_REASON_CHARS)
-    return NodeEvent(kind, node, reason)
+    models = None if obj.get("models") is None else check_models(obj["models"])
+    if kind == "models" and models is None:
+        raise EventError("models: missing; a models event lists the node's model ids")
+    return NodeEvent(kind, node, reason, models)
+
+
+def check_models(value: Any, where: str = "models") -> tuple[str, ...]:
+    """A list of distinct, non-empty model ids within the bounds; raises ``EventError``."""
+    if not isinstance(value, list | tuple):
+        raise EventError(f"{where}: found {type(value).__name__}; expected a list of model ids")
+    if len(value) > MAX_MODELS:
+        raise EventError(f"{where}: {len(value)} ids; at most {MAX_MODELS} allowed")
+    for i, item in enumerate(value):
+        if not isinstance(item, str) or not item or not item.isprintable():
+            raise EventError(f"{where}[{i}]: found {item!r}; expected a non-empty one-line string")
+        if len(item) > MAX_MODEL_ID_CHARS:
+            raise EventError(f"{where}[{i}]: {len(item)} characters; at most "
+                             f"{MAX_MODEL_ID_CHARS} allowed")
+    return tuple(dict.fromkeys(value))
 
 
 def decode_reply(data: bytes | str | Any) -> EventReply:

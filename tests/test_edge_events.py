@@ -42,3 +42,31 @@ def test_bad_replies_name_the_field(change: dict[str, object], message: str) -> 
     good = {"node": "n", "allowed": True, "state": "AWAKE", "in_flight": 0, "held": 0}
     with pytest.raises(EventError, match="^" + message):
         decode_reply({**good, **change})
+
+
+def test_events_may_carry_the_nodes_models() -> None:
+    event = NodeEvent("ready", "gpubox", "qwen READY", ("qwen", "llama"))
+    assert decode_event(event.encode()) == event
+    assert b'"models"' not in NodeEvent("ready", "gpubox").encode()  # older proxies take it
+    assert decode_event({"event": "ready", "node": "n", "models": None}).models is None
+    assert decode_event({"event": "models", "node": "n", "models": []}).models == ()
+    # a repeated id is listed once
+    assert decode_event({"event": "ready", "node": "n", "models": ["a", "a"]}).models == ("a",)
+
+
+@pytest.mark.parametrize(("models", "message"), [
+    ("qwen", "models: found str; expected a list of model ids"),
+    ([1], "models[0]: found 1; expected a non-empty one-line string"),
+    ([""], "models[0]: found ''"),
+    (["a\nb"], "models[0]: found 'a\\\\nb'"),
+    (["m"] * 300, "models: 300 ids; at most 256 allowed"),
+    (["x" * 600], "models[0]: 600 characters; at most 512 allowed"),
+])
+def test_bad_model_lists_name_the_field(models: object, message: str) -> None:
+    with pytest.raises(EventError, match="^" + message.replace("[", r"\[")):
+        decode_event({"event": "ready", "node": "n", "models": models})
+
+
+def test_a_models_event_lists_models() -> None:
+    with pytest.raises(EventError, match=r"^models: missing"):
+        decode_event({"event": "models", "node": "n"})

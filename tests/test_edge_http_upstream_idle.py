@@ -151,7 +151,8 @@ async def healthy(url: str) -> None:
 async def test_a_sigstopped_llama_server_is_a_504_and_leaves_nothing_in_flight(
         tmp_path: Path, llama_server_bin: Path, tiny_model: Path) -> None:
     node = NodeSpec("box", "aa:bb:cc:dd:ee:01", free_port())
-    path = write_http_config(tmp_path, [node], free_port())
+    # every poll goes to the node (not only one per poll_refresh_s): the second is the probe
+    path = write_http_config(tmp_path, [node], free_port(), http="poll_refresh_s = 0")
     path.write_text(path.read_text().replace(
         'protocol = "http"\n', f'protocol = "http"\nupstream_idle_timeout_s = {IDLE_S}\n'))
     command = [llama_server_bin, "-m", tiny_model, "--host", LOOPBACK, "--port", str(node.port),

@@ -244,3 +244,27 @@ def test_agent_suspended_makes_the_node_asleep_at_once() -> None:
     m = machine(State.WAKING)  # held clients: the packets going out wake it
     assert m.handle(Event.AGENT_SUSPENDED, 101.0, "suspend") == []
     assert m.state is State.WAKING
+
+
+def test_an_asleep_node_is_probed_slowly_and_seen_up_without_a_packet() -> None:
+    slow = WakeTiming(wol_interval_s=2.0, wake_timeout_s=30.0, drain_timeout_s=60.0,
+                      asleep_probe_interval_s=60.0)
+    m = WakeMachine("box", slow, 100.0)
+    assert m.next_asleep_probe() is None  # UNKNOWN: the normal probes run
+    m.handle(Event.PROBE_TIMEOUT, 100.0, "connect timed out")
+    assert m.state is State.ASLEEP and not m.wants_probe()
+    assert m.next_asleep_probe() == 160.0
+    assert m.handle(Event.ASLEEP_PROBE_FAILED, 160.5, "connect timed out") == []
+    assert m.state is State.ASLEEP and m.next_asleep_probe() == 220.5
+    # someone switched the box on by hand: the next slow probe sees it ready
+    assert m.handle(Event.ASLEEP_PROBE_OK, 220.6, "GET /health answered 200") == [ReleaseHeld()]
+    assert m.state is State.AWAKE and m.packets == 0
+    assert m.next_asleep_probe() is None
+    # the slow probe is an ASLEEP thing only
+    with pytest.raises(IllegalWakeTransition, match="asleep_probe_ok is not allowed in state AWAKE"):
+        m.handle(Event.ASLEEP_PROBE_OK, 221.0)
+
+
+def test_without_an_interval_an_asleep_node_is_never_probed() -> None:
+    m = machine(State.ASLEEP)
+    assert m.next_asleep_probe() is None

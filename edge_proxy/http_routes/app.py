@@ -5,10 +5,14 @@ Per request, in order:
 0. ``intake.read_request`` reads the whole body and refuses, counted, what no node should
    see (an unknown HTTP version, ambiguous framing, a body too large, too slow or not JSON).
 1. ``GET /v1/models`` (or ``/models``) on a listener with several nodes: the union of every
-   node's list (live from awake nodes, else the last one seen, else config), never a wake.
+   node's list (live from awake nodes, else the last one seen, else what the proxy knows),
+   never a wake.
 2. The ``model`` field picks the node (``ModelTable.route``); an unknown model is a 404.
-3. A request matching a no-wake rule goes to an AWAKE node and its good answer is cached;
-   to any other node it is answered from the cache (503 + ``Retry-After`` without one).
+3. A request matching a no-wake rule goes to an AWAKE node once per ``poll_refresh_s`` (per
+   path; ``polls.PollGate``) and its good answer is cached; otherwise, and to any other node,
+   it is answered from the cache, a model list from what the proxy knows (``knowledge``), and
+   only a node the proxy knows nothing about answers 503 + ``Retry-After`` (and is woken once
+   to learn its models, ``learn_models_wake``).
 4. Any other request goes to an AWAKE node at once, else it is held while the node's one
    shared wake runs (streaming ones get SSE comments meanwhile), then sent; a wake that times
    out is a 504 in OpenAI's error shape.
@@ -53,8 +57,14 @@ from edge_proxy.http_routes.cache import MAX_CACHED_BODY_BYTES, ResponseCache, c
 from edge_proxy.http_routes.exchange import Exchange, Receive, Scope, Send
 from edge_proxy.http_routes.headers import header, request_headers, response_headers
 from edge_proxy.http_routes.intake import read_request
+from edge_proxy.http_routes.knowledge import ModelKnowledge
 from edge_proxy.http_routes.metrics import HttpMetrics, Refusals
 from edge_proxy.http_routes.models import ModelTable, Unroutable, requested_model, wants_stream
+from edge_proxy.http_routes.poll_answers import (
+    MODEL_LIST_PATHS,
+    NO_CACHE_RETRY_AFTER_S,
+    PollAnswers,
+)
 from edge_proxy.http_routes.rules import WakePolicy
 from edge_proxy.http_routes.upstream import Response, Upstream, read_capped
 from edge_proxy.loading import ModelGate, ModelNeed
@@ -64,9 +74,6 @@ from shared.config.edge import HttpOptions, RouteConfig
 
 log = logging.getLogger(__name__)
 
-MODEL_LIST_PATHS: Final = frozenset({"/v1/models", "/models"})
-# Polls answered 503 while the node sleeps and nothing is cached: come back in this long.
-NO_CACHE_RETRY_AFTER_S: Final = 30
 # The model-list union asks each awake node live; one slow node must not stall the page.
 MODELS_FETCH_TIMEOUT_S: Final = 5.0
 # An error answer relayed into an already-started SSE stream is read up to this size.
@@ -93,17 +100,18 @@ class HttpRouteApp:
     """Serves one listener. Every decision is made by the pure parts (rules, cache, models)."""
 
     def __init__(self, listen: str, backends: list[NodeBackend], options: HttpOptions,
-                 counts: ConnectionCounts, metrics: HttpMetrics, cache: ResponseCache | None = None,
-                 recorder: Recorder | None = None,
+                 counts: ConnectionCounts, metrics: HttpMetrics, knowledge: ModelKnowledge,
+                 cache: ResponseCache | None = None, recorder: Recorder | None = None,
                  gates: Mapping[str, ModelGate] | None = None) -> None:
         self.listen = listen
         self.recorder = recorder  # None: no history rows
         self.gates = gates or {}  # nodes with an agent: their models on demand (the proxy's)
         self.counts = counts
+        self.knowledge = knowledge
+        self.answers = PollAnswers(listen, metrics, knowledge, cache)
         self.metrics = metrics
         self.refusals = Refusals(listen, metrics)
         self.live: set[Exchange] = set()  # requests in flight (``in_flight``)
-        self.cache = cache or ResponseCache()
         self.table = ModelTable(())
         self.configure(backends, options)
 
@@ -116,6 +124,14 @@ class HttpRouteApp:
         learned = {n: ids for n, ids in self.table.learned.items() if n in self.backends}
         self.table = ModelTable(tuple(self.backends),
                                 {b.name: tuple(b.route.models) for b in backends}, learned)
+        self._sync_learned()
+
+    def _sync_learned(self) -> None:
+        """Route by what the proxy knows too (the agent's reports, answers before a restart)."""
+        for node in self.backends:
+            if ids := self.knowledge.ids(node):
+                self.table.learned[node] = tuple(dict.fromkeys(
+                    (*ids, *self.table.learned.get(node, ()))))
 
     def __repr__(self) -> str:
         return f"<HttpRouteApp {self.listen} {self.table!r}>"
@@ -178,6 +194,7 @@ class HttpRouteApp:
                 len(self.backends) > 1 or self._agent_listed()):
             await self._model_union(ex)
             return
+        self._sync_learned()
         asked = requested_model(body)
         decision = self.table.route(asked, lambda n: self.backends[n].is_awake())
         if isinstance(decision, Unroutable):
@@ -201,7 +218,7 @@ class HttpRouteApp:
 
     async def _forward_no_wake(self, ex: Exchange, backend: NodeBackend, body: bytes) -> None:
         key = cache_key(ex.method, ex.path, ex.query)
-        if backend.is_awake():
+        if self.answers.goes_through(backend, key, self.options.poll_refresh_s):
             try:
                 await self._relay(ex, backend, body, keep_as=key)
                 self._count(ex, backend, "relayed")
@@ -210,28 +227,7 @@ class HttpRouteApp:
                 # Not reported to the driver: that would start a wake, which polls must not.
                 log.info("route %s: poll %s %s not relayed: %s", self.listen, ex.method,
                          ex.path, exc.reason)
-        await self._answer_asleep(ex, backend, key)
-
-    async def _answer_asleep(self, ex: Exchange, backend: NodeBackend, key: str) -> None:
-        node, now = backend.name, trio.current_time()
-        cached = self.cache.lookup(node, key)
-        if cached is not None:
-            self.metrics.no_wake.labels(self.listen, node, "cache").inc()
-            ex.outcome("cache")
-            await ex.respond(cached.status, cached.replay_headers(node, now), cached.body)
-            return
-        if ex.path in MODEL_LIST_PATHS and self.table.served_by(node):
-            self.metrics.no_wake.labels(self.listen, node, "config").inc()
-            ex.outcome("cache")  # answered by the proxy from its config
-            body = json.dumps(self.table.listed(node)).encode()
-            await ex.respond(200, [(b"content-type", b"application/json")], body)
-            return
-        self.metrics.no_wake.labels(self.listen, node, "unavailable").inc()
-        ex.outcome("refused")
-        await ex.fail(503, f"node {node} is {backend.driver.state.name.lower()} and no answer to "
-                      f"{ex.method} {ex.path} has been seen yet; this request does not wake it",
-                      "service_unavailable",
-                      headers=[(b"retry-after", str(NO_CACHE_RETRY_AFTER_S).encode())])
+        await self.answers.answer(ex, backend, key)
 
     def _learn_from_agents(self) -> None:
         """Every model a node's agent listed, loaded or not, is one this listener serves."""
@@ -252,12 +248,11 @@ class HttpRouteApp:
             if gate is not None and gate.table.models:  # the agent's list has them all
                 answers[backend.name] = json.dumps(gate.table.openai_list()).encode()
                 return
-            if backend.is_awake():
+            if self.answers.goes_through(backend, key, self.options.poll_refresh_s):
                 with trio.move_on_after(MODELS_FETCH_TIMEOUT_S):
                     answers[backend.name] = await self.fetch_models(backend)
             if answers.get(backend.name) is None:
-                cached = self.cache.lookup(backend.name, key)
-                answers[backend.name] = cached.body if cached else None
+                answers[backend.name] = self.answers.known_models(backend.name, key)
 
         async with trio.open_nursery() as nursery:
             for backend in self.backends.values():
@@ -287,8 +282,7 @@ class HttpRouteApp:
 
     def _remember(self, backend: NodeBackend, method: str, path: str, key: str, status: int,
                   headers: list[tuple[bytes, bytes]], body: bytes) -> None:
-        self.cache.store(backend.name, key, status, headers, body, trio.current_time())
-        if status == 200 and method == "GET" and path in MODEL_LIST_PATHS:
+        if self.answers.remember(backend.name, method, path, key, status, headers, body):
             self.table.learn(backend.name, body)
 
     # ---- everything else: wake when needed -----------------------------------------------

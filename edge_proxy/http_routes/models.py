@@ -157,11 +157,6 @@ class ModelTable:
                     data.append(config_entry(model))
         return {"object": "list", "data": data}
 
-    def listed(self, node: str) -> dict[str, Any]:
-        """A ``/v1/models`` list of what ``node`` is known to serve, for when it sleeps and
-        no answer of its own was ever seen."""
-        return {"object": "list", "data": [config_entry(m) for m in self.served_by(node)]}
-
 
 def config_entry(model: str) -> dict[str, Any]:
     return {"id": model, "object": "model", "created": 0, "owned_by": CONFIG_OWNER}

@@ -22,6 +22,7 @@ from edge_proxy.admission import ConnectionCounts
 from edge_proxy.errors import ListenError
 from edge_proxy.history.store import Recorder
 from edge_proxy.http_routes.app import HttpRouteApp, NodeBackend
+from edge_proxy.http_routes.knowledge import ModelKnowledge
 from edge_proxy.http_routes.metrics import HttpMetrics
 from edge_proxy.http_routes.upstream import Upstream
 from edge_proxy.loading import ModelGate
@@ -59,7 +60,7 @@ class HttpListener:
     """One listening address in front of one or more nodes."""
 
     def __init__(self, routes: list[RouteConfig], drivers: Mapping[str, NodeDriver],
-                 counts: ConnectionCounts, metrics: HttpMetrics,
+                 counts: ConnectionCounts, metrics: HttpMetrics, knowledge: ModelKnowledge,
                  recorder: Recorder | None = None,
                  gates: Mapping[str, ModelGate] | None = None) -> None:
         if not routes:
@@ -69,7 +70,7 @@ class HttpListener:
         backends = [NodeBackend(r, drivers[r.node], _upstream(r, drivers[r.node]))
                     for r in routes]
         self.app = HttpRouteApp(self.listen, backends, self.options, counts, metrics,
-                                recorder=recorder, gates=gates)
+                                knowledge, recorder=recorder, gates=gates)
         self.counts = counts
         self.urls: list[str] = []
         self._stopping = trio.Event()

@@ -12,6 +12,7 @@ from prometheus_client import CollectorRegistry
 from edge_proxy.admission import ConnectionCounts
 from edge_proxy.errors import ListenError
 from edge_proxy.history.store import Recorder
+from edge_proxy.http_routes.knowledge import ModelKnowledge
 from edge_proxy.http_routes.metrics import HttpMetrics
 from edge_proxy.http_routes.server import HttpListener, group_http_routes
 from edge_proxy.loading import ModelGate
@@ -25,9 +26,11 @@ log = logging.getLogger(__name__)
 class HttpRoutes:
     """Starts a listener per group of ``protocol = "http"`` routes; ``stop()`` stops them all."""
 
-    def __init__(self, registry: CollectorRegistry, *, recorder: Recorder | None = None,
+    def __init__(self, registry: CollectorRegistry, knowledge: ModelKnowledge, *,
+                 recorder: Recorder | None = None,
                  gates: Mapping[str, ModelGate] | None = None) -> None:
         self.metrics = HttpMetrics(registry)
+        self.knowledge = knowledge
         self.recorder = recorder
         self.gates = gates  # nodes with an agent: their models on demand (the proxy's)
         self.listeners: dict[str, HttpListener] = {}
@@ -52,8 +55,8 @@ class HttpRoutes:
                     self.listeners[key].update(routes, drivers)
                     self._routes[key] = routes
                 continue
-            listener = HttpListener(routes, drivers, counts, self.metrics, self.recorder,
-                                    self.gates)
+            listener = HttpListener(routes, drivers, counts, self.metrics, self.knowledge,
+                                    self.recorder, self.gates)
             try:
                 await services.start(listener.serve)
             except ListenError as exc:

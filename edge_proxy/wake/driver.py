@@ -93,7 +93,7 @@ class NodeDriver:
     @staticmethod
     def _timing(cfg: NodeConfig) -> WakeTiming:
         return WakeTiming(cfg.wol_interval_s, cfg.wake_timeout_s, cfg.drain_timeout_s,
-                          cfg.wake_cooldown_s)
+                          cfg.wake_cooldown_s, cfg.asleep_probe_interval_s)
 
     def update(self, cfg: NodeConfig) -> None:
         """Take a reloaded config; the state and held connections stay."""
@@ -146,7 +146,7 @@ class NodeDriver:
         while True:
             changed = self._changed
             if not self.machine.wants_probe():
-                await changed.wait()
+                await self._probe_asleep(changed)
                 continue
             generation = self.machine.generation
             event, reason = await self._check_backends()
@@ -157,6 +157,18 @@ class NodeDriver:
                 changed = self._changed
                 with trio.move_on_after(self.cfg.probe_interval_s):
                     await changed.wait()
+
+    async def _probe_asleep(self, changed: trio.Event) -> None:
+        """Wait for a change, or run the slow probe of an ASLEEP node when it is due."""
+        due = self.machine.next_asleep_probe()
+        with trio.move_on_at(math.inf if due is None else due):
+            await changed.wait()
+            return
+        generation = self.machine.generation
+        event, reason = await self._check_backends()
+        if generation == self.machine.generation and self.machine.state is State.ASLEEP:
+            self.apply(Event.ASLEEP_PROBE_OK if event is Event.PROBE_OK
+                       else Event.ASLEEP_PROBE_FAILED, reason)
 
     async def _check_backends(self) -> tuple[Event, str]:
         """All backends with held connections (else all of the node's) must be ready."""

@@ -19,6 +19,11 @@ connect times out). A refused connection proves the host is up, so it never make
 ASLEEP while a wake is running; magic packets continue anyway (a NIC that is up ignores
 them, and the host may be on its way down).
 
+An ASLEEP node is probed at a slow interval (``asleep_probe_interval_s``; a connect does not
+wake a sleeping NIC, only a magic packet does): one that passes (``ASLEEP_PROBE_OK``) came up
+by itself or by hand and is AWAKE, so polls and requests reach it without a wake;
+``ASLEEP_PROBE_FAILED`` only schedules the next one.
+
 A wake that times out starts a cooldown of ``wake_cooldown_s``: while it lasts, a new held
 connection fails at once with the same error (saying how long ago and for how much longer)
 instead of starting a second wake; frontends fire follow-up requests right after the user saw
@@ -64,6 +69,8 @@ class Event(enum.Enum):
     AGENT_READY = "ready"
     AGENT_SUSPENDED = "suspended"  # the agent is running the suspend command now
     WAKE_NOW = "wake_now"  # an operator asked for a magic packet now
+    ASLEEP_PROBE_OK = "asleep_probe_ok"  # the slow probe of an ASLEEP node passed
+    ASLEEP_PROBE_FAILED = "asleep_probe_failed"  # it did not: still asleep (or not serving)
 
 
 @dataclass(frozen=True)
@@ -100,6 +107,7 @@ class WakeTiming:
     wake_timeout_s: float
     drain_timeout_s: float
     wake_cooldown_s: float = 0.0  # after a failed wake, held connections fail at once
+    asleep_probe_interval_s: float = 0.0  # probe an ASLEEP node this often (0: never)
 
 
 @dataclass(frozen=True)
@@ -145,6 +153,7 @@ class WakeMachine:
     _slot: int = field(init=False, default=0)  # packets of this wake are due at start + slot * interval
     _failed: FailedWake | None = field(init=False, default=None)  # set only while ASLEEP after it
     _refused: str = field(init=False, default="")  # the last "up, not ready" probe of this wake
+    _next_asleep_probe: float = field(init=False, default=0.0)
 
     def __post_init__(self) -> None:
         self._since = self.now
@@ -180,6 +189,12 @@ class WakeMachine:
         return (f"wake of {self.name} failed {now - self._failed.at:.0f} s ago "
                 f"({self._failed.detail}); not retrying for another "
                 f"{math.ceil(self.cooldown_left(now)):.0f} s")
+
+    def next_asleep_probe(self) -> float | None:
+        """When the slow probe of an ASLEEP node is due (None: not ASLEEP, or never)."""
+        if self.state is not State.ASLEEP or self.timing.asleep_probe_interval_s <= 0:
+            return None
+        return self._next_asleep_probe
 
     def wants_probe(self) -> bool:
         """Whether the driver should run readiness probes now."""
@@ -223,6 +238,8 @@ class WakeMachine:
         self._since = now
         self.generation += 1
         self._failed = None  # any move after a failed wake ends its cooldown
+        if new is State.ASLEEP:
+            self._next_asleep_probe = now + self.timing.asleep_probe_interval_s
 
     def _start_wake(self, now: float, reason: str, actions: list[Action], *, packet: bool) -> None:
         self._move(State.WAKING, now, reason)
@@ -350,6 +367,12 @@ class WakeMachine:
         if self.state is not State.AWAKE:
             self._awake(now, "agent ready: " + reason, actions)
 
+    def _on_asleep_probe_ok(self, now: float, reason: str, actions: list[Action]) -> None:
+        self._awake(now, "seen up while asleep: " + reason, actions)
+
+    def _on_asleep_probe_failed(self, now: float, reason: str, actions: list[Action]) -> None:
+        self._next_asleep_probe = now + self.timing.asleep_probe_interval_s
+
     def _on_wake_now(self, now: float, reason: str, actions: list[Action]) -> None:
         if self.state in (State.ASLEEP, State.UNKNOWN):
             self._start_wake(now, "wake requested: " + reason, actions, packet=True)
@@ -380,4 +403,7 @@ for _state in (_S.UNKNOWN, _S.AWAKE, _S.DRAINING):
     _TABLE[_state, _E.PROBE_REFUSED] = WakeMachine._on_refused
     _TABLE[_state, _E.PROBE_TIMEOUT] = WakeMachine._on_timeout
 _TABLE[_S.WAKING, _E.PROBE_REFUSED] = WakeMachine._on_refused_waking  # keep waiting
+# The slow probe runs only while ASLEEP; the driver drops a result once the state moved.
+_TABLE[_S.ASLEEP, _E.ASLEEP_PROBE_OK] = WakeMachine._on_asleep_probe_ok
+_TABLE[_S.ASLEEP, _E.ASLEEP_PROBE_FAILED] = WakeMachine._on_asleep_probe_failed
 _TABLE[_S.WAKING, _E.PROBE_TIMEOUT] = WakeMachine._nothing

@@ -11,13 +11,14 @@ from __future__ import annotations
 import ipaddress
 import logging
 import os
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence, Set
 from dataclasses import dataclass, field
 from typing import Protocol
 
 import psutil
 import trio
 
+from inference_node.power.proxy_addresses import ProxyAddresses, normal_ip
 from inference_node.process_tree import with_descendants
 
 log = logging.getLogger(__name__)
@@ -70,18 +71,22 @@ class InstanceStartingCheck:
 class ConnectionsCheck:
     """Client TCP connections open to an instance's port (an idle keep-alive counts too).
 
-    Connections the agent itself opened (health checks, /slots polls) do not count.
+    Connections the agent itself opened (health checks, /slots polls) do not count, nor those
+    from the edge proxy (``proxy``: its probes, pooled and polling connections; the proxy
+    vetoes a suspend itself while it relays anything).
     """
 
     ports: Callable[[], Iterable[int]]
+    proxy: ProxyAddresses | None = None
     name: str = "connections"
 
     async def check(self) -> str | None:
         ports = set(self.ports())
         if not ports:
             return None
+        ignored = await self.proxy.resolve() if self.proxy is not None else set()
         conns = await trio.to_thread.run_sync(_established_tcp)
-        return connection_reason(conns, ports, os.getpid())
+        return connection_reason(conns, ports, os.getpid(), ignored)
 
 
 def _established_tcp() -> list[psutil._common.sconn]:
@@ -92,8 +97,10 @@ def _established_tcp() -> list[psutil._common.sconn]:
                 if c.status == psutil.CONN_ESTABLISHED]
 
 
-def connection_reason(conns: Sequence[psutil._common.sconn], ports: set[int], own_pid: int) -> str | None:
-    """Pure part of ``ConnectionsCheck``: count server-side connections not opened by us."""
+def connection_reason(conns: Sequence[psutil._common.sconn], ports: set[int], own_pid: int,
+                      ignored: Set[str] = frozenset()) -> str | None:
+    """Pure part of ``ConnectionsCheck``: count server-side connections not opened by us
+    nor from an ``ignored`` address."""
     ours = {(c.laddr.ip, c.laddr.port) for c in conns if c.pid == own_pid and c.laddr}
     peers: dict[int, list[str]] = {}
     for c in conns:
@@ -102,6 +109,8 @@ def connection_reason(conns: Sequence[psutil._common.sconn], ports: set[int], ow
         if (c.raddr.ip, c.raddr.port) in ours and _is_loopback(c.raddr.ip):
             continue
         if c.pid == own_pid:  # our own client side of a loopback connection
+            continue
+        if ignored and normal_ip(c.raddr.ip) in ignored:
             continue
         peers.setdefault(c.laddr.port, []).append(c.raddr.ip)
     if not peers:

@@ -7,13 +7,18 @@
 
 A suspend that fails (the command fails, or no resume is seen) restarts the instances, tells the
 proxy, is reported in status, and backs off before the next try.
+
+At start the agent announces itself: its models at once, then ``ready`` as instances become
+READY, so a proxy that took the node for asleep (it started first, or the node came up by
+hand) relays to it instead of waking it. Every event carries the node's models; when
+they change (a reload, an instance enabled or disabled) a ``models`` event says so.
 """
 
 from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -33,6 +38,8 @@ log = logging.getLogger(__name__)
 # How long instances may take to become READY after a resume before the proxy is told `ready`
 # anyway (the proxy then falls back to its own readiness probes, so nothing is lost).
 READY_WAIT_S = 600.0
+# A models event the proxy did not take is tried again after this long, not every round.
+MODELS_RETRY_S = 60.0
 HISTORY_LEN = 20  # suspend/resume records kept for `status`
 
 
@@ -116,8 +123,12 @@ class PowerManager:
         resume_timeout_s: float = 120.0,
         watch_system: bool = True,
         clock: Callable[[], float] = trio.current_time,
+        starting: Callable[[], Iterable[str]] | None = None,
     ) -> None:
+        """``starting``: the instances the agent starts with, before the supervisor has them
+        (default ``instances.enabled_names``)."""
         self.cfg = cfg
+        self.starting = starting or instances.enabled_names
         self.checks = list(checks)
         self.instances = instances
         self.suspender = suspend
@@ -134,6 +145,9 @@ class PowerManager:
         self.history: list[CycleRecord] = []
         self.last_error = ""
         self._ready_send, self._ready_recv = trio.open_memory_channel[str](math.inf)
+        self._ready_now: set[str] = set()  # instances READY now (for the start announcement)
+        self._ready_changed = trio.Event()
+        self._models_retry_at = -math.inf
         self._poke = trio.Event()
 
     # -- inputs from other parts of the agent -------------------------------------------------
@@ -142,6 +156,11 @@ class PowerManager:
         """Supervisor state listener: READY instances are announced to the proxy while resuming."""
         if getattr(new, "name", str(new)) == "READY":
             self._ready_send.send_nowait(instance)
+            self._ready_now.add(instance)
+        else:
+            self._ready_now.discard(instance)
+        changed, self._ready_changed = self._ready_changed, trio.Event()
+        changed.set()
 
     def reconfigure(self, cfg: PowerSection, checks: Sequence[Check],
                     suspend: SuspendAction | None = None) -> None:
@@ -198,6 +217,7 @@ class PowerManager:
             if self.watch_system:
                 nursery.start_soon(watch_clock_gap, self.resume)
                 nursery.start_soon(watch_logind, self.resume)
+            nursery.start_soon(self._announce_start)
             task_status.started()
             while True:
                 await self.step()
@@ -218,6 +238,7 @@ class PowerManager:
         now = self.clock()
         if state is PowerState.FAILED and now >= self.policy.not_before:
             self.machine.apply(PowerEvent.RETRY, now, "backoff over")
+        await self._models_changed()
         reasons = await gather_reasons(self.checks)
         self.verdict = self.policy.observe(self.clock(), reasons)
         if self.verdict.suspend and self.cfg.enabled and self.machine.can(PowerEvent.IDLE):
@@ -329,6 +350,38 @@ class PowerManager:
             log.warning("power: %s not READY after %.0f s", ", ".join(sorted(waiting)), READY_WAIT_S)
         if total == 0:
             await self._tell_proxy("ready", "no instances enabled")
+
+    async def _announce_start(self) -> None:
+        """At start, ``ready`` as each enabled instance becomes READY (the first round sends
+        the models). Not ``resumed``: that starts a wake at the proxy, whose magic packets
+        would go out for as long as the models load, to a host that is up."""
+        announced: set[str] = set()
+        with trio.move_on_after(READY_WAIT_S):
+            while True:
+                waiting = set(self.instances.enabled_names()) or set(self.starting())
+                for name in sorted((self._ready_now & waiting) - announced):
+                    announced.add(name)
+                    await self._tell_proxy("ready", f"node-agent started: {name} READY "
+                                           f"({len(announced)}/{len(waiting)})")
+                if not waiting:
+                    await self._tell_proxy("ready", "node-agent started; no instances enabled")
+                if waiting <= announced:
+                    return
+                await self._ready_changed.wait()
+
+    async def _models_changed(self) -> None:
+        """Send ``models`` when the node's list differs from the one the proxy last took."""
+        proxy = self.proxy
+        if proxy is None or proxy.models is None or self.clock() < self._models_retry_at:
+            return
+        if tuple(proxy.models()) == proxy.sent_models:
+            return
+        try:
+            await proxy.send("models", "the model list changed")
+        except ProxyUnreachable as exc:
+            self._models_retry_at = self.clock() + MODELS_RETRY_S
+            log.warning("power: could not send the model list to the proxy: %s (next try in "
+                        "%.0f s)", exc, MODELS_RETRY_S)
 
     async def _tell_proxy(self, event: EventKind, reason: str) -> None:
         if self.proxy is None:

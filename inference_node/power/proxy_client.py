@@ -1,8 +1,14 @@
-"""The agent's side of the event protocol: tell the edge proxy what the node is doing."""
+"""The agent's side of the event protocol: tell the edge proxy what the node is doing.
+
+Every event carries the node's model ids (``models``, when a source is given), so the proxy
+can list them while the node sleeps. A proxy from before that field answers 400 naming it;
+the client then sends its events without it for the rest of its life.
+"""
 
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable, Sequence
 
 import httpx
 
@@ -16,9 +22,12 @@ log = logging.getLogger(__name__)
 class ProxyClient:
     """Sends ``suspending`` / ``resumed`` / ``ready`` for one node to the configured proxy."""
 
-    def __init__(self, cfg: ProxySection, node: str) -> None:
+    def __init__(self, cfg: ProxySection, node: str,
+                 models: Callable[[], Sequence[str]] | None = None) -> None:
         self.cfg = cfg
         self.node = node
+        self.models = models  # the ids the node serves now; None: events carry no models
+        self.sent_models: tuple[str, ...] | None = None  # in the last event the proxy took
         self.url = cfg.url.rstrip("/") + EVENTS_PATH
         # Made once, here: building a client (its TLS context) takes ~30 ms of CPU that would
         # otherwise stall the event loop on every event, on the wake path. No kept-alive
@@ -34,11 +43,16 @@ class ProxyClient:
         headers = {"content-type": "application/json"}
         if self.cfg.token is not None:
             headers["authorization"] = f"Bearer {self.cfg.token.reveal()}"
-        body = NodeEvent(event, self.node, reason[:400]).encode()
-        try:
-            response = await self._client.post(self.url, content=body, headers=headers)
-        except httpx.HTTPError as exc:
-            raise ProxyUnreachable(f"proxy {self.cfg.url}: {type(exc).__name__}: {exc}") from exc
+        models = None if self.models is None else tuple(self.models())
+        response = await self._post(NodeEvent(event, self.node, reason[:400], models), headers)
+        if response.status_code == 400 and models is not None and b"models" in response.content:
+            log.warning("proxy %s does not take model lists (%s); sending events without "
+                        "them (upgrade the proxy so it lists this node's models while it "
+                        "sleeps)", self.cfg.url, response.text[:200].strip())
+            self.models = models = None
+            if event == "models":
+                raise ProxyUnreachable(f"proxy {self.cfg.url} does not take model lists")
+            response = await self._post(NodeEvent(event, self.node, reason[:400]), headers)
         if response.status_code == 401:
             raise ProxyUnreachable(f"proxy {self.cfg.url} refused the token (401); "
                                    "check proxy.token_file against the proxy's control token")
@@ -49,6 +63,14 @@ class ProxyClient:
             reply = decode_reply(response.content)
         except EventError as exc:
             raise ProxyUnreachable(f"proxy {self.cfg.url} sent a bad reply: {exc}") from exc
+        if models is not None:
+            self.sent_models = models
         log.info("proxy: %s -> allowed=%s state=%s in_flight=%d held=%d %s", event, reply.allowed,
                  reply.state, reply.in_flight, reply.held, reply.reason)
         return reply
+
+    async def _post(self, event: NodeEvent, headers: dict[str, str]) -> httpx.Response:
+        try:
+            return await self._client.post(self.url, content=event.encode(), headers=headers)
+        except httpx.HTTPError as exc:
+            raise ProxyUnreachable(f"proxy {self.cfg.url}: {type(exc).__name__}: {exc}") from exc

@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 import trio
 
 from inference_node.activity.service import ActivityView
+from inference_node.power.announce import served_models
 from inference_node.power.checks import (
     ApiInhibitCheck,
     Check,
@@ -34,8 +35,10 @@ from inference_node.power.manager import (
     PstateRelease,
     SuspendAction,
 )
+from inference_node.power.proxy_addresses import ProxyAddresses, proxy_hosts
 from inference_node.power.proxy_client import ProxyClient
 from inference_node.supervisor.state import State
+from inference_node.supervisor.supervisor import autostarts
 from shared.config.node import NodeAgentConfig, PowerSection
 from shared.http import HTTPError, Request, Response
 
@@ -84,7 +87,7 @@ def build_checks(config: NodeAgentConfig, registry: InhibitRegistry, instances: 
         checks.append(ForeignGpuProcessCheck(gpu.gpu_processes, gpu.instance_pids))
     if cfg.watch_connections:
         ports = [i.effective_port for i in config.instances.values() if i.enabled]
-        checks.append(ConnectionsCheck(lambda: ports))
+        checks.append(ConnectionsCheck(lambda: ports, ProxyAddresses(proxy_hosts(config))))
     if cfg.watch_logged_in_users:
         checks.append(LoggedInUsersCheck())
     if cfg.watch_inhibitor_locks:
@@ -112,12 +115,14 @@ class PowerService:
         self.gpu = gpu
         self.inhibits = InhibitRegistry()
         self._fixed_suspend = suspend is not None
+        self._instances_cfg = config.instances  # what the model ids are read from
         self.manager = PowerManager(
             config.power, self._checks(config), instances,
             suspend or command_suspend(config.power),
-            proxy=ProxyClient(config.proxy, config.agent.node) if config.proxy else None,
+            proxy=ProxyClient(config.proxy, config.agent.node, self._models)
+            if config.proxy else None,
             pstates=pstates, resume_timeout_s=config.power.resume_timeout_s,
-            watch_system=watch_system)
+            watch_system=watch_system, starting=self._starting)
 
     def __repr__(self) -> str:
         return f"<PowerService {self.manager.machine!r}>"
@@ -137,12 +142,27 @@ class PowerService:
     def on_reload(self, config: NodeAgentConfig) -> None:
         """Hand the manager the new ``[power]`` settings and the checks built from them."""
         power = config.power
+        self._instances_cfg = config.instances
         suspend = None if self._fixed_suspend else command_suspend(power)
         self.manager.reconfigure(power, self._checks(config), suspend)
         proxy = self.manager.proxy
         if (config.proxy is None) != (proxy is None) or (
                 config.proxy is not None and proxy is not None and config.proxy != proxy.cfg):
             log.warning("reload: [proxy] changed; restart node-agent to apply it")
+
+    def _models(self) -> tuple[str, ...]:
+        """The ids the node serves now (its enabled instances), sent with every event; from
+        config until the supervisor has the instances (at agent start)."""
+        rows = self.instances.snapshot()
+        enabled = [row.name for row in rows if row.enabled] if rows else \
+            [name for name, cfg in self._instances_cfg.items() if cfg.enabled]
+        return served_models(self._instances_cfg, enabled)
+
+    def _starting(self) -> list[str]:
+        """The instances the agent starts by itself, from config (the start announcement
+        waits for them before the supervisor has them)."""
+        return [name for name, cfg in self._instances_cfg.items()
+                if cfg.enabled and autostarts(cfg)]
 
     def collectors(self) -> list[Collector]:
         return []

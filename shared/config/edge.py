@@ -123,6 +123,11 @@ class NodeConfig:
     load_timeout_s: float = setting(300.0, min=0.1, max=86400,
                                     help="a request for an on-demand model waits this long "
                                     "for the agent to load it")
+    asleep_probe_interval_s: float = setting(
+        60.0, min=0, max=86400,
+        help="probe an ASLEEP node this often to see it come up by itself (0: never)")
+    learn_models_wake: bool = setting(
+        True, help="wake the node once to learn its models when nothing tells what it serves")
 
     def check(self, ctx: Context, key: str) -> None:
         check_host(self.host, ctx, f"{key}.host")
@@ -187,6 +192,10 @@ class HttpOptions:
     max_request_bytes: int = setting(64 << 20, min=1024, max=1 << 31)
     request_body_timeout_s: float = setting(
         30.0, min=0.01, max=3600, help="time to receive a request body once its head is in")
+    poll_refresh_s: float = setting(
+        30.0, min=0, max=86400,
+        help="an awake node gets one no-wake poll per path this often; the rest are answered "
+             "from the last answer (0: relay every poll)")
 
     def check(self, ctx: Context, key: str) -> None:
         for i, rule in enumerate(self.no_wake):
@@ -329,6 +338,8 @@ class EdgeConfig:
     limits: LimitsConfig = setting(default_factory=LimitsConfig)
     alerts: AlertsConfig = setting(default_factory=AlertsConfig)
     history: HistoryConfig = setting(default_factory=HistoryConfig)
+    state_dir: Path | None = setting(
+        None, help="where the proxy keeps what each node serves across restarts")
     log_level: Literal["debug", "info", "warning", "error"] = "info"
 
     def check(self, ctx: Context, key: str) -> None:

@@ -290,9 +290,13 @@ class PowerSection:
     watch_logged_in_users: bool = False
     watch_inhibitor_locks: bool = False
     busy_command: Argv | None = setting(None, help="exit 0 means busy; its stdout is the reason")
+    ignore_connections_from: list[str] | None = setting(
+        None, help="hosts whose connections are not use (default: the [proxy] url's host)")
 
     def check(self, ctx: Context, key: str) -> None:
         split_command(self.suspend_command, ctx, f"{key}.suspend_command")
+        for i, host in enumerate(self.ignore_connections_from or []):
+            check_host(host, ctx, f"{key}.ignore_connections_from[{i}]")
         if self.busy_command is not None:
             split_command(self.busy_command, ctx, f"{key}.busy_command")
 

@@ -43,11 +43,12 @@ class NodeSpec:
 
 def write_http_config(tmp_path: Path, nodes: Sequence[NodeSpec], wol_port: int, *,
                       http: str = "", node_extra: str = "", listen: str = "127.0.0.1:0",
-                      routed: Sequence[NodeSpec] | None = None) -> Path:
+                      routed: Sequence[NodeSpec] | None = None, top: str = "") -> Path:
     """A real TOML file: each node with its own MAC, one ``protocol = "http"`` route per node
     (or per node in ``routed``), all on the one ``listen`` (so one listener fronts them all).
-    ``http`` is the body of the first route's ``[routes.http]`` table."""
-    text = f'log_level = "debug"\n[control]\nlisten = "127.0.0.1:0"\ntoken = "{TOKEN}"\n'
+    ``http`` is the body of the first route's ``[routes.http]`` table; ``top`` is TOML put
+    before the tables."""
+    text = f'log_level = "debug"\n{top}\n[control]\nlisten = "127.0.0.1:0"\ntoken = "{TOKEN}"\n'
     for n in nodes:
         text += f"""
 [nodes.{n.name}]
