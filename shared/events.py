@@ -134,15 +134,20 @@ def decode_reply(data: bytes | str | Any) -> EventReply:
     )
 
 
-def _parse(data: bytes | str | Any) -> dict[str, Any]:
+def parse_object(data: bytes | str | Any, error: type[LlamanapError]) -> dict[str, Any]:
+    """Raw JSON (or an already-parsed value) as a JSON object; ``error`` with one line if not."""
     if isinstance(data, bytes | str):
         try:
             data = json.loads(data)
         except (ValueError, UnicodeDecodeError) as exc:
-            raise EventError(f"not valid JSON: {exc}") from exc
+            raise error(f"not valid JSON: {exc}") from exc
     if not isinstance(data, dict):
-        raise EventError(f"found {type(data).__name__}; expected a JSON object")
+        raise error(f"found {type(data).__name__}; expected a JSON object")
     return data
+
+
+def _parse(data: bytes | str | Any) -> dict[str, Any]:
+    return parse_object(data, EventError)
 
 
 def _only_keys(obj: dict[str, Any], allowed: set[str]) -> None:

@@ -35,6 +35,7 @@ from dataclasses import asdict, dataclass
 from typing import Any, Final, Literal, get_args
 
 from shared.errors import LlamanapError
+from shared.events import parse_object
 
 REPORTS_PATH: Final = "/v1/reports"
 RecordKind = Literal["gpu", "instance", "cycle"]
@@ -227,14 +228,7 @@ def decode_reply(data: bytes | str | Any) -> ReportReply:
 
 
 def _parse(data: bytes | str | Any) -> dict[str, Any]:
-    if isinstance(data, bytes | str):
-        try:
-            data = json.loads(data)
-        except (ValueError, UnicodeDecodeError) as exc:
-            raise ReportError(f"not valid JSON: {exc}") from exc
-    if not isinstance(data, dict):
-        raise ReportError(f"found {type(data).__name__}; expected a JSON object")
-    return data
+    return parse_object(data, ReportError)
 
 
 def _key(where: str, key: str) -> str:

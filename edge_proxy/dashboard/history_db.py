@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import datetime as dt
+import sqlite3
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
@@ -62,7 +63,13 @@ class DatabaseHistory:
         if not self.path.exists():
             return []
         with query.open_readonly(self.path) as conn:
-            return read(conn)
+            try:
+                return read(conn)
+            except sqlite3.OperationalError as exc:
+                # The writer creates the file a moment before its tables: nothing recorded yet.
+                if "no such table" in str(exc):
+                    return []
+                raise
 
     def requests(self, since: float, until: float, *, node: str | None = None,
                  model: str | None = None, limit: int | None = None) -> Sequence[Row]:

@@ -53,12 +53,7 @@ class ProxyClient:
             if event == "models":
                 raise ProxyUnreachable(f"proxy {self.cfg.url} does not take model lists")
             response = await self._post(NodeEvent(event, self.node, reason[:400]), headers)
-        if response.status_code == 401:
-            raise ProxyUnreachable(f"proxy {self.cfg.url} refused the token (401); "
-                                   "check proxy.token_file against the proxy's control token")
-        if response.status_code != 200:
-            raise ProxyUnreachable(f"proxy {self.cfg.url} answered {response.status_code}: "
-                                   f"{response.text[:200]}")
+        check_answer(self.cfg.url, response)
         try:
             reply = decode_reply(response.content)
         except EventError as exc:
@@ -74,3 +69,14 @@ class ProxyClient:
             return await self._client.post(self.url, content=event.encode(), headers=headers)
         except httpx.HTTPError as exc:
             raise ProxyUnreachable(f"proxy {self.cfg.url}: {type(exc).__name__}: {exc}") from exc
+
+
+def check_answer(url: str, response: httpx.Response, path: str = "") -> None:
+    """Raise ``ProxyUnreachable`` (one line) unless the proxy at ``url`` answered 200."""
+    if response.status_code == 401:
+        raise ProxyUnreachable(f"proxy {url} refused the token (401); "
+                               "check proxy.token_file against the proxy's control token")
+    if response.status_code != 200:
+        to = f" to {path}" if path else ""
+        raise ProxyUnreachable(f"proxy {url} answered {response.status_code}{to}: "
+                               f"{response.text[:200]}")

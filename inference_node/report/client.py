@@ -5,6 +5,7 @@ from __future__ import annotations
 import httpx
 
 from inference_node.errors import ProxyUnreachable
+from inference_node.power.proxy_client import check_answer
 from shared.config.node import ProxySection
 from shared.reports import REPORTS_PATH, ReportBatch, ReportError, ReportReply, decode_reply
 
@@ -31,12 +32,7 @@ class ReportClient:
             response = await self._client.post(self.url, content=batch.encode(), headers=headers)
         except httpx.HTTPError as exc:
             raise ProxyUnreachable(f"proxy {self.cfg.url}: {type(exc).__name__}: {exc}") from exc
-        if response.status_code == 401:
-            raise ProxyUnreachable(f"proxy {self.cfg.url} refused the token (401); "
-                                   "check proxy.token_file against the proxy's control token")
-        if response.status_code != 200:
-            raise ProxyUnreachable(f"proxy {self.cfg.url} answered {response.status_code} to "
-                                   f"{REPORTS_PATH}: {response.text[:200]}")
+        check_answer(self.cfg.url, response, REPORTS_PATH)
         try:
             reply = decode_reply(response.content)
         except ReportError as exc:
