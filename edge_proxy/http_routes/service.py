@@ -85,7 +85,7 @@ class HttpRoutes:
                         "requests_in_flight": sum(in_flight.values()),
                         # keyed by backend: the node's name, or NODE:PORT for a node
                         # with several routes here
-                        "nodes": {key: {"backend_port": b.route.backend_port,
+                        "nodes": {key: {"node": b.name, "backend_port": b.route.backend_port,
                                         "models": list(listener.app.table.served_by(key)),
                                         "in_flight": in_flight.get(key, 0)}
                                   for key, b in listener.app.backends.items()}})
