@@ -2,10 +2,9 @@
 
 ``protocol = "http"`` routes with the same ``listen`` string form one listener that routes
 by model across their backends: nodes, or instances of one node on different ports
-(``group_http_routes``). Besides the server, the listener runs
-each node's upstream pool janitor and a learner that fetches a node's ``/v1/models`` each
-time it becomes AWAKE, so model routing and the poll cache are filled even before a client
-asks.
+(``group_http_routes``). Besides the server, the listener runs each backend's upstream pool
+janitor and a learner that fetches its ``/v1/models`` each time its node becomes AWAKE, so
+model routing and the poll cache are filled even before a client asks.
 """
 
 from __future__ import annotations
@@ -100,7 +99,8 @@ class HttpListener:
         old = self.app.backends
         backends = []
         for route, key in zip(routes, _keys(routes), strict=True):
-            prev = old.get(key)  # (its learner keeps the key: a backend whose key changed is new)
+            # by key: a backend whose key changed starts afresh (its learner holds the old one)
+            prev = old.get(key)
             if prev is not None and prev.route.backend_port == route.backend_port \
                     and prev.driver is drivers[route.node]:
                 backends.append(NodeBackend(route, prev.driver, prev.upstream, key))

@@ -85,8 +85,8 @@ class HttpRoutes:
                         "requests_in_flight": sum(in_flight.values()),
                         # keyed by backend: the node's name, or NODE:PORT for a node
                         # with several routes here
-                        "nodes": {key: {"node": b.name, "backend_port": b.route.backend_port,
-                                        "models": list(listener.app.table.served_by(key)),
-                                        "in_flight": in_flight.get(key, 0)}
-                                  for key, b in listener.app.backends.items()}})
+                        "nodes": {k: {"node": b.name, "backend_port": b.route.backend_port,
+                                      "models": list(listener.app.table.served_by(k)),
+                                      "in_flight": in_flight.get(k, 0)}
+                                  for k, b in listener.app.backends.items()}})
         return out
