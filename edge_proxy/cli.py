@@ -123,7 +123,8 @@ def format_status(status: dict[str, Any]) -> str:
     lines.append("")
     for r in status["routes"]:
         if r.get("protocol") == "http":
-            nodes = ", ".join(f"{name}:{n['backend_port']}" for name, n in r["nodes"].items())
+            nodes = ", ".join(f"{n.get('node', name)}:{n['backend_port']}"
+                              for name, n in r["nodes"].items())
             busy = ", ".join(f"{name} {n['in_flight']}" for name, n in r["nodes"].items()
                              if n.get("in_flight"))
             flying = r.get("requests_in_flight", 0)

@@ -143,10 +143,13 @@ class NodeModels:
         hold for it), if the agent said which port that is."""
         return next((m.id for m in self.models.values() if m.port == port), None)
 
-    def openai_list(self) -> dict[str, Any]:
-        """Every model, loaded or not, as an OpenAI model list (what ``/v1/models`` lists)."""
+    def openai_list(self, port: int | None = None) -> dict[str, Any]:
+        """Every model, loaded or not, as an OpenAI model list (what ``/v1/models`` lists);
+        with ``port``, only those of the instance on that port (and those whose port the
+        agent did not say)."""
         return {"object": "list", "data": [{"id": m.id, "object": "model", "owned_by": "llamanap"}
-                                           for m in self.models.values()]}
+                                           for m in self.models.values()
+                                           if port is None or m.port in (None, port)]}
 
 
 class AgentClient:

@@ -12,6 +12,7 @@ from edge_proxy.dashboard.summary import (
     build_summary,
     downsample,
     live_segment,
+    served_models,
     wake_steps,
 )
 
@@ -24,6 +25,14 @@ def status(state: str = "AWAKE", active: int = 0, in_state_s: float = 30.0) -> d
             "routes": [{"listen": "a", "node": "gpubox"},
                        {"protocol": "http", "nodes": {"gpubox": {"models": ["qwen", "tiny"]}}},
                        {"protocol": "http", "nodes": {"gpubox": {"models": ["tiny"]}}}]}
+
+
+def test_models_of_one_node_behind_several_ports_of_a_listener_are_the_nodes() -> None:
+    routes = {"routes": [{"protocol": "http", "nodes": {
+        "gpubox:8081": {"node": "gpubox", "models": ["chat"]},
+        "gpubox:8082": {"node": "gpubox", "models": ["coder"]},
+        "other": {"node": "other", "models": ["chat"]}}}]}
+    assert served_models(routes) == {"gpubox": ["chat", "coder"], "other": ["chat"]}
 
 
 def test_the_live_state_ends_the_timeline_and_busy_means_relaying() -> None:

@@ -170,6 +170,15 @@ def test_status_table_shows_tcp_and_http_routes() -> None:
     assert "route 0.0.0.0:8000 -> box:8081 (http)" in lines
 
 
+def test_status_table_names_each_port_of_a_node_behind_one_http_route() -> None:
+    status = {"nodes": {}, "routes": [{
+        "listen": "0.0.0.0:8000", "protocol": "http", "urls": [], "requests_in_flight": 1,
+        "nodes": {"box:8081": {"node": "box", "backend_port": 8081, "in_flight": 1},
+                  "box:8082": {"node": "box", "backend_port": 8082, "in_flight": 0}}}]}
+    assert "route 0.0.0.0:8000 -> box:8081, box:8082 (http, 1 request(s) in flight: " \
+        "box:8081 1)" in format_status(status).splitlines()
+
+
 def test_status_table_says_when_a_failed_wake_may_be_retried() -> None:
     status = {"nodes": {"box": {
         "state": "ASLEEP", "time_in_state_s": 12.0, "held": 0, "active": 0,

@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 
 from edge_proxy.http_routes import group_http_routes
+from edge_proxy.http_routes.models import backend_keys
 from shared.config.edge import DEFAULT_NO_WAKE, HttpOptions, load_edge_config
 from shared.errors import ConfigError
 
@@ -25,8 +26,8 @@ wol = { broadcast = "127.0.0.1" }
 
 
 def route(node: str, listen: str = "127.0.0.1:8080", protocol: str = "http",
-          extra: str = "") -> str:
-    return (f'\n[[routes]]\nlisten = "{listen}"\nnode = "{node}"\nbackend_port = 8080\n'
+          extra: str = "", port: int = 8080) -> str:
+    return (f'\n[[routes]]\nlisten = "{listen}"\nnode = "{node}"\nbackend_port = {port}\n'
             f'protocol = "{protocol}"\n{extra}\n')
 
 
@@ -60,6 +61,24 @@ def test_http_routes_to_different_nodes_share_a_listener(tmp_path: Path) -> None
                                   + route("b") + route("a", listen="127.0.0.1:8081")))
     groups = group_http_routes(cfg.routes)
     assert [[r.node for r in rs] for rs in groups.values()] == [["a", "b"], ["a"]]
+
+
+def test_http_routes_to_one_node_on_different_ports_share_a_listener(tmp_path: Path) -> None:
+    cfg = load_edge_config(_write(tmp_path, route("a", extra='models = ["chat"]')
+                                  + route("a", port=8081, extra='models = ["coder"]')
+                                  + route("b")))
+    groups = group_http_routes(cfg.routes)
+    assert [[(r.node, r.backend_port) for r in rs] for rs in groups.values()] == [
+        [("a", 8080), ("a", 8081), ("b", 8080)]]
+    assert backend_keys([(r.node, r.backend_port) for r in cfg.routes]) == [
+        "a:8080", "a:8081", "b"]
+
+
+def test_one_node_and_port_twice_on_a_listener_is_refused_naming_both_routes(
+        tmp_path: Path) -> None:
+    message = error(tmp_path, route("a") + route("a", port=8081) + route("a"))
+    assert message.startswith("routes[2].listen: 127.0.0.1:8080 is also routes[0].listen; use "
+                              "another port (both go to node a backend_port 8080; ")
 
 
 def test_on_port_zero_a_repeated_node_gets_a_listener_of_its_own(tmp_path: Path) -> None:

@@ -133,3 +133,37 @@ async def test_a_model_learned_while_awake_still_routes_once_its_node_sleeps(
                 assert packets_for(packets, alpha.mac) >= 1
                 assert packets_for(packets, beta.mac) == 0
             nursery.cancel_scope.cancel()
+
+
+async def test_one_listener_routes_by_model_to_the_port_of_one_node_that_serves_it(
+        tmp_path: Path, llama_server_bin: Path, tiny_model: Path) -> None:
+    # two llama-servers on one node, one route each on one listen address, no models in
+    # config: each port's own /v1/models says what it serves
+    chat_port = NodeSpec("box", "aa:bb:cc:dd:ee:0c", free_port())
+    coder_port = NodeSpec("box", "aa:bb:cc:dd:ee:0c", free_port())
+    packets = await PacketListener.open()
+    path = write_http_config(tmp_path, [chat_port], packets.port, routed=[chat_port, coder_port])
+    with trio.fail_after(TEST_TIMEOUT_S):
+        async with trio.open_nursery() as nursery, \
+                llama_on_port(llama_server_bin, tiny_model, chat_port.port,
+                              (*SERVER_ARGS, "--alias", "chat")), \
+                llama_on_port(llama_server_bin, tiny_model, coder_port.port,
+                              (*SERVER_ARGS, "--alias", "coder")):
+            nursery.start_soon(packets.run)
+            proxy: Proxy = await nursery.start(serve_proxy, load_edge_config(path))
+            await wait_state(proxy, "box", State.AWAKE)
+            async with httpx.AsyncClient(base_url=proxy.http_routes.url("127.0.0.1:0"),
+                                         timeout=TEST_TIMEOUT_S) as client:
+                while sorted(m["id"] for m in (await client.get("/v1/models")).json()["data"]) \
+                        != ["chat", "coder"]:
+                    await trio.sleep(0.05)
+                for model in ("chat", "coder", "chat"):
+                    answer = await client.post("/v1/chat/completions", json=chat(model))
+                    assert answer.status_code == 200, answer.text
+                    assert answer.json()["model"] == model
+            (route,) = [r for r in proxy.status()["routes"] if r.get("protocol") == "http"]
+            assert {key: (n["node"], n["backend_port"], n["models"])
+                    for key, n in route["nodes"].items()} == {
+                f"box:{chat_port.port}": ("box", chat_port.port, ["chat"]),
+                f"box:{coder_port.port}": ("box", coder_port.port, ["coder"])}
+            nursery.cancel_scope.cancel()

@@ -57,6 +57,16 @@ def test_model_list_is_parsed_with_states_and_the_ports_of_instances() -> None:
     assert parse_model_list(models)[0] == AgentModel("a", ModelState.LOADED, "ia")
 
 
+def test_the_models_of_one_port_are_its_instances_and_those_of_no_known_port() -> None:
+    table = NodeModels()
+    table.update([AgentModel("a", ModelState.LOADED, "ia", 8081),
+                  AgentModel("b", ModelState.UNLOADED, "ib", 8082),
+                  AgentModel("c", ModelState.UNLOADED, "ic")], now=0.0)
+    ids = {port: [m["id"] for m in table.openai_list(port)["data"]] for port in (8081, 8082)}
+    assert ids == {8081: ["a", "c"], 8082: ["b", "c"]}
+    assert [m["id"] for m in table.openai_list()["data"]] == ["a", "b", "c"]
+
+
 @pytest.mark.parametrize(("body", "problem"), [
     (b"<html>", "no models list (JSONDecodeError"),
     (b'{"data": []}', "no models list (KeyError"),

@@ -1,6 +1,6 @@
 """Models on demand through the proxy: a real node-agent with two on-demand instances of
 real llama-servers on tiny models and a memory budget that holds one, and a real proxy in
-front (one HTTP route per instance). The node "sleeps" by having no agent running; a magic
+front (one HTTP route per instance, each on a port of its own or all on one). The node "sleeps" by having no agent running; a magic
 packet starts it. Needs the agent's on-demand instances and API (inference_node.ondemand)."""
 
 from __future__ import annotations
@@ -55,15 +55,18 @@ def _no_library(name: str) -> Any:
     raise OSError(f"{name}: not on this test machine")
 
 
-def write_node(tmp_path: Path, binary: Path, wol_port: int, big: bool = False) -> Node:
-    """``big``: a third model, tiny-big, larger than the whole budget."""
+def write_node(tmp_path: Path, binary: Path, wol_port: int, big: bool = False,
+               one_url: bool = False) -> Node:
+    """``big``: a third model, tiny-big, larger than the whole budget; ``one_url``: every
+    route on one proxy port (routed by ``model``)."""
     ports, listens, instances = {}, {}, {}
+    shared = free_port()
     specs = {m: TinyModelSpec(n_embd=128, seed=i) for i, m in enumerate(MODELS)}
     if big:
         specs[BIG] = TinyModelSpec(n_embd=512, n_ff=2048, n_layer=8)
     for model, spec in specs.items():
         path = write_tiny_model(tmp_path / f"{model}.gguf", spec)
-        ports[model], listens[model] = free_port(), free_port()
+        ports[model], listens[model] = free_port(), shared if one_url else free_port()
         instances[model.replace("tiny-", "inst-")] = {
             "model": str(path), "binary": str(binary), "port": ports[model], "args": ARGS,
             "load": "on-demand", "models": [model], **FAST}
@@ -190,6 +193,38 @@ async def test_the_first_request_loads_a_model_and_the_other_model_evicts_it(
             assert 'result="ok"} 1.0' in await agent_metric(agent, 'model="tiny-b"')
             assert proxy.loader.loads == {("box", "tiny-a"): 1, ("box", "tiny-b"): 1}
             assert packets.packets == []  # an awake node is never sent a packet
+            nursery.cancel_scope.cancel()
+
+
+async def test_one_url_for_both_models_routes_each_request_to_its_instance(
+        tmp_path: Path, llama_server_bin: Path) -> None:
+    packets = await PacketListener.open()
+    node = write_node(tmp_path, llama_server_bin, packets.port, one_url=True)
+    (listen,) = set(node.listens.values())
+    url = f"http://{LOOPBACK}:{listen}"
+    with trio.fail_after(TEST_TIMEOUT_S):
+        async with trio.open_nursery() as nursery, agent_running(node.agent_cfg) as agent:
+            nursery.start_soon(packets.run)
+            proxy: Proxy = await nursery.start(serve_proxy, load_edge_config(node.proxy_cfg))
+            await wait_state(proxy, "box", State.AWAKE)
+            while await listed_by_proxy(url) != set(MODELS):
+                await trio.sleep(POLL_S)  # the union of both routes, learned from the agent
+            app = proxy.http_routes.listeners[f"127.0.0.1:{listen}"].app
+            # each model on the route whose backend_port is its instance's
+            assert {key: app.table.served_by(key) for key in app.backends} == {
+                f"box:{node.ports[m]}": (m,) for m in MODELS}
+            async with httpx.AsyncClient(timeout=TEST_TIMEOUT_S) as client:
+                for model in ("tiny-a", "tiny-b", "tiny-a"):
+                    answered(await client.post(f"{url}/v1/chat/completions",
+                                               json=chat(model)), model)
+                    other = next(m for m in MODELS if m != model)
+                    assert await instance_states(agent) == {model: "loaded",
+                                                            other: "unloaded"}
+                unknown = await client.post(f"{url}/v1/chat/completions", json=chat("tiny-c"))
+            assert unknown.status_code == 404
+            assert unknown.json()["error"]["code"] == "model_not_found"
+            assert proxy.loader.loads == {("box", "tiny-a"): 2, ("box", "tiny-b"): 1}
+            assert packets.packets == []
             nursery.cancel_scope.cancel()
 
 

@@ -53,7 +53,8 @@ def served_models(status: Mapping[str, Any]) -> dict[str, list[str]]:
     """Node -> the models its HTTP routes serve, from ``Proxy.status()``."""
     models: dict[str, list[str]] = defaultdict(list)
     for route in status.get("routes", []):
-        for name, entry in route.get("nodes", {}).items():
+        for key, entry in route.get("nodes", {}).items():
+            name = entry.get("node", key)  # keys are NODE:PORT for a node with several ports
             models[name] += [m for m in entry.get("models", []) if m not in models[name]]
     return dict(models)
 

@@ -7,7 +7,8 @@ Per request, in order:
 1. ``GET /v1/models`` (or ``/models``) on a listener with several nodes: the union of every
    node's list (live from awake nodes, else the last one seen, else what the proxy knows),
    never a wake.
-2. The ``model`` field picks the node (``ModelTable.route``); an unknown model is a 404.
+2. The ``model`` field picks the backend, a node and port (``ModelTable.route``); an unknown
+   model is a 404.
 3. A request matching a no-wake rule goes to an AWAKE node once per ``poll_refresh_s`` (per
    path; ``polls.PollGate``) and its good answer is cached; otherwise, and to any other node,
    it is answered from the cache, a model list from what the proxy knows (``knowledge``), and
@@ -82,11 +83,13 @@ MAX_ERROR_BODY_BYTES: Final = 64 * 1024
 
 @dataclass
 class NodeBackend:
-    """One node behind the listener: its route entry, wake driver and connection pool."""
+    """One route behind the listener: its node's wake driver, its connection pool, and its
+    key there (``models.backend_keys``: the node's name, or NODE:PORT)."""
 
     route: RouteConfig
     driver: NodeDriver
     upstream: Upstream
+    key: str
 
     @property
     def name(self) -> str:
@@ -94,6 +97,11 @@ class NodeBackend:
 
     def is_awake(self) -> bool:
         return self.driver.state is State.AWAKE
+
+    def agent_port(self) -> int | None:
+        """The port whose models this backend takes from its node's agent: its own when
+        its node has other routes on the listener, else None (all of them)."""
+        return self.route.backend_port if self.key != self.name else None
 
 
 class HttpRouteApp:
@@ -116,22 +124,24 @@ class HttpRouteApp:
         self.configure(backends, options)
 
     def configure(self, backends: list[NodeBackend], options: HttpOptions) -> None:
-        """Take the listener's (reloaded) nodes and options; what was learned about the nodes
-        that stay is kept. Requests already running finish with what they started with."""
-        self.backends = {b.name: b for b in backends}
+        """Take the listener's (reloaded) backends and options; what was learned about the
+        backends that stay is kept. Requests already running finish with what they started
+        with."""
+        self.backends = {b.key: b for b in backends}
         self.options = options
         self.policy = WakePolicy.from_texts(options.no_wake)
-        learned = {n: ids for n, ids in self.table.learned.items() if n in self.backends}
+        learned = {k: ids for k, ids in self.table.learned.items() if k in self.backends}
         self.table = ModelTable(tuple(self.backends),
-                                {b.name: tuple(b.route.models) for b in backends}, learned)
+                                {b.key: tuple(b.route.models) for b in backends}, learned)
         self._sync_learned()
 
     def _sync_learned(self) -> None:
-        """Route by what the proxy knows too (the agent's reports, answers before a restart)."""
-        for node in self.backends:
-            if ids := self.knowledge.ids(node):
-                self.table.learned[node] = tuple(dict.fromkeys(
-                    (*ids, *self.table.learned.get(node, ()))))
+        """Route by what the proxy knows too (the agent's reports, answers before a restart),
+        per backend key: a node with several ports here has its answers per port."""
+        for key in self.backends:
+            if ids := self.knowledge.ids(key):
+                self.table.learned[key] = tuple(dict.fromkeys(
+                    (*ids, *self.table.learned.get(key, ()))))
 
     def __repr__(self) -> str:
         return f"<HttpRouteApp {self.listen} {self.table!r}>"
@@ -158,8 +168,8 @@ class HttpRouteApp:
                 ex.log.finish(client_left=not ex.finished)
 
     def in_flight(self) -> dict[str, int]:
-        """Requests in flight per node (``""``: not routed to a node yet)."""
-        return dict(Counter(ex.node for ex in self.live))
+        """Requests in flight per backend key (``""``: not routed yet)."""
+        return dict(Counter(ex.backend for ex in self.live))
 
     async def _serve_counted(self, ex: Exchange) -> None:
         body = await read_request(ex, self.options, self.refusals, self.listen)
@@ -204,7 +214,7 @@ class HttpRouteApp:
                           code=decision.code)
             return
         backend = self.backends[decision.node]
-        ex.routed_to(backend.name, decision.model)
+        ex.routed_to(backend.name, decision.model, backend.key)
         preflight = header(ex.scope["headers"], b"access-control-request-method")
         if self.policy.may_wake(ex.method, ex.path,
                                 preflight.decode("latin-1") if preflight else None):
@@ -230,14 +240,17 @@ class HttpRouteApp:
         await self.answers.answer(ex, backend, key)
 
     def _learn_from_agents(self) -> None:
-        """Every model a node's agent listed, loaded or not, is one this listener serves."""
-        for name in self.backends:
-            gate = self.gates.get(name)
+        """Every model a node's agent listed, loaded or not, is one this listener serves (on
+        the backend whose port its instance listens on, where a node has several here)."""
+        for key, backend in self.backends.items():
+            gate = self.gates.get(backend.name)
             if gate is not None and gate.table.models:
-                self.table.learn(name, json.dumps(gate.table.openai_list()).encode())
+                listed = gate.table.openai_list(backend.agent_port())
+                self.table.learn(key, json.dumps(listed).encode())
 
     def _agent_listed(self) -> bool:
-        return any(name in self.gates and self.gates[name].table.models for name in self.backends)
+        return any(b.name in self.gates and self.gates[b.name].table.models
+                   for b in self.backends.values())
 
     async def _model_union(self, ex: Exchange) -> None:
         answers: dict[str, bytes | None] = {}
@@ -246,13 +259,14 @@ class HttpRouteApp:
         async def fetch(backend: NodeBackend) -> None:
             gate = self.gates.get(backend.name)
             if gate is not None and gate.table.models:  # the agent's list has them all
-                answers[backend.name] = json.dumps(gate.table.openai_list()).encode()
+                listed = gate.table.openai_list(backend.agent_port())
+                answers[backend.key] = json.dumps(listed).encode()
                 return
             if self.answers.goes_through(backend, key, self.options.poll_refresh_s):
                 with trio.move_on_after(MODELS_FETCH_TIMEOUT_S):
-                    answers[backend.name] = await self.fetch_models(backend)
-            if answers.get(backend.name) is None:
-                answers[backend.name] = self.answers.known_models(backend.name, key)
+                    answers[backend.key] = await self.fetch_models(backend)
+            if answers.get(backend.key) is None:
+                answers[backend.key] = self.answers.known_models(backend.key, key)
 
         async with trio.open_nursery() as nursery:
             for backend in self.backends.values():
@@ -282,8 +296,8 @@ class HttpRouteApp:
 
     def _remember(self, backend: NodeBackend, method: str, path: str, key: str, status: int,
                   headers: list[tuple[bytes, bytes]], body: bytes) -> None:
-        if self.answers.remember(backend.name, method, path, key, status, headers, body):
-            self.table.learn(backend.name, body)
+        if self.answers.remember(backend.key, method, path, key, status, headers, body):
+            self.table.learn(backend.key, body)
 
     # ---- everything else: wake when needed -----------------------------------------------
 

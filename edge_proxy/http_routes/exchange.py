@@ -30,10 +30,12 @@ class Exchange:
         self.status = 0
         self.finished = False
         self.node = ""  # the node the request goes to, once chosen
+        self.backend = ""  # its backend's key on the listener (models.backend_keys)
         self.model = ""  # the model label it is counted under (models.Routed.model)
 
-    def routed_to(self, node: str, model: str | None = None) -> None:
+    def routed_to(self, node: str, model: str | None = None, backend: str | None = None) -> None:
         self.node = node
+        self.backend = backend or node
         self.model = model or ""
         if self.log is not None:
             self.log.routed(node, model)

@@ -1,15 +1,19 @@
-"""Route by model across the nodes behind one listener: pure decisions, no I/O.
+"""Route by model across the backends behind one listener: pure decisions, no I/O.
 
-A listener fronts one or more nodes (in config order). Each node serves the models its route
-names in config (``models = [...]``) plus those learned from its own ``GET /v1/models``
-answers. A request's ``model`` field chooses the node; when several nodes serve a model, an
-awake one is preferred so that a sleeping box is not woken for nothing, then config order.
-With a single node the field is not checked: that node serves whatever it serves.
+A listener fronts one or more backends (in config order): a node and its ``backend_port``,
+one per route, keyed by the node's name, or ``NODE:PORT`` where a node has several routes on
+the listener (several instances behind one URL, ``backend_keys``). Each backend serves the
+models its route names in config (``models = [...]``) plus those learned from its own
+``GET /v1/models`` answers (or its node's agent, for the instance on its port). A request's
+``model`` field chooses the backend; when several serve a model, one on an awake node is
+preferred so that a sleeping box is not woken for nothing, then config order. With a single
+backend the field is not checked: it serves whatever it serves.
 """
 
 from __future__ import annotations
 
 import json
+from collections import Counter
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Final
@@ -28,7 +32,8 @@ JSON_BODY_PATHS: Final = frozenset({
 
 @dataclass(frozen=True)
 class Routed:
-    """The request goes to ``node``; ``model`` is the label to count it under."""
+    """The request goes to backend ``node`` (a key of ``backend_keys``); ``model`` is the
+    label to count it under."""
 
     node: str
     model: str
@@ -44,6 +49,13 @@ class Unroutable:
 
 
 Decision = Routed | Unroutable
+
+
+def backend_keys(backends: Sequence[tuple[str, int]]) -> list[str]:
+    """The key of each (node, backend_port) behind one listener: the node's name, or
+    ``NODE:PORT`` for a node with several routes there."""
+    count = Counter(node for node, _ in backends)
+    return [node if count[node] == 1 else f"{node}:{port}" for node, port in backends]
 
 
 def model_ids(body: bytes) -> list[str]:
@@ -104,7 +116,8 @@ def wants_stream(body: bytes) -> bool:
 
 @dataclass
 class ModelTable:
-    """The models each node behind one listener serves, from config and from live answers."""
+    """The models each backend behind one listener serves (keyed as ``backend_keys``), from
+    config and from live answers."""
 
     nodes: tuple[str, ...]
     configured: Mapping[str, Sequence[str]] = field(default_factory=dict)

@@ -1,6 +1,10 @@
 """The proxy's own answers to no-wake polls, for one listener: the last good answer (the
 cache), a model list from what the proxy knows (``knowledge``), or a 503 that also wakes a
-node nobody knows anything about, once, so it is known next time (``learn_models_wake``)."""
+node nobody knows anything about, once, so it is known next time (``learn_models_wake``).
+
+Answers, the poll gate and the knowledge are per backend key (``models.backend_keys``): the
+node's name, or NODE:PORT for a node with several ports on the listener, whose ports serve
+different models. Metrics, headers and messages name the node."""
 
 from __future__ import annotations
 
@@ -45,40 +49,40 @@ class PollAnswers:
     def goes_through(self, backend: NodeBackend, key: str, refresh_s: float) -> bool:
         """Whether this poll is relayed to the node: it is awake, and nothing was cached or
         the last poll for ``key`` went through ``refresh_s`` ago or more."""
-        cached = self.cache.lookup(backend.name, key) is not None
-        return backend.is_awake() and self.gate.claim(backend.name, key, trio.current_time(),
+        cached = self.cache.lookup(backend.key, key) is not None
+        return backend.is_awake() and self.gate.claim(backend.key, key, trio.current_time(),
                                                       refresh_s, cached=cached)
 
-    def remember(self, node: str, method: str, path: str, key: str, status: int,
+    def remember(self, backend_key: str, method: str, path: str, key: str, status: int,
                  headers: RawHeaders, body: bytes) -> bool:
-        """Keep a good answer; True when it was the node's model list."""
-        self.cache.store(node, key, status, headers, body, trio.current_time())
+        """Keep a good answer; True when it was the backend's model list."""
+        self.cache.store(backend_key, key, status, headers, body, trio.current_time())
         if status == 200 and method == "GET" and path in MODEL_LIST_PATHS:
-            self.knowledge.from_answer(node, body)
+            self.knowledge.from_answer(backend_key, body)
             return True
         return False
 
-    def known_models(self, node: str, key: str) -> bytes | None:
-        """The node's model list for the union: the cached answer, else what is known."""
-        cached = self.cache.lookup(node, key)
+    def known_models(self, backend_key: str, key: str) -> bytes | None:
+        """The backend's model list for the union: the cached answer, else what is known."""
+        cached = self.cache.lookup(backend_key, key)
         if cached is not None:
             return cached.body
-        listed = self.knowledge.model_list(node, ())
+        listed = self.knowledge.model_list(backend_key, ())
         return None if listed is None else json.dumps(listed).encode()
 
     async def answer(self, ex: Exchange, backend: NodeBackend, key: str) -> None:
         """Answer a poll without the node: cached, a known model list, else 503."""
         node, now = backend.name, trio.current_time()
-        cached = self.cache.lookup(node, key)
+        cached = self.cache.lookup(backend.key, key)
         if cached is not None:
             self.metrics.no_wake.labels(self.listen, node, "cache").inc()
             ex.outcome("cache")
             await ex.respond(cached.status, cached.replay_headers(node, now), cached.body)
             return
         if ex.path in MODEL_LIST_PATHS:
-            listed = self.knowledge.model_list(node, backend.route.models)
+            listed = self.knowledge.model_list(backend.key, backend.route.models)
             if listed is not None:
-                known = self.knowledge.get(node)
+                known = self.knowledge.get(backend.key)
                 self.metrics.no_wake.labels(self.listen, node, "config").inc()
                 ex.outcome("cache")  # answered by the proxy from what it knows
                 await ex.respond(200, [

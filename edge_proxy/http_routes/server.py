@@ -1,10 +1,10 @@
 """An HTTP-aware listener: hypercorn (trio worker) serving one ``HttpRouteApp``.
 
 ``protocol = "http"`` routes with the same ``listen`` string form one listener that routes
-by model across their nodes (``group_http_routes``). Besides the server, the listener runs
-each node's upstream pool janitor and a learner that fetches a node's ``/v1/models`` each
-time it becomes AWAKE, so model routing and the poll cache are filled even before a client
-asks.
+by model across their backends: nodes, or instances of one node on different ports
+(``group_http_routes``). Besides the server, the listener runs each backend's upstream pool
+janitor and a learner that fetches its ``/v1/models`` each time its node becomes AWAKE, so
+model routing and the poll cache are filled even before a client asks.
 """
 
 from __future__ import annotations
@@ -24,6 +24,7 @@ from edge_proxy.history.store import Recorder
 from edge_proxy.http_routes.app import HttpRouteApp, NodeBackend
 from edge_proxy.http_routes.knowledge import ModelKnowledge
 from edge_proxy.http_routes.metrics import HttpMetrics
+from edge_proxy.http_routes.models import backend_keys
 from edge_proxy.http_routes.upstream import Upstream
 from edge_proxy.loading import ModelGate
 from edge_proxy.wake.driver import NodeDriver
@@ -43,14 +44,16 @@ LISTEN_BACKLOG: Final = 0xFFFF
 
 def group_http_routes(routes: Iterable[RouteConfig]) -> dict[str, list[RouteConfig]]:
     """HTTP routes by listener, in config order: routes with the same ``listen`` string and
-    different nodes share one (the config check rejects a node twice on one fixed port; on
-    port 0 a repeated node starts another listener, keyed ``listen#N``)."""
+    different backends (node and backend_port) share one (the config check rejects a backend
+    twice on one fixed port; on port 0 a repeated backend starts another listener, keyed
+    ``listen#N``)."""
     groups: dict[str, list[RouteConfig]] = {}
     for route in routes:
         if route.protocol != "http":
             continue
         key, n = route.listen, 1
-        while any(r.node == route.node for r in groups.get(key, [])):
+        while any((r.node, r.backend_port) == (route.node, route.backend_port)
+                  for r in groups.get(key, [])):
             key, n = f"{route.listen}#{n}", n + 1
         groups.setdefault(key, []).append(route)
     return groups
@@ -67,15 +70,15 @@ class HttpListener:
             raise ValueError("an HTTP listener needs at least one route")
         self.listen = routes[0].listen
         self.options = next((r.http for r in routes if r.http is not None), HttpOptions())
-        backends = [NodeBackend(r, drivers[r.node], _upstream(r, drivers[r.node]))
-                    for r in routes]
+        backends = [NodeBackend(r, drivers[r.node], _upstream(r, drivers[r.node]), key)
+                    for r, key in zip(routes, _keys(routes), strict=True)]
         self.app = HttpRouteApp(self.listen, backends, self.options, counts, metrics,
                                 knowledge, recorder=recorder, gates=gates)
         self.counts = counts
         self.urls: list[str] = []
         self._stopping = trio.Event()
         self._backend_tasks: trio.Nursery | None = None
-        self._learners: dict[str, trio.CancelScope] = {}
+        self._learners: dict[int, trio.CancelScope] = {}  # by id() of the backend's upstream
 
     def __repr__(self) -> str:
         nodes = ", ".join(self.app.backends)
@@ -95,19 +98,20 @@ class HttpListener:
                         self.listen)
         old = self.app.backends
         backends = []
-        for route in routes:
-            prev = old.get(route.node)
+        for route, key in zip(routes, _keys(routes), strict=True):
+            # by key: a backend whose key changed starts afresh (its learner holds the old one)
+            prev = old.get(key)
             if prev is not None and prev.route.backend_port == route.backend_port \
                     and prev.driver is drivers[route.node]:
-                backends.append(NodeBackend(route, prev.driver, prev.upstream))
+                backends.append(NodeBackend(route, prev.driver, prev.upstream, key))
             else:
                 backends.append(NodeBackend(route, drivers[route.node],
-                                            _upstream(route, drivers[route.node])))
+                                            _upstream(route, drivers[route.node]), key))
         kept = {id(b.upstream) for b in backends}
         for prev in old.values():
             if id(prev.upstream) not in kept:
                 prev.upstream.retire()
-                self._learners.pop(prev.name).cancel()
+                self._learners.pop(id(prev.upstream)).cancel()
         self.app.configure(backends, options)
         self.options = options
         previous = {id(b.upstream) for b in old.values()}
@@ -155,7 +159,7 @@ class HttpListener:
     def _start_backend_tasks(self, backend: NodeBackend) -> None:
         """The backend's pool janitor, and its learner (cancelled when the node leaves)."""
         assert self._backend_tasks is not None, "serve() runs the backend tasks"
-        scope = self._learners[backend.name] = trio.CancelScope()
+        scope = self._learners[id(backend.upstream)] = trio.CancelScope()
         self._backend_tasks.start_soon(backend.upstream.run)
         self._backend_tasks.start_soon(self._learn, backend, scope)
 
@@ -168,6 +172,10 @@ class HttpListener:
                     learned_at = driver.machine.generation
                     await self.app.fetch_models(backend)
                 await trio.sleep(LEARN_POLL_S)
+
+
+def _keys(routes: list[RouteConfig]) -> list[str]:
+    return backend_keys([(r.node, r.backend_port) for r in routes])
 
 
 def _upstream(route: RouteConfig, driver: NodeDriver) -> Upstream:

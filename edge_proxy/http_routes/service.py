@@ -76,15 +76,17 @@ class HttpRoutes:
         return self.listeners[key].urls[0]
 
     def status(self) -> list[dict[str, Any]]:
-        """Each listener, with its requests in flight (all, and per node they were sent to;
+        """Each listener, with its requests in flight (all, and per backend they were sent to;
         the difference is requests still being read or answered by the proxy itself)."""
         out = []
         for key, listener in self.listeners.items():
             in_flight = listener.app.in_flight()
             out.append({"listen": key, "protocol": "http", "urls": listener.urls,
                         "requests_in_flight": sum(in_flight.values()),
-                        "nodes": {name: {"backend_port": b.route.backend_port,
-                                         "models": list(listener.app.table.served_by(name)),
-                                         "in_flight": in_flight.get(name, 0)}
-                                  for name, b in listener.app.backends.items()}})
+                        # keyed by backend: the node's name, or NODE:PORT for a node
+                        # with several routes here
+                        "nodes": {k: {"node": b.name, "backend_port": b.route.backend_port,
+                                      "models": list(listener.app.table.served_by(k)),
+                                      "in_flight": in_flight.get(k, 0)}
+                                  for k, b in listener.app.backends.items()}})
         return out

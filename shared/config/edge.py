@@ -21,7 +21,8 @@ ready = "http:/health"
 
 HTTP-aware routes (``protocol = "http"``) know which requests may wake a node: polls such as
 ``GET /v1/models`` are answered from the last good answer while it sleeps. Several of them on
-one ``listen`` form one listener that routes by the request's ``model`` across their nodes::
+one ``listen`` form one listener that routes by the request's ``model`` across their nodes, or
+across instances of one node on different ``backend_port``s::
 
     [[routes]]
     listen = "0.0.0.0:8000"
@@ -365,17 +366,24 @@ class EdgeConfig:
                     raise ctx.error(f"routes[{i}].listen", f"{route.listen} takes the port of "
                                     f"routes[{j}].listen ({other.listen}); use another port")
                 if not _shares_listener(other, route):
+                    both = f"both go to node {route.node} backend_port {route.backend_port}; " \
+                        if _backend(other) == _backend(route) else ""
                     raise ctx.error(f"routes[{i}].listen", f"{addr} is also routes[{j}].listen; "
-                                    'use another port (only protocol = "http" routes to '
-                                    "different nodes may share one)")
+                                    f"use another port ({both}only protocol = \"http\" routes to "
+                                    "different nodes or backend ports may share one)")
                 if None not in (other.http, route.http) and other.http != route.http:
                     raise ctx.error(f"routes[{i}].http", f"differs from routes[{j}].http on the "
                                     "same listener; set it on one of them only")
 
 
 def _shares_listener(a: RouteConfig, b: RouteConfig) -> bool:
-    """HTTP routes on one address form one listener that routes by model across nodes."""
-    return a.protocol == b.protocol == "http" and a.node != b.node
+    """HTTP routes on one address form one listener that routes by model across backends:
+    nodes, or instances of one node on different ports."""
+    return a.protocol == b.protocol == "http" and _backend(a) != _backend(b)
+
+
+def _backend(route: RouteConfig) -> tuple[str, int]:
+    return route.node, route.backend_port
 
 
 def load_edge_config(path: Path) -> EdgeConfig:
