@@ -69,11 +69,16 @@ def test_every_metric_the_dashboard_queries_exists_in_the_proxy(tmp_path: Path) 
 
 
 @pytest.mark.llama
+@pytest.mark.parametrize("history", [False, True], ids=["history off", "history on"])
 async def test_a_streamed_answer_is_timed_per_model_and_counted_by_outcome(
-        tmp_path: Path, llama_server_bin: Path, tiny_model: Path) -> None:
+        tmp_path: Path, llama_server_bin: Path, tiny_model: Path, history: bool) -> None:
     node = NodeSpec("box", "aa:bb:cc:dd:ee:01", free_port(), (MODEL_ALIAS,))
     packets = await PacketListener.open()
-    cfg = load_edge_config(write_http_config(tmp_path, [node], packets.port))
+    path = write_http_config(tmp_path, [node], packets.port)
+    if history:  # the meter then reads llama-server's numbers from the history row's parser
+        db = tmp_path / "history.sqlite3"
+        path.write_text(path.read_text() + f'\n[history]\nenabled = true\npath = "{db}"\n')
+    cfg = load_edge_config(path)
     args = ("-c", "512", "-np", "1", "-t", "1", "--alias", MODEL_ALIAS)
     labels = {"node": "box", "model": MODEL_ALIAS}
     chat = {"model": MODEL_ALIAS, "messages": [{"role": "user", "content": "hi"}],

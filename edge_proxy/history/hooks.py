@@ -29,7 +29,7 @@ from edge_proxy.history.records import (
     WakeRecord,
 )
 from edge_proxy.history.store import Recorder
-from edge_proxy.history.timings import TimingsParser
+from edge_proxy.history.timings import LlamaNumbers, TimingsParser
 
 # An open power-state interval is cut (recorded and restarted) after this long.
 MAX_INTERVAL_S: Final = 300.0
@@ -88,6 +88,10 @@ class RequestLog:
         if self._parser is not None:
             self._parser.feed(chunk)
 
+    def numbers(self) -> LlamaNumbers | None:
+        """llama-server's numbers in the body passed so far (None without any)."""
+        return self._parser.numbers() if self._parser is not None else None
+
     def finish(self, *, client_left: bool = False) -> None:
         """Record the row (once). Without an ``outcome`` set: ``client_left`` if the client
         went away, ``woke`` if it was held, else ``relayed``."""
@@ -97,7 +101,7 @@ class RequestLog:
         self.hold_ended()
         outcome: Outcome = self.outcome or (
             "client_left" if client_left else "woke" if self._held_s > 0 else "relayed")
-        numbers = self._parser.numbers() if self._parser is not None else None
+        numbers = self.numbers()
         self._recorder.record_request(RequestRecord(
             t=self._t, route=self.route, node=self.node, model=self.model, method=self.method,
             path=self.path, status=self._status, outcome=outcome, held_ms=self._held_s * 1000,

@@ -396,8 +396,11 @@ class HttpRouteApp:
                                                  backend.route.upstream_idle_timeout_s
                                                  ) as response:
                 out = response_headers(_lower(response.headers))
+                # With history on, the request's row reads llama-server's numbers from the
+                # same chunks on their way to the client: the meter takes them from there.
                 chunks = response.aiter_stream() if meter is None else meter.watch(
-                    response.status, header(out, b"content-type"), response.aiter_stream())
+                    response.status, header(out, b"content-type"), response.aiter_stream(),
+                    None if ex.log is None else ex.log.numbers)
                 if ex.started:  # SSE comments went out while the node woke
                     await self._continue_sse(ex, response, chunks)
                     return

@@ -21,7 +21,7 @@ from typing import Final
 import trio
 from prometheus_client import CollectorRegistry, Counter, Histogram
 
-from edge_proxy.history.timings import TimingsParser
+from edge_proxy.history.timings import LlamaNumbers, TimingsParser
 
 # A small model on a GPU answers in tens of ms; a big prompt on a CPU takes minutes.
 TTFT_BUCKETS_S: Final = (0.05, 0.1, 0.25, 0.5, 1.0, 2.0, 5.0, 10.0, 20.0, 30.0, 60.0, 120.0)
@@ -68,12 +68,16 @@ class ResponseMeter:
         self.predicted_per_second: float | None = None
 
     async def watch(self, status: int, content_type: bytes | None,
-                    chunks: AsyncIterator[bytes]) -> AsyncIterator[bytes]:
+                    chunks: AsyncIterator[bytes],
+                    numbers: Callable[[], LlamaNumbers | None] | None = None
+                    ) -> AsyncIterator[bytes]:
         """``chunks`` unchanged; a 200 answer is timed (SSE only) and read for llama-server's
-        numbers as it passes (``history.timings``: never the whole body)."""
+        numbers as it passes (``history.timings``: never the whole body). ``numbers``: where
+        they are read already (the request's history row, fed the same chunks); without it
+        the meter reads them itself."""
         timed = status == 200 and self.streamed and (content_type or b"").startswith(
             SSE_CONTENT_TYPE)
-        parser = None if status != 200 else TimingsParser(
+        parser = None if status != 200 or numbers is not None else TimingsParser(
             None if content_type is None else content_type.decode("latin-1"))
         async for chunk in chunks:
             if self.first_byte_s is None and chunk:
@@ -83,8 +87,9 @@ class ResponseMeter:
             if parser is not None:
                 parser.feed(chunk)
             yield chunk
-        numbers = None if parser is None else parser.numbers()
-        rate = None if numbers is None else numbers.predicted_per_second
+        found = (None if status != 200 else numbers() if numbers is not None
+                 else None if parser is None else parser.numbers())
+        rate = None if found is None else found.predicted_per_second
         if rate is not None and rate > 0:
             self.predicted_per_second = rate
             self.metrics.tokens_per_s.labels(self.node, self.model).observe(rate)
