@@ -178,9 +178,11 @@ async def test_the_openai_sdk_streams_and_not(
                 plain = client.chat.completions.create(
                     model=MODEL_ALIAS, messages=messages, max_tokens=4,  # type: ignore[arg-type]
                     extra_body={"ignore_eos": True})
+                # Greedy: a sampled answer of random byte tokens may hold every byte back
+                # until the end (no whole UTF-8 character before), and come as one chunk.
                 stream = client.chat.completions.create(
                     model=MODEL_ALIAS, messages=messages, max_tokens=6,  # type: ignore[arg-type]
-                    stream=True, extra_body={"ignore_eos": True})
+                    stream=True, temperature=0, extra_body={"ignore_eos": True})
                 finishes = [c.choices[0].finish_reason for c in stream if c.choices]
             return plain.choices[0].finish_reason, finishes, models
 
