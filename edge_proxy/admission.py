@@ -226,7 +226,8 @@ class Admission:
                     ) -> NotWoken | NotLoaded | LeftWhileHeld | None:
         """Count the connection as held while ``wait_ready`` runs; None once ready."""
         driver, counts = self.driver, self.counts
-        driver.hold(self.port)
+        model = None if self.model is None else self.model.model
+        driver.hold(self.port, model)
         counts.hold()
         hold = Hold()
         failure: NotWoken | NotLoaded | None = None
@@ -244,7 +245,7 @@ class Admission:
                     hold.release()
         finally:
             counts.unhold()
-            driver.unhold(self.port)
+            driver.unhold(self.port, model)
         if hold.left is not None:
             return LeftWhileHeld(hold.left)
         return failure

@@ -1,5 +1,6 @@
 """The control endpoint: ``GET /status``, ``GET /metrics``, agent events and reports,
-operator wakes.
+operator wakes, and what is held for a node (``GET /v1/nodes/NODE/held``, which a resuming
+agent asks so it starts those models first).
 
 Authentication: every path needs ``Authorization: Bearer TOKEN`` when ``control.token`` is set,
 except ``/metrics``, which is public so Prometheus can scrape without a secret (it holds
@@ -15,7 +16,7 @@ from typing import TYPE_CHECKING
 from edge_proxy.dashboard.history_db import DatabaseHistory
 from edge_proxy.dashboard.routes import PUBLIC_PATHS as DASHBOARD_PATHS
 from edge_proxy.dashboard.routes import dashboard_routes
-from shared.events import EVENTS_PATH, EventError, EventReply, decode_event
+from shared.events import EVENTS_PATH, HELD_PATH, EventError, EventReply, decode_event
 from shared.http import App, HTTPError, Request, Response, metrics_response
 from shared.reports import REPORTS_PATH, ReportError, decode_batch
 
@@ -70,6 +71,10 @@ def build_app(proxy: Proxy) -> App:
         reply = EventReply(node=node.name, allowed=allowed, state=node.state.name,
                            in_flight=node.active, held=node.held, reason=reason)
         return Response(200, reply.encode() + b"\n")
+
+    @app.route("GET", HELD_PATH)
+    async def held(req: Request) -> Response:
+        return Response(200, driver(req.params["node"]).held_work().encode() + b"\n")
 
     @app.route("POST", REPORTS_PATH)
     async def reports(req: Request) -> Response:

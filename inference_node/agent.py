@@ -204,9 +204,10 @@ def build_parts(agent: Agent, *, inventory: GpuInventory | None = None,
     pstates = PstateService(sup, activity, gpus, backend if backend is not None else NvapiBackend(),
                             config.pstate, watch_foreign=config.power.watch_foreign_gpu_processes)
     placement = PlacementService(gpus, config.placement.safety_margin_mib)
-    power = PowerService(config, sup, activity=activity, gpu=pstates,
-                         pstates=pstates.controller, suspend=suspend, watch_system=watch_system)
     ondemand = OnDemandService(sup, config, busy=activity.busy, gpus=gpus.snapshot)
+    power = PowerService(config, sup, activity=activity, gpu=pstates,
+                         pstates=pstates.controller, suspend=suspend, watch_system=watch_system,
+                         scheduler=ondemand)
     activity.add_listener(ondemand.on_busy)
     report = ReportService(config.agent.node, config.proxy, config.report, gpus,
                            wanted=lambda: {g["uuid"]: g["pstate_wanted"]

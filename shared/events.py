@@ -23,6 +23,11 @@ list at ``GET /v1/models``), so the proxy can list them while the node sleeps. A
 it says nothing about the models (older agents); a proxy that does not know the field or the
 ``models`` event answers 400, and the agent then sends its events without it.
 
+``GET HELD_PATH`` (the same token) answers what the proxy holds for a node right now, so a
+resuming agent starts those first: ``{"node": "gpubox", "models": ["qwen"], "ports": [8081]}``,
+the models held requests named and the backend ports held connections wait for. A proxy
+without the path answers 404; the agent then starts its instances in config order.
+
 Both directions are plain JSON objects; ``decode_*`` validate every field and raise
 ``EventError`` with one line naming the field, so a malformed message never half-applies.
 """
@@ -36,6 +41,7 @@ from typing import Any, Literal, get_args
 from shared.errors import LlamanapError
 
 EVENTS_PATH = "/v1/events"
+HELD_PATH = "/v1/nodes/{node}/held"
 EventKind = Literal["suspending", "resumed", "ready", "suspended", "models"]
 EVENT_KINDS: tuple[str, ...] = get_args(EventKind)
 MAX_REASON_CHARS = 500  # reasons go into logs; a longer one is a bug on the sending side
@@ -132,6 +138,32 @@ def decode_reply(data: bytes | str | Any) -> EventReply:
         held=counts[1],
         reason=_string(obj, "reason", required=False, limit=MAX_REASON_CHARS),
     )
+
+
+@dataclass(frozen=True)
+class HeldWork:
+    """What the proxy holds for one node: the models held requests asked for, and the
+    backend ports held connections wait for (both without repeats, most held first)."""
+
+    node: str
+    models: tuple[str, ...] = ()
+    ports: tuple[int, ...] = ()
+
+    def encode(self) -> bytes:
+        return json.dumps({"node": self.node, "models": list(self.models),
+                           "ports": list(self.ports)}).encode()
+
+
+def decode_held(data: bytes | str | Any) -> HeldWork:
+    """Parse and validate the proxy's answer at ``HELD_PATH``."""
+    obj = _parse(data)
+    _only_keys(obj, {"node", "models", "ports"})
+    ports = obj.get("ports", [])
+    if not isinstance(ports, list) or not all(
+            isinstance(p, int) and not isinstance(p, bool) and 0 < p < 65536 for p in ports):
+        raise EventError(f"ports: found {ports!r:.100}; expected a list of TCP ports")
+    return HeldWork(_string(obj, "node", required=True, limit=MAX_NODE_CHARS),
+                    check_models(obj.get("models", [])), tuple(dict.fromkeys(ports)))
 
 
 def parse_object(data: bytes | str | Any, error: type[LlamanapError]) -> dict[str, Any]:

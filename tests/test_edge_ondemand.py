@@ -5,14 +5,11 @@ packet starts it. Needs the agent's on-demand instances and API (inference_node.
 
 from __future__ import annotations
 
-import functools
 import importlib
 import json
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Final
+from typing import Final
 
 import httpx
 import pytest
@@ -21,15 +18,14 @@ import trio
 
 from edge_proxy.service import Proxy, serve_proxy
 from edge_proxy.wake.machine import State
-from inference_node.agent import Agent, Component, build_parts, run_agent
-from inference_node.gpu.inventory import NoGpus
-from inference_node.gpu.nvapi import NvapiBackend
+from inference_node.agent import Agent
 from shared.config.edge import load_edge_config
 from shared.config.loader import Context, build
 from shared.config.node import InstanceConfig
 from shared.tiny_gguf import TinyModelSpec, write_tiny_model
 from tests.support.edge import PacketListener, expected_packet
 from tests.support.edge_http import POLL_S, TEST_TIMEOUT_S, sse_payloads, wait_state
+from tests.support.ondemand import agent_metric, agent_running, answered, chat, instance_states
 from tests.support.ports import LOOPBACK, free_port
 
 pytestmark = pytest.mark.llama
@@ -49,10 +45,6 @@ class Node:
     proxy_cfg: Path
     ports: dict[str, int]  # model -> its instance's llama-server port
     listens: dict[str, int]  # model -> the proxy's HTTP route for it
-
-
-def _no_library(name: str) -> Any:
-    raise OSError(f"{name}: not on this test machine")
 
 
 def write_node(tmp_path: Path, binary: Path, wol_port: int, big: bool = False,
@@ -111,45 +103,6 @@ waking_comment_interval_s = 0.05
     proxy_cfg = tmp_path / "edge.toml"
     proxy_cfg.write_text(text)
     return Node(agent_cfg, proxy_cfg, ports, listens)
-
-
-@asynccontextmanager
-async def agent_running(cfg: Path) -> AsyncIterator[Agent]:
-    def components(agent: Agent) -> list[Component]:
-        return build_parts(agent, inventory=NoGpus("test: CPU only"),
-                           backend=NvapiBackend(loader=_no_library),
-                           watch_system=False).components()
-
-    async with trio.open_nursery() as nursery:
-        agent: Agent = await nursery.start(functools.partial(
-            run_agent, cfg, handle_signals=False, make_components=components))
-        try:
-            yield agent
-        finally:
-            agent.request_shutdown()
-
-
-def chat(model: str, stream: bool = False) -> dict[str, Any]:
-    return {"model": model, "stream": stream, "max_tokens": 4, "ignore_eos": True,
-            "messages": [{"role": "user", "content": "hello"}]}
-
-
-def answered(response: httpx.Response, model: str) -> None:
-    assert response.status_code == 200, response.text
-    body = response.json()
-    assert body["model"] == model and body["choices"][0]["finish_reason"] == "length"
-
-
-async def instance_states(agent: Agent) -> dict[str, str]:
-    async with httpx.AsyncClient(base_url=agent.api_urls[0]) as client:
-        rows = (await client.get("/v1/models")).json()["models"]
-    return {row["model"]: row["state"] for row in rows}
-
-
-async def agent_metric(agent: Agent, needle: str) -> str:
-    async with httpx.AsyncClient(base_url=agent.api_urls[0]) as client:
-        text = (await client.get("/metrics")).text
-    return "\n".join(line for line in text.splitlines() if needle in line)
 
 
 async def listed_by_proxy(url: str) -> set[str]:

@@ -42,6 +42,7 @@ from edge_proxy.wake.machine import (
 )
 from edge_proxy.wake.wol import WolSender, magic_packet
 from shared.config.edge import NodeConfig
+from shared.events import HeldWork
 
 log = logging.getLogger(__name__)
 
@@ -81,6 +82,7 @@ class NodeDriver:
         self.held = 0
         self.active = 0
         self.held_by_port: Counter[int] = Counter()
+        self.held_by_model: Counter[str] = Counter()  # models held requests asked for
         self.last_packet_error: str | None = None
         self._round = _Round()
         self._changed = trio.Event()
@@ -253,13 +255,20 @@ class NodeDriver:
             if current.failure is not None:
                 raise WakeFailed(current.failure)
 
-    def hold(self, port: int) -> None:
+    def hold(self, port: int, model: str | None = None) -> None:
+        """Count one connection held for ``port`` (and the model it asked for, if known)."""
         self.held += 1
         self.held_by_port[port] += 1
+        if model is not None:
+            self.held_by_model[model] += 1
 
-    def unhold(self, port: int) -> None:
+    def unhold(self, port: int, model: str | None = None) -> None:
         self.held -= 1
         self.held_by_port[port] -= 1
+        if model is not None:
+            self.held_by_model[model] -= 1
+            if self.held_by_model[model] <= 0:
+                del self.held_by_model[model]
         if self.held == 0 and self.machine.demand:
             self.apply(Event.NO_DEMAND)
 
@@ -271,6 +280,12 @@ class NodeDriver:
     def agent_event(self, kind: str, reason: str) -> None:
         """``resumed``, ``ready`` or ``suspended`` from the node's agent."""
         self.apply(_AGENT_EVENTS[kind], reason)
+
+    def held_work(self) -> HeldWork:
+        """What is held for this node now, most held first (a resuming agent starts it first)."""
+        return HeldWork(self.name,
+                        tuple(m for m, n in self.held_by_model.most_common() if n > 0),
+                        tuple(p for p, n in self.held_by_port.most_common() if n > 0))
 
     def cooling_down(self) -> bool:
         """Whether a held connection would fail at once (a wake failed moments ago)."""

@@ -20,6 +20,7 @@ so the log reads ``instance coder: READY -> STOPPING (evicted for qwen: needs ..
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -62,6 +63,9 @@ IDLE_RECHECK_S: Final = 60.0
 EVICT_MARGIN_S: Final = 5.0
 # States after which a load is over (BACKOFF: the child died before it was READY).
 LOAD_OUTCOMES: Final = frozenset({State.READY, State.FAILED, State.BACKOFF, State.STOPPED})
+# A load asked for while the node goes to sleep (or has just resumed and not yet lifted the
+# supervisor's hold) waits this long for the hold to lift; trio's clock stops in the sleep.
+HELD_LOAD_WAIT_S: Final = 120.0
 # Joining a start the supervisor made: its restarts (BACKOFF) are its own business.
 JOIN_OUTCOMES: Final = frozenset({State.READY, State.FAILED, State.STOPPED})
 LOAD_SECONDS_BUCKETS: Final = (0.5, 1, 2, 5, 10, 20, 30, 60, 120, 300, 600)
@@ -157,11 +161,31 @@ class OnDemandService:
     def model_names(self) -> list[str]:
         return [m for n, c in self._config.instances.items() for m in c.model_names(n)]
 
+    def instances_for(self, models: Sequence[str], ports: Sequence[int]) -> list[str]:
+        """The instances serving ``models`` or listening on ``ports`` (names and ports this
+        node does not have are left out), in the order asked, each once."""
+        names: list[str] = []
+        for model in models:
+            with contextlib.suppress(UnknownModel):
+                names.append(self.resolve(model))
+        for port in ports:
+            names += [n for n, c in self._config.instances.items() if c.effective_port == port]
+        return [n for n in dict.fromkeys(names) if n in self._sup.names]
+
     async def load(self, model: str) -> LoadOutcome:
         """Return once the model's instance is READY (see module doc)."""
-        name = self.resolve(model)
+        return await self.load_instance(self.resolve(model))
+
+    async def load_instance(self, name: str, *, until_ready: bool = True) -> LoadOutcome:
+        """The scheduler's decision for instance ``name``, carried out; returns once it is
+        READY, or with ``until_ready=False`` once its start is requested (``load_s`` None).
+        While the node is going to sleep or just resumed (the supervisor holds instances
+        down) it waits up to ``HELD_LOAD_WAIT_S`` for the hold to lift."""
         waiting_since: float | None = None
         while True:
+            if self._sup.held:
+                with trio.move_on_after(HELD_LOAD_WAIT_S):
+                    await self._sup.wait_unheld()
             async with self._lock:
                 attempt, outcome, wait_for = await self._decide(name, waiting_since)
             if outcome is not None:
@@ -172,6 +196,8 @@ class OnDemandService:
             # a busy instance ends its task, or a stopping one exits: decide again
             with trio.move_on_after(self._config.agent.evict_wait_s):
                 await wait_for.wait()
+        if not until_ready:
+            return LoadOutcome(name, attempt.reason, attempt.evicted, None)
         await attempt.done.wait()
         if attempt.error is not None:
             raise LoadFailed(attempt.error)

@@ -3,7 +3,8 @@
     idle for idle_timeout_s → ask the proxy (``suspending``; a veto resets the timer)
       → stop instances → release P-states → ``suspended`` → run the suspend command
       → wait to *see* the resume (sleep hook ``post``, logind, clock gap)
-      → start the enabled instances → ``resumed`` → ``ready`` as each becomes READY
+      → start what the proxy holds requests for (``held_first``), once READY the enabled
+        instances → ``resumed`` → ``ready`` as each becomes READY
 
 A suspend that fails (the command fails, or no resume is seen) restarts the instances, tells the
 proxy, is reported in status, and backs off before the next try.
@@ -26,6 +27,7 @@ import trio
 
 from inference_node.errors import ProxyUnreachable, SuspendFailed
 from inference_node.power.checks import Check, gather_reasons
+from inference_node.power.held_first import HeldFirst
 from inference_node.power.policy import IdlePolicy, PowerEvent, PowerMachine, PowerState, Verdict
 from inference_node.power.proxy_client import ProxyClient
 from inference_node.power.resume import ResumeSignal, watch_clock_gap, watch_logind
@@ -124,9 +126,12 @@ class PowerManager:
         watch_system: bool = True,
         clock: Callable[[], float] = trio.current_time,
         starting: Callable[[], Iterable[str]] | None = None,
+        first: HeldFirst | None = None,
     ) -> None:
         """``starting``: the instances the agent starts with, before the supervisor has them
-        (default ``instances.enabled_names``)."""
+        (default ``instances.enabled_names``); ``first``: what starts before them on a
+        resume (None: they start at once)."""
+        self.first = first
         self.cfg = cfg
         self.starting = starting or instances.enabled_names
         self.checks = list(checks)
@@ -315,7 +320,7 @@ class PowerManager:
         self.policy.failed(self.clock(), self.cfg.failed_suspend_backoff_s)
         if self.pstates is not None:
             self.pstates.resume_control()
-        await self.instances.start_enabled("suspend failed")
+        await self._start_instances(record, "suspend failed")
         await self._tell_proxy("resumed", "suspend failed; node stayed up")
         await self._announce_ready(record)
 
@@ -326,13 +331,20 @@ class PowerManager:
         self.policy.resumed(self.clock())
         if self.pstates is not None:
             self.pstates.resume_control()
-        record.mark("starting instances", self.clock())
-        await self.instances.start_enabled(f"resumed ({how})")
+        await self._start_instances(record, f"resumed ({how})")
         await self._tell_proxy("resumed", how)
         record.mark("resumed sent", self.clock())
         await self._announce_ready(record)
         record.outcome = "slept and resumed"
         self.machine.apply(PowerEvent.READY, self.clock(), "instances started")
+
+    async def _start_instances(self, record: CycleRecord, reason: str) -> None:
+        if self.first is not None:
+            first = await self.first.start(reason)
+            if first:
+                record.mark(f"started first: {', '.join(first)}", self.clock())
+        record.mark("starting instances", self.clock())
+        await self.instances.start_enabled(reason)
 
     async def _announce_ready(self, record: CycleRecord) -> None:
         """Send ``ready`` as each enabled instance becomes READY (bounded by ``READY_WAIT_S``)."""

@@ -14,7 +14,17 @@ import httpx
 
 from inference_node.errors import ProxyUnreachable
 from shared.config.node import ProxySection
-from shared.events import EVENTS_PATH, EventError, EventKind, EventReply, NodeEvent, decode_reply
+from shared.events import (
+    EVENTS_PATH,
+    HELD_PATH,
+    EventError,
+    EventKind,
+    EventReply,
+    HeldWork,
+    NodeEvent,
+    decode_held,
+    decode_reply,
+)
 
 log = logging.getLogger(__name__)
 
@@ -29,6 +39,7 @@ class ProxyClient:
         self.models = models  # the ids the node serves now; None: events carry no models
         self.sent_models: tuple[str, ...] | None = None  # in the last event the proxy took
         self.url = cfg.url.rstrip("/") + EVENTS_PATH
+        self.held_url = cfg.url.rstrip("/") + HELD_PATH.format(node=node)
         # Made once, here: building a client (its TLS context) takes ~30 ms of CPU that would
         # otherwise stall the event loop on every event, on the wake path. No kept-alive
         # connections: one would not survive the machine's sleep.
@@ -40,9 +51,7 @@ class ProxyClient:
 
     async def send(self, event: EventKind, reason: str) -> EventReply:
         """POST one event; raise ``ProxyUnreachable`` (one line) when there is no usable answer."""
-        headers = {"content-type": "application/json"}
-        if self.cfg.token is not None:
-            headers["authorization"] = f"Bearer {self.cfg.token.reveal()}"
+        headers = {"content-type": "application/json", **self._auth()}
         models = None if self.models is None else tuple(self.models())
         response = await self._post(NodeEvent(event, self.node, reason[:400], models), headers)
         if response.status_code == 400 and models is not None and b"models" in response.content:
@@ -63,6 +72,24 @@ class ProxyClient:
         log.info("proxy: %s -> allowed=%s state=%s in_flight=%d held=%d %s", event, reply.allowed,
                  reply.state, reply.in_flight, reply.held, reply.reason)
         return reply
+
+    async def held(self) -> HeldWork:
+        """What the proxy holds for this node now (``HELD_PATH``); ``ProxyUnreachable`` (one
+        line) without a usable answer, also from a proxy that lacks the path (404)."""
+        try:
+            response = await self._client.get(self.held_url, headers=self._auth())
+        except httpx.HTTPError as exc:
+            raise ProxyUnreachable(f"proxy {self.cfg.url}: {type(exc).__name__}: {exc}") from exc
+        check_answer(self.cfg.url, response, HELD_PATH.format(node=self.node))
+        try:
+            return decode_held(response.content)
+        except EventError as exc:
+            raise ProxyUnreachable(f"proxy {self.cfg.url} sent a bad held list: {exc}") from exc
+
+    def _auth(self) -> dict[str, str]:
+        if self.cfg.token is None:
+            return {}
+        return {"authorization": f"Bearer {self.cfg.token.reveal()}"}
 
     async def _post(self, event: NodeEvent, headers: dict[str, str]) -> httpx.Response:
         try:

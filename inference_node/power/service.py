@@ -28,6 +28,7 @@ from inference_node.power.checks import (
     InstanceStartingCheck,
     LoggedInUsersCheck,
 )
+from inference_node.power.held_first import HeldFirst, Scheduler
 from inference_node.power.manager import (
     CommandSuspend,
     InstanceControl,
@@ -70,6 +71,10 @@ class GpuProcesses(Protocol):
 class Instances(InstanceControl, Protocol):
     """What power uses of the supervisor: stop and start them all, and see who is starting."""
 
+    def lift_hold(self) -> None:
+        """Let starts happen again after ``stop_all`` without starting anything."""
+        ...
+
     def snapshot(self) -> list[InstanceStatus]:
         """One row per instance, with its state."""
         ...
@@ -108,21 +113,24 @@ class PowerService:
     def __init__(self, config: NodeAgentConfig, instances: Instances, *,
                  activity: ActivityView | None = None, gpu: GpuProcesses | None = None,
                  pstates: PstateRelease | None = None, suspend: SuspendAction | None = None,
-                 watch_system: bool = True) -> None:
-        """``suspend`` replaces the configured suspend command (a test's)."""
+                 watch_system: bool = True, scheduler: Scheduler | None = None) -> None:
+        """``suspend`` replaces the configured suspend command (a test's); with a proxy, a
+        resume starts what it holds requests for first, through ``scheduler``."""
         self.instances = instances
         self.activity = activity
         self.gpu = gpu
         self.inhibits = InhibitRegistry()
         self._fixed_suspend = suspend is not None
         self._instances_cfg = config.instances  # what the model ids are read from
+        proxy = ProxyClient(config.proxy, config.agent.node, self._models) \
+            if config.proxy else None
+        first = None if proxy is None or scheduler is None else \
+            HeldFirst(proxy, scheduler, instances.lift_hold)
         self.manager = PowerManager(
             config.power, self._checks(config), instances,
-            suspend or command_suspend(config.power),
-            proxy=ProxyClient(config.proxy, config.agent.node, self._models)
-            if config.proxy else None,
+            suspend or command_suspend(config.power), proxy=proxy,
             pstates=pstates, resume_timeout_s=config.power.resume_timeout_s,
-            watch_system=watch_system, starting=self._starting)
+            watch_system=watch_system, starting=self._starting, first=first)
 
     def __repr__(self) -> str:
         return f"<PowerService {self.manager.machine!r}>"

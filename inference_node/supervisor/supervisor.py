@@ -123,6 +123,8 @@ class Supervisor:
         self._instances: dict[str, Instance] = {}
         self._nursery: trio.Nursery | None = None
         self._held = False  # stop_all() holds instances down until start_enabled()
+        self._unheld = trio.Event()  # set while not held
+        self._unheld.set()
         self._changed = trio.Event()
         self._apply_lock = trio.Lock()  # a SIGHUP and an API reload at once apply one by one
 
@@ -247,6 +249,8 @@ class Supervisor:
     async def stop_all(self, reason: str) -> None:
         """Stop every instance gracefully and hold them down until ``start_enabled``."""
         self._held = True
+        if self._unheld.is_set():
+            self._unheld = trio.Event()
         for inst in self._instances.values():
             inst.request_stop(reason)
         for inst in list(self._instances.values()):
@@ -258,10 +262,20 @@ class Supervisor:
 
         Returns at once; READY shows as a state change (or use ``wait_all_ready``).
         """
-        self._held = False
+        self.lift_hold()
         for inst in self._instances.values():
             if inst.enabled and autostarts(inst.config):
                 inst.request_start(reason)
+
+    def lift_hold(self) -> None:
+        """End ``stop_all``'s hold without starting anything: on a resume, what requests are
+        held for starts first, through the on-demand scheduler, before ``start_enabled``."""
+        self._held = False
+        self._unheld.set()
+
+    async def wait_unheld(self) -> None:
+        """Return once the hold of ``stop_all`` is lifted (at once when there is none)."""
+        await self._unheld.wait()
 
     @property
     def held(self) -> bool:
