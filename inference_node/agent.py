@@ -111,6 +111,7 @@ class Agent:
         self.last_reload: ReloadRecord | None = None
         self.api_urls: list[str] = []
         self._reload_listeners: list[ReloadListener] = []  # the components' on_reload
+        self._scheduler: OnDemandService | None = None  # starts of on-demand instances
         self._shutdown = trio.Event()
 
     def __repr__(self) -> str:
@@ -167,6 +168,19 @@ class Agent:
         self.overrides.set(name, enabled, cfg.enabled)
         self.supervisor.set_enabled(name, enabled, reason)
 
+    def schedule_starts(self, scheduler: OnDemandService) -> None:
+        """Starts of ``load = "on-demand"`` instances go through ``scheduler`` from now on."""
+        self._scheduler = scheduler
+
+    async def start(self, name: str, reason: str) -> None:
+        """Start instance ``name``: an on-demand one as the scheduler decides (it evicts idle
+        models, waits, or raises ``LoadRefused``), any other one at once."""
+        cfg = self.config.instances.get(name)
+        if self._scheduler is not None and cfg is not None and cfg.load == "on-demand":
+            await self._scheduler.load_instance(name, until_ready=False)
+        else:
+            self.supervisor.start(name, reason)
+
     def request_shutdown(self) -> None:
         self._shutdown.set()
 
@@ -205,6 +219,7 @@ def build_parts(agent: Agent, *, inventory: GpuInventory | None = None,
                             config.pstate, watch_foreign=config.power.watch_foreign_gpu_processes)
     placement = PlacementService(gpus, config.placement.safety_margin_mib)
     ondemand = OnDemandService(sup, config, busy=activity.busy, gpus=gpus.snapshot)
+    agent.schedule_starts(ondemand)
     power = PowerService(config, sup, activity=activity, gpu=pstates,
                          pstates=pstates.controller, suspend=suspend, watch_system=watch_system,
                          scheduler=ondemand)

@@ -17,7 +17,8 @@ Routes:
     GET  /v1/instances/{name}/logs?lines=N&after=SEQ   its recent output (after line SEQ)
     POST /v1/instances/{name}/{action}   action: start, stop, restart, enable, disable
                                          (body {"wait": true, "timeout_s": N} waits for
-                                         READY or STOPPED)
+                                         READY or STOPPED); starting an on-demand instance
+                                         is the scheduler's decision (409 load_refused)
     POST /v1/reload                      re-read the config, act on the difference
     GET  /metrics                        Prometheus text format
 """
@@ -30,6 +31,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 import trio
 
 from inference_node import status_page
+from inference_node.errors import LoadRefused
 from inference_node.supervisor import ReloadPlan, State, Supervisor
 from inference_node.supervisor.instance import Instance
 from inference_node.supervisor.supervisor import SETTLED
@@ -67,6 +69,11 @@ class AgentControl(Protocol):
 
     async def reload(self, reason: str) -> ReloadPlan:
         """Re-read the config and act on the difference; raises ``ConfigError``."""
+        ...
+
+    async def start(self, name: str, reason: str) -> None:
+        """Start an instance; a ``load = "on-demand"`` one through the scheduler's decision
+        (it may evict or wait first); raises ``LoadRefused`` with the reason."""
         ...
 
 
@@ -145,14 +152,17 @@ def _core_routes(app: App, sup: Supervisor, agent: AgentControl,
         why = f"{action} requested through the API"
         mark = inst.transitions
         try:
-            if action == "start":
-                sup.start(inst.name, why)
+            if action == "start" or (action == "restart" and not inst.is_running
+                                     and inst.config.load == "on-demand"):
+                await agent.start(inst.name, why)  # the memory check holds for it too
             elif action == "stop":
                 sup.stop(inst.name, why)
             elif action == "restart":
                 sup.restart(inst.name, why)
             else:
                 agent.set_enabled(inst.name, action == "enable", why)
+        except LoadRefused as exc:
+            raise HTTPError(409, f"start {inst.name}: {exc}", "load_refused") from exc
         except LlamanapError as exc:
             raise HTTPError(500, str(exc), "server_error") from exc
         timed_out = False

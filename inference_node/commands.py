@@ -21,8 +21,12 @@ FOLLOW_INTERVAL_S = 1.0
 # STOPPED), so what they print is what the agent did, not the state before it acted.
 SETTLE_TIMEOUT_S = 10.0
 SETTLING_ACTIONS = ("enable", "disable")
+# Starting an on-demand instance is the scheduler's decision: it may wait for a busy model to
+# finish its task (agent.evict_wait_s) and for the ones it evicts to exit before answering.
+START_DECISION_S = 600.0
 ACTION_HELP = {
-    "start": "start an instance now (until stopped; does not change enabled)",
+    "start": "start an instance now (until stopped; does not change enabled); an on-demand "
+             "one as a load would: idle models may be evicted for it, or it is refused",
     "stop": "stop an instance now (does not change enabled)",
     "restart": "stop and start an instance",
     "enable": "enable an instance (kept across reloads and restarts) and start it",
@@ -130,6 +134,8 @@ def _act(args: argparse.Namespace) -> int:
     if args.wait or settle:
         body = {"wait": True, "timeout_s": args.timeout if args.wait else SETTLE_TIMEOUT_S}
     budget = body.get("timeout_s", 0.0) + WAIT_MARGIN_S
+    if args.action in ("start", "restart"):
+        budget += START_DECISION_S
     row = AgentClient.from_args(args).post(f"/v1/instances/{args.name}/{args.action}", body, timeout_s=budget)
     state = row["state"].upper()
     if settle and row["timed_out"]:

@@ -278,3 +278,45 @@ async def test_cli_load_status_unload(tmp_path: Path, llama_server_bin: Path,
         assert code == 0 and out == "b: unloaded (instance b stopped)\n"
         code, _, err = await cli("load", "nope")
         assert code == 1 and "no instance serves model 'nope'" in err
+
+
+async def test_cli_start_of_an_on_demand_instance_goes_through_the_memory_check(
+        tmp_path: Path, llama_server_bin: Path, models: tuple[Path, Path],
+        capsys: pytest.CaptureFixture[str]) -> None:
+    from inference_node.cli import main
+
+    a = table(models[0], llama_server_bin)
+    b = table(models[1], llama_server_bin)
+    cfg = one_at_a_time(tmp_path, a, b)
+    async with running(cfg) as (agent, client, _parts):
+        sup = agent.supervisor
+
+        async def cli(*argv: str) -> tuple[int, str, str]:
+            code = await trio.to_thread.run_sync(main, [*argv, "--url", agent.api_urls[0]])
+            out, err = capsys.readouterr()
+            return code, out, err
+
+        assert (await load(client, "b")).status_code == 200
+        code, out, _ = await cli("start", "a", "--wait")
+        assert code == 0 and out.startswith("a: start: now READY"), out
+        # the budget holds one of them: b, idle, was evicted for a (not both running)
+        assert sup.get("b").state is State.STOPPED
+        assert sup.get("b").reason.startswith("evicted for a: needs ")
+        metrics = (await client.get("/metrics")).text
+        assert 'llamanap_ondemand_unloads_total{model="b",reason="evicted"} 1.0' in metrics
+
+
+async def test_cli_start_of_an_on_demand_instance_too_big_is_refused_with_the_reason(
+        tmp_path: Path, llama_server_bin: Path, models: tuple[Path, Path],
+        capsys: pytest.CaptureFixture[str]) -> None:
+    from inference_node.cli import main
+
+    cfg = write_config(tmp_path, {"a": table(models[0], llama_server_bin)}, 1)
+    async with running(cfg) as (agent, _client, _parts):
+        code = await trio.to_thread.run_sync(main, ["start", "a", "--url", agent.api_urls[0]])
+        _, err = capsys.readouterr()
+        assert code == 1
+        assert len(err.strip().splitlines()) == 1
+        assert "start a: model a needs " in err
+        assert "more than the whole budget: agent.memory_budget_mib is 1 MiB" in err
+        assert agent.supervisor.get("a").state is State.STOPPED
