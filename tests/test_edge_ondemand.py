@@ -5,104 +5,36 @@ packet starts it. Needs the agent's on-demand instances and API (inference_node.
 
 from __future__ import annotations
 
-import importlib
 import json
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Final
 
 import httpx
 import pytest
-import tomli_w
 import trio
 
 from edge_proxy.service import Proxy, serve_proxy
 from edge_proxy.wake.machine import State
 from inference_node.agent import Agent
 from shared.config.edge import load_edge_config
-from shared.config.loader import Context, build
-from shared.config.node import InstanceConfig
-from shared.tiny_gguf import TinyModelSpec, write_tiny_model
 from tests.support.edge import PacketListener, expected_packet
 from tests.support.edge_http import POLL_S, TEST_TIMEOUT_S, sse_payloads, wait_state
-from tests.support.ondemand import agent_metric, agent_running, answered, chat, instance_states
-from tests.support.ports import LOOPBACK, free_port
+from tests.support.ondemand import (
+    BIG,
+    MAC,
+    MODELS,
+    agent_metric,
+    agent_running,
+    answered,
+    chat,
+    instance_states,
+    write_node,
+)
+from tests.support.ports import LOOPBACK
 
 pytestmark = pytest.mark.llama
 
-MAC: Final = "aa:bb:cc:dd:ee:31"
-ARGS: Final = ["-c", "512", "-np", "1", "-t", "1", "--no-warmup"]
-FAST: Final = {"restart": {"backoff_initial_s": 0.05, "max_restarts": 3},
-               "health": {"interval_s": 0.05, "timeout_s": 60}, "stop_timeout_s": 5}
-MODELS: Final = ("tiny-a", "tiny-b")
 CONCURRENT: Final = 20
-BIG: Final = "tiny-big"
-
-
-@dataclass
-class Node:
-    agent_cfg: Path
-    proxy_cfg: Path
-    ports: dict[str, int]  # model -> its instance's llama-server port
-    listens: dict[str, int]  # model -> the proxy's HTTP route for it
-
-
-def write_node(tmp_path: Path, binary: Path, wol_port: int, big: bool = False,
-               one_url: bool = False) -> Node:
-    """``big``: a third model, tiny-big, larger than the whole budget; ``one_url``: every
-    route on one proxy port (routed by ``model``)."""
-    ports, listens, instances = {}, {}, {}
-    shared = free_port()
-    specs = {m: TinyModelSpec(n_embd=128, seed=i) for i, m in enumerate(MODELS)}
-    if big:
-        specs[BIG] = TinyModelSpec(n_embd=512, n_ff=2048, n_layer=8)
-    for model, spec in specs.items():
-        path = write_tiny_model(tmp_path / f"{model}.gguf", spec)
-        ports[model], listens[model] = free_port(), shared if one_url else free_port()
-        instances[model.replace("tiny-", "inst-")] = {
-            "model": str(path), "binary": str(binary), "port": ports[model], "args": ARGS,
-            "load": "on-demand", "models": [model], **FAST}
-    instance_need = importlib.import_module("inference_node.ondemand.estimate").instance_need
-    needs = [sum(instance_need(n, build(InstanceConfig, t, Context(tmp_path / "x.toml"),
-                                        f"instances.{n}"), []).values())
-             for n, t in instances.items() if n != "inst-big"]
-    budget = int(max(needs) + min(needs) / 2)  # room for one of them, not both
-    assert budget < sum(needs)
-    agent_port = free_port()
-    agent_cfg = tmp_path / "node-agent.toml"
-    agent_cfg.write_text(tomli_w.dumps({
-        "agent": {"api_listen": f"{LOOPBACK}:{agent_port}",
-                  "state_file": str(tmp_path / "state.toml"), "memory_budget_mib": budget},
-        "power": {"enabled": False}, "instances": instances}))
-    text = f"""log_level = "debug"
-[control]
-listen = "127.0.0.1:0"
-
-[nodes.box]
-host = "127.0.0.1"
-mac = "{MAC}"
-wol = {{ broadcast = "127.0.0.1", port = {wol_port} }}
-wol_interval_s = 0.5
-wake_timeout_s = 60
-probe_interval_s = 0.05
-probe_timeout_s = 0.5
-agent_url = "http://127.0.0.1:{agent_port}"
-load_timeout_s = 60
-"""
-    for model in specs:
-        text += f"""
-[[routes]]
-listen = "127.0.0.1:{listens[model]}"
-node = "box"
-backend_port = {ports[model]}
-ready = "http:/health"
-protocol = "http"
-[routes.http]
-waking_comment_interval_s = 0.05
-"""
-    proxy_cfg = tmp_path / "edge.toml"
-    proxy_cfg.write_text(text)
-    return Node(agent_cfg, proxy_cfg, ports, listens)
 
 
 async def listed_by_proxy(url: str) -> set[str]:

@@ -28,15 +28,12 @@ from shared.config.edge import load_edge_config
 from shared.tiny_gguf import TinyModelSpec, write_tiny_model
 from tests.support.edge import PacketListener, expected_packet
 from tests.support.edge_http import POLL_S, TEST_TIMEOUT_S, wait_state
-from tests.support.ondemand import Nic, agent_running, answered, chat
+from tests.support.ondemand import ARGS, FAST, Nic, agent_running, answered, chat
 from tests.support.ports import LOOPBACK, free_port
 
 pytestmark = pytest.mark.llama
 
 MAC: Final = "aa:bb:cc:dd:ee:41"
-ARGS: Final = ["-c", "512", "-np", "1", "-t", "1", "--no-warmup"]
-FAST: Final = {"restart": {"backoff_initial_s": 0.05, "max_restarts": 3},
-               "health": {"interval_s": 0.05, "timeout_s": 60}, "stop_timeout_s": 5}
 
 
 @dataclass

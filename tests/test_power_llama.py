@@ -21,6 +21,7 @@ import trio
 
 from inference_node.agent import Agent, Component, build_parts, run_agent
 from inference_node.supervisor import State
+from tests.support.ondemand import slow_binary
 from tests.support.ports import free_port
 from tests.support.supervised import wait_state
 
@@ -41,13 +42,6 @@ class RecordingSuspend:
     async def suspend(self) -> None:
         self.calls.append(trio.current_time())
         self.asked.set()
-
-
-def slow_llama_server(folder: Path, binary: Path) -> Path:
-    wrapper = folder / "slow-llama-server"
-    wrapper.write_text(f'#!/bin/sh\nsleep {LOAD_DELAY_S}\nexec "{binary}" "$@"\n')
-    wrapper.chmod(0o755)
-    return wrapper
 
 
 def agent_config(folder: Path, api_port: int, **power: Any) -> Path:
@@ -83,7 +77,7 @@ async def test_a_reload_that_starts_a_slow_instance_does_not_suspend_until_it_is
     table = tomllib.loads(path.read_text())
     table["power"]["idle_timeout_s"] = IDLE_TIMEOUT_S  # long since idle by this measure
     table["instances"]["qwen"] = {
-        "binary": str(slow_llama_server(tmp_path, llama_server_bin)), "model": str(tiny_model),
+        "binary": str(slow_binary(tmp_path, llama_server_bin, LOAD_DELAY_S)), "model": str(tiny_model),
         "port": free_port(), "args": ["-c", "256", "-np", "1", "-t", "1"],
         "health": {"interval_s": 0.05}}
     path.write_text(tomli_w.dumps(table))
