@@ -215,10 +215,11 @@ def build_parts(agent: Agent, *, inventory: GpuInventory | None = None,
     sup, config = agent.supervisor, agent.config
     gpus = inventory if inventory is not None else open_inventory()  # shared by P-states, placement
     activity = ActivityService(sup)
-    pstates = PstateService(sup, activity, gpus, backend if backend is not None else NvapiBackend(),
-                            config.pstate, watch_foreign=config.power.watch_foreign_gpu_processes)
     placement = PlacementService(gpus, config.placement.safety_margin_mib)
     ondemand = OnDemandService(sup, config, busy=activity.busy, gpus=gpus.snapshot)
+    pstates = PstateService(sup, activity, gpus, backend if backend is not None else NvapiBackend(),
+                            config.pstate, watch_foreign=config.power.watch_foreign_gpu_processes,
+                            estimates=ondemand.estimates, reported=placement.reported)
     agent.schedule_starts(ondemand)
     power = PowerService(config, sup, activity=activity, gpu=pstates,
                          pstates=pstates.controller, suspend=suspend, watch_system=watch_system,

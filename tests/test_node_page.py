@@ -24,7 +24,7 @@ pytestmark = pytest.mark.browser
 
 async def _agent(nursery: trio.Nursery, tmp_path: Path) -> Agent:
     cfg = write_config(tmp_path / "node-agent.toml", {
-        "a": {"command": toy_command(free_port()), **FAST},
+        "a": {"command": toy_command(free_port()), "gpus": [0], **FAST},
         "b": {"command": toy_command(free_port()), "enabled": False, **FAST},
     })
     rig = three_gpu_rig()
@@ -60,6 +60,10 @@ async def test_the_page_shows_instances_gpus_and_power(nursery: trio.Nursery,
     assert page.count(kind="gpu") == len(gpus["gpus"]) == 3
     for gpu in gpus["gpus"]:
         assert page.count(kind="gpu", gpu=gpu["uuid"]) == 1
+        # a GPU with nothing loaded says so
+        assert page.count(kind="gpu", gpu=gpu["uuid"],
+                          empty="true" if gpu["empty"] else "false") == 1
+    assert page.count(kind="gpu", empty="true") == 2  # a runs on one of the three
     assert page.count(kind="keeping-awake") == len(power["keeping_awake"]) >= 1
     assert page.count(kind="inhibit") == 1 and "fine-tune running" in page.dom
     assert "node-agent · gpubox" in page.dom

@@ -59,6 +59,12 @@ class GpuActivityCollector(Collector):
         util = gauge("llamanap_gpu_utilization_ratio", "GPU utilization, 0..1")
         temp = gauge("llamanap_gpu_temperature_celsius", "GPU temperature")
         power = gauge("llamanap_gpu_power_watts", "GPU power draw")
+        estimated = gauge("llamanap_gpu_memory_estimated_bytes",
+                          "Sum of the placement estimates of the instances loaded on the GPU")
+        reported = gauge("llamanap_gpu_memory_reported_bytes",
+                         "Sum of the buffers llama-server reported on the GPU (-lv 4 lines)")
+        empty = gauge("llamanap_gpu_empty", "1 when nothing is loaded on the GPU (no instance, "
+                      "no other program)")
         for gpu in status["gpus"]:
             key = [gpu["uuid"], gpu["pci_bus_id"], gpu["name"]]
             _maybe(wanted, key, gpu["pstate_wanted"])
@@ -76,8 +82,12 @@ class GpuActivityCollector(Collector):
             _maybe(util, key, gpu["utilization_pct"], 1 / PCT)
             _maybe(temp, key, gpu["temperature_c"])
             _maybe(power, key, gpu["power_w"])
+            _maybe(estimated, key, gpu.get("estimated_mib"), MIB_BYTES)
+            _maybe(reported, key, gpu.get("reported_mib"), MIB_BYTES)
+            if "empty" in gpu:
+                empty.add_metric(key, 1.0 if gpu["empty"] else 0.0)
         yield from (wanted, read, health, switches, failures, seconds, total, used, free, util,
-                    temp, power)
+                    temp, power, estimated, reported, empty)
 
     def _instances(self, instances: dict[str, Any]) -> Iterator[Metric]:
         busy = GaugeMetricFamily("llamanap_instance_busy", "1 while a slot processes a task",

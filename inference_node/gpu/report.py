@@ -27,14 +27,15 @@ def format_gpu_table(status: dict[str, Any]) -> str:
     if status.get("inventory_problem"):
         return f"GPUs: none managed (CPU-only: {status['inventory_problem']})"
     gpus = sorted(status["gpus"], key=lambda g: pci_sort_key(g["pci_bus_id"]))
-    header = ("GPU", "PCI", "NAME", "MEMORY MiB", "UTIL", "TEMP", "POWER", "P-STATE",
-              "CONTROL", "LOW", "SWITCHES", "INSTANCES")
+    header = ("GPU", "PCI", "NAME", "MEMORY MiB", "EST/REP MiB", "UTIL", "TEMP", "POWER",
+              "P-STATE", "CONTROL", "LOW", "SWITCHES", "INSTANCES")
     rows = [header]
     for cuda_index, g in enumerate(gpus):
         total = g["seconds_low"] + g["seconds_high"]
         rows.append((
             str(cuda_index), g["pci_bus_id"], g["name"],
             _pair(g["memory_used_mib"], g["memory_total_mib"]),
+            f"{_mib(g.get('estimated_mib'))}/{_mib(g.get('reported_mib'))}",
             _unit(g["utilization_pct"], "%"), _unit(g["temperature_c"], "C"),
             "-" if g["power_w"] is None else f"{g['power_w']:.0f}W",
             f"{_pstate(g['pstate_wanted'])} -> {_pstate(_now(g))}",
@@ -55,7 +56,11 @@ def format_gpu_table(status: dict[str, Any]) -> str:
 def _users(gpu: dict[str, Any]) -> str:
     names = list(gpu["instances"]) + (["(other programs)"] if gpu.get("used_by_other_programs")
                                       else [])
-    return ",".join(names) or "-"
+    return ",".join(names) or ("empty" if gpu.get("empty") else "-")
+
+
+def _mib(value: float | None) -> str:
+    return "-" if value is None else f"{value:.0f}"
 
 
 def _now(gpu: dict[str, Any]) -> int | None:

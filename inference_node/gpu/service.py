@@ -24,6 +24,7 @@ from inference_node.gpu.assign import GpuAssignment, check_processes, gpus_for_e
 from inference_node.gpu.backend import PstateBackend
 from inference_node.gpu.controller import PstateController
 from inference_node.gpu.inventory import GpuInfo, GpuInventory
+from inference_node.gpu.memory import gpu_memory
 from inference_node.gpu.metrics import GpuActivityCollector
 from inference_node.process_tree import with_descendants
 from inference_node.supervisor.state import State
@@ -31,7 +32,14 @@ from shared.config.node import NodeAgentConfig, PstateSection
 from shared.http import App, Request, Response
 
 if TYPE_CHECKING:
+    from collections.abc import Callable, Mapping
+
     from prometheus_client.registry import Collector
+
+    from inference_node.placement.measured import MeasuredMemory
+
+    Estimates = Callable[[], Mapping[str, Mapping[str, float]]]
+    Reported = Callable[[], Mapping[str, MeasuredMemory]]
 
 log = logging.getLogger(__name__)
 
@@ -45,8 +53,14 @@ class PstateService:
 
     def __init__(self, instances: InstanceSource, activity: ActivityView,
                  inventory: GpuInventory, backend: PstateBackend, settings: PstateSection, *,
-                 watch_foreign: bool = True) -> None:
+                 watch_foreign: bool = True, estimates: Estimates = dict,
+                 reported: Reported = dict) -> None:
+        """``estimates`` and ``reported``: MiB per device of each instance, by the
+        scheduler's estimate and by its llama-server's buffer lines (the GPU status sums
+        them per GPU)."""
         self.instances = instances
+        self.estimates = estimates
+        self.reported = reported
         self.activity = activity
         self.inventory = inventory
         self.controller = PstateController(
@@ -130,7 +144,20 @@ class PstateService:
         return status
 
     def gpu_status(self) -> dict[str, Any]:
-        return self.controller.status(trio.current_time())
+        """The controller's status, and per GPU what is loaded on it: ``estimated_mib``,
+        ``reported_mib`` (None where unknown) and ``empty`` (no instance of the agent's
+        and no other program on it)."""
+        status = self.controller.status(trio.current_time())
+        running = {n for g in status["gpus"] for n in g["instances"]}
+        placed = {n: self.assignments[n].gpus for n in running if n in self.assignments}
+        memory = gpu_memory([g["uuid"] for g in status["gpus"]], placed, self.estimates(),
+                            self.reported())
+        for g in status["gpus"]:
+            m = memory[g["uuid"]]
+            g["estimated_mib"] = None if m.estimated_mib is None else round(m.estimated_mib, 1)
+            g["reported_mib"] = None if m.reported_mib is None else round(m.reported_mib, 1)
+            g["empty"] = not g["instances"] and not g["used_by_other_programs"]
+        return status
 
     def routes(self, app: App) -> None:
         """``GET /v1/gpus`` and ``GET /v1/activity``."""

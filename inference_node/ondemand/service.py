@@ -111,6 +111,7 @@ class OnDemandService:
         self._changed = trio.Event()
         self._attempts: dict[str, _Attempt] = {}
         self._last_use: dict[str, float] = {}
+        self._needs: dict[str, Mapping[str, float]] = {}  # estimates of the running ones
         self._nursery: trio.Nursery | None = None
         self.loads = Counter("llamanap_ondemand_loads", "On-demand loads by model and result "
                              "(ok, failed, refused)", ["model", "result"], registry=None)
@@ -131,7 +132,15 @@ class OnDemandService:
         """Supervisor listener: a fresh READY counts as a use (the TTL runs from there)."""
         if new is State.READY:
             self._last_use[name] = trio.current_time()
+        elif new is State.STARTING:
+            self._needs.pop(name, None)  # a new run: its config may have changed
         self._notify()
+
+    def estimates(self) -> dict[str, Mapping[str, float]]:
+        """The estimate (MiB per device key) of every instance running now, as far as made
+        (``run`` makes each one soon after its start)."""
+        return {n: need for n, need in self._needs.items() if n in self._sup.names
+                and PHASES[self._sup.get(n).state] is not Phase.UNLOADED}
 
     def on_busy(self, name: str, busy: bool, t: float) -> None:
         """Activity listener: the TTL runs from the end of the last task."""
@@ -229,6 +238,7 @@ class OnDemandService:
             try:
                 while True:
                     changed = self._changed
+                    await self._estimate_running()
                     async with self._lock:
                         now = trio.current_time()
                         views = self._views({})
@@ -366,6 +376,18 @@ class OnDemandService:
             self._notify()
 
     # ---- helpers ----
+
+    async def _estimate_running(self) -> None:
+        """Estimate the instances that run and have no estimate yet (for the GPU status)."""
+        todo = [n for n in self._sup.names if n in self._config.instances
+                and n not in self._needs and PHASES[self._sup.get(n).state] is not Phase.UNLOADED]
+        if not todo:
+            return
+        gpus = await trio.to_thread.run_sync(self._gpus)
+        for name in todo:
+            need, _ = await self._estimator.need(name, self._config.instances[name], gpus)
+            if need is not None:
+                self._needs[name] = need
 
     def _stop(self, name: str, reason: str, kind: str) -> None:
         self.unloads.labels(self._label(name), kind).inc()

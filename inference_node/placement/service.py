@@ -17,7 +17,7 @@ import trio
 
 from inference_node.gpu.inventory import GpuInventory
 from inference_node.placement.autoplace import AutoPlacer
-from inference_node.placement.measured import BUFFER_LINE, parse_memory
+from inference_node.placement.measured import BUFFER_LINE, MeasuredMemory, parse_memory
 from inference_node.supervisor.state import State
 from shared.http import Response
 
@@ -45,6 +45,10 @@ class PlacementService:
         """State listener: a new run reports its buffers afresh."""
         if new is State.STARTING:
             self._buffer_lines.pop(name, None)  # a new run reports afresh
+
+    def reported(self) -> dict[str, MeasuredMemory]:
+        """Per instance, the buffers its current (or last) llama-server run reported."""
+        return {name: parse_memory(lines) for name, lines in self._buffer_lines.items()}
 
     def status(self) -> dict[str, object]:
         """Per instance: the decision and the MiB its llama-server reported per device."""

@@ -60,19 +60,23 @@
       replace("gpus", empty("this agent offers no GPU status (/v1/gpus)"));
       return;
     }
-    const rows = gpus.gpus.map((g) => el("tr", { "data-kind": "gpu", "data-gpu": g.uuid },
+    const rows = gpus.gpus.map((g) => el("tr", { "data-kind": "gpu", "data-gpu": g.uuid,
+                                                 "data-empty": g.empty ? "true" : "false" },
       el("td", {}, `${g.index} ${g.name}`), el("td", { class: "muted" }, g.pci_bus_id),
       el("td", {}, `${fmtNum(g.memory_used_mib, 0)} / ${fmtNum(g.memory_total_mib, 0)} MiB`),
+      el("td", {}, `${fmtNum(g.estimated_mib, 0)} / ${fmtNum(g.reported_mib, 0)} MiB`),
       el("td", {}, fmtNum(g.utilization_pct, 0, " %")),
       el("td", {}, fmtNum(g.temperature_c, 0, " °C")), el("td", {}, fmtNum(g.power_w, 0, " W")),
       el("td", {}, g.pstate === null ? "–" : `P${g.pstate}`),
       el("td", {}, `${g.pstate_wanted ?? "–"} / ${g.pstate_read_back ?? "–"}`),
-      el("td", {}, g.pstate_control), el("td", {}, (g.instances || []).join(", ")),
+      el("td", {}, g.pstate_control),
+      el("td", g.empty ? { class: "muted" } : {},
+         g.empty ? "empty" : (g.instances || []).join(", ")),
       el("td", {}, g.pstate_reason || "")));
     const note = [gpus.inventory_problem, gpus.backend_problem].filter((p) => p).join("; ");
     replace("gpus", rows.length
-      ? [table(["GPU", "PCI", "memory", "busy", "temp", "power", "P-state", "wanted / read",
-                "control", "instances", "why"], rows),
+      ? [table(["GPU", "PCI", "memory", "estimated / reported", "busy", "temp", "power",
+                "P-state", "wanted / read", "control", "instances", "why"], rows),
          note ? el("p", { class: "muted" }, note) : null].filter((n) => n)
       : empty("no GPUs" + (note ? ": " + note : "")));
   }

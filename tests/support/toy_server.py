@@ -2,7 +2,7 @@
 
 Run as a program: ``python toy_server.py --port N [options]``. It answers ``GET /health``
 with 503 until ``--ready-after`` seconds passed, then 200; it can ignore SIGTERM, spawn a
-grandchild in its process group, flood its output, or exit on its own.
+grandchild in its process group, flood its output, print given log lines, or exit on its own.
 """
 
 from __future__ import annotations
@@ -28,6 +28,8 @@ def main() -> None:
     parser.add_argument("--exit-after", type=float, default=None)
     parser.add_argument("--exit-code", type=int, default=1)
     parser.add_argument("--pidfile", default=None, help="append the grandchild's pid here")
+    parser.add_argument("--say", action="append", default=[],
+                        help="print this line on stderr at start (a llama-server log line)")
     args = parser.parse_args()
     if args.ignore_term:
         signal.signal(signal.SIGTERM, signal.SIG_IGN)
@@ -37,6 +39,8 @@ def main() -> None:
         if args.pidfile:
             with open(args.pidfile, "a") as fh:
                 fh.write(f"{kid.pid}\n")
+    for line in args.say:
+        print(line, file=sys.stderr, flush=True)
     for i in range(args.flood_lines):
         print(f"flood line {i} " + "x" * 100, file=sys.stderr if i % 2 else sys.stdout)
     started = time.monotonic()
