@@ -38,8 +38,8 @@ from inference_node.gpu.nvapi import NvapiBackend
 from inference_node.gpu.service import PstateService
 from inference_node.ondemand.service import OnDemandService
 from inference_node.placement.service import PlacementService
-from inference_node.power.manager import SuspendAction
 from inference_node.power.service import PowerService
+from inference_node.power.suspend import SuspendAction
 from inference_node.report.service import ReportService
 from inference_node.supervisor import ReloadPlan, Supervisor
 from inference_node.supervisor.launch import port_problem

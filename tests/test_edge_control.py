@@ -1,4 +1,5 @@
-"""The control endpoint over real HTTP: status, metrics, agent events, operator wake."""
+"""The control endpoint over real HTTP: status, metrics, agent events, operator wake, what
+is held for a node."""
 
 from __future__ import annotations
 
@@ -10,11 +11,16 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import pytest
 import trio
 
 from edge_proxy.service import Proxy, serve_proxy
 from edge_proxy.wake.machine import State
-from shared.events import EVENTS_PATH, NodeEvent, decode_reply
+from inference_node.errors import ProxyUnreachable
+from inference_node.power.proxy_client import ProxyClient
+from shared.config.loader import Context, build
+from shared.config.node import ProxySection
+from shared.events import EVENTS_PATH, HeldWork, NodeEvent, decode_reply
 from tests.support.edge import (
     TEST_TIMEOUT_S,
     PacketListener,
@@ -195,3 +201,27 @@ async def test_agreed_suspend_then_sleep_then_a_client_wakes_the_node(tmp_path: 
                 await trio.sleep(0.01)
             assert answers == [response_for(b"morning\n")]
             nursery.cancel_scope.cancel()
+
+
+async def test_what_is_held_for_a_node_is_said_to_its_agent(tmp_path: Path) -> None:
+    """``GET /v1/nodes/NODE/held`` (what a resuming agent starts first), read through the
+    agent's own client: the backend port a held connection waits for, nothing once it left."""
+    async with running(tmp_path, backend=False) as (proxy, _, _):
+        section = build(ProxySection, {"url": proxy.control_url, "token": "s3cret"},
+                        Context(tmp_path / "node-agent.toml"), "proxy")
+        agent = ProxyClient(section, "box")
+        try:
+            assert await agent.held() == HeldWork("box")
+            port = proxy.cfg.routes[0].backend_port
+            client = await trio.open_tcp_stream(*proxy.route_address())
+            while proxy.drivers["box"].held != 1:
+                await trio.sleep(0.01)
+            assert await agent.held() == HeldWork("box", (), (port,))
+            await client.aclose()
+            while proxy.drivers["box"].held:
+                await trio.sleep(0.01)
+            assert await agent.held() == HeldWork("box")
+            with pytest.raises(ProxyUnreachable, match="answered 404 to /v1/nodes/other/held"):
+                await ProxyClient(section, "other").held()
+        finally:
+            await agent.aclose()

@@ -23,7 +23,6 @@ from __future__ import annotations
 import contextlib
 import logging
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
 from typing import Any, Final
 
 import trio
@@ -32,6 +31,13 @@ from prometheus_client.registry import Collector
 
 from inference_node.errors import LoadFailed, LoadRefused, UnknownModel
 from inference_node.gpu.inventory import GpuInfo
+from inference_node.ondemand.attempt import (
+    JOIN_OUTCOMES,
+    LOAD_OUTCOMES,
+    PHASES,
+    Attempt,
+    LoadOutcome,
+)
 from inference_node.ondemand.estimate import InstanceEstimator
 from inference_node.ondemand.policy import (
     InstanceView,
@@ -61,38 +67,10 @@ log = logging.getLogger(__name__)
 IDLE_RECHECK_S: Final = 60.0
 # An evicted instance gets its own stop_timeout_s and this much more to exit.
 EVICT_MARGIN_S: Final = 5.0
-# States after which a load is over (BACKOFF: the child died before it was READY).
-LOAD_OUTCOMES: Final = frozenset({State.READY, State.FAILED, State.BACKOFF, State.STOPPED})
 # A load asked for while the node goes to sleep (or has just resumed and not yet lifted the
 # supervisor's hold) waits this long for the hold to lift; trio's clock stops in the sleep.
 HELD_LOAD_WAIT_S: Final = 120.0
-# Joining a start the supervisor made: its restarts (BACKOFF) are its own business.
-JOIN_OUTCOMES: Final = frozenset({State.READY, State.FAILED, State.STOPPED})
 LOAD_SECONDS_BUCKETS: Final = (0.5, 1, 2, 5, 10, 20, 30, 60, 120, 300, 600)
-
-PHASES: Final = {State.READY: Phase.READY, State.STARTING: Phase.LOADING,
-                 State.BACKOFF: Phase.LOADING, State.STOPPING: Phase.STOPPING,
-                 State.STOPPED: Phase.UNLOADED, State.FAILED: Phase.UNLOADED}
-
-
-@dataclass
-class _Attempt:
-    """One load in flight; every caller asking for the model waits on ``done``."""
-
-    name: str
-    reason: str
-    started: float
-    evicted: tuple[str, ...]
-    done: trio.Event = field(default_factory=trio.Event)
-    error: str | None = None
-
-
-@dataclass(frozen=True)
-class LoadOutcome:
-    instance: str
-    reason: str
-    evicted: tuple[str, ...]
-    load_s: float | None  # None: it was already loaded
 
 
 class OnDemandService:
@@ -109,7 +87,7 @@ class OnDemandService:
         self._estimator = estimator or InstanceEstimator()
         self._lock = trio.Lock()  # one decision at a time
         self._changed = trio.Event()
-        self._attempts: dict[str, _Attempt] = {}
+        self._attempts: dict[str, Attempt] = {}
         self._last_use: dict[str, float] = {}
         self._needs: dict[str, Mapping[str, float]] = {}  # estimates of the running ones
         self._nursery: trio.Nursery | None = None
@@ -281,7 +259,7 @@ class OnDemandService:
     # ---- the decision ----
 
     async def _decide(self, name: str, waiting_since: float | None
-                      ) -> tuple[_Attempt | None, LoadOutcome | None, trio.Event]:
+                      ) -> tuple[Attempt | None, LoadOutcome | None, trio.Event]:
         """Under the lock: one policy decision and its effects. Returns the attempt to wait
         on, or an outcome (already loaded), or neither (wait for this event, then retry)."""
         changed = self._changed
@@ -342,15 +320,15 @@ class OnDemandService:
 
     def _watch(self, name: str, reason: str, evicted: tuple[str, ...],
                mark: int | None = None, outcomes: frozenset[State] = LOAD_OUTCOMES
-               ) -> _Attempt:
-        attempt = _Attempt(name, reason, trio.current_time(), evicted)
+               ) -> Attempt:
+        attempt = Attempt(name, reason, trio.current_time(), evicted)
         if self._nursery is None:
             raise RuntimeError("OnDemandService.run is not running; start it in a nursery")
         self._attempts[name] = attempt
         self._nursery.start_soon(self._follow, attempt, mark, outcomes)
         return attempt
 
-    async def _follow(self, attempt: _Attempt, mark: int | None,
+    async def _follow(self, attempt: Attempt, mark: int | None,
                       outcomes: frozenset[State]) -> None:
         """Owner of one load: wait for its outcome, stop a failed one, tell every caller."""
         name, label = attempt.name, self._label(attempt.name)

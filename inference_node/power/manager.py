@@ -31,6 +31,7 @@ from inference_node.power.held_first import HeldFirst
 from inference_node.power.policy import IdlePolicy, PowerEvent, PowerMachine, PowerState, Verdict
 from inference_node.power.proxy_client import ProxyClient
 from inference_node.power.resume import ResumeSignal, watch_clock_gap, watch_logind
+from inference_node.power.suspend import SuspendAction
 from shared.config.node import PowerSection
 from shared.errors import LlamanapError
 from shared.events import EventKind
@@ -67,34 +68,6 @@ class PstateRelease(Protocol):
     def resume_control(self) -> None:
         """Switch P-states again (the machine is back, or the suspend did not happen)."""
         ...
-
-
-class SuspendAction(Protocol):
-    async def suspend(self) -> None:
-        """Ask the OS to suspend; raise ``SuspendFailed`` with the reason if it refuses."""
-        ...
-
-
-@dataclass
-class CommandSuspend:
-    """Runs the configured suspend command (``systemctl suspend`` by default)."""
-
-    argv: Sequence[str]
-    timeout_s: float = 60.0
-
-    async def suspend(self) -> None:
-        with trio.move_on_after(self.timeout_s) as scope:
-            try:
-                result = await trio.run_process(list(self.argv), capture_stdout=True,
-                                                capture_stderr=True, check=False)
-            except OSError as exc:
-                raise SuspendFailed(f"suspend command {self.argv[0]!r} cannot run: {exc.strerror}") from exc
-        if scope.cancelled_caught:
-            raise SuspendFailed(f"suspend command {' '.join(self.argv)!r} did not return in {self.timeout_s:.0f} s")
-        if result.returncode != 0:
-            err = result.stderr.decode(errors="replace").strip().splitlines()
-            raise SuspendFailed(f"suspend command {' '.join(self.argv)!r} exited {result.returncode}: "
-                                + (err[-1] if err else "no message"))
 
 
 @dataclass

@@ -29,15 +29,10 @@ from inference_node.power.checks import (
     LoggedInUsersCheck,
 )
 from inference_node.power.held_first import HeldFirst, Scheduler
-from inference_node.power.manager import (
-    CommandSuspend,
-    InstanceControl,
-    PowerManager,
-    PstateRelease,
-    SuspendAction,
-)
+from inference_node.power.manager import InstanceControl, PowerManager, PstateRelease
 from inference_node.power.proxy_addresses import ProxyAddresses, proxy_hosts
 from inference_node.power.proxy_client import ProxyClient
+from inference_node.power.suspend import CommandSuspend, SuspendAction
 from inference_node.supervisor.state import State
 from inference_node.supervisor.supervisor import autostarts
 from shared.config.node import NodeAgentConfig, PowerSection

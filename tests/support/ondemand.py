@@ -26,7 +26,7 @@ from inference_node.agent import Agent, Component, build_parts, run_agent
 from inference_node.gpu.inventory import NoGpus
 from inference_node.gpu.nvapi import NvapiBackend
 from inference_node.ondemand.estimate import instance_need
-from inference_node.power.manager import SuspendAction
+from inference_node.power.suspend import SuspendAction
 from shared.config.loader import Context, build
 from shared.config.node import InstanceConfig
 from shared.tiny_gguf import TinyModelSpec, write_tiny_model
