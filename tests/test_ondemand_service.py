@@ -320,3 +320,25 @@ async def test_cli_start_of_an_on_demand_instance_too_big_is_refused_with_the_re
         assert "start a: model a needs " in err
         assert "more than the whole budget: agent.memory_budget_mib is 1 MiB" in err
         assert agent.supervisor.get("a").state is State.STOPPED
+
+
+async def test_a_load_while_the_node_sleeps_waits_for_the_resume_instead_of_failing(
+        tmp_path: Path, llama_server_bin: Path, models: tuple[Path, Path]) -> None:
+    """After a resume the proxy may ask for a model before the power manager has lifted the
+    supervisor's hold (its probe of the agent passed first): the load waits for the hold."""
+    cfg = write_config(tmp_path, {"a": table(models[0], llama_server_bin)}, 10_000)
+    async with running(cfg) as (agent, client, _parts):
+        sup = agent.supervisor
+        await sup.stop_all("suspending: node idle")  # as the power manager does
+        answers: list[httpx.Response] = []
+
+        async def ask() -> None:
+            answers.append(await load(client, "a"))
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(ask)
+            await trio.sleep(0.5)  # the request is in; nothing may start while held
+            assert answers == [] and sup.get("a").state is State.STOPPED
+            sup.lift_hold()  # the resume
+        assert answers[0].status_code == 200, answers[0].text
+        assert sup.get("a").state is State.READY
