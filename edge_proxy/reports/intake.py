@@ -16,6 +16,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge
 
 from edge_proxy.reports.sink import ReportSink
 from shared.reports import (
+    BusyReport,
     CycleReport,
     GpuReport,
     InstanceReport,
@@ -89,6 +90,8 @@ class ReportIntake:
             self.sink.instance_change(node, record)
         elif isinstance(record, CycleReport):
             self.sink.cycle(node, record)
+        elif isinstance(record, BusyReport):
+            self.sink.busy(node, record)
         self.received.labels(node, record.kind).inc()
         self.listener(node, record)
 
