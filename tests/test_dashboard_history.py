@@ -16,20 +16,11 @@ import trio
 from edge_proxy.history.records import GpuSample, PowerInterval, RequestRecord, WakeRecord
 from edge_proxy.history.store import HistoryRecorder, StoreLimits
 from edge_proxy.service import Proxy, serve_proxy
-from edge_proxy.wake.machine import State
 from shared.config.edge import load_edge_config
-from shared.tiny_gguf import PRESETS, write_tiny_model
 from tests.support.browser import Loaded, load
 from tests.support.devtools import open_browser
-from tests.support.edge import PacketListener
-from tests.support.edge_http import (
-    TEST_TIMEOUT_S,
-    TOKEN,
-    NodeSpec,
-    Waker,
-    wait_state,
-    write_http_config,
-)
+from tests.support.edge_http import TOKEN, NodeSpec, write_http_config
+from tests.support.history_stack import ALIAS, CHAT, sentence_stack, with_history
 from tests.support.ports import free_port
 
 pytestmark = pytest.mark.browser
@@ -37,9 +28,6 @@ pytestmark = pytest.mark.browser
 ROOMY = StoreLimits(retention_days=3650, max_bytes=1 << 30)
 GPUS = ("GPU-5b2e91d4-7c1a-4f0e-9d3b-2a6c8e0f1a11", "GPU-c07f3a58-2e9b-4d61-8a0c-6b1d9e2f3c22")
 SAMPLES_PER_GPU = 40
-ALIAS = "sentence"
-ARGS = ("-c", "512", "-np", "1", "-t", "1", "--alias", ALIAS)
-CHAT = {"model": ALIAS, "messages": [{"role": "user", "content": "hi"}], "temperature": 0}
 
 
 def _record(path: Path, now: float) -> None:
@@ -90,7 +78,7 @@ def _record(path: Path, now: float) -> None:
 async def _proxy(nursery: trio.Nursery, tmp_path: Path, db: Path) -> Proxy:
     nodes = [NodeSpec("gpubox", "02:00:00:00:00:01", free_port(), ("tiny", "qwen"))]
     cfg = write_http_config(tmp_path, nodes, free_port())
-    cfg.write_text(cfg.read_text() + f'\n[history]\nenabled = true\npath = "{db}"\n')
+    with_history(cfg, db)
     proxy: Proxy = await nursery.start(serve_proxy, load_edge_config(cfg))
     return proxy
 
@@ -209,35 +197,21 @@ async def test_rows_recorded_while_the_page_is_open_appear_without_a_reload(
 @pytest.mark.llama
 async def test_a_real_wake_and_real_requests_show_on_the_dashboard(
         tmp_path: Path, llama_server_bin: Path) -> None:
-    model = write_tiny_model(tmp_path / "sentence.gguf", PRESETS["llama-sentence"])
-    db = tmp_path / "history.sqlite3"
-    node = NodeSpec("box", "aa:bb:cc:dd:ee:01", free_port(), models=(ALIAS,))
-    packets = await PacketListener.open()
-    path = write_http_config(tmp_path, [node], packets.port)
-    path.write_text(path.read_text() + f'\n[history]\nenabled = true\npath = "{db}"\n')
-    waker = Waker(node, llama_server_bin, model, ARGS)
-    with trio.fail_after(TEST_TIMEOUT_S):
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(packets.run)
-            nursery.start_soon(waker.run, packets)
-            proxy: Proxy = await nursery.start(serve_proxy, load_edge_config(path))
-            async with httpx.AsyncClient(base_url=proxy.http_routes.url("127.0.0.1:0"),
-                                         timeout=TEST_TIMEOUT_S) as client:
-                await wait_state(proxy, "box", State.ASLEEP)
-                for _ in range(2):  # the first wakes the node, the second finds it awake
-                    answer = await client.post("/v1/chat/completions", json=CHAT)
-                    assert answer.status_code == 200, answer.text
-            async with httpx.AsyncClient(base_url=proxy.control_url, headers={
-                    "authorization": f"Bearer {TOKEN}"}) as api:
-                while True:  # the writer thread flushes every half second
-                    summary = (await api.get("/v1/dashboard/summary")).json()
-                    rows = (await api.get("/v1/history/requests")).json()["requests"]
-                    if summary["nodes"][0]["wakes"] and len(rows) == 2:
-                        break
-                    await trio.sleep(0.1)
-            shot = tmp_path / "dashboard-real.png"
-            page = await load(f"{proxy.control_url}/#token={TOKEN}", tmp_path, screenshot=shot)
-            nursery.cancel_scope.cancel()
+    async with sentence_stack(tmp_path, llama_server_bin) as stack:
+        proxy = stack.proxy
+        for _ in range(2):  # the first wakes the node, the second finds it awake
+            answer = await stack.client.post("/v1/chat/completions", json=CHAT)
+            assert answer.status_code == 200, answer.text
+        async with httpx.AsyncClient(base_url=proxy.control_url, headers={
+                "authorization": f"Bearer {TOKEN}"}) as api:
+            while True:  # the writer thread flushes every half second
+                summary = (await api.get("/v1/dashboard/summary")).json()
+                rows = (await api.get("/v1/history/requests")).json()["requests"]
+                if summary["nodes"][0]["wakes"] and len(rows) == 2:
+                    break
+                await trio.sleep(0.1)
+        shot = tmp_path / "dashboard-real.png"
+        page = await load(f"{proxy.control_url}/#token={TOKEN}", tmp_path, screenshot=shot)
     assert page.console == []
     (wake,) = summary["nodes"][0]["wakes"]
     assert wake["outcome"] == "ready" and wake["steps"]["ready"] is not None
