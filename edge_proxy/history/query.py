@@ -40,13 +40,28 @@ class HistoryError(LlamanapError):
 
 @dataclass(frozen=True)
 class Filter:
-    """Which rows to read: at or after ``since`` (Unix s), before ``until``, one node or all."""
+    """Which rows to read: at or after ``since`` (Unix s), before ``until``, one node or all;
+    ``after_id``/``through_id`` keep rows written after one read and up to another (row ids
+    rise as rows are written, so a reader can ask for what is new since it last looked)."""
 
     since: float | None = None
     until: float | None = None
     node: str | None = None
     model: str | None = None
     limit: int | None = None
+    after_id: int | None = None
+    through_id: int | None = None
+
+
+def _id_range(flt: Filter) -> tuple[list[str], list[Any]]:
+    where, args = [], []  # type: list[str], list[Any]
+    if flt.after_id is not None:
+        where.append("id > ?")
+        args.append(flt.after_id)
+    if flt.through_id is not None:
+        where.append("id <= ?")
+        args.append(flt.through_id)
+    return where, args
 
 
 @contextmanager
@@ -82,6 +97,9 @@ def _select(conn: sqlite3.Connection, cls: type[Record], flt: Filter, *,
     if flt.model is not None and cls is RequestRecord:
         where.append("model = ?")
         args.append(flt.model)
+    ids, id_args = _id_range(flt)
+    where += ids
+    args += id_args
     sql = f"SELECT {', '.join(columns(cls))} FROM {table}"
     if where:
         sql += " WHERE " + " AND ".join(where)
@@ -139,9 +157,14 @@ def _overlapping(conn: sqlite3.Connection, cls: type[PowerInterval] | type[BusyI
     if flt.node is not None:
         sql += " AND node = ?"
         args.append(flt.node)
+    ids, id_args = _id_range(flt)
+    sql += "".join(f" AND {w}" for w in ids)
+    args += id_args
     try:
         rows = conn.execute(sql + " ORDER BY start, id", args).fetchall()
     except sqlite3.Error as exc:
+        if "no such table" in str(exc):  # a database the proxy has not opened since its
+            return []                    # version added the table: no such rows yet
         raise HistoryError(f"cannot read {table} from the history database: {exc}") from exc
     return [cls(*row) for row in rows]
 
@@ -157,6 +180,21 @@ def report_marks(conn: sqlite3.Connection) -> list[ReportMark]:
         raise HistoryError(f"cannot read {MARKS_TABLE} from the history database: {exc}") \
             from exc
     return [ReportMark(*row) for row in rows]
+
+
+def latest_ids(conn: sqlite3.Connection) -> dict[str, int]:
+    """Per table, the highest row id written so far (0: none yet)."""
+    latest = {}
+    for table, _ in TABLES.values():
+        try:
+            (top,) = conn.execute(f"SELECT max(id) FROM {table}").fetchone()
+        except sqlite3.OperationalError as exc:
+            if "no such table" not in str(exc):
+                raise HistoryError(f"cannot read {table} from the history database: {exc}") \
+                    from exc
+            top = 0  # not created yet: nothing written to it
+        latest[table] = top or 0
+    return latest
 
 
 def nodes(conn: sqlite3.Connection) -> list[str]:
