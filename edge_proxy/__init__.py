@@ -31,11 +31,13 @@ Module map:
   reports (schema in ``shared.reports``), and the dashboard's routes.
 - ``dashboard/``: the page at ``/`` on the control listener. ``dashboard.source``: the
   history queries it reads (a Protocol); ``dashboard.summary``: rows and status into the JSON
-  the page polls (pure); ``dashboard.routes``: the page's files and JSON endpoints;
+  the page polls (pure); ``dashboard.reading``: one refresh, whole or since the page's
+  ``dashboard.cursor``; ``dashboard.routes``: the page's files and JSON endpoints;
   ``dashboard.history_db``: that Protocol over the history database. The page is
-  ``index.html`` + ``dashboard.js`` (package data).
+  ``index.html`` + ``dashboard.js`` + ``merge.js`` (package data).
 - ``reports/``: what nodes report. ``reports.intake``: each record stored once, in order
-  (stream and sequence numbers); ``reports.sink``: where stored records go.
+  (stream and sequence numbers; the marks kept in the history when it is on);
+  ``reports.sink``: where stored records go.
 - ``alerts/``: ``alerts.policy``: which observations are alerts and which may go out now,
   pure; ``alerts.runner``: log line, ``edge_alerts_total`` and the alert command.
 - ``metrics``: the Prometheus registry.

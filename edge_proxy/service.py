@@ -14,6 +14,7 @@ import logging
 import resource
 import signal
 import urllib.parse
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any, Literal
 
@@ -23,6 +24,8 @@ from edge_proxy.admission import ConnectionCounts
 from edge_proxy.alerts.runner import AlertRunner
 from edge_proxy.control import build_app
 from edge_proxy.errors import ListenError, LoadFailed
+from edge_proxy.history import query
+from edge_proxy.history.records import ReportMark
 from edge_proxy.history.store import NullRecorder, Recorder, open_recorder
 from edge_proxy.http_routes.knowledge import ModelKnowledge
 from edge_proxy.http_routes.service import HttpRoutes
@@ -63,7 +66,9 @@ class Proxy:
     """A running edge proxy. Attributes are read by the control endpoint and by tests."""
 
     def __init__(self, cfg: EdgeConfig, sender: WolSender | None = None, *,
-                 relay_engine: RelayEngine = "loop", recorder: Recorder | None = None) -> None:
+                 relay_engine: RelayEngine = "loop", recorder: Recorder | None = None,
+                 report_marks: Iterable[ReportMark] = ()) -> None:
+        """``report_marks``: how far each node's reports are stored (from the history)."""
         self.cfg = cfg
         self.metrics = ProxyMetrics()
         self.sender: WolSender = sender or UdpWolSender()
@@ -85,7 +90,8 @@ class Proxy:
                                   wake_failures=self._wake_failures)
         # With history on, what nodes report becomes rows of it (the newest also in memory).
         self.report_sink: ReportSink = MemorySink() if recorder is None else HistorySink(recorder)
-        self.reports = ReportIntake(self.report_sink, self.alerts.observe, self.metrics.registry)
+        self.reports = ReportIntake(self.report_sink, self.alerts.observe, self.metrics.registry,
+                                    report_marks)
         self.app = build_app(self)
         self.control_urls: list[str] = []
         self._driver_scopes: dict[str, trio.CancelScope] = {}
@@ -296,8 +302,10 @@ async def serve_proxy(cfg: EdgeConfig, sender: WolSender | None = None, *,
         # requests that finish during the shutdown grace are written too
         # history off: no recorder at all, so requests build no rows to throw away
         kept = None if isinstance(recorder, NullRecorder) else recorder
-        await Proxy(cfg, sender, relay_engine=relay_engine, recorder=kept).run(
-            task_status=task_status)
+        marks = [] if kept is None else await trio.to_thread.run_sync(
+            query.stored_marks, cfg.history.db_path)
+        await Proxy(cfg, sender, relay_engine=relay_engine, recorder=kept,
+                    report_marks=marks).run(task_status=task_status)
 
 
 def raise_open_file_limit() -> int:

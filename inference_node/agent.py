@@ -228,7 +228,9 @@ def build_parts(agent: Agent, *, inventory: GpuInventory | None = None,
     report = ReportService(config.agent.node, config.proxy, config.report, gpus,
                            wanted=lambda: {g["uuid"]: g["pstate_wanted"]
                                            for g in pstates.gpu_status()["gpus"]},
-                           cycles=lambda: power.manager.history)
+                           cycles=lambda: power.manager.history,
+                           busy_gpus=pstates.controller.busy_gpus)
+    activity.add_listener(report.on_busy)  # after the controller's: both read the same edge
     sup.add_line_sink(activity.feed)
     sup.add_line_sink(placement.feed)
     for listener in (activity.on_state, pstates.on_state, placement.on_state, power.on_state,

@@ -1,4 +1,5 @@
-"""What a node reports to the edge proxy: GPU samples, instance changes, sleep cycles.
+"""What a node reports to the edge proxy: GPU samples, busy spans, instance changes, sleep
+cycles.
 
 The agent POSTs a batch to the proxy's control endpoint (``REPORTS_PATH``, the proxy's bearer
 token) and the proxy answers with how far it has stored that stream::
@@ -11,7 +12,9 @@ token) and the proxy answers with how far it has stored that stream::
           "change": "crashed", "state": "BACKOFF", "reason": "exited with code 1"},
          {"seq": 43, "t": 1764650900.0, "kind": "cycle", "outcome": "slept",
           "detail": "slept and resumed", "steps": [["stopping instances", 0.01], …],
-          "idle_to_suspend_s": 0.5, "suspend_to_resume_s": 2.0, "resume_to_ready_s": 4.1}]}
+          "idle_to_suspend_s": 0.5, "suspend_to_resume_s": 2.0, "resume_to_ready_s": 4.1},
+         {"seq": 44, "t": 1764650960.0, "kind": "busy", "gpu_uuid": "GPU-…",
+          "start": 1764650950.2, "end": 1764650960.0}]}
     ← {"node": "gpubox", "stream": "9f2c41d07a3e", "stored_through": 43, "duplicates": 0}
 
 ``stream`` names one run of the agent (random at start); ``seq`` counts that stream's records
@@ -19,6 +22,9 @@ from 1, with no gaps except those the agent's bounded buffer dropped (``dropped`
 many so far). The proxy stores a record once: one whose ``seq`` is at or below what it has
 stored for the stream is a duplicate (a retry after a lost reply) and skipped. The agent
 forgets records up to ``stored_through`` and sends the rest again later, in order.
+
+A ``busy`` record is a closed span ``[start, end)`` (Unix seconds) in which an instance on
+that GPU ran a task; a long span is cut into pieces so a crash loses little of it.
 
 Times ``t`` are Unix seconds (the rows outlive both processes). Cycle step times are seconds
 after the cycle began on the agent's monotonic clock, which stops while the machine sleeps:
@@ -38,7 +44,7 @@ from shared.errors import LlamanapError
 from shared.events import parse_object
 
 REPORTS_PATH: Final = "/v1/reports"
-RecordKind = Literal["gpu", "instance", "cycle"]
+RecordKind = Literal["gpu", "instance", "cycle", "busy"]
 RECORD_KINDS: Final[tuple[str, ...]] = get_args(RecordKind)
 InstanceChange = Literal["loaded", "unloaded", "crashed"]
 INSTANCE_CHANGES: Final[tuple[str, ...]] = get_args(InstanceChange)
@@ -107,7 +113,19 @@ class CycleReport:
     kind: Literal["cycle"] = "cycle"
 
 
-Report = GpuReport | InstanceReport | CycleReport
+@dataclass(frozen=True)
+class BusyReport:
+    """A GPU had a task (an instance on it was busy) over ``[start, end)``, Unix seconds."""
+
+    seq: int
+    t: float
+    gpu_uuid: str
+    start: float
+    end: float
+    kind: Literal["busy"] = "busy"
+
+
+Report = GpuReport | InstanceReport | CycleReport | BusyReport
 
 
 @dataclass(frozen=True)
@@ -152,6 +170,7 @@ _FIELDS: Final[dict[str, frozenset[str]]] = {
     "instance": frozenset({"seq", "t", "kind", "instance", "change", "state", "reason"}),
     "cycle": frozenset({"seq", "t", "kind", "outcome", "detail", "steps", "idle_to_suspend_s",
                         "suspend_to_resume_s", "resume_to_ready_s"}),
+    "busy": frozenset({"seq", "t", "kind", "gpu_uuid", "start", "end"}),
 }
 
 
@@ -197,6 +216,15 @@ def decode_record(data: Any, where: str = "record") -> Report:
             power_w=_number(data, "power_w", where),
             pstate_wanted=_pstate(data, "pstate_wanted", where),
             pstate_read=_pstate(data, "pstate_read", where))
+    if kind == "busy":
+        start = _number(data, "start", where, required=True)
+        end = _number(data, "end", where, required=True)
+        assert start is not None and end is not None
+        if end < start:
+            raise ReportError(f"{where}.end: found {end!r} before start {start!r}; expected "
+                              "end >= start")
+        return BusyReport(seq, t, _string(data, "gpu_uuid", where, limit=MAX_NAME_CHARS),
+                          start, end)
     if kind == "instance":
         change = data.get("change")
         if change not in INSTANCE_CHANGES:

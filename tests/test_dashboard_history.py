@@ -1,7 +1,8 @@
 """The dashboard over a real history database: rows written through the proxy's own
 recorder, a proxy that reads them, and headless Chromium drawing exactly the points the
-JSON endpoints return (power states, wakes step by step, requests per model, GPU series,
-energy saved this week)."""
+JSON endpoints return (power states, busy spans per GPU, wakes step by step, requests per
+model, GPU series, TCP connections, energy saved this week in kWh and money), also after
+polls that fetched only what was new."""
 
 from __future__ import annotations
 
@@ -13,23 +14,21 @@ import httpx
 import pytest
 import trio
 
-from edge_proxy.history.records import GpuSample, PowerInterval, RequestRecord, WakeRecord
+from edge_proxy.history.records import (
+    BusyInterval,
+    ConnectionRecord,
+    GpuSample,
+    PowerInterval,
+    RequestRecord,
+    WakeRecord,
+)
 from edge_proxy.history.store import HistoryRecorder, StoreLimits
 from edge_proxy.service import Proxy, serve_proxy
-from edge_proxy.wake.machine import State
 from shared.config.edge import load_edge_config
-from shared.tiny_gguf import PRESETS, write_tiny_model
 from tests.support.browser import Loaded, load
 from tests.support.devtools import open_browser
-from tests.support.edge import PacketListener
-from tests.support.edge_http import (
-    TEST_TIMEOUT_S,
-    TOKEN,
-    NodeSpec,
-    Waker,
-    wait_state,
-    write_http_config,
-)
+from tests.support.edge_http import TOKEN, NodeSpec, write_http_config
+from tests.support.history_stack import ALIAS, CHAT, sentence_stack, with_history
 from tests.support.ports import free_port
 
 pytestmark = pytest.mark.browser
@@ -37,9 +36,9 @@ pytestmark = pytest.mark.browser
 ROOMY = StoreLimits(retention_days=3650, max_bytes=1 << 30)
 GPUS = ("GPU-5b2e91d4-7c1a-4f0e-9d3b-2a6c8e0f1a11", "GPU-c07f3a58-2e9b-4d61-8a0c-6b1d9e2f3c22")
 SAMPLES_PER_GPU = 40
-ALIAS = "sentence"
-ARGS = ("-c", "512", "-np", "1", "-t", "1", "--alias", ALIAS)
-CHAT = {"model": ALIAS, "messages": [{"role": "user", "content": "hi"}], "temperature": 0}
+PRICE = 0.25
+# Per GPU, when it had a task (seconds before now): the first GPU twice, the second once.
+BUSY = {GPUS[0]: [(2350, 2300), (2200, 2000)], GPUS[1]: [(2100, 1900)]}
 
 
 def _record(path: Path, now: float) -> None:
@@ -87,10 +86,27 @@ def _record(path: Path, now: float) -> None:
     assert recorder.counts.written == 6 + 3 + 11 + 2 * SAMPLES_PER_GPU
 
 
+def _record_more(path: Path, now: float) -> None:
+    """The same afternoon's busy spans (the agent's reports) and its TCP route's connections."""
+    recorder = HistoryRecorder(path, ROOMY)
+    recorder.start()
+    for uuid, spans in BUSY.items():
+        for start, end in spans:
+            recorder.record_busy_interval(BusyInterval("gpubox", uuid, now - start, now - end))
+    recorder.record_connection(ConnectionRecord(now - 3590, "127.0.0.1:2222", "gpubox", 4096,
+                                                1 << 20, 60_000.0, 2400.0, True))
+    for i in range(2):
+        recorder.record_connection(ConnectionRecord(now - 1700 + i * 60, "127.0.0.1:2222",
+                                                    "gpubox", 512, 2048, 1500.0))
+    recorder.close()
+    assert recorder.counts.written == 3 + 3
+
+
 async def _proxy(nursery: trio.Nursery, tmp_path: Path, db: Path) -> Proxy:
     nodes = [NodeSpec("gpubox", "02:00:00:00:00:01", free_port(), ("tiny", "qwen"))]
     cfg = write_http_config(tmp_path, nodes, free_port())
-    cfg.write_text(cfg.read_text() + f'\n[history]\nenabled = true\npath = "{db}"\n')
+    with_history(cfg, db)
+    cfg.write_text(cfg.read_text() + f'price_per_kwh = {PRICE}\ncurrency = "EUR"\n')
     proxy: Proxy = await nursery.start(serve_proxy, load_edge_config(cfg))
     return proxy
 
@@ -104,7 +120,9 @@ def _cell(page: Loaded, kind: str, node: str) -> str:
 async def test_the_page_draws_the_points_the_api_returns(nursery: trio.Nursery,
                                                          tmp_path: Path) -> None:
     db = tmp_path / "history.sqlite3"
-    await trio.to_thread.run_sync(_record, db, time.time())
+    now = time.time()
+    await trio.to_thread.run_sync(_record, db, now)
+    await trio.to_thread.run_sync(_record_more, db, now)
     proxy = await _proxy(nursery, tmp_path, db)
     async with httpx.AsyncClient(base_url=proxy.control_url,
                                  headers={"authorization": f"Bearer {TOKEN}"}) as api:
@@ -158,6 +176,25 @@ async def test_the_page_draws_the_points_the_api_returns(nursery: trio.Nursery,
     assert energy["asleep_s"] > 0 and energy["saved_kwh"] > 0
     assert _cell(page, "saved-kwh", "gpubox") == f'{energy["saved_kwh"]:.3f} kWh'
     assert shot.stat().st_size > 30_000
+    # ... and in money at the configured price; busy time includes the GPUs' busy spans
+    assert energy["saved_money"] == pytest.approx(energy["saved_kwh"] * PRICE)
+    assert _cell(page, "saved-money", "gpubox") == f'{energy["saved_money"]:.2f} EUR'
+    assert _cell(page, "used-money", "gpubox") == f'{energy["used_money"]:.2f} EUR'
+    assert energy["busy_s"] > 0
+    # busy spans: one bar per span on its GPU's row of the power timeline
+    for gpu in gpubox["gpus"]:
+        assert [(b["start"], b["end"]) for b in gpu["busy"]] == [
+            (pytest.approx(now - a), pytest.approx(now - b)) for a, b in BUSY[gpu["uuid"]]]
+        assert page.count(kind="gpu-busy", gpu=gpu["uuid"]) == len(BUSY[gpu["uuid"]])
+    # TCP connections: each a row, with its bytes, duration and whether it woke the node
+    conns = gpubox["connections"]
+    assert len(conns) == 3 and page.count(kind="connection", node="gpubox") == 3
+    assert _cell(page, "connection-count", "gpubox") == \
+        "gpubox: 3 connection(s), 5.0 KiB up, 1.0 MiB down, 1 woke the node"
+    # The page polled again within its virtual time, asking only for what was new (nothing):
+    # what it draws after merging is still exactly the API's whole answer.
+    polls = re.search(r'data-polls="(\d+)" data-incremental-polls="(\d+)"', page.dom)
+    assert polls and int(polls.group(2)) >= 1
 
 
 async def test_history_on_but_nothing_recorded_yet_says_so(nursery: trio.Nursery,
@@ -184,60 +221,90 @@ async def test_rows_recorded_while_the_page_is_open_appear_without_a_reload(
         assert await page.count('[data-kind="ttft"][data-model="tiny"]') == 7
         assert await page.count('[data-kind="wake"]') == 3
 
-        def more() -> None:  # a later wake, and the request it woke, from the same recorder
-            recorder = HistoryRecorder(db, ROOMY)
-            recorder.start()
-            t = time.time()
-            recorder.record_wake(WakeRecord("gpubox", t - 5, "ready", "request for tiny",
-                                            packets=2, host_up_ms=800.0, port_open_ms=1200.0,
-                                            ready_ms=2000.0, total_ms=2050.0))
-            recorder.record_request(RequestRecord(t - 5, "127.0.0.1:0", "gpubox", "tiny",
-                                                  "POST", "/v1/chat/completions", 200, "woke",
-                                                  held_ms=2050.0, ttfb_ms=2300.0,
-                                                  predicted_per_s=39.0))
-            recorder.close()
+        async with httpx.AsyncClient(base_url=proxy.control_url,
+                                     headers={"authorization": f"Bearer {TOKEN}"}) as api:
+            before = (await api.get("/v1/dashboard/summary")).json()
+            bad = await api.get("/v1/dashboard/summary", params={"cursor": "gpu:1"})
+            assert bad.status_code == 400 and "expected table:id" in bad.text
 
-        await trio.to_thread.run_sync(more)
-        await page.wait_for("document.querySelectorAll("
-                            "'[data-kind=\"ttft\"][data-model=\"tiny\"]').length === 8")
-        assert await page.count('[data-kind="wake"]') == 4
-        assert await page.count('[data-step="first_byte"]') == 2
-        await page.screenshot(tmp_path / "dashboard-live.png")
+            def more() -> None:  # a later wake and the request it woke, the agent's late
+                recorder = HistoryRecorder(db, ROOMY)  # reports, and a connection
+                recorder.start()
+                t = time.time()
+                recorder.record_wake(WakeRecord("gpubox", t - 5, "ready", "request for tiny",
+                                                packets=2, host_up_ms=800.0,
+                                                port_open_ms=1200.0, ready_ms=2000.0,
+                                                total_ms=2050.0))
+                recorder.record_request(RequestRecord(t - 5, "127.0.0.1:0", "gpubox", "tiny",
+                                                      "POST", "/v1/chat/completions", 200,
+                                                      "woke", held_ms=2050.0, ttfb_ms=2300.0,
+                                                      predicted_per_s=39.0))
+                for uuid in GPUS:  # one taken long ago, sent only now (the agent was away)
+                    recorder.record_gpu_sample(GpuSample(t - 1210, "gpubox", uuid,
+                                                         power_w=70.0, temperature_c=50.0))
+                    recorder.record_gpu_sample(GpuSample(t - 2, "gpubox", uuid, power_w=61.0,
+                                                         temperature_c=45.0))
+                recorder.record_busy_interval(BusyInterval("gpubox", GPUS[1], t - 4, t - 3))
+                recorder.record_power_interval(PowerInterval("gpubox", "awake", t - 300, t - 6))
+                recorder.record_connection(ConnectionRecord(t - 8, "127.0.0.1:2222", "gpubox",
+                                                            100, 200, 50.0))
+                recorder.close()
+
+            await trio.to_thread.run_sync(more)
+            await page.wait_for("document.querySelectorAll("
+                                "'[data-kind=\"ttft\"][data-model=\"tiny\"]').length === 8 && "
+                                "document.querySelectorAll('[data-kind=\"connection\"]')"
+                                ".length === 1")
+            assert await page.count('[data-kind="wake"]') == 4
+            assert await page.count('[data-step="first_byte"]') == 2
+            await page.screenshot(tmp_path / "dashboard-live.png")
+            assert page.console == []
+            # The API, asked with the cursor of the answer before: only the new rows.
+            new = (await api.get("/v1/dashboard/summary",
+                                 params={"cursor": before["cursor"]})).json()
+            assert new["incremental"] and not new["energy_included"]
+            (fresh,) = [n for n in new["nodes"] if n["name"] == "gpubox"]
+            assert [len(g["points"]) for g in fresh["gpus"]] == [2, 2]
+            assert [len(g["busy"]) for g in fresh["gpus"]] == [0, 1]
+            assert len(fresh["connections"]) == 1 and len(fresh["wakes"]) == 1
+            assert [p["live"] for p in fresh["power"]] == [False, True]
+            # What the page drew from its polls is what the whole window holds now.
+            whole = (await api.get("/v1/dashboard/summary")).json()
+        (box,) = [n for n in whole["nodes"] if n["name"] == "gpubox"]
+        assert await page.count('[data-kind="power"][data-node="gpubox"]') == len(box["power"])
+        for gpu in box["gpus"]:
+            assert len(gpu["points"]) == SAMPLES_PER_GPU + 2
+            for kind, key in (("gpu-activity", "points"), ("gpu-busy", "busy")):
+                assert await page.count(f'[data-kind="{kind}"][data-gpu="{gpu["uuid"]}"]') \
+                    == len(gpu[key])
+            drawn = await page.evaluate(
+                f'document.querySelector(\'[data-kind="gpu-power_w"][data-gpu="{gpu["uuid"]}"]\')'
+                '.getAttribute("data-points")')
+            assert int(drawn) == SAMPLES_PER_GPU + 2
+        assert await page.count('[data-kind="connection"]') == len(box["connections"]) == 1
+        assert await page.count('[data-kind="wake"]') == len(box["wakes"])
+        assert int(await page.evaluate("document.body.dataset.incrementalPolls")) >= 1
         assert page.console == []
 
 
 @pytest.mark.llama
 async def test_a_real_wake_and_real_requests_show_on_the_dashboard(
         tmp_path: Path, llama_server_bin: Path) -> None:
-    model = write_tiny_model(tmp_path / "sentence.gguf", PRESETS["llama-sentence"])
-    db = tmp_path / "history.sqlite3"
-    node = NodeSpec("box", "aa:bb:cc:dd:ee:01", free_port(), models=(ALIAS,))
-    packets = await PacketListener.open()
-    path = write_http_config(tmp_path, [node], packets.port)
-    path.write_text(path.read_text() + f'\n[history]\nenabled = true\npath = "{db}"\n')
-    waker = Waker(node, llama_server_bin, model, ARGS)
-    with trio.fail_after(TEST_TIMEOUT_S):
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(packets.run)
-            nursery.start_soon(waker.run, packets)
-            proxy: Proxy = await nursery.start(serve_proxy, load_edge_config(path))
-            async with httpx.AsyncClient(base_url=proxy.http_routes.url("127.0.0.1:0"),
-                                         timeout=TEST_TIMEOUT_S) as client:
-                await wait_state(proxy, "box", State.ASLEEP)
-                for _ in range(2):  # the first wakes the node, the second finds it awake
-                    answer = await client.post("/v1/chat/completions", json=CHAT)
-                    assert answer.status_code == 200, answer.text
-            async with httpx.AsyncClient(base_url=proxy.control_url, headers={
-                    "authorization": f"Bearer {TOKEN}"}) as api:
-                while True:  # the writer thread flushes every half second
-                    summary = (await api.get("/v1/dashboard/summary")).json()
-                    rows = (await api.get("/v1/history/requests")).json()["requests"]
-                    if summary["nodes"][0]["wakes"] and len(rows) == 2:
-                        break
-                    await trio.sleep(0.1)
-            shot = tmp_path / "dashboard-real.png"
-            page = await load(f"{proxy.control_url}/#token={TOKEN}", tmp_path, screenshot=shot)
-            nursery.cancel_scope.cancel()
+    async with sentence_stack(tmp_path, llama_server_bin) as stack:
+        proxy = stack.proxy
+        for _ in range(2):  # the first wakes the node, the second finds it awake
+            answer = await stack.client.post("/v1/chat/completions", json=CHAT)
+            assert answer.status_code == 200, answer.text
+        async with httpx.AsyncClient(base_url=proxy.control_url, headers={
+                "authorization": f"Bearer {TOKEN}"}) as api:
+            while True:  # the writer thread flushes every half second
+                summary = (await api.get("/v1/dashboard/summary")).json()
+                rows = (await api.get("/v1/history/requests")).json()["requests"]
+                if summary["nodes"][0]["wakes"] and len(rows) == 2:
+                    break
+                await trio.sleep(0.1)
+        shot = tmp_path / "dashboard-real.png"
+        page = await load(f"{proxy.control_url}/#token={TOKEN}", tmp_path, screenshot=shot)
     assert page.console == []
     (wake,) = summary["nodes"][0]["wakes"]
     assert wake["outcome"] == "ready" and wake["steps"]["ready"] is not None

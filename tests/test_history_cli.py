@@ -14,6 +14,7 @@ from typing import Final
 import pytest
 
 from edge_proxy.history.records import (
+    BusyInterval,
     ConnectionRecord,
     GpuSample,
     PowerInterval,
@@ -124,6 +125,35 @@ def test_energy_uses_the_nodes_watts_and_price(tmp_path: Path, db: Path) -> None
     table = _edge_proxy("energy", "-c", _config(tmp_path, db))
     assert "USED EUR" in table.stdout and "SAVED kWh" in table.stdout
     assert "gpubox" in table.stdout
+
+
+def test_energy_splits_awake_time_into_idle_and_busy(tmp_path: Path) -> None:
+    db = tmp_path / "busy.sqlite3"
+    now = time.time()
+    recorder = HistoryRecorder(db, StoreLimits(retention_days=3650, max_bytes=1 << 30))
+    recorder.start()
+    recorder.record_power_interval(PowerInterval("gpubox", "asleep", now - 3 * H, now - H))
+    recorder.record_power_interval(PowerInterval("gpubox", "awake", now - H, now - 1))
+    # a quarter of the awake hour one GPU had a task, at 200 W; idle it drew 20 W
+    recorder.record_busy_interval(BusyInterval("gpubox", "GPU-a", now - H / 2, now - H / 4))
+    recorder.record_gpu_sample(GpuSample(now - 0.4 * H, "gpubox", "GPU-a", power_w=200.0))
+    recorder.record_gpu_sample(GpuSample(now - 0.1 * H, "gpubox", "GPU-a", power_w=20.0))
+    recorder.close()
+    done = _edge_proxy("energy", "-c", _config(tmp_path, db), "--json")
+    assert done.returncode == 0, done.stderr
+    days = json.loads(done.stdout)["days"]
+    assert sum(d["busy_s"] for d in days) == pytest.approx(H / 4)
+    assert sum(d["awake_s"] for d in days) == pytest.approx(3 * H / 4 - 1)
+    assert sum(d["asleep_s"] for d in days) == pytest.approx(2 * H)
+    # idle (50 + 20) W x 0.75 h, busy (50 + 200) W x 0.25 h, asleep 5 W x 2 h
+    used = sum(d["used_kwh"] for d in days)
+    assert used == pytest.approx((52.5 + 62.5 + 10) / 1000, rel=1e-3)
+    saved = sum(d["saved_kwh"] for d in days)
+    assert saved == pytest.approx((70 - 5) * 2 / 1000, rel=1e-3)  # busy draw left out
+    table = _edge_proxy("energy", "-c", _config(tmp_path, db)).stdout.splitlines()
+    assert table[0].split()[:6] == ["NODE", "PERIOD", "ASLEEP", "AWAKE", "IDLE", "BUSY"]
+    weeks = json.loads(done.stdout)["weeks"]
+    assert sum(w["busy_s"] for w in weeks) == pytest.approx(H / 4)
 
 
 def test_energy_without_a_config_says_it_used_default_watts(db: Path) -> None:

@@ -7,8 +7,15 @@ from typing import Final
 
 import pytest
 
-from edge_proxy.history.energy import HostPower, by_week, energy_by_day, idle_gpu_w
-from edge_proxy.history.records import GpuSample, PowerInterval
+from edge_proxy.history.energy import (
+    HostPower,
+    by_week,
+    energy_by_day,
+    idle_gpu_w,
+    merge_spans,
+    split_busy,
+)
+from edge_proxy.history.records import BusyInterval, GpuSample, PowerInterval
 
 # Sunday 2026-12-06 00:00 UTC: the next day starts a new ISO week
 DAY: Final = dt.datetime(2026, 12, 6, tzinfo=dt.UTC).timestamp()
@@ -19,6 +26,10 @@ FAR: Final = DAY + 7 * 86400
 
 def interval(state: str, start_h: float, end_h: float, node: str = "n") -> PowerInterval:
     return PowerInterval(node, state, DAY + start_h * H, DAY + end_h * H)  # type: ignore[arg-type]
+
+
+def busy(gpu: str, start_h: float, end_h: float, node: str = "n") -> BusyInterval:
+    return BusyInterval(node, gpu, DAY + start_h * H, DAY + end_h * H)
 
 
 def sample(at_h: float, watts: float, gpu: str = "G1", node: str = "n") -> GpuSample:
@@ -91,3 +102,51 @@ def test_weeks_sum_their_days() -> None:
         "n", [interval("asleep", 48, 50)], [], HOST, since=DAY, until=FAR)]
     (week,) = by_week(two_days_one_week)
     assert week.asleep_s == 2 * H and week.awake_s == 1 * H
+
+
+def test_busy_spans_split_awake_time_and_price_each_part_by_its_own_samples() -> None:
+    intervals = [interval("awake", 0, 4), interval("asleep", 4, 14)]
+    # G1 busy 1:00-2:00, G2 1:30-2:30: the node is busy 1:00-2:30 (1.5 h), idle 2.5 h
+    spans = [busy("G1", 1, 2), busy("G2", 1.5, 2.5),
+             busy("G1", 5, 6),  # asleep by the proxy's account: stays asleep
+             busy("G1", 0, 4, node="other")]
+    # idle samples 10 and 20 W on G1 (15 W); busy 200 W on G1 and 100 W on G2 (300 W)
+    samples = [sample(0.5, 10), sample(3.0, 20), sample(1.25, 200), sample(2.0, 100, gpu="G2")]
+    (row,) = energy_by_day("n", intervals, samples, HOST, since=DAY, until=FAR, busy=spans)
+    assert (row.busy_s, row.awake_s, row.asleep_s) == (1.5 * H, 2.5 * H, 10 * H)
+    # idle (40 + 15) W x 2.5 h + busy (40 + 300) W x 1.5 h + asleep 2 W x 10 h
+    assert row.used_kwh == pytest.approx((137.5 + 510 + 20) / 1000)
+    # sleeping saved the awake-idle draw, busy samples left out: (40 + 15 - 2) W x 10 h
+    assert row.saved_kwh == pytest.approx(0.53)
+    assert row.estimated_s == 0
+    # without the spans the same samples make a dearer idle draw (busy ones counted in)
+    (plain,) = energy_by_day("n", intervals, samples, HOST, since=DAY, until=FAR)
+    assert plain.busy_s == 0 and plain.saved_kwh > row.saved_kwh
+    assert idle_gpu_w(intervals, samples, spans[:3]) == pytest.approx(15)
+
+
+def test_a_busy_span_across_midnight_splits_between_the_days() -> None:
+    intervals = [interval("awake", 22, 26)]
+    spans = [busy("G1", 23.5, 24.5)]
+    samples = [sample(22.5, 30)]  # none while busy: the busy part takes the interval's mean
+    first, second = energy_by_day("n", intervals, samples, HOST, since=DAY, until=FAR,
+                                  busy=spans)
+    assert (first.awake_s, first.busy_s) == (1.5 * H, 0.5 * H)
+    assert (second.awake_s, second.busy_s) == (1.5 * H, 0.5 * H)
+    assert second.used_kwh == pytest.approx((40 + 30) * 2 / 1000)
+    (week,) = by_week([first, second])[1:]  # Monday starts week 50
+    assert week.busy_s == 0.5 * H
+
+
+def test_the_window_clips_busy_time() -> None:
+    spans = [busy("G1", 0.5, 1.5)]
+    (row,) = energy_by_day("n", INTERVALS[:1], SAMPLES, HOST, since=DAY + 1 * H,
+                           until=DAY + 2 * H, busy=spans)
+    assert (row.busy_s, row.awake_s) == (0.5 * H, 0.5 * H)
+
+
+def test_spans_merge_and_split() -> None:
+    assert merge_spans([(3, 4), (1, 2), (1.5, 2.5), (5, 5)]) == [(1, 2.5), (3, 4)]
+    assert split_busy(0, 10, [(1, 2.5), (3, 4), (9, 12)]) == (
+        [(1, 2.5), (3, 4), (9, 10)], [(0, 1), (2.5, 3), (4, 9)])
+    assert split_busy(0, 1, []) == ([], [(0, 1)])

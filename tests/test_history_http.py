@@ -5,55 +5,27 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Final
 
-import httpx
 import pytest
-import trio
 
 from edge_proxy.history import query
-from edge_proxy.service import Proxy, serve_proxy
-from edge_proxy.wake.machine import State
-from shared.config.edge import load_edge_config
-from shared.tiny_gguf import PRESETS, write_tiny_model
-from tests.support.edge import PacketListener
-from tests.support.edge_http import TEST_TIMEOUT_S, NodeSpec, Waker, wait_state, write_http_config
-from tests.support.ports import free_port
+from tests.support.history_stack import ALIAS, CHAT, sentence_stack
 
 pytestmark = pytest.mark.llama
-
-ALIAS: Final = "sentence"
-ARGS: Final = ("-c", "512", "-np", "1", "-t", "1", "--alias", ALIAS)
-CHAT: Final = {"model": ALIAS, "messages": [{"role": "user", "content": "hi"}],
-               "temperature": 0}
 
 
 async def test_requests_leave_rows_with_llama_servers_numbers(
         tmp_path: Path, llama_server_bin: Path) -> None:
-    model = write_tiny_model(tmp_path / "sentence.gguf", PRESETS["llama-sentence"])
-    db = tmp_path / "history.sqlite3"
-    node = NodeSpec("box", "aa:bb:cc:dd:ee:01", free_port(), models=(ALIAS,))
-    packets = await PacketListener.open()
-    path = write_http_config(tmp_path, [node], packets.port)
-    path.write_text(path.read_text() + f'\n[history]\nenabled = true\npath = "{db}"\n')
-    waker = Waker(node, llama_server_bin, model, ARGS)
-    with trio.fail_after(TEST_TIMEOUT_S):
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(packets.run)
-            nursery.start_soon(waker.run, packets)
-            proxy: Proxy = await nursery.start(serve_proxy, load_edge_config(path))
-            url = proxy.http_routes.url("127.0.0.1:0")
-            async with httpx.AsyncClient(base_url=url, timeout=TEST_TIMEOUT_S) as client:
-                await wait_state(proxy, "box", State.ASLEEP)  # nothing listens yet
-                # held while the node "wakes" (the packet starts llama-server), then relayed
-                woke = await client.post("/v1/chat/completions", json=CHAT)
-                assert woke.status_code == 200, woke.text
-                stream = await client.post("/v1/chat/completions", json={
-                    **CHAT, "stream": True, "stream_options": {"include_usage": True}})
-                assert stream.status_code == 200
-                models = await client.get("/v1/models")
-                assert models.status_code == 200
-            nursery.cancel_scope.cancel()
+    async with sentence_stack(tmp_path, llama_server_bin) as stack:
+        client, db = stack.client, stack.db
+        # held while the node "wakes" (the packet starts llama-server), then relayed
+        woke = await client.post("/v1/chat/completions", json=CHAT)
+        assert woke.status_code == 200, woke.text
+        stream = await client.post("/v1/chat/completions", json={
+            **CHAT, "stream": True, "stream_options": {"include_usage": True}})
+        assert stream.status_code == 200
+        models = await client.get("/v1/models")
+        assert models.status_code == 200
     # the recorder wrote its queue on the way out of serve_proxy
     with query.open_readonly(db) as conn:
         rows = list(reversed(query.requests(conn)))

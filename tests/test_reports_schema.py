@@ -10,6 +10,7 @@ import pytest
 
 from inference_node.report.buffer import ReportBuffer
 from shared.reports import (
+    BusyReport,
     CycleReport,
     GpuReport,
     InstanceReport,
@@ -29,6 +30,8 @@ CYCLE = CycleReport(3, 1764650900.0, "slept", "slept and resumed",
                     (("stopping instances", 0.01), ("suspend command", 0.5)),
                     idle_to_suspend_s=0.5, suspend_to_resume_s=2.0, resume_to_ready_s=4.1)
 
+BUSY = BusyReport(4, 1764650960.0, "GPU-1", 1764650950.25, 1764650960.0)
+
 
 def batch_json(**changes: Any) -> dict[str, Any]:
     obj: dict[str, Any] = json.loads(ReportBatch("box", "abc123", (GPU, INSTANCE, CYCLE)).encode())
@@ -37,7 +40,7 @@ def batch_json(**changes: Any) -> dict[str, Any]:
 
 
 def test_a_batch_round_trips_every_kind() -> None:
-    batch = ReportBatch("box", "abc123", (GPU, INSTANCE, CYCLE), dropped=4)
+    batch = ReportBatch("box", "abc123", (GPU, INSTANCE, CYCLE, BUSY), dropped=4)
     assert decode_batch(batch.encode()) == batch
     assert GPU.memory_pct == pytest.approx(83.33, abs=0.01)
     reply = ReportReply("box", "abc123", 3, 1)
@@ -47,6 +50,8 @@ def test_a_batch_round_trips_every_kind() -> None:
 @pytest.mark.parametrize(("record", "message"), [
     ({"kind": "disk"}, "records[0].kind: found 'disk'; allowed: gpu, instance, cycle"),
     ({**encode_record(GPU), "fan": 1}, "records[0].fan: unknown field"),
+    ({**encode_record(BUSY), "end": 1.0}, "records[0].end: found 1.0 before start"),
+    ({**encode_record(BUSY), "start": None}, "records[0].start: found None; expected a finite"),
     ({**encode_record(GPU), "seq": 0}, "records[0].seq: found 0; sequence numbers start at 1"),
     ({**encode_record(GPU), "seq": True}, "records[0].seq: found True; expected a count"),
     ({**encode_record(GPU), "t": "now"}, "records[0].t: found 'now'; expected a finite number"),

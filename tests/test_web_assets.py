@@ -30,7 +30,7 @@ def test_a_build_holds_every_served_file(tmp_path: Path) -> None:
     assert done.returncode == 0, done.stderr
     served = {(package, name) for package, name in
               [*DASHBOARD_ASSETS.values(), *NODE_ASSETS.values()]}
-    assert len(served) == 6
+    assert len(served) == 7  # the dashboard (3 files), the node page (2), shared (2)
     for package, name in served:
         built = out.joinpath(*package.split("."), name)
         assert built.is_file(), f"{package}/{name} is not in the build"

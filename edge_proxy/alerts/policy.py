@@ -60,7 +60,9 @@ class AlertPolicy:
             return self._gpu(node, record)
         if isinstance(record, InstanceReport):
             return self._instance(node, record)
-        return self._cycle(node, record)
+        if isinstance(record, CycleReport):
+            return self._cycle(node, record)
+        return []  # a busy GPU is no alert
 
     def wake_failures(self, node: str, total: float, t: float) -> list[Alert]:
         """The proxy's count of failed wakes of ``node`` is ``total``: an alert if it rose."""

@@ -2,11 +2,16 @@
 // The edge-proxy dashboard: polls /v1/dashboard/summary and /v1/history/requests and draws
 // every chart as SVG. Each drawn point carries data-kind (and data-node, data-gpu,
 // data-model) so a person inspecting the page, and the tests, can count what was drawn.
+// After the first answer each poll sends back the answer's cursor and gets only the rows
+// written since, which the page adds to what it holds (merge.js).
 
 (() => {
   const { el, svg, title, replace, empty, getJSON, poll, fmtMs, fmtS, fmtNum, fmtClock,
           table } = Llamanap;
   const POLL_MS = 3000;
+  const FULL_REFRESH_MS = 5 * 60 * 1000;  // start over now and then: bounds what the page holds
+  const ENERGY_POLL_MS = 60 * 1000;       // the week's energy reads the whole week: once a minute
+  const CONNECTION_ROWS = 25;             // the newest TCP connections listed
   const W = 900;            // chart width in SVG units (scaled to the card)
   const LEFT = 120;         // room for row labels
   const ROW_H = 18;
@@ -73,19 +78,32 @@
                            rows));
   }
 
+  function money(value, currency) {
+    return `${value.toFixed(2)} ${currency || ""}`.trim();
+  }
+
   function drawEnergy(data) {
-    const rows = data.nodes.filter((n) => n.energy_week).map((n) => {
+    const weeks = data.nodes.filter((n) => n.energy_week);
+    const priced = weeks.some((n) => n.energy_week.saved_money !== null &&
+                                     n.energy_week.saved_money !== undefined);
+    const rows = weeks.map((n) => {
       const e = n.energy_week;
+      const cost = priced ? [
+        el("td", { class: "big", "data-kind": "saved-money", "data-node": n.name },
+           money(e.saved_money, e.currency)),
+        el("td", { "data-kind": "used-money", "data-node": n.name },
+           money(e.used_money, e.currency))] : [];
       return el("tr", {},
         el("td", {}, n.name), el("td", {}, e.period),
         el("td", { class: "big", "data-kind": "saved-kwh", "data-node": n.name },
            `${e.saved_kwh.toFixed(3)} kWh`),
-        el("td", {}, `${e.used_kwh.toFixed(3)} kWh`),
+        el("td", {}, `${e.used_kwh.toFixed(3)} kWh`), cost,
         el("td", {}, fmtS(e.asleep_s)), el("td", {}, fmtS(e.awake_s)),
         el("td", {}, fmtS(e.busy_s)));
     });
-    replace("energy", rows.length
-      ? table(["node", "week", "saved by sleeping", "used", "asleep", "awake", "busy"], rows)
+    const head = ["node", "week", "saved by sleeping", "used",
+                  ...(priced ? ["saved", "cost"] : []), "asleep", "awake idle", "busy"];
+    replace("energy", rows.length ? table(head, rows)
       : empty(historyNote(data, "no power states recorded this week yet")));
   }
 
@@ -122,6 +140,13 @@
             class: busy ? "busy" : "awake", "data-kind": "gpu-activity", "data-node": n.name,
             "data-gpu": g.uuid }, title(`${fmtNum(p.utilization_pct, 0, " %")} busy`)));
         });
+        for (const b of g.busy) {  // the agent's spans: an instance on this GPU had a task
+          rows.push(svg("rect", { x: x(b.start, since, now), y: y + 1, height: 3,
+            width: Math.max(1, x(b.end, since, now) - x(b.start, since, now)), class: "busy",
+            "data-kind": "gpu-busy", "data-node": n.name, "data-gpu": g.uuid },
+            title(`${g.uuid}: a task ${fmtClock(b.start)}–${fmtClock(b.end)}` +
+                  ` (${fmtS(b.end - b.start)})`)));
+        }
         y += ROW_H;
       }
     }
@@ -257,19 +282,93 @@
       : [empty(historyNote(data, "no GPU samples recorded in this window"))]);
   }
 
+  // -- TCP connections ------------------------------------------------------------------
+
+  function fmtBytes(n) {
+    if (n < 1024) return `${n} B`;
+    const units = ["KiB", "MiB", "GiB", "TiB"];
+    let v = n / 1024, i = 0;
+    while (v >= 1024 && i < units.length - 1) { v /= 1024; i++; }
+    return `${v.toFixed(1)} ${units[i]}`;
+  }
+
+  function drawConnections(data) {
+    // Only history keeps connections: without it the card goes (the others say why).
+    document.getElementById("connections").parentElement.hidden = !data.history.enabled;
+    if (!data.history.enabled) {
+      replace("connections");
+      return;
+    }
+    const nodes = data.nodes.filter((n) => n.connections.length);
+    if (!nodes.length) {
+      replace("connections",
+              empty(historyNote(data, "no TCP connections recorded in this window")));
+      return;
+    }
+    const parts = [];
+    for (const n of nodes) {
+      const c = n.connections;
+      const up = c.reduce((a, r) => a + r.bytes_up, 0);
+      const down = c.reduce((a, r) => a + r.bytes_down, 0);
+      parts.push(el("p", { "data-kind": "connection-count", "data-node": n.name },
+        `${n.name}: ${c.length} connection(s), ${fmtBytes(up)} up, ${fmtBytes(down)} down, ` +
+        `${c.filter((r) => r.woke).length} woke the node`));
+      parts.push(table(["opened", "route", "up", "down", "duration", "held", "woke"],
+        c.slice(0, CONNECTION_ROWS).map((r) => el("tr", { "data-kind": "connection",
+                                                          "data-node": n.name },
+          el("td", {}, new Date(r.t * 1000).toLocaleTimeString()), el("td", {}, r.route),
+          el("td", {}, fmtBytes(r.bytes_up)), el("td", {}, fmtBytes(r.bytes_down)),
+          el("td", {}, fmtMs(r.duration_ms)), el("td", {}, r.held_ms ? fmtMs(r.held_ms) : "–"),
+          el("td", {}, r.woke ? "yes" : "–")))));
+    }
+    replace("connections", parts);
+  }
+
+  let view = null;          // the summary the charts draw
+  let requests = [];        // newest first
+  let cursors = null;       // where the last answers ended; null: ask for everything
+  let fullAt = 0;
+  let energyAt = 0;
+  let polls = 0;
+  let incrementalPolls = 0;
+
   async function refresh() {
     const windowS = Number(windowSelect.value);
-    const data = await getJSON(`/v1/dashboard/summary?window_s=${windowS}`);
-    const answer = await getJSON(`/v1/history/requests?since=${data.since}&until=${data.now}`);
-    drawNodes(data);
-    drawPower(data);
-    drawWakes(data);
-    drawRequests(data, answer);
-    drawGpus(data);
-    drawEnergy(data);
+    const started = Date.now();
+    if (started - fullAt >= FULL_REFRESH_MS) cursors = null;
+    let url = `/v1/dashboard/summary?window_s=${windowS}`;
+    if (cursors) {
+      url += `&cursor=${encodeURIComponent(cursors.summary)}`;
+      if (started - energyAt >= ENERGY_POLL_MS) url += "&energy=1";
+    }
+    const data = await getJSON(url);
+    const answer = await getJSON(cursors
+      ? `/v1/history/requests?since=${data.since}&cursor=${cursors.requests}`
+      : `/v1/history/requests?since=${data.since}&until=${data.now}`);
+    view = DashboardMerge.merge(view, data);
+    if (data.energy_included) energyAt = started;
+    if (answer.incremental) {
+      requests = DashboardMerge.requests(requests, answer.requests, data.since);
+      incrementalPolls++;
+    } else {
+      requests = answer.requests;
+      fullAt = started;
+    }
+    const readable = data.history.enabled && !data.history.problem;
+    cursors = readable ? { summary: data.cursor, requests: answer.cursor } : null;
+    drawNodes(view);
+    drawPower(view);
+    drawWakes(view);
+    drawRequests(view, { requests });
+    drawGpus(view);
+    drawConnections(view);
+    drawEnergy(view);
+    polls++;
+    document.body.dataset.polls = String(polls);
+    document.body.dataset.incrementalPolls = String(incrementalPolls);
     document.body.dataset.loaded = "true";
   }
 
   const refreshNow = poll(refresh, POLL_MS);
-  windowSelect.addEventListener("change", refreshNow);
+  windowSelect.addEventListener("change", () => { cursors = null; refreshNow(); });
 })();

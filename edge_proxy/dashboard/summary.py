@@ -4,8 +4,10 @@ and ``now`` in, one JSON-ready dict out.
 Per node: what it is doing now and serves (from the proxy's own status), its power states
 over the window (history's closed intervals plus the state it is in now), its wakes as steps
 in ms after the first magic packet, its GPUs' samples (averaged into at most
-``MAX_POINTS`` buckets, so a week of samples stays a small answer) and the energy of
-this week.
+``MAX_POINTS`` buckets, so a week of samples stays a small answer) and busy spans, its TCP
+connections, and the energy of this week. An incremental answer (``incremental``) holds
+only the rows written since the cursor the page sent (and the wakes a new request
+completes); the page adds them to what it has.
 """
 
 from __future__ import annotations
@@ -35,8 +37,10 @@ class HistoryRows:
     wakes: Sequence[Row] = ()
     gpu_samples: Sequence[Row] = ()
     power_intervals: Sequence[Row] = ()
+    busy_intervals: Sequence[Row] = ()
+    connections: Sequence[Row] = ()
     woke_requests: Sequence[Row] = ()
-    energy_week: Sequence[Row] = ()
+    energy_week: Sequence[Row] | None = ()  # None: not read this time (the page keeps its own)
     nodes: Sequence[str] = ()
 
 
@@ -101,17 +105,22 @@ def downsample(samples: Sequence[Row], since: float, until: float,
     return points
 
 
+def woke_by(wake: Row, request: Row) -> bool:
+    """Whether ``request`` (one that was held: outcome "woke") waited for ``wake``."""
+    started = float(wake["started"])
+    end = started + (wake.get("total_ms") or 0.0) / 1000
+    return (request.get("node") == wake["node"] and request.get("ttfb_ms") is not None
+            and started - WAKE_MATCH_S <= float(request["t"]) <= end)
+
+
 def wake_steps(wake: Row, woke_requests: Sequence[Row]) -> dict[str, Any]:
     """One wake as a timeline in ms after its first packet: host up (resumed), port open,
     READY, and the first byte a request it woke got back (when history has that request)."""
     started = float(wake["started"])
-    end = started + (wake.get("total_ms") or 0.0) / 1000
     first_byte = None
     for r in woke_requests:
-        t = float(r["t"])
-        if (r.get("node") == wake["node"] and r.get("ttfb_ms") is not None
-                and started - WAKE_MATCH_S <= t <= end):
-            at = (t - started) * 1000 + float(r["ttfb_ms"])
+        if woke_by(wake, r):
+            at = (float(r["t"]) - started) * 1000 + float(r["ttfb_ms"])
             first_byte = at if first_byte is None else min(first_byte, at)
     return {"started": started, "outcome": wake.get("outcome"), "reason": wake.get("reason", ""),
             "packets": wake.get("packets", 0), "total_ms": wake.get("total_ms"),
@@ -120,9 +129,25 @@ def wake_steps(wake: Row, woke_requests: Sequence[Row]) -> dict[str, Any]:
                       "first_byte": first_byte}}
 
 
+def busy_spans(spans: Sequence[Row], since: float, now: float) -> list[dict[str, float]]:
+    """One GPU's busy spans clipped to ``[since, now)``, oldest first."""
+    out = []
+    for b in spans:
+        start, end = max(float(b["start"]), since), min(float(b["end"]), now)
+        if end > start:
+            out.append({"start": start, "end": end})
+    return out
+
+
+def _connection(row: Row) -> dict[str, Any]:
+    keys = ("t", "route", "bytes_up", "bytes_down", "duration_ms", "held_ms", "woke")
+    return {k: row.get(k) for k in keys}
+
+
 def build_summary(status: Mapping[str, Any], history: HistoryState, *, now: float,
-                  window_s: float) -> dict[str, Any]:
-    """The JSON of ``GET /v1/dashboard/summary`` for the window ``[now - window_s, now]``."""
+                  window_s: float, cursor: str = "", incremental: bool = False) -> dict[str, Any]:
+    """The JSON of ``GET /v1/dashboard/summary`` for the window ``[now - window_s, now]``;
+    ``cursor`` goes back to the page, which sends it with its next poll."""
     since = now - window_s
     rows = history.rows
     live = status.get("nodes", {})
@@ -131,7 +156,11 @@ def build_summary(status: Mapping[str, Any], history: HistoryState, *, now: floa
     gpus: dict[str, dict[str, list[Row]]] = defaultdict(lambda: defaultdict(list))
     for s in rows.gpu_samples:
         gpus[s["node"]][s["gpu_uuid"]].append(s)
-    energy = {r["node"]: dict(r) for r in rows.energy_week}
+    busy: dict[str, dict[str, list[Row]]] = defaultdict(lambda: defaultdict(list))
+    for b in rows.busy_intervals:
+        busy[b["node"]][b["gpu_uuid"]].append(b)
+        gpus[b["node"]].setdefault(b["gpu_uuid"], [])
+    energy = {r["node"]: dict(r) for r in rows.energy_week or ()}
     nodes = []
     for name in names:
         now_state = live.get(name)
@@ -151,10 +180,13 @@ def build_summary(status: Mapping[str, Any], history: HistoryState, *, now: floa
             "power": timeline,
             "wakes": [wake_steps(w, rows.woke_requests) for w in rows.wakes
                       if w["node"] == name],
-            "gpus": [{"uuid": uuid, "points": downsample(samples, since, now)}
+            "gpus": [{"uuid": uuid, "points": downsample(samples, since, now),
+                      "busy": busy_spans(busy[name][uuid], since, now)}
                      for uuid, samples in sorted(gpus[name].items())],
+            "connections": [_connection(c) for c in rows.connections if c["node"] == name],
             "energy_week": energy.get(name),
         })
-    return {"now": now, "since": since, "window_s": window_s,
+    return {"now": now, "since": since, "window_s": window_s, "cursor": cursor,
+            "incremental": incremental, "energy_included": rows.energy_week is not None,
             "history": {"enabled": history.enabled, "problem": history.problem},
             "nodes": nodes}

@@ -62,8 +62,9 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser], default_c
     p.add_argument("--limit", type=int, default=DEFAULT_LIMIT, help="at most this many rows")
     p.set_defaults(func=_history)
     p = sub.add_parser("energy", help="show energy used and saved per node and day",
-                       description="Energy each node used, and what sleeping saved, per day and "
-                       "week, from the power states and GPU samples in the history database.")
+                       description="Time asleep, awake idle and busy (a GPU with a task), the "
+                       "energy each node used, and what sleeping saved, per day and week, from "
+                       "the power states, busy spans and GPU samples in the history database.")
     common(p, DEFAULT_ENERGY_SINCE)
     p.set_defaults(func=_energy)
 
@@ -110,6 +111,7 @@ def _energy(args: argparse.Namespace) -> int:
     with query.open_readonly(_db(args, cfg)) as conn:
         intervals = query.power_intervals(conn, flt)
         samples = query.gpu_samples(conn, flt)
+        busy = query.busy_intervals(conn, flt)
         names = [args.node] if args.node else query.nodes(conn)
     tz = dt.datetime.now().astimezone().tzinfo or dt.UTC
     days: list[EnergyRow] = []
@@ -118,7 +120,7 @@ def _energy(args: argparse.Namespace) -> int:
         host = _DEFAULT_HOST if node_cfg is None else HostPower(node_cfg.host_idle_watts,
                                                                 node_cfg.host_sleep_watts)
         days += energy_by_day(name, intervals, samples, host, since=flt.since or 0.0,
-                              until=now, tz=tz)
+                              until=now, tz=tz, busy=busy)
     price = cfg.history.price_per_kwh if cfg is not None else None
     currency = cfg.history.currency if cfg is not None else ""
     if args.json:
@@ -217,7 +219,7 @@ def format_energy(rows: Sequence[EnergyRow], price: float | None, currency: str)
     """The per-period energy table of ``edge-proxy energy``."""
     if not rows:
         return "no power states recorded in this window"
-    head = ["NODE", "PERIOD", "ASLEEP", "AWAKE", "BUSY", "USED kWh", "SAVED kWh"]
+    head = ["NODE", "PERIOD", "ASLEEP", "AWAKE IDLE", "BUSY", "USED kWh", "SAVED kWh"]
     if price is not None:
         head += [f"USED {currency}".strip(), f"SAVED {currency}".strip()]
     body: list[list[str]] = []

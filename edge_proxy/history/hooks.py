@@ -34,8 +34,9 @@ from edge_proxy.history.timings import LlamaNumbers, TimingsParser
 # An open power-state interval is cut (recorded and restarted) after this long.
 MAX_INTERVAL_S: Final = 300.0
 # The wake machine's states (``State.value``) as power states: a waking or draining box
-# draws awake power; UNKNOWN (before the first probe) is no interval at all. "busy" comes
-# from the agent's activity reports, which the proxy does not receive yet.
+# draws awake power; UNKNOWN (before the first probe) is no interval at all. Busy time is
+# not a state here: the agent reports each GPU's busy spans, and energy splits awake time
+# by them.
 POWER_OF_STATE: Final[dict[str, PowerState]] = {
     "ASLEEP": "asleep", "WAKING": "awake", "AWAKE": "awake", "DRAINING": "awake",
 }

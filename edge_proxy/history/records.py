@@ -95,6 +95,27 @@ class PowerInterval:
 
 
 @dataclass(frozen=True)
+class BusyInterval:
+    """A closed span ``[start, end)`` in which a GPU of a node had a task (the agent's
+    report: an instance on that GPU was busy)."""
+
+    node: str
+    gpu_uuid: str
+    start: float
+    end: float
+
+
+@dataclass(frozen=True)
+class ReportMark:
+    """How far the proxy stored a node's report stream: kept with the rows, so a batch
+    re-sent after a proxy restart is still known as stored. One row per node."""
+
+    node: str
+    stream: str
+    stored_through: int
+
+
+@dataclass(frozen=True)
 class InstanceChange:
     """A node's instance was loaded, unloaded or crashed (the agent's report)."""
 
@@ -122,7 +143,7 @@ class SleepCycle:
 
 
 Record = (RequestRecord | ConnectionRecord | WakeRecord | GpuSample | PowerInterval
-          | InstanceChange | SleepCycle)
+          | BusyInterval | InstanceChange | SleepCycle | ReportMark)
 
 # table name, the column that orders it by age, and the dataclass behind it
 TABLES: Final[dict[type[Record], tuple[str, str]]] = {
@@ -131,9 +152,13 @@ TABLES: Final[dict[type[Record], tuple[str, str]]] = {
     WakeRecord: ("wakes", "started"),
     GpuSample: ("gpu_samples", "t"),
     PowerInterval: ("power_intervals", "start"),
+    BusyInterval: ("busy_intervals", "start"),
     InstanceChange: ("instance_changes", "t"),
     SleepCycle: ("sleep_cycles", "t"),
 }
+
+# Not history but bookkeeping: never pruned, one row per node, replaced as batches arrive.
+MARKS_TABLE: Final = "report_marks"
 
 _SQL_TYPES: Final = {"float": "REAL", "int": "INTEGER", "bool": "INTEGER", "str": "TEXT"}
 
@@ -158,11 +183,17 @@ def schema() -> list[str]:
         statements.append(f"CREATE INDEX IF NOT EXISTS {table}_{age} ON {table} ({age})")
         statements.append(f"CREATE INDEX IF NOT EXISTS {table}_node_{age} ON {table} "
                           f"(node, {age})")
+    statements.append(f"CREATE TABLE IF NOT EXISTS {MARKS_TABLE} "
+                      "(node TEXT PRIMARY KEY, stream TEXT, stored_through INTEGER)")
     return statements
 
 
 def insert_sql(cls: type[Record]) -> str:
-    """The parameterized ``INSERT`` for one row of ``cls``."""
+    """The parameterized ``INSERT`` for one row of ``cls`` (a mark replaces its node's)."""
+    if cls is ReportMark:
+        return (f"INSERT INTO {MARKS_TABLE} (node, stream, stored_through) VALUES (?, ?, ?) "
+                "ON CONFLICT(node) DO UPDATE SET stream = excluded.stream, "
+                "stored_through = excluded.stored_through")
     table, _ = TABLES[cls]
     cols = columns(cls)
     return f"INSERT INTO {table} ({', '.join(cols)}) VALUES ({', '.join('?' * len(cols))})"

@@ -27,11 +27,13 @@ import trio
 
 from edge_proxy.history.records import (
     TABLES,
+    BusyInterval,
     ConnectionRecord,
     GpuSample,
     InstanceChange,
     PowerInterval,
     Record,
+    ReportMark,
     RequestRecord,
     SleepCycle,
     WakeRecord,
@@ -69,6 +71,8 @@ class Recorder(Protocol):
     def record_power_interval(self, record: PowerInterval) -> None: ...
     def record_instance_change(self, record: InstanceChange) -> None: ...
     def record_sleep_cycle(self, record: SleepCycle) -> None: ...
+    def record_busy_interval(self, record: BusyInterval) -> None: ...
+    def record_report_mark(self, record: ReportMark) -> None: ...
 
 
 class NullRecorder:
@@ -93,6 +97,12 @@ class NullRecorder:
         """Keep nothing."""
 
     def record_sleep_cycle(self, record: SleepCycle) -> None:
+        """Keep nothing."""
+
+    def record_busy_interval(self, record: BusyInterval) -> None:
+        """Keep nothing."""
+
+    def record_report_mark(self, record: ReportMark) -> None:
         """Keep nothing."""
 
 
@@ -231,6 +241,15 @@ class HistoryRecorder:
 
     def record_sleep_cycle(self, record: SleepCycle) -> None:
         """Queue one sleep cycle a node reported."""
+        self._put(record)
+
+    def record_busy_interval(self, record: BusyInterval) -> None:
+        """Queue one span in which a node's GPU had a task."""
+        self._put(record)
+
+    def record_report_mark(self, record: ReportMark) -> None:
+        """Queue how far a node's report stream is stored; it goes after the rows queued
+        before it, in their transaction or a later one, so it never runs ahead of them."""
         self._put(record)
 
     def _put(self, record: Record) -> None:

@@ -1,5 +1,6 @@
-"""Reports into the history store: GPU samples, instance changes and sleep cycles become rows
-of the proxy's SQLite history (``edge_proxy.history``), written by its one writer thread.
+"""Reports into the history store: GPU samples, busy spans, instance changes and sleep cycles
+become rows of the proxy's SQLite history (``edge_proxy.history``), written by its one writer
+thread, and so does how far each node's stream is stored (the intake's mark).
 
 The newest records also stay in a ``MemorySink`` (status, tests): the recorder is write-only.
 """
@@ -8,10 +9,16 @@ from __future__ import annotations
 
 import json
 
-from edge_proxy.history.records import GpuSample, InstanceChange, SleepCycle
+from edge_proxy.history.records import (
+    BusyInterval,
+    GpuSample,
+    InstanceChange,
+    ReportMark,
+    SleepCycle,
+)
 from edge_proxy.history.store import Recorder
 from edge_proxy.reports.sink import MemorySink
-from shared.reports import CycleReport, GpuReport, InstanceReport
+from shared.reports import BusyReport, CycleReport, GpuReport, InstanceReport
 
 
 class HistorySink:
@@ -42,3 +49,11 @@ class HistorySink:
             suspend_to_resume_s=record.suspend_to_resume_s,
             resume_to_ready_s=record.resume_to_ready_s,
             steps=json.dumps([[name, at] for name, at in record.steps])))
+
+    def busy(self, node: str, record: BusyReport) -> None:
+        self.memory.busy(node, record)
+        self.recorder.record_busy_interval(BusyInterval(node, record.gpu_uuid, record.start,
+                                                        record.end))
+
+    def mark(self, node: str, stream: str, stored_through: int) -> None:
+        self.recorder.record_report_mark(ReportMark(node, stream, stored_through))

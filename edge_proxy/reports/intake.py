@@ -2,20 +2,23 @@
 
 Per node the intake remembers the agent's stream and the highest ``seq`` stored from it. A
 batch of a new stream (the agent restarted) starts over; records at or below the mark are
-duplicates (a resend after a lost reply) and skipped. The mark lives as long as the proxy:
-a reply lost just before a proxy restart can make the resent records stored twice.
+duplicates (a resend after a lost reply) and skipped. Each batch's mark also goes to the
+sink, which keeps it with the rows where history is on; a proxy started again begins from
+the marks stored (``initial``), so a batch re-sent after a restart is not stored twice.
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 from prometheus_client import CollectorRegistry, Counter, Gauge
 
+from edge_proxy.history.records import ReportMark
 from edge_proxy.reports.sink import ReportSink
 from shared.reports import (
+    BusyReport,
     CycleReport,
     GpuReport,
     InstanceReport,
@@ -42,10 +45,13 @@ class ReportIntake:
     """Stores what a batch adds (through ``sink``) and shows each new record to ``listener``."""
 
     def __init__(self, sink: ReportSink, listener: RecordListener,
-                 registry: CollectorRegistry) -> None:
+                 registry: CollectorRegistry, initial: Iterable[ReportMark] = ()) -> None:
+        """``initial``: the marks a previous run of the proxy stored."""
         self.sink = sink
         self.listener = listener
         self.marks: dict[str, StreamMark] = {}
+        for mark in initial:
+            self.marks[mark.node] = StreamMark(mark.stream, mark.stored_through)
         self.received = Counter("edge_reports", "Report records stored, by node and kind",
                                 ["node", "kind"], registry=registry)
         self.duplicates = Counter("edge_reports_duplicates",
@@ -67,12 +73,15 @@ class ReportIntake:
                          batch.node, batch.stream, mark.stream, mark.stored_through)
             mark = self.marks[batch.node] = StreamMark(batch.stream)
         duplicates = 0
+        before = mark.stored_through
         for record in batch.records:
             if record.seq <= mark.stored_through:
                 duplicates += 1
                 continue
             self._store(batch.node, record)
             mark.stored_through = record.seq
+        if mark.stored_through != before:
+            self.sink.mark(batch.node, mark.stream, mark.stored_through)
         if duplicates:
             self.duplicates.labels(batch.node).inc(duplicates)
         if batch.dropped > mark.agent_dropped:
@@ -89,6 +98,8 @@ class ReportIntake:
             self.sink.instance_change(node, record)
         elif isinstance(record, CycleReport):
             self.sink.cycle(node, record)
+        elif isinstance(record, BusyReport):
+            self.sink.busy(node, record)
         self.received.labels(node, record.kind).inc()
         self.listener(node, record)
 

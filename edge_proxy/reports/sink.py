@@ -9,7 +9,7 @@ from __future__ import annotations
 from collections import deque
 from typing import Final, Protocol
 
-from shared.reports import CycleReport, GpuReport, InstanceReport
+from shared.reports import BusyReport, CycleReport, GpuReport, InstanceReport
 
 MEMORY_SINK_RECORDS: Final = 10_000
 
@@ -20,6 +20,9 @@ class ReportSink(Protocol):
     def gpu_sample(self, node: str, record: GpuReport) -> None: ...
     def instance_change(self, node: str, record: InstanceReport) -> None: ...
     def cycle(self, node: str, record: CycleReport) -> None: ...
+    def busy(self, node: str, record: BusyReport) -> None: ...
+    def mark(self, node: str, stream: str, stored_through: int) -> None:
+        """A batch of ``node``'s ``stream`` is stored through ``stored_through``."""
 
 
 class MemorySink:
@@ -30,6 +33,7 @@ class MemorySink:
         self.gpu: dict[str, deque[GpuReport]] = {}
         self.instances: dict[str, deque[InstanceReport]] = {}
         self.cycles: dict[str, deque[CycleReport]] = {}
+        self.busy_spans: dict[str, deque[BusyReport]] = {}
 
     def gpu_sample(self, node: str, record: GpuReport) -> None:
         self.gpu.setdefault(node, deque(maxlen=self.limit)).append(record)
@@ -39,3 +43,9 @@ class MemorySink:
 
     def cycle(self, node: str, record: CycleReport) -> None:
         self.cycles.setdefault(node, deque(maxlen=self.limit)).append(record)
+
+    def busy(self, node: str, record: BusyReport) -> None:
+        self.busy_spans.setdefault(node, deque(maxlen=self.limit)).append(record)
+
+    def mark(self, node: str, stream: str, stored_through: int) -> None:
+        """Memory does not outlive the proxy: the intake's own marks are all there is."""

@@ -150,6 +150,11 @@ class PstateController:
     def control(self, uuid: str) -> GpuControl:
         return self._gpus[uuid]
 
+    def busy_gpus(self) -> set[str]:
+        """GPUs (UUIDs) on which an instance runs a task now."""
+        return {uuid for name, gpus in self._instance_gpus.items()
+                if self.activity.busy(name) for uuid in gpus}
+
     def instances_on(self, uuid: str) -> list[str]:
         return sorted(name for name, gpus in self._instance_gpus.items() if uuid in gpus)
 

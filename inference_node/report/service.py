@@ -1,8 +1,9 @@
-"""The report component of the agent: samples the GPUs, notes instance changes and sleep
-cycles, and sends them to the edge proxy in numbered batches.
+"""The report component of the agent: samples the GPUs, notes when each GPU is busy, instance
+changes and sleep cycles, and sends them to the edge proxy in numbered batches.
 
-It gets the GPU inventory, the P-states the controller wants (a callable), and the power
-manager's cycle history (a callable); ``on_state`` is a supervisor state listener. Records
+It gets the GPU inventory, the P-states the controller wants (a callable), the GPUs that
+have a task now (a callable), and the power manager's cycle history (a callable);
+``on_state`` is a supervisor state listener and ``on_busy`` an activity listener. Records
 wait in a ``ReportBuffer`` until the proxy says it stored them, so an unreachable proxy (it
 restarts, the network is down, the machine slept mid-send) costs nothing but delay, up to
 ``report.buffer_records``; beyond that the oldest go, counted. Without ``[proxy]`` or with
@@ -14,7 +15,7 @@ from __future__ import annotations
 import logging
 import secrets
 import time
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Collection, Iterator, Mapping, Sequence
 from typing import Any, Final
 
 import trio
@@ -24,12 +25,13 @@ from prometheus_client.registry import Collector
 from inference_node.errors import ProxyUnreachable
 from inference_node.gpu.inventory import GpuInventory
 from inference_node.report.buffer import ReportBuffer
+from inference_node.report.busy import BusySpans
 from inference_node.report.client import ReportClient
 from inference_node.report.convert import CycleLike, cycle_report, gpu_reports, instance_report
 from inference_node.supervisor.state import State
 from shared.config.node import NodeAgentConfig, ProxySection, ReportSection
 from shared.http import App, Request, Response
-from shared.reports import Report, ReportBatch
+from shared.reports import BusyReport, Report, ReportBatch
 
 log = logging.getLogger(__name__)
 
@@ -39,6 +41,7 @@ STREAM_ID_BYTES: Final = 6  # 12 hex digits: a new stream per agent start
 
 WantedPstates = Callable[[], Mapping[str, int | None]]
 CycleHistory = Callable[[], Sequence[CycleLike]]
+BusyGpus = Callable[[], Collection[str]]
 
 
 class ReportService:
@@ -46,13 +49,16 @@ class ReportService:
 
     def __init__(self, node: str, proxy: ProxySection | None, settings: ReportSection,
                  inventory: GpuInventory, *, wanted: WantedPstates,
-                 cycles: CycleHistory, wall: Callable[[], float] = time.time) -> None:
+                 cycles: CycleHistory, busy_gpus: BusyGpus = lambda: (),
+                 wall: Callable[[], float] = time.time) -> None:
         self.node = node
         self.settings = settings
         self.inventory = inventory
         self.wanted = wanted
         self.cycles = cycles
+        self.busy_gpus = busy_gpus
         self.wall = wall
+        self.busy_spans = BusySpans()
         self.stream = secrets.token_hex(STREAM_ID_BYTES)
         self.buffer = ReportBuffer(settings.buffer_records)
         self.client = ReportClient(proxy) if proxy is not None and settings.enabled else None
@@ -77,6 +83,17 @@ class ReportService:
         if record is not None and self.active:
             self._add(record)
 
+    def on_busy(self, instance: str, busy: bool, t: float) -> None:
+        """Activity listener: on each busy/idle edge, the spans of GPUs that went idle."""
+        if self.active:
+            self.note_busy()
+
+    def note_busy(self) -> None:
+        """Compare the GPUs busy now with the open spans; add the spans that closed."""
+        now = self.wall()
+        for span in self.busy_spans.observe(self.busy_gpus(), now):
+            self._add(BusyReport(0, now, span.gpu_uuid, span.start, span.end))
+
     def on_reload(self, config: NodeAgentConfig) -> None:
         """Intervals and the batch size apply from the next round; the buffer keeps its size."""
         for key in ("buffer_records", "enabled"):
@@ -99,6 +116,9 @@ class ReportService:
         finally:
             with trio.CancelScope(shield=True):
                 with trio.move_on_after(FINAL_FLUSH_TIMEOUT_S):
+                    now = self.wall()
+                    for span in self.busy_spans.close(now):
+                        self._add(BusyReport(0, now, span.gpu_uuid, span.start, span.end))
                     self.note_cycles()
                     await self.flush()
                 assert self.client is not None
@@ -107,6 +127,7 @@ class ReportService:
     async def _sample_loop(self) -> None:
         while True:
             await self.sample()
+            self.note_busy()  # cuts a long span, so the proxy sees a long task as it runs
             await trio.sleep(self.settings.sample_interval_s)
 
     async def _send_loop(self) -> None:
