@@ -1,4 +1,4 @@
-"""The ASGI app of one HTTP-aware listener: decide per request, then relay it as it streams.
+"""The route of one HTTP-aware listener: decide per request, then relay it as it streams.
 
 Per request, in order:
 
@@ -18,8 +18,9 @@ Per request, in order:
    shared wake runs (streaming ones get SSE comments meanwhile), then sent; a wake that times
    out is a 504 in OpenAI's error shape.
 
-Responses are relayed chunk by chunk as the backend sends them (SSE included); only poll
-answers for the cache are also kept, up to ``MAX_CACHED_BODY_BYTES``.
+Responses are relayed as the backend sends them: a chunked one (SSE streams) passed through
+as it was framed (``passthrough``), others chunk by chunk; only poll answers for the cache
+are also kept, up to ``MAX_CACHED_BODY_BYTES``.
 """
 
 from __future__ import annotations
@@ -48,6 +49,7 @@ from edge_proxy.admission import (
 )
 from edge_proxy.errors import (
     BackendUnavailable,
+    ClientLeft,
     UpstreamError,
     UpstreamTimeout,
 )
@@ -55,12 +57,14 @@ from edge_proxy.history.hooks import RequestLog
 from edge_proxy.history.store import Recorder
 from edge_proxy.http_routes import waking
 from edge_proxy.http_routes.cache import MAX_CACHED_BODY_BYTES, ResponseCache, cache_key
-from edge_proxy.http_routes.exchange import Exchange, Receive, Scope, Send
+from edge_proxy.http_routes.exchange import Exchange
+from edge_proxy.http_routes.h1 import Client, Scope
 from edge_proxy.http_routes.headers import header, request_headers, response_headers
 from edge_proxy.http_routes.intake import read_request
 from edge_proxy.http_routes.knowledge import ModelKnowledge
 from edge_proxy.http_routes.metrics import HttpMetrics, Refusals
 from edge_proxy.http_routes.models import ModelTable, Unroutable, requested_model, wants_stream
+from edge_proxy.http_routes.passthrough import pass_through, passable
 from edge_proxy.http_routes.poll_answers import (
     MODEL_LIST_PATHS,
     NO_CACHE_RETRY_AFTER_S,
@@ -69,6 +73,7 @@ from edge_proxy.http_routes.poll_answers import (
 from edge_proxy.http_routes.rules import WakePolicy
 from edge_proxy.http_routes.upstream import Response, Upstream, read_capped
 from edge_proxy.loading import ModelGate, ModelNeed
+from edge_proxy.tcp_routes.relay_loop import RelayLoop
 from edge_proxy.wake.driver import NodeDriver
 from edge_proxy.wake.machine import State
 from shared.config.edge import HttpOptions, RouteConfig
@@ -110,8 +115,10 @@ class HttpRouteApp:
     def __init__(self, listen: str, backends: list[NodeBackend], options: HttpOptions,
                  counts: ConnectionCounts, metrics: HttpMetrics, knowledge: ModelKnowledge,
                  cache: ResponseCache | None = None, recorder: Recorder | None = None,
-                 gates: Mapping[str, ModelGate] | None = None) -> None:
+                 gates: Mapping[str, ModelGate] | None = None,
+                 relay_loop: RelayLoop | None = None) -> None:
         self.listen = listen
+        self.relay_loop = relay_loop  # passes streamed answers on (None: trio does)
         self.recorder = recorder  # None: no history rows
         self.gates = gates or {}  # nodes with an agent: their models on demand (the proxy's)
         self.counts = counts
@@ -146,14 +153,12 @@ class HttpRouteApp:
     def __repr__(self) -> str:
         return f"<HttpRouteApp {self.listen} {self.table!r}>"
 
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] == "lifespan":
-            await _lifespan(receive, send)
-        elif scope["type"] == "http":
-            row = None if self.recorder is None else RequestLog(
-                self.recorder, self.listen, scope["method"], scope["path"],
-                clock=trio.current_time, wall=time.time)
-            await self._serve(Exchange(scope, receive, send, row))
+    async def handle(self, scope: Scope, client: Client) -> None:
+        """Serve one request (``h1.H1Server``'s handler)."""
+        row = None if self.recorder is None else RequestLog(
+            self.recorder, self.listen, scope["method"], scope["path"],
+            clock=trio.current_time, wall=time.time)
+        await self._serve(Exchange(scope, client, row))
 
     async def _serve(self, ex: Exchange) -> None:
         # Counted with the proxy's open connections, so a graceful stop waits for it too.
@@ -161,6 +166,9 @@ class HttpRouteApp:
         self.live.add(ex)
         try:
             await self._serve_counted(ex)
+        except ClientLeft as exc:
+            log.info("route %s: client left during %s %s: %s", self.listen, ex.method,
+                     ex.path, exc)
         finally:
             self.live.discard(ex)
             self.counts.closed()
@@ -183,7 +191,7 @@ class HttpRouteApp:
                 await self._dispatch(ex, body)
             except UpstreamError as exc:
                 log.warning("route %s: %s %s: %s", self.listen, ex.method, ex.path, exc)
-                # Once started, the answer is left unfinished: hypercorn then closes the
+                # Once started, the answer is left unfinished: the server then closes the
                 # connection without the last chunk, so a cut stream never looks complete.
                 if isinstance(exc, UpstreamTimeout) and not ex.started:
                     await ex.fail(504, f"the backend timed out: {exc}", "upstream_timeout")
@@ -192,9 +200,8 @@ class HttpRouteApp:
             nursery.cancel_scope.cancel()
 
     async def _watch_disconnect(self, ex: Exchange, scope: trio.CancelScope) -> None:
-        while (await ex.receive())["type"] != "http.disconnect":
-            pass
-        if not ex.finished:  # (hypercorn also says "disconnect" once an answer is complete)
+        await ex.wait_gone()
+        if not ex.finished:
             log.info("route %s: client left during %s %s", self.listen, ex.method, ex.path)
             scope.cancel()
 
@@ -396,6 +403,10 @@ class HttpRouteApp:
                                                  backend.route.upstream_idle_timeout_s
                                                  ) as response:
                 out = response_headers(_lower(response.headers))
+                if keep_as is None and passable(ex, response, out):
+                    await pass_through(ex, response, out, meter, self.relay_loop,
+                                       backend.route.upstream_idle_timeout_s)
+                    return
                 # With history on, the request's row reads llama-server's numbers from the
                 # same chunks on their way to the client: the meter takes them from there.
                 chunks = response.aiter_stream() if meter is None else meter.watch(
@@ -449,13 +460,3 @@ class HttpRouteApp:
 
 def _lower(raw: list[tuple[bytes, bytes]]) -> list[tuple[bytes, bytes]]:
     return [(name.lower(), value) for name, value in raw]
-
-
-async def _lifespan(receive: Receive, send: Send) -> None:
-    while True:
-        message = await receive()
-        if message["type"] == "lifespan.startup":
-            await send({"type": "lifespan.startup.complete"})
-        elif message["type"] == "lifespan.shutdown":
-            await send({"type": "lifespan.shutdown.complete"})
-            return
