@@ -149,6 +149,11 @@ class _Connection:
         self.server = server
         self.h11 = h11.Connection(h11.SERVER)
         self.closing = False  # close after the current answer
+        try:
+            peer = stream.socket.getpeername()
+        except OSError:  # it left already
+            peer = None
+        self.peer: tuple[str, int] | None = (peer[0], peer[1]) if peer else None
         self.idle_scope: trio.CancelScope | None = None  # set while waiting for a request
 
     async def run(self) -> None:
@@ -211,7 +216,7 @@ class _Connection:
     async def _serve(self, request: h11.Request) -> None:
         self.server.busy(self, True)
         try:
-            await self.server.handler(_scope(request, self.stream), Client(self))
+            await self.server.handler(_scope(request, self.peer), Client(self))
         except Exception:
             if self.h11.our_state is h11.SEND_RESPONSE:  # nothing sent yet: say so
                 body = b"internal error in the proxy; see its log\n"
@@ -297,14 +302,10 @@ def _suppress_broken() -> Iterator[None]:
         pass
 
 
-def _scope(request: h11.Request, stream: trio.SocketStream) -> Scope:
+def _scope(request: h11.Request, peer: tuple[str, int] | None) -> Scope:
     """The request as the route reads it (the keys of an ASGI HTTP scope it uses)."""
     target = bytes(request.target)
     raw_path, _, query = target.partition(b"?")
-    try:
-        peer = stream.socket.getpeername()
-    except OSError:
-        peer = None
     return {
         "type": "http",
         "http_version": request.http_version.decode("ascii"),
@@ -313,6 +314,6 @@ def _scope(request: h11.Request, stream: trio.SocketStream) -> Scope:
         "raw_path": raw_path,
         "query_string": query,
         "headers": list(request.headers),  # names in lower case, as ASGI has them
-        "client": (peer[0], peer[1]) if peer else None,
+        "client": peer,
         "scheme": "http",
     }
