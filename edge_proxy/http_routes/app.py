@@ -29,9 +29,8 @@ import json
 import logging
 import time
 from collections import Counter
-from collections.abc import AsyncIterator, Iterator, Mapping
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
-from dataclasses import dataclass
 from functools import partial
 from typing import Final
 
@@ -56,6 +55,7 @@ from edge_proxy.errors import (
 from edge_proxy.history.hooks import RequestLog
 from edge_proxy.history.store import Recorder
 from edge_proxy.http_routes import waking
+from edge_proxy.http_routes.backend import NodeBackend
 from edge_proxy.http_routes.cache import MAX_CACHED_BODY_BYTES, ResponseCache, cache_key
 from edge_proxy.http_routes.exchange import Exchange
 from edge_proxy.http_routes.h1 import Client, Scope
@@ -71,42 +71,16 @@ from edge_proxy.http_routes.poll_answers import (
     PollAnswers,
 )
 from edge_proxy.http_routes.rules import WakePolicy
-from edge_proxy.http_routes.upstream import Response, Upstream, read_capped
+from edge_proxy.http_routes.upstream import read_capped
 from edge_proxy.loading import ModelGate, ModelNeed
 from edge_proxy.tcp_routes.relay_loop import RelayLoop
-from edge_proxy.wake.driver import NodeDriver
 from edge_proxy.wake.machine import State
-from shared.config.edge import HttpOptions, RouteConfig
+from shared.config.edge import HttpOptions
 
 log = logging.getLogger(__name__)
 
 # The model-list union asks each awake node live; one slow node must not stall the page.
 MODELS_FETCH_TIMEOUT_S: Final = 5.0
-# An error answer relayed into an already-started SSE stream is read up to this size.
-MAX_ERROR_BODY_BYTES: Final = 64 * 1024
-
-
-@dataclass
-class NodeBackend:
-    """One route behind the listener: its node's wake driver, its connection pool, and its
-    key there (``models.backend_keys``: the node's name, or NODE:PORT)."""
-
-    route: RouteConfig
-    driver: NodeDriver
-    upstream: Upstream
-    key: str
-
-    @property
-    def name(self) -> str:
-        return self.route.node
-
-    def is_awake(self) -> bool:
-        return self.driver.state is State.AWAKE
-
-    def agent_port(self) -> int | None:
-        """The port whose models this backend takes from its node's agent: its own when
-        its node has other routes on the listener, else None (all of them)."""
-        return self.route.backend_port if self.key != self.name else None
 
 
 class HttpRouteApp:
@@ -166,7 +140,7 @@ class HttpRouteApp:
         self.live.add(ex)
         try:
             await self._serve_counted(ex)
-        except ClientLeft as exc:
+        except ClientLeft as exc:  # a write to it failed before any nursery (a refusal)
             log.info("route %s: client left during %s %s: %s", self.listen, ex.method,
                      ex.path, exc)
         finally:
@@ -188,16 +162,23 @@ class HttpRouteApp:
         async with trio.open_nursery() as nursery:
             nursery.start_soon(self._watch_disconnect, ex, nursery.cancel_scope)
             try:
-                await self._dispatch(ex, body)
-            except UpstreamError as exc:
-                log.warning("route %s: %s %s: %s", self.listen, ex.method, ex.path, exc)
-                # Once started, the answer is left unfinished: the server then closes the
-                # connection without the last chunk, so a cut stream never looks complete.
-                if isinstance(exc, UpstreamTimeout) and not ex.started:
-                    await ex.fail(504, f"the backend timed out: {exc}", "upstream_timeout")
-                elif not ex.started:
-                    await ex.fail(502, f"the backend failed: {exc}", "upstream_error")
+                await self._dispatch_answering_errors(ex, body)
+            except ClientLeft as exc:  # a write to it failed (its leaving may cancel first)
+                log.info("route %s: client left during %s %s: %s", self.listen, ex.method,
+                         ex.path, exc)
             nursery.cancel_scope.cancel()
+
+    async def _dispatch_answering_errors(self, ex: Exchange, body: bytes) -> None:
+        try:
+            await self._dispatch(ex, body)
+        except UpstreamError as exc:
+            log.warning("route %s: %s %s: %s", self.listen, ex.method, ex.path, exc)
+            # Once started, the answer is left unfinished: the server then closes the
+            # connection without the last chunk, so a cut stream never looks complete.
+            if isinstance(exc, UpstreamTimeout) and not ex.started:
+                await ex.fail(504, f"the backend timed out: {exc}", "upstream_timeout")
+            elif not ex.started:
+                await ex.fail(502, f"the backend failed: {exc}", "upstream_error")
 
     async def _watch_disconnect(self, ex: Exchange, scope: trio.CancelScope) -> None:
         await ex.wait_gone()
@@ -413,7 +394,7 @@ class HttpRouteApp:
                     response.status, header(out, b"content-type"), response.aiter_stream(),
                     None if ex.log is None else ex.log.numbers)
                 if ex.started:  # SSE comments went out while the node woke
-                    await self._continue_sse(ex, response, chunks)
+                    await waking.continue_after_comments(ex, response, chunks)
                     return
                 await ex.start(response.status, out)
                 kept: list[bytes] | None = [] if keep_as and response.status == 200 else None
@@ -431,27 +412,6 @@ class HttpRouteApp:
                 await ex.end()
         finally:
             driver.active -= 1
-
-    async def _continue_sse(self, ex: Exchange, response: Response,
-                            chunks: AsyncIterator[bytes]) -> None:
-        """After SSE comments the status is sent: relay an event stream (``chunks``, the
-        body as the meter passes it on), or turn any other answer into one error event."""
-        content_type = header(_lower(response.headers), b"content-type") or b""
-        if response.status == 200 and content_type.startswith(b"text/event-stream"):
-            async for chunk in chunks:
-                await ex.body(chunk)
-            await ex.end()
-            return
-        text = await read_capped(response, MAX_ERROR_BODY_BYTES) or b""
-        try:
-            is_error = isinstance(json.loads(text).get("error"), dict)
-        except (ValueError, UnicodeDecodeError, AttributeError):
-            is_error = False
-        if is_error:
-            await ex.end(waking.error_event(text))
-        else:
-            await ex.fail(502, f"the backend answered {response.status}: "
-                          f"{text[:200].decode('utf-8', 'replace')}", "upstream_error")
 
     def _count(self, ex: Exchange, backend: NodeBackend, outcome: str) -> None:
         self.metrics.requests.labels(self.listen, backend.name, outcome).inc()

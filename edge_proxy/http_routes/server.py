@@ -19,7 +19,8 @@ import trio
 from edge_proxy.admission import ConnectionCounts
 from edge_proxy.errors import ListenError
 from edge_proxy.history.store import Recorder
-from edge_proxy.http_routes.app import HttpRouteApp, NodeBackend
+from edge_proxy.http_routes.app import HttpRouteApp
+from edge_proxy.http_routes.backend import NodeBackend
 from edge_proxy.http_routes.h1 import H1Server
 from edge_proxy.http_routes.knowledge import ModelKnowledge
 from edge_proxy.http_routes.metrics import HttpMetrics
