@@ -85,7 +85,8 @@ class Proxy:
         # What each node serves; read at start from state_dir, which a reload does not move.
         self.knowledge = ModelKnowledge(cfg.state_dir)
         self.http_routes = HttpRoutes(self.metrics.registry,  # protocol = "http" listeners
-                                      self.knowledge, recorder=recorder, gates=self.gates)
+                                      self.knowledge, recorder=recorder, gates=self.gates,
+                                      relay_loop=self.relay_loop)
         self.alerts = AlertRunner(cfg.alerts, self.metrics.registry,
                                   wake_failures=self._wake_failures)
         # With history on, what nodes report becomes rows of it (the newest also in memory).

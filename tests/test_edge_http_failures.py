@@ -7,7 +7,6 @@ The backend here is a few lines of raw HTTP on a real loopback socket, so it can
 from __future__ import annotations
 
 import json
-from collections.abc import Awaitable, Callable
 from functools import partial
 from pathlib import Path
 
@@ -18,46 +17,25 @@ import trio
 from edge_proxy.service import Proxy, serve_proxy
 from edge_proxy.wake.machine import State
 from shared.config.edge import load_edge_config
-from tests.support.edge import PacketListener, read_line
+from tests.support.edge import PacketListener
 from tests.support.edge_http import (
+    CHAT,
     TEST_TIMEOUT_S,
     NodeSpec,
     packets_for,
+    raw_backend,
     sse_payloads,
     wait_state,
     write_http_config,
 )
 from tests.support.ports import LOOPBACK, free_port
 
-Answer = Callable[[trio.SocketStream], Awaitable[None]]
-HEALTH_OK = b"HTTP/1.1 200 OK\r\nContent-Length: 15\r\n\r\n{\"status\":\"ok\"}"
-CHAT = {"messages": [{"role": "user", "content": "hi"}], "stream": True}
-
-
-def raw_backend(answer: Answer) -> Callable[[trio.SocketStream], Awaitable[None]]:
-    """Readiness probes (GET /health) get 200; every other request gets ``answer``."""
-    async def handle(stream: trio.SocketStream) -> None:
-        async with stream:
-            request_line = await read_line(stream)
-            head = b""
-            while (line := await read_line(stream)) not in (b"\r\n", b""):
-                head += line
-            length = next((int(h.split(b":")[1]) for h in head.split(b"\r\n")
-                           if h.lower().startswith(b"content-length:")), 0)
-            while length > 0:
-                length -= len(await stream.receive_some(length))
-            if request_line.startswith(b"GET /health"):
-                await stream.send_all(HEALTH_OK)
-            elif request_line:
-                await answer(stream)
-    return handle
-
 
 async def test_a_stream_cut_by_the_backend_is_cut_for_the_client(tmp_path: Path) -> None:
     async def half_a_stream(stream: trio.SocketStream) -> None:
         await stream.send_all(b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\n"
                               b"Transfer-Encoding: chunked\r\n\r\n"
-                              b"e\r\ndata: {\"a\":1}\n\n\r\n")
+                              b"f\r\ndata: {\"a\":1}\n\n\r\n")
         # and then the box dies: no last chunk
 
     node = NodeSpec("box", "aa:bb:cc:dd:ee:01", free_port())

@@ -1,4 +1,4 @@
-"""The ASGI app of one HTTP-aware listener: decide per request, then relay it as it streams.
+"""The route of one HTTP-aware listener: decide per request, then relay it as it streams.
 
 Per request, in order:
 
@@ -18,8 +18,9 @@ Per request, in order:
    shared wake runs (streaming ones get SSE comments meanwhile), then sent; a wake that times
    out is a 504 in OpenAI's error shape.
 
-Responses are relayed chunk by chunk as the backend sends them (SSE included); only poll
-answers for the cache are also kept, up to ``MAX_CACHED_BODY_BYTES``.
+Responses are relayed as the backend sends them: a chunked one (SSE streams) passed through
+as it was framed (``passthrough``), others chunk by chunk; only poll answers for the cache
+are also kept, up to ``MAX_CACHED_BODY_BYTES``.
 """
 
 from __future__ import annotations
@@ -28,9 +29,8 @@ import json
 import logging
 import time
 from collections import Counter
-from collections.abc import AsyncIterator, Iterator, Mapping
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
-from dataclasses import dataclass
 from functools import partial
 from typing import Final
 
@@ -48,60 +48,39 @@ from edge_proxy.admission import (
 )
 from edge_proxy.errors import (
     BackendUnavailable,
+    ClientLeft,
     UpstreamError,
     UpstreamTimeout,
 )
 from edge_proxy.history.hooks import RequestLog
 from edge_proxy.history.store import Recorder
 from edge_proxy.http_routes import waking
+from edge_proxy.http_routes.backend import NodeBackend
 from edge_proxy.http_routes.cache import MAX_CACHED_BODY_BYTES, ResponseCache, cache_key
-from edge_proxy.http_routes.exchange import Exchange, Receive, Scope, Send
+from edge_proxy.http_routes.exchange import Exchange
+from edge_proxy.http_routes.h1 import Client, Scope
 from edge_proxy.http_routes.headers import header, request_headers, response_headers
 from edge_proxy.http_routes.intake import read_request
 from edge_proxy.http_routes.knowledge import ModelKnowledge
 from edge_proxy.http_routes.metrics import HttpMetrics, Refusals
 from edge_proxy.http_routes.models import ModelTable, Unroutable, requested_model, wants_stream
+from edge_proxy.http_routes.passthrough import pass_through, passable
 from edge_proxy.http_routes.poll_answers import (
     MODEL_LIST_PATHS,
     NO_CACHE_RETRY_AFTER_S,
     PollAnswers,
 )
 from edge_proxy.http_routes.rules import WakePolicy
-from edge_proxy.http_routes.upstream import Response, Upstream, read_capped
+from edge_proxy.http_routes.upstream import read_capped
 from edge_proxy.loading import ModelGate, ModelNeed
-from edge_proxy.wake.driver import NodeDriver
+from edge_proxy.tcp_routes.relay_loop import RelayLoop
 from edge_proxy.wake.machine import State
-from shared.config.edge import HttpOptions, RouteConfig
+from shared.config.edge import HttpOptions
 
 log = logging.getLogger(__name__)
 
 # The model-list union asks each awake node live; one slow node must not stall the page.
 MODELS_FETCH_TIMEOUT_S: Final = 5.0
-# An error answer relayed into an already-started SSE stream is read up to this size.
-MAX_ERROR_BODY_BYTES: Final = 64 * 1024
-
-
-@dataclass
-class NodeBackend:
-    """One route behind the listener: its node's wake driver, its connection pool, and its
-    key there (``models.backend_keys``: the node's name, or NODE:PORT)."""
-
-    route: RouteConfig
-    driver: NodeDriver
-    upstream: Upstream
-    key: str
-
-    @property
-    def name(self) -> str:
-        return self.route.node
-
-    def is_awake(self) -> bool:
-        return self.driver.state is State.AWAKE
-
-    def agent_port(self) -> int | None:
-        """The port whose models this backend takes from its node's agent: its own when
-        its node has other routes on the listener, else None (all of them)."""
-        return self.route.backend_port if self.key != self.name else None
 
 
 class HttpRouteApp:
@@ -110,8 +89,10 @@ class HttpRouteApp:
     def __init__(self, listen: str, backends: list[NodeBackend], options: HttpOptions,
                  counts: ConnectionCounts, metrics: HttpMetrics, knowledge: ModelKnowledge,
                  cache: ResponseCache | None = None, recorder: Recorder | None = None,
-                 gates: Mapping[str, ModelGate] | None = None) -> None:
+                 gates: Mapping[str, ModelGate] | None = None,
+                 relay_loop: RelayLoop | None = None) -> None:
         self.listen = listen
+        self.relay_loop = relay_loop  # passes streamed answers on (None: trio does)
         self.recorder = recorder  # None: no history rows
         self.gates = gates or {}  # nodes with an agent: their models on demand (the proxy's)
         self.counts = counts
@@ -146,14 +127,12 @@ class HttpRouteApp:
     def __repr__(self) -> str:
         return f"<HttpRouteApp {self.listen} {self.table!r}>"
 
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] == "lifespan":
-            await _lifespan(receive, send)
-        elif scope["type"] == "http":
-            row = None if self.recorder is None else RequestLog(
-                self.recorder, self.listen, scope["method"], scope["path"],
-                clock=trio.current_time, wall=time.time)
-            await self._serve(Exchange(scope, receive, send, row))
+    async def handle(self, scope: Scope, client: Client) -> None:
+        """Serve one request (``h1.H1Server``'s handler)."""
+        row = None if self.recorder is None else RequestLog(
+            self.recorder, self.listen, scope["method"], scope["path"],
+            clock=trio.current_time, wall=time.time)
+        await self._serve(Exchange(scope, client, row))
 
     async def _serve(self, ex: Exchange) -> None:
         # Counted with the proxy's open connections, so a graceful stop waits for it too.
@@ -161,6 +140,9 @@ class HttpRouteApp:
         self.live.add(ex)
         try:
             await self._serve_counted(ex)
+        except ClientLeft as exc:  # a write to it failed before any nursery (a refusal)
+            log.info("route %s: client left during %s %s: %s", self.listen, ex.method,
+                     ex.path, exc)
         finally:
             self.live.discard(ex)
             self.counts.closed()
@@ -180,21 +162,27 @@ class HttpRouteApp:
         async with trio.open_nursery() as nursery:
             nursery.start_soon(self._watch_disconnect, ex, nursery.cancel_scope)
             try:
-                await self._dispatch(ex, body)
-            except UpstreamError as exc:
-                log.warning("route %s: %s %s: %s", self.listen, ex.method, ex.path, exc)
-                # Once started, the answer is left unfinished: hypercorn then closes the
-                # connection without the last chunk, so a cut stream never looks complete.
-                if isinstance(exc, UpstreamTimeout) and not ex.started:
-                    await ex.fail(504, f"the backend timed out: {exc}", "upstream_timeout")
-                elif not ex.started:
-                    await ex.fail(502, f"the backend failed: {exc}", "upstream_error")
+                await self._dispatch_answering_errors(ex, body)
+            except ClientLeft as exc:  # a write to it failed (its leaving may cancel first)
+                log.info("route %s: client left during %s %s: %s", self.listen, ex.method,
+                         ex.path, exc)
             nursery.cancel_scope.cancel()
 
+    async def _dispatch_answering_errors(self, ex: Exchange, body: bytes) -> None:
+        try:
+            await self._dispatch(ex, body)
+        except UpstreamError as exc:
+            log.warning("route %s: %s %s: %s", self.listen, ex.method, ex.path, exc)
+            # Once started, the answer is left unfinished: the server then closes the
+            # connection without the last chunk, so a cut stream never looks complete.
+            if isinstance(exc, UpstreamTimeout) and not ex.started:
+                await ex.fail(504, f"the backend timed out: {exc}", "upstream_timeout")
+            elif not ex.started:
+                await ex.fail(502, f"the backend failed: {exc}", "upstream_error")
+
     async def _watch_disconnect(self, ex: Exchange, scope: trio.CancelScope) -> None:
-        while (await ex.receive())["type"] != "http.disconnect":
-            pass
-        if not ex.finished:  # (hypercorn also says "disconnect" once an answer is complete)
+        await ex.wait_gone()
+        if not ex.finished:
             log.info("route %s: client left during %s %s", self.listen, ex.method, ex.path)
             scope.cancel()
 
@@ -396,13 +384,17 @@ class HttpRouteApp:
                                                  backend.route.upstream_idle_timeout_s
                                                  ) as response:
                 out = response_headers(_lower(response.headers))
+                if keep_as is None and passable(ex, response, out):
+                    await pass_through(ex, response, out, meter, self.relay_loop,
+                                       backend.route.upstream_idle_timeout_s)
+                    return
                 # With history on, the request's row reads llama-server's numbers from the
                 # same chunks on their way to the client: the meter takes them from there.
                 chunks = response.aiter_stream() if meter is None else meter.watch(
                     response.status, header(out, b"content-type"), response.aiter_stream(),
                     None if ex.log is None else ex.log.numbers)
                 if ex.started:  # SSE comments went out while the node woke
-                    await self._continue_sse(ex, response, chunks)
+                    await waking.continue_after_comments(ex, response, chunks)
                     return
                 await ex.start(response.status, out)
                 kept: list[bytes] | None = [] if keep_as and response.status == 200 else None
@@ -421,27 +413,6 @@ class HttpRouteApp:
         finally:
             driver.active -= 1
 
-    async def _continue_sse(self, ex: Exchange, response: Response,
-                            chunks: AsyncIterator[bytes]) -> None:
-        """After SSE comments the status is sent: relay an event stream (``chunks``, the
-        body as the meter passes it on), or turn any other answer into one error event."""
-        content_type = header(_lower(response.headers), b"content-type") or b""
-        if response.status == 200 and content_type.startswith(b"text/event-stream"):
-            async for chunk in chunks:
-                await ex.body(chunk)
-            await ex.end()
-            return
-        text = await read_capped(response, MAX_ERROR_BODY_BYTES) or b""
-        try:
-            is_error = isinstance(json.loads(text).get("error"), dict)
-        except (ValueError, UnicodeDecodeError, AttributeError):
-            is_error = False
-        if is_error:
-            await ex.end(waking.error_event(text))
-        else:
-            await ex.fail(502, f"the backend answered {response.status}: "
-                          f"{text[:200].decode('utf-8', 'replace')}", "upstream_error")
-
     def _count(self, ex: Exchange, backend: NodeBackend, outcome: str) -> None:
         self.metrics.requests.labels(self.listen, backend.name, outcome).inc()
         self.metrics.models.requests.labels(backend.name, ex.model, outcome).inc()
@@ -449,13 +420,3 @@ class HttpRouteApp:
 
 def _lower(raw: list[tuple[bytes, bytes]]) -> list[tuple[bytes, bytes]]:
     return [(name.lower(), value) for name, value in raw]
-
-
-async def _lifespan(receive: Receive, send: Send) -> None:
-    while True:
-        message = await receive()
-        if message["type"] == "lifespan.startup":
-            await send({"type": "lifespan.startup.complete"})
-        elif message["type"] == "lifespan.shutdown":
-            await send({"type": "lifespan.shutdown.complete"})
-            return

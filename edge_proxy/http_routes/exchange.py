@@ -1,31 +1,26 @@
-"""One client request/response on the ASGI side: reading the body, answering, SSE mode."""
+"""One client request and its answer: reading the body, answering, SSE mode, and passing a
+chunked answer through as the backend framed it."""
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable
-from typing import Any
+from collections.abc import Awaitable
 
 from edge_proxy.errors import BodyTooLarge, ClientLeft
 from edge_proxy.history.hooks import RequestLog
 from edge_proxy.history.records import Outcome
 from edge_proxy.http_routes import waking
+from edge_proxy.http_routes.h1 import Client, ClientGone, Scope
 from edge_proxy.http_routes.headers import RawHeaders
-
-Scope = dict[str, Any]
-Receive = Callable[[], Awaitable[dict[str, Any]]]
-Send = Callable[[dict[str, Any]], Awaitable[None]]
 
 
 class Exchange:
     """The response side of one request. Once ``started`` the status and headers are sent;
     an error after that can only be an SSE ``data:`` event (see ``fail``)."""
 
-    def __init__(self, scope: Scope, receive: Receive, send: Send,
-                 log: RequestLog | None = None) -> None:
+    def __init__(self, scope: Scope, client: Client, log: RequestLog | None = None) -> None:
         self.scope = scope
         self.log = log  # the request's history row, fed as the answer passes
-        self.receive = receive
-        self._send = send
+        self.client = client
         self.started = False
         self.status = 0
         self.finished = False
@@ -71,43 +66,79 @@ class Exchange:
         chunks: list[bytes] = []
         size = 0
         while True:
-            message = await self.receive()
-            if message["type"] == "http.disconnect":
-                raise ClientLeft(f"after {size} bytes of the request body")
-            chunk: bytes = message.get("body", b"")
+            try:
+                chunk = await self.client.receive_body()
+            except ClientGone:
+                raise ClientLeft(f"after {size} bytes of the request body") from None
+            if chunk is None:
+                return b"".join(chunks)
             size += len(chunk)
             if size > limit:
                 raise BodyTooLarge(f"request body over {limit} bytes")
             chunks.append(chunk)
-            if not message.get("more_body"):
-                break
-        return b"".join(chunks)
 
-    async def start(self, status: int, headers: RawHeaders) -> None:
+    async def wait_gone(self) -> None:
+        """Return once the client leaves (its request read; the answer under way)."""
+        await self.client.wait_gone()
+
+    def _started(self, status: int, headers: RawHeaders) -> None:
         self.started = True
         self.status = status
         if self.log is not None:
             content_type = next((v for k, v in headers if k.lower() == b"content-type"), None)
             self.log.response_started(status, content_type.decode("latin-1")
                                       if content_type is not None else None)
-        await self._send({"type": "http.response.start", "status": status, "headers": headers})
+
+    async def start(self, status: int, headers: RawHeaders) -> None:
+        self._started(status, headers)
+        await self._sent(self.client.start(status, headers))
+
+    async def start_raw(self, status: int, headers: RawHeaders, raw: bytes) -> None:
+        """Status and headers, and in the same write ``raw``: the start of a body framed as
+        chunked already (what follows goes through ``RelayLoop.pass_answer``)."""
+        self._started(status, headers)
+        await self._sent(self.client.start_raw(status, headers, raw))
 
     async def body(self, chunk: bytes) -> None:
         if chunk:
             if self.log is not None:
                 self.log.body(chunk)
-            await self._send({"type": "http.response.body", "body": chunk, "more_body": True})
+            await self._sent(self.client.send(chunk))
+
+    async def body_raw(self, raw: bytes) -> None:
+        """Bytes of a body framed as chunked already (a pass-through: its payload reaches
+        the history row through ``passthrough.PayloadTap``)."""
+        if raw:
+            await self._sent(self.client.send_raw(raw))
 
     async def end(self, last: bytes = b"") -> None:
         self.finished = True
         if self.log is not None:
             self.log.body(last)
-        await self._send({"type": "http.response.body", "body": last, "more_body": False})
+        await self._sent(self.client.send(last, end=True))
+
+    def passed_through(self) -> None:
+        """The rest of the body and its end went out raw: the answer is complete."""
+        self.finished = True
+        self.client.passed_through()
 
     async def respond(self, status: int, headers: RawHeaders, body: bytes) -> None:
-        """A whole answer at once (headers must not include ``content-length``)."""
-        await self.start(status, [*headers, (b"content-length", str(len(body)).encode())])
-        await self.end(body)
+        """A whole answer at once, in one write (headers must not include
+        ``content-length``)."""
+        headers = [*headers, (b"content-length", str(len(body)).encode())]
+        self._started(status, headers)
+        self.finished = True
+        if self.log is not None:
+            self.log.body(body)
+        await self._sent(self.client.start(status, headers, body, end=True))
+
+    async def _sent(self, sending: Awaitable[None]) -> None:
+        """A write to the client; one that fails means the client left."""
+        try:
+            await sending
+        except ClientGone as exc:
+            self.finished = False
+            raise ClientLeft(f"while the answer was sent: {exc}") from None
 
     async def fail(self, status: int, message: str, kind: str, *, code: str | None = None,
                    headers: RawHeaders | None = None) -> None:

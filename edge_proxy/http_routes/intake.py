@@ -3,9 +3,9 @@ its body, the whole body within the route's size and time limits, and for JSON e
 JSON object. Anything else is answered here (and counted as refused) and never reaches a
 node, so a malformed or dripping request cannot wake one or hold a slot forever.
 
-h11, under hypercorn, parses the request head. It takes any ``HTTP/d.d`` version and, given
-both ``Content-Length`` and ``Transfer-Encoding``, frames the body by the latter, so those
-two checks are made here from the ASGI scope. Answers to requests refused before their body
+h11 (in ``h1``) parses the request head. It takes any ``HTTP/d.d`` version and, given both
+``Content-Length`` and ``Transfer-Encoding``, frames the body by the latter, so those two
+checks are made here from the request's scope. Answers to requests refused before their body
 was read carry ``Connection: close``: the rest of such a connection cannot be trusted.
 """
 
@@ -57,7 +57,7 @@ async def read_request(ex: Exchange, options: HttpOptions, refusals: Refusals,
     """The request body, or None when the request was answered here (refused, or the
     client left before its body was complete)."""
     head = head_problem(ex.scope.get("http_version", "1.1"), ex.scope["headers"])
-    # Even a refused request's body is read (within the limits): hypercorn's reader must be
+    # Even a refused request's body is read (within the limits): the server's reader must be
     # done with it before a ``Connection: close`` answer goes out, or a request pipelined
     # behind it races the close and the answer is lost.
     got = await _read_body(ex, options, listen)

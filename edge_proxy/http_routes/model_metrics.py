@@ -67,6 +67,31 @@ class ResponseMeter:
         self.first_byte_s: float | None = None
         self.predicted_per_second: float | None = None
 
+    def parser(self, status: int, content_type: bytes | None,
+               numbers: Callable[[], LlamaNumbers | None] | None) -> TimingsParser | None:
+        """Where the meter reads llama-server's numbers itself: a 200 answer whose numbers
+        nobody else reads (``numbers`` None: no history row)."""
+        if status != 200 or numbers is not None:
+            return None
+        return TimingsParser(None if content_type is None else content_type.decode("latin-1"))
+
+    def first_byte(self, at: float, status: int, content_type: bytes | None) -> None:
+        """The answer's first body bytes passed at ``at`` (the meter's clock); a streamed
+        200 answer is timed."""
+        if self.first_byte_s is not None:
+            return
+        self.first_byte_s = at - self.sent_at
+        if status == 200 and self.streamed and (content_type or b"").startswith(
+                SSE_CONTENT_TYPE):
+            self.metrics.ttft.labels(self.node, self.model).observe(self.first_byte_s)
+
+    def ended(self, status: int, found: LlamaNumbers | None) -> None:
+        """The answer is complete; ``found``: llama-server's numbers in it."""
+        rate = None if found is None or status != 200 else found.predicted_per_second
+        if rate is not None and rate > 0:
+            self.predicted_per_second = rate
+            self.metrics.tokens_per_s.labels(self.node, self.model).observe(rate)
+
     async def watch(self, status: int, content_type: bytes | None,
                     chunks: AsyncIterator[bytes],
                     numbers: Callable[[], LlamaNumbers | None] | None = None
@@ -75,21 +100,12 @@ class ResponseMeter:
         numbers as it passes (``history.timings``: never the whole body). ``numbers``: where
         they are read already (the request's history row, fed the same chunks); without it
         the meter reads them itself."""
-        timed = status == 200 and self.streamed and (content_type or b"").startswith(
-            SSE_CONTENT_TYPE)
-        parser = None if status != 200 or numbers is not None else TimingsParser(
-            None if content_type is None else content_type.decode("latin-1"))
+        parser = self.parser(status, content_type, numbers)
         async for chunk in chunks:
             if self.first_byte_s is None and chunk:
-                self.first_byte_s = self.clock() - self.sent_at
-                if timed:
-                    self.metrics.ttft.labels(self.node, self.model).observe(self.first_byte_s)
+                self.first_byte(self.clock(), status, content_type)
             if parser is not None:
                 parser.feed(chunk)
             yield chunk
-        found = (None if status != 200 else numbers() if numbers is not None
-                 else None if parser is None else parser.numbers())
-        rate = None if found is None else found.predicted_per_second
-        if rate is not None and rate > 0:
-            self.predicted_per_second = rate
-            self.metrics.tokens_per_s.labels(self.node, self.model).observe(rate)
+        self.ended(status, numbers() if numbers is not None
+                   else None if parser is None else parser.numbers())

@@ -22,7 +22,7 @@ from edge_proxy.http_routes.metrics import HttpMetrics
 from edge_proxy.http_routes.polls import MODELS_SOURCE_HEADER, PollGate, sources
 
 if TYPE_CHECKING:
-    from edge_proxy.http_routes.app import NodeBackend
+    from edge_proxy.http_routes.backend import NodeBackend
 
 log = logging.getLogger(__name__)
 

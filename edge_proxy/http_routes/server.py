@@ -1,4 +1,4 @@
-"""An HTTP-aware listener: hypercorn (trio worker) serving one ``HttpRouteApp``.
+"""An HTTP-aware listener: ``h1.H1Server`` serving one ``HttpRouteApp``.
 
 ``protocol = "http"`` routes with the same ``listen`` string form one listener that routes
 by model across their backends: nodes, or instances of one node on different ports
@@ -15,18 +15,19 @@ from collections.abc import Iterable, Mapping
 from typing import Final
 
 import trio
-from hypercorn.config import Config as HypercornConfig
-from hypercorn.trio import serve as hypercorn_serve
 
 from edge_proxy.admission import ConnectionCounts
 from edge_proxy.errors import ListenError
 from edge_proxy.history.store import Recorder
-from edge_proxy.http_routes.app import HttpRouteApp, NodeBackend
+from edge_proxy.http_routes.app import HttpRouteApp
+from edge_proxy.http_routes.backend import NodeBackend
+from edge_proxy.http_routes.h1 import H1Server
 from edge_proxy.http_routes.knowledge import ModelKnowledge
 from edge_proxy.http_routes.metrics import HttpMetrics
 from edge_proxy.http_routes.models import backend_keys
 from edge_proxy.http_routes.upstream import Upstream
 from edge_proxy.loading import ModelGate
+from edge_proxy.tcp_routes.relay_loop import RelayLoop
 from edge_proxy.wake.driver import NodeDriver
 from edge_proxy.wake.machine import State
 from shared.config.edge import HttpOptions, RouteConfig
@@ -36,9 +37,9 @@ log = logging.getLogger(__name__)
 # How often the learner looks for a node that became AWAKE (a state read, no I/O).
 LEARN_POLL_S: Final = 1.0
 # The accept queue, as TCP routes get it from trio.open_tcp_listeners: the most the kernel
-# allows (it caps the number at net.core.somaxconn). Hypercorn's own default, 100, lets a burst
-# of clients overflow the queue before the accept loop runs, and the kernel drops or resets
-# them without the proxy ever seeing them.
+# allows (it caps the number at net.core.somaxconn). A short one (100, a common default) lets
+# a burst of clients overflow the queue before the accept loop runs, and the kernel drops or
+# resets them without the proxy ever seeing them.
 LISTEN_BACKLOG: Final = 0xFFFF
 
 
@@ -65,7 +66,8 @@ class HttpListener:
     def __init__(self, routes: list[RouteConfig], drivers: Mapping[str, NodeDriver],
                  counts: ConnectionCounts, metrics: HttpMetrics, knowledge: ModelKnowledge,
                  recorder: Recorder | None = None,
-                 gates: Mapping[str, ModelGate] | None = None) -> None:
+                 gates: Mapping[str, ModelGate] | None = None,
+                 relay_loop: RelayLoop | None = None) -> None:
         if not routes:
             raise ValueError("an HTTP listener needs at least one route")
         self.listen = routes[0].listen
@@ -73,7 +75,8 @@ class HttpListener:
         backends = [NodeBackend(r, drivers[r.node], _upstream(r, drivers[r.node]), key)
                     for r, key in zip(routes, _keys(routes), strict=True)]
         self.app = HttpRouteApp(self.listen, backends, self.options, counts, metrics,
-                                knowledge, recorder=recorder, gates=gates)
+                                knowledge, recorder=recorder, gates=gates,
+                                relay_loop=relay_loop)
         self.counts = counts
         self.urls: list[str] = []
         self._stopping = trio.Event()
@@ -123,38 +126,32 @@ class HttpListener:
     async def serve(self, *, task_status: trio.TaskStatus[list[str]] = trio.TASK_STATUS_IGNORED
                     ) -> None:
         """Listen, report the bound URLs via ``task_status``, serve until ``stop()``."""
-        config = HypercornConfig()
-        config.bind = [self._addr()]
-        config.accesslog = None
-        config.errorlog = logging.getLogger("hypercorn.error")
-        config.keep_alive_timeout = self.options.client_keepalive_s
-        config.backlog = LISTEN_BACKLOG
-        config.graceful_timeout = self.counts.limits.shutdown_grace_s
+        addr = next(iter(self.app.backends.values())).route.listen_addr
+        server = H1Server(self.app.handle, keep_alive_s=self.options.client_keepalive_s,
+                          grace_s=self.counts.limits.shutdown_grace_s)
+        try:
+            listeners = await trio.open_tcp_listeners(addr.port, host=addr.host,
+                                                      backlog=LISTEN_BACKLOG)
+        except OSError as exc:
+            hint = "stop the other program or pick another port" \
+                if exc.errno == errno.EADDRINUSE else "use an address of this machine"
+            raise ListenError(f"route {self.listen}: cannot listen: "
+                              f"{exc.strerror or exc}; {hint}") from exc
+        self.urls = [_url(listener) for listener in listeners]
         async with trio.open_nursery() as nursery:
             self._backend_tasks = nursery
             for backend in self.app.backends.values():
                 self._start_backend_tasks(backend)
 
-            async def run_server(task_status: trio.TaskStatus[list[str]]) -> None:
-                await hypercorn_serve(self.app, config,  # type: ignore[arg-type]
-                                      shutdown_trigger=self._stopping.wait,
-                                      task_status=task_status)
+            async def run_server() -> None:
+                await server.serve(listeners, self._stopping.wait)
                 nursery.cancel_scope.cancel()  # the server is done: so are the backend tasks
 
-            try:
-                self.urls = await nursery.start(run_server)
-            except OSError as exc:
-                hint = "stop the other program or pick another port" \
-                    if exc.errno == errno.EADDRINUSE else "use an address of this machine"
-                raise ListenError(f"route {self.listen}: cannot listen: "
-                                  f"{exc.strerror or exc}; {hint}") from exc
+            nursery.start_soon(run_server)
             log.info("http route %s -> %s listening on %s", self.listen,
                      ", ".join(self.app.backends), ", ".join(self.urls))
             task_status.started(self.urls)
         log.info("http route %s closed", self.listen)
-
-    def _addr(self) -> str:
-        return str(next(iter(self.app.backends.values())).route.listen_addr)
 
     def _start_backend_tasks(self, backend: NodeBackend) -> None:
         """The backend's pool janitor, and its learner (cancelled when the node leaves)."""
@@ -172,6 +169,11 @@ class HttpListener:
                     learned_at = driver.machine.generation
                     await self.app.fetch_models(backend)
                 await trio.sleep(LEARN_POLL_S)
+
+
+def _url(listener: trio.SocketListener) -> str:
+    host, port = listener.socket.getsockname()[:2]
+    return f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
 
 
 def _keys(routes: list[RouteConfig]) -> list[str]:

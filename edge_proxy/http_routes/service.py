@@ -17,6 +17,7 @@ from edge_proxy.http_routes.metrics import HttpMetrics
 from edge_proxy.http_routes.server import HttpListener, group_http_routes
 from edge_proxy.loading import ModelGate
 from edge_proxy.metrics import watch_listen_overflows
+from edge_proxy.tcp_routes.relay_loop import RelayLoop
 from edge_proxy.wake.driver import NodeDriver
 from shared.config.edge import EdgeConfig, RouteConfig
 
@@ -28,7 +29,9 @@ class HttpRoutes:
 
     def __init__(self, registry: CollectorRegistry, knowledge: ModelKnowledge, *,
                  recorder: Recorder | None = None,
-                 gates: Mapping[str, ModelGate] | None = None) -> None:
+                 gates: Mapping[str, ModelGate] | None = None,
+                 relay_loop: RelayLoop | None = None) -> None:
+        self.relay_loop = relay_loop  # passes streamed answers on
         self.metrics = HttpMetrics(registry)
         self.knowledge = knowledge
         self.recorder = recorder
@@ -56,7 +59,7 @@ class HttpRoutes:
                     self._routes[key] = routes
                 continue
             listener = HttpListener(routes, drivers, counts, self.metrics, self.knowledge,
-                                    self.recorder, self.gates)
+                                    self.recorder, self.gates, self.relay_loop)
             try:
                 await services.start(listener.serve)
             except ListenError as exc:

@@ -29,6 +29,7 @@ import h11
 import trio
 
 from edge_proxy.errors import BackendUnavailable, UpstreamError, UpstreamTimeout
+from edge_proxy.http_routes.framing import is_chunked
 from edge_proxy.http_routes.headers import RawHeaders
 from edge_proxy.wake.machine import Event
 
@@ -42,6 +43,8 @@ UPSTREAM_KEEPALIVE_EXPIRY_S: Final = 2.0
 # Idle connections kept per node; more concurrent requests open more, closed after use.
 UPSTREAM_KEEPALIVE_CONNECTIONS: Final = 16
 READ_BYTES: Final = 64 * 1024
+# An answer head longer than this is not llama-server's (h11's own limit for a head).
+MAX_HEAD_BYTES: Final = 64 * 1024
 # Bodies up to this size go out in the same write as the request head; larger ones after it
 # (joining them would copy the whole body once more).
 JOIN_BODY_BYTES: Final = 64 * 1024
@@ -70,24 +73,70 @@ class _Connection:
                                       "(routes.upstream_idle_timeout_s)")
             return event
 
+    async def read_head(self) -> tuple[object, bytes]:
+        """The next response head as h11 parses it, and the raw bytes read after it (the
+        start of the body, kept raw so an answer can be passed on as it was framed)."""
+        buffered = bytearray()
+        while True:
+            end = buffered.find(b"\r\n\r\n")
+            if end >= 0:
+                self.h11.receive_data(bytes(buffered[:end + 4]))
+                event = self.h11.next_event()
+                rest = bytes(buffered[end + 4:])
+                if isinstance(event, h11.InformationalResponse):  # 100 Continue and such
+                    buffered = bytearray(rest)
+                    continue
+                return event, rest
+            if len(buffered) > MAX_HEAD_BYTES:
+                raise h11.RemoteProtocolError(f"an answer head over {MAX_HEAD_BYTES} bytes")
+            with trio.move_on_after(self.read_timeout_s):
+                data = await self.stream.receive_some(READ_BYTES)
+                if not data:
+                    self.h11.receive_data(bytes(buffered))
+                    self.h11.receive_data(b"")
+                    return self.h11.next_event(), b""
+                buffered += data
+                continue
+            raise UpstreamTimeout(f"{self.name}: sent nothing for {self.read_timeout_s:g} s "
+                                  "(routes.upstream_idle_timeout_s)")
+
     async def close(self) -> None:
         with trio.CancelScope(shield=True):
             await self.stream.aclose()
 
 
 class Response:
-    """An answer whose head has arrived: ``status``, ``headers`` (as sent), and the body
-    through ``aiter_stream()`` (readable once)."""
+    """An answer whose head has arrived: ``status``, ``headers`` (as sent), and the body,
+    readable once: decoded through ``aiter_stream()``, or raw (``chunked`` answers) from
+    ``raw_start`` then ``stream``, for ``HttpRouteApp`` to pass on as it was framed."""
 
-    def __init__(self, connection: _Connection, status: int, headers: RawHeaders) -> None:
+    def __init__(self, connection: _Connection, status: int, headers: RawHeaders,
+                 raw_start: bytes) -> None:
         self._connection = connection
         self.status = status
         self.headers = headers
+        self.raw_start = raw_start  # body bytes read with the head
+        self.chunked = is_chunked([(n.lower(), v) for n, v in headers])
+
+    @property
+    def name(self) -> str:
+        """NODE:PORT of the backend that answers."""
+        return self._connection.name
+
+    @property
+    def stream(self) -> trio.SocketStream:
+        """The connection's socket, for reading the raw body after ``raw_start`` (the
+        connection is then not reused)."""
+        self._connection.reusable = False
+        return self._connection.stream
 
     async def aiter_stream(self) -> AsyncIterator[bytes]:
         """The body as it arrives. Chunks already read together go on as one piece: a proxy
         that falls behind a fast stream catches up with fewer writes, not more."""
         connection = self._connection
+        if self.raw_start:
+            connection.h11.receive_data(self.raw_start)
+            self.raw_start = b""
         event = await connection.next_event()
         while True:
             if isinstance(event, h11.Data):
@@ -176,12 +225,11 @@ class Upstream:
                 else:
                     for piece in pieces:
                         await connection.stream.send_all(piece)
-                event = await connection.next_event()
-                while isinstance(event, h11.InformationalResponse):  # 100 Continue and such
-                    event = await connection.next_event()
+                event, raw_start = await connection.read_head()
                 if not isinstance(event, h11.Response):
                     raise h11.RemoteProtocolError(f"no answer ({type(event).__name__})")
-                response = Response(connection, event.status_code, list(event.headers))
+                response = Response(connection, event.status_code, list(event.headers),
+                                    raw_start)
                 if _is_event_stream(response.headers):
                     # llama-server closes the connection after a streamed answer without
                     # saying so; a request sent on it before the close arrives would fail.

@@ -11,10 +11,18 @@ OpenAI clients raise as an API error.
 from __future__ import annotations
 
 import json
-from typing import Any, Final
+from collections.abc import AsyncIterator
+from typing import TYPE_CHECKING, Any, Final
 
-from edge_proxy.http_routes.headers import RawHeaders
+from edge_proxy.http_routes.headers import RawHeaders, header
+from edge_proxy.http_routes.upstream import Response, read_capped
 from shared.http import error_body
+
+if TYPE_CHECKING:  # (the exchange answers with these helpers)
+    from edge_proxy.http_routes.exchange import Exchange
+
+# An error answer relayed into an already-started SSE stream is read up to this size.
+MAX_ERROR_BODY_BYTES: Final = 64 * 1024
 
 SOURCE: Final = "edge-proxy"
 
@@ -44,3 +52,25 @@ def error_json(message: str, kind: str, code: str | None = None) -> bytes:
 def error_event(payload: bytes) -> bytes:
     """A JSON error as one SSE ``data:`` event (the payload must be one line of JSON)."""
     return b"data: " + payload.replace(b"\n", b" ") + b"\n\n"
+
+
+async def continue_after_comments(ex: Exchange, response: Response,
+                                  chunks: AsyncIterator[bytes]) -> None:
+    """After SSE comments the status is sent: relay an event stream (``chunks``, the
+    body as the meter passes it on), or turn any other answer into one error event."""
+    content_type = header([(n.lower(), v) for n, v in response.headers], b"content-type") or b""
+    if response.status == 200 and content_type.startswith(b"text/event-stream"):
+        async for chunk in chunks:
+            await ex.body(chunk)
+        await ex.end()
+        return
+    text = await read_capped(response, MAX_ERROR_BODY_BYTES) or b""
+    try:
+        is_error = isinstance(json.loads(text).get("error"), dict)
+    except (ValueError, UnicodeDecodeError, AttributeError):
+        is_error = False
+    if is_error:
+        await ex.end(error_event(text))
+    else:
+        await ex.fail(502, f"the backend answered {response.status}: "
+                      f"{text[:200].decode('utf-8', 'replace')}", "upstream_error")

@@ -26,6 +26,7 @@ import logging
 import os
 import select
 import threading
+from collections.abc import Callable
 
 import trio
 
@@ -115,6 +116,26 @@ class RelayLoop:
         ``waiting``: the client spoke last (its held bytes went out). The sockets stay open;
         the caller closes them.
         """
+        cfd, bfd = client.socket.fileno(), backend.socket.fileno()
+        return await self._run_entry(lambda done, settle: Entry(
+            Way("up", cfd, bfd, open=up_open), Way("down", bfd, cfd), count, done, settle,
+            idle, waiting))
+
+    async def pass_answer(self, client: trio.SocketStream, backend: trio.SocketStream,
+                          inspect: Callable[[bytes], int | None],
+                          idle: IdleTimeouts | None = None) -> str:
+        """Pass an HTTP answer's body from ``backend`` to ``client`` as it is read, until
+        ``inspect`` (told each chunk; see ``Entry.inspect``) says it ended; return
+        ``"done"``, ``"broken: ..."`` (the backend closed early, bad framing, a failed write)
+        or ``"idle upstream"``. The client is not read (trio watches it) and neither
+        socket is half-closed. Raises ``LoopStopped`` when the loop does not run."""
+        cfd, bfd = client.socket.fileno(), backend.socket.fileno()
+        return await self._run_entry(lambda done, settle: Entry(
+            Way("up", cfd, bfd, open=False), Way("down", bfd, cfd), None, done, settle,
+            idle, waiting=True, inspect=inspect))
+
+    async def _run_entry(self, make: Callable[[Callable[[str], None], Callable[[str], None]],
+                                              Entry]) -> str:
         if not self._running:
             raise LoopStopped(repr(self))
         token = trio.lowlevel.current_trio_token()
@@ -129,9 +150,7 @@ class RelayLoop:
         def done(result: str) -> None:  # in the loop thread
             token.run_sync_soon(settle, result)
 
-        cfd, bfd = client.socket.fileno(), backend.socket.fileno()
-        entry = Entry(Way("up", cfd, bfd, open=up_open), Way("down", bfd, cfd), count, done,
-                       settle, idle, waiting)
+        entry = make(done, settle)
         if not self._post("add", entry):
             raise LoopStopped(repr(self))
         self._handed.add(entry)

@@ -52,6 +52,7 @@ class Way:
     uncounted: int = 0
     pipe: tuple[int, int] | None = None  # (read end, write end) once the way is spliced
     in_pipe: int = 0  # bytes spliced in but not yet out
+    ending: bool = False  # an answer's last bytes were read: the way closes once they are out
 
     @property
     def busy(self) -> bool:
@@ -72,6 +73,17 @@ class Entry:
     waiting: bool = False  # the client spoke last: it waits for the upstream
     last_at: float = 0.0  # when a byte last moved (the loop's clock)
     masks: dict[int, int] = field(default_factory=dict)
+    # An HTTP answer passed through (``down`` only): told each chunk read from the backend,
+    # it returns None while the answer goes on, or how many of the chunk's bytes end it.
+    inspect: Callable[[bytes], int | None] | None = None
+
+
+class BrokenAnswer(OSError):
+    """An answer passed through ended before its end, or its framing is broken."""
+
+
+class ClientWriteFailed(OSError):
+    """An answer passed through could not be written to the client (it left)."""
 
 
 class LoopThread:
@@ -120,7 +132,8 @@ class LoopThread:
     def _pass_chunk(self, entry: Entry, way: Way) -> None:
         try:
             chunk = os.read(way.src, RECEIVE_BYTES)
-            if not 0 < len(chunk) < RECEIVE_BYTES:  # EOF or a bulk stream: the general path
+            if not 0 < len(chunk) < RECEIVE_BYTES or entry.inspect is not None:
+                # EOF, a bulk stream or an HTTP answer: the general path
                 before = (entry.up.open, entry.up.busy, entry.down.open, entry.down.busy)
                 self._after_read(way, entry, chunk)
                 self._settle(entry, before)
@@ -190,7 +203,12 @@ class LoopThread:
                     if way.in_pipe:
                         self._drain(way)
                     elif way.pending is not None:
-                        self._write(way, way.pending)
+                        if entry.inspect is not None:
+                            self._answer_write(way, way.pending)
+                        else:
+                            self._write(way, way.pending)
+                        if way.ending and way.pending is None:
+                            way.open = False  # the answer's last bytes are out
                 if way.src == fd and way.open and not way.busy and events & _READABLE:
                     self._read(way, entry)
         except OSError as exc:
@@ -226,6 +244,9 @@ class LoopThread:
         self._after_read(way, entry, chunk)
 
     def _after_read(self, way: Way, entry: Entry, chunk: bytes) -> None:
+        if entry.inspect is not None:
+            self._answer_read(way, entry, chunk)
+            return
         entry.waiting = way is entry.up  # an EOF too: a half-closed client waits
         if not chunk:
             _shutdown(way.dst)
@@ -238,6 +259,30 @@ class LoopThread:
             way.pipe = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
             with contextlib.suppress(OSError):  # a bigger pipe means fewer calls
                 fcntl.fcntl(way.pipe[1], _F_SETPIPE_SZ, PIPE_BYTES)
+
+    def _answer_read(self, way: Way, entry: Entry, chunk: bytes) -> None:
+        """A chunk of an HTTP answer: passed on up to its end, never spliced (it is read);
+        the client's side is not half-closed (its connection may carry the next request)."""
+        assert entry.inspect is not None
+        if not chunk:
+            raise BrokenAnswer("the backend closed its connection before the end of the answer")
+        try:
+            end = entry.inspect(chunk)
+        except ValueError as exc:
+            raise BrokenAnswer(f"the backend's answer is broken: {exc}") from exc
+        if end is not None:
+            chunk = chunk[:end]
+            way.ending = True
+        self._counted(way, entry, len(chunk))
+        self._answer_write(way, memoryview(chunk))
+        if way.ending and way.pending is None:
+            way.open = False
+
+    def _answer_write(self, way: Way, data: memoryview) -> None:
+        try:
+            self._write(way, data)
+        except OSError as exc:
+            raise ClientWriteFailed(f"the client's connection broke: {exc!r}") from exc
 
     def _counted(self, way: Way, entry: Entry, n: int) -> None:
         way.uncounted += n

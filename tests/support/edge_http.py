@@ -8,7 +8,7 @@ llama-server on its port only once a packet with the node's MAC arrived.
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,7 +19,7 @@ import trio
 
 from edge_proxy.service import Proxy
 from edge_proxy.wake.machine import State
-from tests.support.edge import PacketListener, expected_packet
+from tests.support.edge import PacketListener, expected_packet, read_line
 from tests.support.llama import LogLines, ServerFailed, child_process
 from tests.support.ports import LOOPBACK
 
@@ -136,3 +136,28 @@ class Waker:
 
 def sse_payloads(lines: Sequence[str]) -> list[str]:
     return [line.removeprefix("data: ") for line in lines if line.startswith("data: ")]
+
+
+Answer = Callable[[trio.SocketStream], Awaitable[None]]
+HEALTH_OK = b"HTTP/1.1 200 OK\r\nContent-Length: 15\r\n\r\n{\"status\":\"ok\"}"
+CHAT = {"messages": [{"role": "user", "content": "hi"}], "stream": True}
+
+
+def raw_backend(answer: Answer) -> Callable[[trio.SocketStream], Awaitable[None]]:
+    """A backend of a few lines of raw HTTP on a real socket, so it can fail on cue:
+    readiness probes (GET /health) get 200; every other request gets ``answer``."""
+    async def handle(stream: trio.SocketStream) -> None:
+        async with stream:
+            request_line = await read_line(stream)
+            head = b""
+            while (line := await read_line(stream)) not in (b"\r\n", b""):
+                head += line
+            length = next((int(h.split(b":")[1]) for h in head.split(b"\r\n")
+                           if h.lower().startswith(b"content-length:")), 0)
+            while length > 0:
+                length -= len(await stream.receive_some(length))
+            if request_line.startswith(b"GET /health"):
+                await stream.send_all(HEALTH_OK)
+            elif request_line:
+                await answer(stream)
+    return handle
