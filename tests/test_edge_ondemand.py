@@ -13,6 +13,7 @@ import httpx
 import pytest
 import trio
 
+from edge_proxy.history import query
 from edge_proxy.service import Proxy, serve_proxy
 from edge_proxy.wake.machine import State
 from inference_node.agent import Agent
@@ -187,7 +188,8 @@ async def test_a_sleeping_node_is_woken_once_then_the_model_loads(
 async def test_a_model_that_cannot_load_is_an_openai_error_naming_it_and_why(
         tmp_path: Path, llama_server_bin: Path) -> None:
     packets = await PacketListener.open()
-    node = write_node(tmp_path, llama_server_bin, packets.port, big=True)
+    db = tmp_path / "history.sqlite3"
+    node = write_node(tmp_path, llama_server_bin, packets.port, big=True, history=db)
     url = f"http://{LOOPBACK}:{node.listens[BIG]}"
     with trio.fail_after(TEST_TIMEOUT_S):
         async with trio.open_nursery() as nursery, agent_running(node.agent_cfg):
@@ -212,3 +214,6 @@ async def test_a_model_that_cannot_load_is_an_openai_error_naming_it_and_why(
             assert streamed[-1]["error"]["message"] == error["message"] if streamed else \
                 response.status_code == 503
             nursery.cancel_scope.cancel()
+    with query.open_readonly(db) as conn:  # both rows say why they failed
+        rows = [r for r in query.requests(conn) if r.path == "/v1/chat/completions"]
+    assert [(r.outcome, r.model) for r in rows] == [("load_failed", BIG)] * 2

@@ -13,6 +13,7 @@ import httpx
 import pytest
 import trio
 
+from edge_proxy.history import query
 from edge_proxy.loading import ModelState
 from edge_proxy.service import Proxy, serve_proxy
 from edge_proxy.wake.machine import State as NodeState
@@ -49,8 +50,9 @@ async def proxy_knows_models(proxy: Proxy) -> None:
 async def test_a_streaming_request_for_an_unloaded_model_is_told_it_loads_then_answered(
         tmp_path: Path, llama_server_bin: Path) -> None:
     packets = await PacketListener.open()
+    db = tmp_path / "history.sqlite3"
     node = write_node(tmp_path, slow_binary(tmp_path, llama_server_bin, LOAD_DELAY_S),
-                      packets.port)
+                      packets.port, history=db)
     url = f"http://{LOOPBACK}:{node.listens['tiny-a']}"
     with trio.fail_after(TEST_TIMEOUT_S):
         async with trio.open_nursery() as nursery, agent_running(node.agent_cfg) as agent:
@@ -77,6 +79,11 @@ async def test_a_streaming_request_for_an_unloaded_model_is_told_it_loads_then_a
     assert all(c["model"] == "tiny-a" for c in chunks)
     assert chunks[-1]["choices"][0]["finish_reason"] == "length"
     assert packets.packets == []
+    # its history row: held for the load alone (the node was awake), then answered
+    with query.open_readonly(db) as conn:
+        (row,) = [r for r in query.requests(conn) if r.path == "/v1/chat/completions"]
+    assert (row.outcome, row.model, row.status) == ("loaded", "tiny-a", 200)
+    assert row.held_ms >= LOAD_DELAY_S * 1000 * 0.9
 
 
 async def test_a_tcp_route_to_an_on_demand_instance_holds_the_connection_until_it_loads(

@@ -82,6 +82,28 @@ def test_outcomes_set_or_inferred(tmp_path: Path) -> None:
     assert {r.status for r in rows} == {200, None}
 
 
+def test_a_hold_for_a_load_alone_is_loaded_and_one_that_began_with_a_wake_is_woke(
+        tmp_path: Path) -> None:
+    clock = Clock()
+
+    def held(*waking: bool) -> object:
+        def run(recorder: HistoryRecorder) -> None:
+            log = _log(recorder, clock)
+            log.path = "/".join(map(str, waking))  # tells the rows apart
+            for w in waking:  # a hold per attempt (a load again after a TTL unload, say)
+                log.hold_started(waking=w)
+                clock.now += 1.0
+                log.hold_ended()
+            log.response_started(200, "application/json")
+            log.finish()
+        return run
+
+    rows = {r.path: r.outcome for r in _rows(tmp_path, [
+        held(False), held(True), held(False, True), held(True, False), held()])}
+    assert rows == {"False": "loaded", "True": "woke", "False/True": "woke",
+                    "True/False": "woke", "": "relayed"}
+
+
 def test_power_states_close_intervals_on_change_and_cut_long_ones() -> None:
     states = PowerStates(max_interval_s=300)
     assert states.observe("n", None, 0) == []

@@ -60,6 +60,7 @@ class RequestLog:
         self._ttfb: float | None = None
         self._held_s = 0.0
         self._hold_began: float | None = None
+        self._woke = False  # a hold waited for the node's wake (else for a model's load)
         self._parser: TimingsParser | None = None
         self._finished = False
 
@@ -67,9 +68,11 @@ class RequestLog:
         """The node (and model) the request goes to."""
         self.node, self.model = node, model
 
-    def hold_started(self) -> None:
-        """The request waits for the node's wake (or a model load) from now."""
+    def hold_started(self, *, waking: bool = True) -> None:
+        """The request waits from now: for the node's wake (then maybe a model's load), or,
+        ``waking`` False, the node being awake, for a model's load alone."""
         self._hold_began = self._clock()
+        self._woke = self._woke or waking
 
     def hold_ended(self) -> None:
         """The wait is over (the node is ready, or the wake failed)."""
@@ -95,13 +98,15 @@ class RequestLog:
 
     def finish(self, *, client_left: bool = False) -> None:
         """Record the row (once). Without an ``outcome`` set: ``client_left`` if the client
-        went away, ``woke`` if it was held, else ``relayed``."""
+        went away, ``woke`` if it waited for a wake, ``loaded`` if only for a model's load,
+        else ``relayed``."""
         if self._finished:
             return
         self._finished = True
         self.hold_ended()
         outcome: Outcome = self.outcome or (
-            "client_left" if client_left else "woke" if self._held_s > 0 else "relayed")
+            "client_left" if client_left else "relayed" if self._held_s <= 0
+            else "woke" if self._woke else "loaded")
         numbers = self.numbers()
         self._recorder.record_request(RequestRecord(
             t=self._t, route=self.route, node=self.node, model=self.model, method=self.method,

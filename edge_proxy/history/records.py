@@ -11,8 +11,10 @@ from dataclasses import dataclass
 from typing import Final, Literal
 
 # How an HTTP request on a route ended, as a person reads it in the history table.
-Outcome = Literal["cache", "relayed", "woke", "loaded", "timeout", "client_left", "refused"]
-OUTCOMES: Final = ("cache", "relayed", "woke", "loaded", "timeout", "client_left", "refused")
+Outcome = Literal["cache", "relayed", "woke", "loaded", "timeout", "client_left", "refused",
+                  "load_failed"]
+OUTCOMES: Final = ("cache", "relayed", "woke", "loaded", "timeout", "client_left", "refused",
+                   "load_failed")
 PowerState = Literal["asleep", "awake", "busy"]
 POWER_STATES: Final = ("asleep", "awake", "busy")
 

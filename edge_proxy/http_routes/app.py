@@ -320,7 +320,7 @@ class HttpRouteApp:
                           "wake_timeout")
         elif isinstance(outcome, NotLoaded):
             self._count(ex, backend, "load_failed")
-            ex.outcome("refused")
+            ex.outcome("load_failed")
             log.warning("route %s: %s %s: model %s on %s did not load: %s", self.listen,
                         ex.method, ex.path, outcome.model, backend.name, outcome.reason)
             await ex.fail(503, f"model {outcome.model} on node {backend.name} did not load: "
@@ -338,7 +338,7 @@ class HttpRouteApp:
             self.metrics.wakes.labels(self.listen, backend.name, model).inc()
         self.metrics.held.labels(self.listen, backend.name, model).inc()
         if ex.log is not None:
-            ex.log.hold_started()
+            ex.log.hold_started(waking=not backend.is_awake())
         try:
             yield
         finally:

@@ -50,11 +50,12 @@ class Node:
 
 def write_node(tmp_path: Path, binary: Path, wol_port: int, big: bool = False,
                one_url: bool = False, ttl_s: float | None = None,
-               protocol: str = "http") -> Node:
+               protocol: str = "http", history: Path | None = None) -> Node:
     """Two on-demand instances (tiny-a, tiny-b) under a budget that holds one, and a proxy
     with a route to each. ``big``: a third model, tiny-big, larger than the whole budget;
     ``one_url``: every route on one proxy port (routed by ``model``); ``ttl_s`` for every
-    instance; ``protocol``: the routes' (``tcp`` routes relay bytes)."""
+    instance; ``protocol``: the routes' (``tcp`` routes relay bytes); ``history``: the
+    proxy keeps its history in this database."""
     ports, listens, instances = {}, {}, {}
     shared = free_port()
     specs = {m: TinyModelSpec(n_embd=128, seed=i) for i, m in enumerate(MODELS)}
@@ -93,6 +94,8 @@ probe_timeout_s = 0.5
 agent_url = "http://127.0.0.1:{agent_port}"
 load_timeout_s = 60
 """
+    if history is not None:
+        text += f'\n[history]\nenabled = true\npath = "{history}"\n'
     for model in specs:
         text += f"""
 [[routes]]
