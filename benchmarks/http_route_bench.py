@@ -25,8 +25,10 @@ history-off's chunks per second.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
+import shutil
 import socket
 import statistics
 import subprocess
@@ -187,6 +189,27 @@ protocol = "http"
     return path
 
 
+def haproxy_config(folder: Path, listen: int, backend: int) -> Path:
+    """HAProxy in HTTP mode in front of llama-server: the peer for what a relay in C adds."""
+    path = folder / "haproxy.cfg"
+    path.write_text(f"""
+defaults
+    mode http
+    # forward each chunk at once, as an SSE stream needs (HAProxy otherwise waits to fill
+    # its buffers, and the first token arrives with the last)
+    option http-no-delay
+    timeout connect 5s
+    timeout client 60s
+    timeout server 60s
+frontend fe
+    bind {LOOPBACK}:{listen}
+    default_backend be
+backend be
+    server s1 {LOOPBACK}:{backend}
+""")
+    return path
+
+
 def pct(values: list[float], q: float) -> float:
     return statistics.quantiles(values, n=100, method="inclusive")[int(q) - 1]
 
@@ -220,8 +243,11 @@ def main() -> int:
                                         folder / "history.sqlite3"))]
         with process(llama_cmd, folder / "llama.log", others) as llama:
             wait_http(backend_port, "/health", llama, folder / "llama.log")
+            haproxy_exe = shutil.which("haproxy")
+            haproxy_port = free_port()
             with process(proxy_cmd, folder / "proxy.log", proxy_cpus) as proxy, \
-                    process(history_cmd, folder / "proxy-history.log", proxy_cpus) as hproxy:
+                    process(history_cmd, folder / "proxy-history.log", proxy_cpus) as hproxy, \
+                    contextlib.ExitStack() as peers:
                 wait_http(proxy_port, "/health", proxy, folder / "proxy.log", fresh=True)
                 wait_http(history_port, "/health", hproxy, folder / "proxy-history.log",
                           fresh=True)
@@ -232,18 +258,33 @@ def main() -> int:
                     "proxy, client keeps its connection": kept.stream,
                     "proxy, history on": partial(stream, history_port),
                 }
+                haproxy_cpu: psutil.Process | None = None
+                if haproxy_exe:
+                    command = [haproxy_exe, "-f", str(haproxy_config(folder, haproxy_port,
+                                                                     backend_port))]
+                    peer = peers.enter_context(process(command, folder / "haproxy.log",
+                                                       proxy_cpus))
+                    wait_http(haproxy_port, "/health", peer, folder / "haproxy.log")
+                    paths["haproxy (http mode)"] = partial(stream, haproxy_port)
+                    haproxy_cpu = psutil.Process(peer.pid)
+                else:
+                    print("haproxy not installed (apt-get install -y haproxy); its row is "
+                          "left out")
                 for _ in range(WARMUP):
                     for run in paths.values():
                         run(body)
                 results: dict[str, list[Sample]] = {name: [] for name in paths}
                 proxy_cpu, history_cpu = psutil.Process(proxy.pid), psutil.Process(hproxy.pid)
                 cpu_before = sum(proxy_cpu.cpu_times()[:2])
+                haproxy_before = sum(haproxy_cpu.cpu_times()[:2]) if haproxy_cpu else 0.0
                 history_before = sum(history_cpu.cpu_times()[:2])
                 for i in range(runs):
                     for name in sorted(paths, reverse=bool(i % 2)):
                         results[name].append(paths[name](body))
                 cpu_s = sum(proxy_cpu.cpu_times()[:2]) - cpu_before
                 history_cpu_s = sum(history_cpu.cpu_times()[:2]) - history_before
+                haproxy_cpu_s = (sum(haproxy_cpu.cpu_times()[:2]) - haproxy_before
+                                 if haproxy_cpu else None)
                 cold: list[Sample] = []
                 for _ in range(cold_runs):
                     time.sleep(UPSTREAM_KEEPALIVE_EXPIRY_S * 1.5)  # the proxy's pool empties
@@ -257,6 +298,9 @@ def main() -> int:
           f"(a real model streams 20-150 tokens/s; target <= 40 us)")
     print(f"edge-proxy with history on, CPU per streamed chunk: "
           f"{history_cpu_s / (runs * TOKENS) * 1e6:.0f} us")
+    if haproxy_cpu_s is not None:
+        print(f"haproxy (http mode), CPU per streamed chunk: "
+              f"{haproxy_cpu_s / (runs * TOKENS) * 1e6:.0f} us")
     return 0
 
 
@@ -276,7 +320,9 @@ def report(results: dict[str, list[Sample]], runs: int) -> None:
     d = [s.ttfc_s * 1000 for s in results["direct"]]
     rate_d = statistics.median(s.chunks_per_s for s in results["direct"])
     print()
-    for name in ("proxy", "proxy, client keeps its connection"):
+    for name in ("proxy", "proxy, client keeps its connection", "haproxy (http mode)"):
+        if name not in results:
+            continue
         p = [s.ttfc_s * 1000 for s in results[name]]
         paired = [b - a for a, b in zip(d, p, strict=True)]
         rate_p = statistics.median(s.chunks_per_s for s in results[name])
