@@ -7,7 +7,6 @@ The backend here is a few lines of raw HTTP on a real loopback socket, so it can
 from __future__ import annotations
 
 import json
-from functools import partial
 from pathlib import Path
 
 import httpx
@@ -23,6 +22,7 @@ from tests.support.edge_http import (
     TEST_TIMEOUT_S,
     NodeSpec,
     packets_for,
+    proxy_before,
     raw_backend,
     sse_payloads,
     wait_state,
@@ -38,25 +38,17 @@ async def test_a_stream_cut_by_the_backend_is_cut_for_the_client(tmp_path: Path)
                               b"f\r\ndata: {\"a\":1}\n\n\r\n")
         # and then the box dies: no last chunk
 
-    node = NodeSpec("box", "aa:bb:cc:dd:ee:01", free_port())
-    path = write_http_config(tmp_path, [node], free_port())
-    with trio.fail_after(TEST_TIMEOUT_S):
-        async with trio.open_nursery() as nursery:
-            await nursery.start(partial(trio.serve_tcp, raw_backend(half_a_stream), node.port,
-                                        host=LOOPBACK))
-            proxy: Proxy = await nursery.start(serve_proxy, load_edge_config(path))
-            await wait_state(proxy, "box", State.AWAKE)
-            received: list[str] = []
-            async with httpx.AsyncClient(base_url=proxy.http_routes.url("127.0.0.1:0"),
-                                         timeout=TEST_TIMEOUT_S) as client:
-                with pytest.raises(httpx.RemoteProtocolError):
-                    async with client.stream("POST", "/v1/chat/completions",
-                                             json=CHAT) as response:
-                        assert response.status_code == 200
-                        async for line in response.aiter_lines():
-                            received.append(line)
-            assert received[:1] == ['data: {"a":1}']
-            nursery.cancel_scope.cancel()
+    async with proxy_before(tmp_path, half_a_stream) as proxy:
+        received: list[str] = []
+        async with httpx.AsyncClient(base_url=proxy.http_routes.url("127.0.0.1:0"),
+                                     timeout=TEST_TIMEOUT_S) as client:
+            with pytest.raises(httpx.RemoteProtocolError):
+                async with client.stream("POST", "/v1/chat/completions",
+                                         json=CHAT) as response:
+                    assert response.status_code == 200
+                    async for line in response.aiter_lines():
+                        received.append(line)
+        assert received[:1] == ['data: {"a":1}']
 
 
 async def test_an_error_after_a_held_stream_started_is_one_sse_error_event(
@@ -153,18 +145,9 @@ async def test_a_request_right_after_a_stream_goes_on_a_new_connection(tmp_path:
                               b"f\r\ndata: {\"a\":1}\n\n\r\n0\r\n\r\n")
         await trio.sleep(0.5)
 
-    node = NodeSpec("box", "aa:bb:cc:dd:ee:01", free_port())
-    path = write_http_config(tmp_path, [node], free_port())
-    with trio.fail_after(TEST_TIMEOUT_S):
-        async with trio.open_nursery() as nursery:
-            await nursery.start(partial(trio.serve_tcp, raw_backend(stream_then_close_late),
-                                        node.port, host=LOOPBACK))
-            proxy: Proxy = await nursery.start(serve_proxy, load_edge_config(path))
-            await wait_state(proxy, "box", State.AWAKE)
-            async with httpx.AsyncClient(base_url=proxy.http_routes.url("127.0.0.1:0"),
-                                         timeout=TEST_TIMEOUT_S) as client:
-                first = await client.post("/v1/chat/completions", json=CHAT)
-                second = await client.post("/v1/chat/completions", json=CHAT)
-            nursery.cancel_scope.cancel()
+    async with proxy_before(tmp_path, stream_then_close_late) as proxy, httpx.AsyncClient(
+            base_url=proxy.http_routes.url("127.0.0.1:0"), timeout=TEST_TIMEOUT_S) as client:
+        first = await client.post("/v1/chat/completions", json=CHAT)
+        second = await client.post("/v1/chat/completions", json=CHAT)
     assert (first.status_code, second.status_code) == (200, 200)
     assert sse_payloads(second.text.splitlines()) == ['{"a":1}']

@@ -9,7 +9,6 @@ pauses are exactly what the test says.
 from __future__ import annotations
 
 import json
-from functools import partial
 from pathlib import Path
 
 import h11
@@ -17,18 +16,13 @@ import httpx
 import pytest
 import trio
 
-from edge_proxy.service import Proxy, RelayEngine, serve_proxy
-from edge_proxy.wake.machine import State
-from shared.config.edge import load_edge_config
+from edge_proxy.service import RelayEngine
 from tests.support.edge_http import (
     CHAT,
     TEST_TIMEOUT_S,
-    NodeSpec,
-    raw_backend,
-    wait_state,
-    write_http_config,
+    proxy_before,
 )
-from tests.support.ports import LOOPBACK, free_port
+from tests.support.ports import LOOPBACK
 
 HEAD = (b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\n"
         b"Transfer-Encoding: chunked\r\n\r\n")
@@ -82,27 +76,18 @@ def _request(conn: h11.Connection, method: str, path: str, body: bytes = b"") ->
 @pytest.mark.parametrize("engine", ["loop", "trio"])
 async def test_a_chunked_answer_reaches_the_client_as_the_backend_framed_it(
         tmp_path: Path, engine: RelayEngine) -> None:
-    node = NodeSpec("box", "aa:bb:cc:dd:ee:01", free_port())
-    path = write_http_config(tmp_path, [node], free_port())
-    with trio.fail_after(TEST_TIMEOUT_S):
-        async with trio.open_nursery() as nursery:
-            await nursery.start(partial(trio.serve_tcp, raw_backend(framed_stream), node.port,
-                                        host=LOOPBACK))
-            proxy: Proxy = await nursery.start(partial(serve_proxy, load_edge_config(path),
-                                                       relay_engine=engine))
-            await wait_state(proxy, "box", State.AWAKE)
-            port = int(proxy.http_routes.url("127.0.0.1:0").rsplit(":", 1)[1])
-            stream = await trio.open_tcp_stream(LOOPBACK, port)
-            conn = h11.Connection(h11.CLIENT)
-            for _ in range(2):  # the second on the same connection: the first ended cleanly
-                status, raw, body = await _exchange(
-                    stream, conn, _request(conn, "POST", "/v1/chat/completions",
-                                           json.dumps(CHAT).encode()))
-                assert (status, raw) == (200, BODY)
-                assert body.count(b"data: ") == 4
-                conn.start_next_cycle()
-            await stream.aclose()
-            nursery.cancel_scope.cancel()
+    async with proxy_before(tmp_path, framed_stream, engine=engine) as proxy:
+        port = int(proxy.http_routes.url("127.0.0.1:0").rsplit(":", 1)[1])
+        stream = await trio.open_tcp_stream(LOOPBACK, port)
+        conn = h11.Connection(h11.CLIENT)
+        for _ in range(2):  # the second on the same connection: the first ended cleanly
+            status, raw, body = await _exchange(
+                stream, conn, _request(conn, "POST", "/v1/chat/completions",
+                                       json.dumps(CHAT).encode()))
+            assert (status, raw) == (200, BODY)
+            assert body.count(b"data: ") == 4
+            conn.start_next_cycle()
+        await stream.aclose()
 
 
 @pytest.mark.parametrize("engine", ["loop", "trio"])
@@ -114,47 +99,30 @@ async def test_broken_framing_in_the_middle_cuts_the_answer(tmp_path: Path,
         await stream.send_all(b"zz\r\nnot a chunk\r\n")
         await trio.sleep(1)
 
-    node = NodeSpec("box", "aa:bb:cc:dd:ee:01", free_port())
-    path = write_http_config(tmp_path, [node], free_port())
-    with trio.fail_after(TEST_TIMEOUT_S):
-        async with trio.open_nursery() as nursery:
-            await nursery.start(partial(trio.serve_tcp, raw_backend(garbage_after_one_event),
-                                        node.port, host=LOOPBACK))
-            proxy: Proxy = await nursery.start(partial(serve_proxy, load_edge_config(path),
-                                                       relay_engine=engine))
-            await wait_state(proxy, "box", State.AWAKE)
-            received: list[str] = []
-            async with httpx.AsyncClient(base_url=proxy.http_routes.url("127.0.0.1:0"),
-                                         timeout=TEST_TIMEOUT_S) as client:
-                with pytest.raises(httpx.RemoteProtocolError):
-                    async with client.stream("POST", "/v1/chat/completions",
-                                             json=CHAT) as response:
-                        assert response.status_code == 200
-                        async for line in response.aiter_lines():
-                            received.append(line)
-            assert received == ['data: {"a":1}', ""]  # the garbage never reached the client
-            nursery.cancel_scope.cancel()
+    async with proxy_before(tmp_path, garbage_after_one_event, engine=engine) as proxy:
+        received: list[str] = []
+        async with httpx.AsyncClient(base_url=proxy.http_routes.url("127.0.0.1:0"),
+                                     timeout=TEST_TIMEOUT_S) as client:
+            with pytest.raises(httpx.RemoteProtocolError):
+                async with client.stream("POST", "/v1/chat/completions",
+                                         json=CHAT) as response:
+                    assert response.status_code == 200
+                    async for line in response.aiter_lines():
+                        received.append(line)
+        assert received == ['data: {"a":1}', ""]  # the garbage never reached the client
 
 
 async def test_an_http_1_0_client_gets_the_stream_until_the_close(tmp_path: Path) -> None:
-    node = NodeSpec("box", "aa:bb:cc:dd:ee:01", free_port())
-    path = write_http_config(tmp_path, [node], free_port())
-    with trio.fail_after(TEST_TIMEOUT_S):
-        async with trio.open_nursery() as nursery:
-            await nursery.start(partial(trio.serve_tcp, raw_backend(framed_stream), node.port,
-                                        host=LOOPBACK))
-            proxy: Proxy = await nursery.start(serve_proxy, load_edge_config(path))
-            await wait_state(proxy, "box", State.AWAKE)
-            port = int(proxy.http_routes.url("127.0.0.1:0").rsplit(":", 1)[1])
-            body = json.dumps(CHAT).encode()
-            stream = await trio.open_tcp_stream(LOOPBACK, port)
-            await stream.send_all(b"POST /v1/chat/completions HTTP/1.0\r\nContent-Type: "
-                                  b"application/json\r\nContent-Length: %d\r\n\r\n" % len(body)
-                                  + body)
-            answer = b""
-            while data := await stream.receive_some(65536):
-                answer += data
-            head, _, rest = answer.partition(b"\r\n\r\n")
-            assert head.startswith(b"HTTP/1.1 200") and b"transfer-encoding" not in head.lower()
-            assert rest.count(b"data: ") == 4 and rest.endswith(b"data: [DONE]\n\n")
-            nursery.cancel_scope.cancel()
+    async with proxy_before(tmp_path, framed_stream) as proxy:
+        port = int(proxy.http_routes.url("127.0.0.1:0").rsplit(":", 1)[1])
+        body = json.dumps(CHAT).encode()
+        stream = await trio.open_tcp_stream(LOOPBACK, port)
+        await stream.send_all(b"POST /v1/chat/completions HTTP/1.0\r\nContent-Type: "
+                              b"application/json\r\nContent-Length: %d\r\n\r\n" % len(body)
+                              + body)
+        answer = b""
+        while data := await stream.receive_some(65536):
+            answer += data
+        head, _, rest = answer.partition(b"\r\n\r\n")
+        assert head.startswith(b"HTTP/1.1 200") and b"transfer-encoding" not in head.lower()
+        assert rest.count(b"data: ") == 4 and rest.endswith(b"data: [DONE]\n\n")

@@ -11,17 +11,19 @@ from __future__ import annotations
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Final
 
 import httpx
 import trio
 
-from edge_proxy.service import Proxy
+from edge_proxy.service import Proxy, RelayEngine, serve_proxy
 from edge_proxy.wake.machine import State
+from shared.config.edge import load_edge_config
 from tests.support.edge import PacketListener, expected_packet, read_line
 from tests.support.llama import LogLines, ServerFailed, child_process
-from tests.support.ports import LOOPBACK
+from tests.support.ports import LOOPBACK, free_port
 
 # Generous: bounds that stop a hung test on a loaded 2-core machine, never a timing check.
 TEST_TIMEOUT_S: Final = 90.0
@@ -161,3 +163,21 @@ def raw_backend(answer: Answer) -> Callable[[trio.SocketStream], Awaitable[None]
             elif request_line:
                 await answer(stream)
     return handle
+
+
+@asynccontextmanager
+async def proxy_before(tmp_path: Path, answer: Answer, *, engine: RelayEngine = "loop"
+                       ) -> AsyncIterator[Proxy]:
+    """A proxy (relay engine ``engine``) with one HTTP route, on 127.0.0.1:0, to a node
+    whose backend is ``raw_backend(answer)``; yielded once the node is AWAKE."""
+    node = NodeSpec("box", "aa:bb:cc:dd:ee:01", free_port())
+    path = write_http_config(tmp_path, [node], free_port())
+    with trio.fail_after(TEST_TIMEOUT_S):
+        async with trio.open_nursery() as nursery:
+            await nursery.start(partial(trio.serve_tcp, raw_backend(answer), node.port,
+                                        host=LOOPBACK))
+            proxy: Proxy = await nursery.start(partial(serve_proxy, load_edge_config(path),
+                                                       relay_engine=engine))
+            await wait_state(proxy, "box", State.AWAKE)
+            yield proxy
+            nursery.cancel_scope.cancel()
