@@ -41,9 +41,9 @@ class Refusal:
 def head_problem(http_version: str, headers: RawHeaders) -> Refusal | None:
     """A refusal for a request head no node should see (pure)."""
     major = http_version.partition(".")[0]
-    if not (major == "1" and len(http_version) == 3) and http_version not in ("2", "3"):
+    if not (major == "1" and len(http_version) == 3):
         return Refusal(505, "http_version", f"HTTP/{http_version} is not supported; "
-                       "send HTTP/1.1 (or HTTP/1.0, HTTP/2)")
+                       "send HTTP/1.1 (or HTTP/1.0)")
     names = {name.lower() for name, _ in headers}
     if b"content-length" in names and b"transfer-encoding" in names:
         # RFC 9112 §6.1: such a message may be an attempt at request smuggling
