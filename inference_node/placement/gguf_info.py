@@ -122,6 +122,12 @@ class ModelInfo:
         return sum(t.n_bytes for t in self.tensors)
 
     @cached_property
+    def post_norms(self) -> bool:
+        """Norms after attention and after the feed-forward too (gemma2 and kin): a graph
+        whose activations llama.cpp's allocator packs differently."""
+        return any(t.name.endswith(".post_ffw_norm.weight") for t in self.tensors)
+
+    @cached_property
     def input_tensors(self) -> tuple[TensorInfo, ...]:
         return tuple(t for t in self.tensors if t.is_input)
 
