@@ -129,7 +129,7 @@ class ForeignGpuProcessCheck:
 
     async def check(self) -> str | None:
         processes, roots = list(self.processes()), list(self.instance_pids())
-        if not processes:
+        if not processes or {pid for pid, _ in processes} <= set(roots):
             return None
         # Walking the process tree reads /proc for every process: not on the event loop.
         return await trio.to_thread.run_sync(foreign_process_reason, processes, roots)
