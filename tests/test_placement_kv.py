@@ -13,7 +13,7 @@ import pytest
 from inference_node.errors import PlacementError
 from inference_node.placement.estimate import DeviceSpec, estimate
 from inference_node.placement.gguf_info import read_model
-from inference_node.placement.kv_cache import kv_cells, kv_total_bytes
+from inference_node.placement.kv_cache import attn_rotations, kv_cells, kv_total_bytes
 from inference_node.placement.settings import LaunchSettings
 from shared.tiny_gguf import PRESETS, TinyModelSpec, write_tiny_model
 
@@ -185,3 +185,18 @@ def test_cuda_reserves_an_f16_copy_of_a_quantized_cache(models: dict[str, Path])
     # one layer's K and V as f16: 4096 cells x 128 values x 2 bytes, twice
     assert compute(q8, "cuda") - compute(q8, "rpc") == 2 * 4096 * 128 * 2
     assert compute(f16, "cuda") == compute(f16, "rpc")
+
+
+def test_quantized_caches_are_rotated_where_the_head_size_allows(tmp_path: Path) -> None:
+    # llama_kv_cache: K's matrix is the largest power of two from 64 up dividing the head
+    # size, V's is 64; a head size that is no multiple of 64 is never rotated
+    def rotations(head_dim: int, k: str, v: str) -> tuple[int, int]:
+        spec = TinyModelSpec(n_embd=head_dim * 2, n_head=2, n_ff=64)
+        model = read_model(write_tiny_model(tmp_path / f"h{head_dim}.gguf", spec))
+        return attn_rotations(model, LaunchSettings(cache_type_k=k, cache_type_v=v))
+
+    assert rotations(64, "f16", "f16") == (0, 0)
+    assert rotations(64, "q8_0", "f16") == (64, 0)
+    assert rotations(128, "q4_0", "q8_0") == (128, 64)
+    assert rotations(192, "q8_0", "q8_0") == (64, 64)
+    assert rotations(32, "q8_0", "q8_0") == (0, 0)

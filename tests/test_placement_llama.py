@@ -213,6 +213,8 @@ TIGHT_COMPUTE = 0.03
                                    ("-c", "4096", "-ngl", "5", "-ub", "256"),
                                    # a quantized cache's rotated Q and K fill that gap again
                                    ("-c", "4096", "-ngl", "3", "-ctk", "q8_0"),
+                                   # ... but rotating K and V both leaves it open
+                                   ("-c", "4096", "-ngl", "3", "-ctk", "q8_0", "-ctv", "q8_0"),
                                    # attention on the host: the device is fed every layer
                                    ("-c", "4096", "-ngl", "3", "-nkvo")])
 async def test_partial_offload_device_compute(llama_server_bin: Path, tmp_path: Path,
@@ -254,3 +256,29 @@ async def test_device_with_one_kind_of_swa_layer_gets_one_cache_input(
     assert est.devices[0].layers == [7, 8]
     assert mib(est.devices[0].compute) == pytest.approx(got.devices[name].compute,
                                                         rel=TIGHT_COMPUTE)
+
+
+TOTAL_TOLERANCE = 0.03
+
+
+async def test_rotated_cache_on_a_post_norm_model_across_two_devices(
+        llama_server_bin: Path, tmp_path: Path) -> None:
+    # A q8_0 K cache makes llama.cpp rotate Q and K; on gemma2 (post-norms) the rotated
+    # copies' holes take the relayed device's feed-forward one n_embd lower still, where
+    # a dense llama measures one higher: modeled as dense, RPC0's total was 5% high.
+    path = write_tiny_model(tmp_path / "swa.gguf", SWA)
+    flags = ("-c", "8192", "-ngl", "5", "-ts", "1,1", "-ctk", "q8_0")
+    async with rpc_servers(find_rpc_server(), 2) as endpoints:
+        rpc = [ep for ep, _ in endpoints]
+        async with llama_server(llama_server_bin, path,
+                                (*BASE_ARGS, *flags, "--rpc", ",".join(rpc))) as server:
+            got = parse_memory(server.log.lines)
+    est = estimate(read_model(path), settings_from_args(flags),
+                   [DeviceSpec("RPC0", "rpc"), DeviceSpec("RPC1", "rpc")])
+    # every RPC device prints as RPC0[endpoint]
+    theirs = [got.devices[f"RPC0[{ep}]"] for ep in rpc]
+    assert est.devices[0].layers == [4, 5, 6]
+    for mine, measured in zip(est.devices, theirs, strict=True):
+        assert_matches(mine, measured)
+        assert mib(mine.total) == pytest.approx(measured.total, rel=TOTAL_TOLERANCE)
+    assert mib(est.devices[0].compute) == pytest.approx(theirs[0].compute, rel=TIGHT_COMPUTE)

@@ -58,6 +58,28 @@ async def test_connections_check_counts_foreign_clients_but_not_our_own() -> Non
         srv.kill()
 
 
+async def test_connections_check_reads_ipv6_connections_too() -> None:
+    # The kernel's tcp6 table writes each address as four words in host byte order.
+    server = ("import socket,time; s=socket.socket(socket.AF_INET6); s.bind(('::1',0)); "
+              "s.listen(); print(s.getsockname()[1],flush=True); conns=[]\n"
+              "while True: conns.append(s.accept())")
+    async with trio.open_nursery() as nursery:
+        srv, port_text = await nursery.start(_child, [sys.executable, "-c", server])
+        port = int(port_text)
+        check = ConnectionsCheck(lambda: [port])
+        ours = await trio.open_tcp_stream("::1", port)
+        await trio.sleep(0.2)
+        assert await check.check() is None
+        await ours.aclose()
+        client = ("import socket,time; s=socket.create_connection(('::1'," + str(port) + ")); "
+                  "print('up',flush=True); time.sleep(30)")
+        cli, _ = await nursery.start(_child, [sys.executable, "-c", client])
+        await trio.sleep(0.2)
+        assert await check.check() == f"client connections open: port {port}: 1 from ::1"
+        cli.kill()
+        srv.kill()
+
+
 async def _child(argv: list[str], task_status: trio.TaskStatus[tuple[trio.Process, str]]) -> None:
     """Run ``argv`` until it prints its first line; hand back the process and that line."""
     async with trio.open_nursery() as nursery:

@@ -113,7 +113,13 @@ class PstateService:
 
     async def held_by_others(self, gpus: list[GpuInfo]) -> set[str]:
         """GPUs (UUIDs) on which NVML lists a compute process that is not one of ours."""
-        ours = await trio.to_thread.run_sync(with_descendants, self.instance_pids())
+        roots = self.instance_pids()
+        listed = {p.pid for g in gpus for p in g.processes}
+        ours = set(roots)
+        if listed - ours:
+            # only then: walking the process tree reads /proc/PID/stat of every process, and
+            # this runs at every inventory refresh
+            ours = await trio.to_thread.run_sync(with_descendants, roots)
         foreign = {g.pci_bus_id: sorted(p.pid for p in g.processes if p.pid not in ours)
                    for g in gpus}
         foreign = {bus: pids for bus, pids in foreign.items() if pids}

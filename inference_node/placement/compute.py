@@ -20,6 +20,10 @@ them):
   just that layer needs attention memory only. A device whose first layer's input comes
   from another backend (partial offload, no pipeline parallelism) needs
   ``RELAYED_FFN_EMBD·n_embd`` in the dense feed-forward instead.
+- with a quantized K or V cache llama.cpp rotates Q and K (or V and the attention output)
+  by Walsh-Hadamard matrices (``kv_cache.attn_rotations``): each device, and the host, holds
+  one matrix input per KV cache whose layers it computes (per copy), and the rotated copies
+  move the feed-forward peak of a relayed device (``_relayed_ffn_embd``).
 - a host that holds no layer still prepares the inputs: the masks and
   ``HOST_INPUT_EMBD·n_embd`` per token; the first device receives ``FIRST_DEVICE_EMBD·n_embd``.
 - pipeline parallelism also keeps copies of the activations passed between devices:
@@ -35,8 +39,8 @@ them):
 
 Over eight model shapes (``benchmarks/placement_accuracy.py``) this lands within 2.5%
 (1.2 MiB) on the host or one RPC device, with or without a partial offload, and within 12%
-(4.3 MiB) per device across two RPC devices; the largest misses are a few MiB on gemma2
-(its feed-forward needs less than modeled, most with a quantized cache).
+(4.1 MiB) per device across two RPC devices; the largest misses are a few MiB on gemma2
+(its feed-forward needs less than modeled) and on a 7B-wide layer split over two devices.
 CUDA allocates the same graph with the same allocator, so the model carries over; its
 CUDA-only scratch (cuBLAS workspace, the flash-attention pool) lies outside these buffers
 and inside the safety margin.
@@ -48,7 +52,7 @@ from collections.abc import Sequence
 from typing import Final
 
 from inference_node.placement.gguf_info import ModelInfo
-from inference_node.placement.kv_cache import kv_cells
+from inference_node.placement.kv_cache import attn_rotations, kv_cells
 from inference_node.placement.settings import LaunchSettings
 
 F32: Final = 4
@@ -61,13 +65,19 @@ FFN_EMBD: Final = 3.0
 # instead of one embedding. The freed halves leave the dense feed-forward one ``n_embd``
 # less fragmentation: measured ``2·n_embd + 3·n_ff`` per token for -ngl 2..8 of 9 on one
 # and two devices, n_embd 384..2048, n_ff 1024..5632, -ub 16..512. MoE layers (another
-# allocation order) measure as ``FFN_EMBD``, and so does a quantized K or V cache (q8_0,
-# q4_0): llama.cpp then rotates Q and K (``attn_inp_k_rot``), and the rotated copies take
-# that gap. An f32 cache measures as ``FFN_EMBD`` on some shapes, so only f16 and bf16 count;
-# with the KV cache on the host (-nkvo) attention runs there and the device measures as
-# ``FFN_EMBD`` too.
+# allocation order) measure as ``FFN_EMBD``. An f32 cache measures as ``FFN_EMBD`` on some
+# shapes; with the KV cache on the host (-nkvo) attention runs there and the device
+# measures as ``FFN_EMBD`` too.
 RELAYED_FFN_EMBD: Final = 2.0
-RELAYED_CACHE_TYPES: Final = frozenset({"f16", "bf16"})
+# A quantized cache is the same as f16 unless llama.cpp rotates it (``attn_rotations``):
+# rotating one of K and V (Q and K each get a rotated f32 copy, or V and the attention
+# output) leaves allocation holes that take the gap back, ``FFN_EMBD`` again; rotating both
+# leaves it at ``RELAYED_FFN_EMBD`` (measured on five dense shapes, one and two devices,
+# q8_0 and q4_0, each against LLAMA_ATTN_ROT_DISABLE=1). A model with post-attention and
+# post-feed-forward norms (gemma2's ``post_ffw_norm``) has the rotated copies' holes fit
+# its feed-forward's tensors instead: one rotation measures ``ROTATED_POST_NORM_FFN_EMBD``
+# on two devices (and one n_embd less still on one device, left as margin).
+ROTATED_POST_NORM_FFN_EMBD: Final = 1.0
 FFN_FF: Final = 3.0
 ATTN_EMBD: Final = 4.0
 ATTN_KV: Final = 1.0
@@ -125,9 +135,10 @@ def compute_bytes(model: ModelInfo, s: LaunchSettings, assign: Sequence[int], de
         n_caches = len({model.swa_layers[il] for il in mask_layers}) if not s.swa_full else 1
         cells = min(cells * s.n_stream, NO_FA_KV_INPUT_MAX_UBATCHES * ub)
         total += n_caches * copies * cells * kv_embd * NO_FA_KV_INPUT_BYTES
-    relayed = (dev != HOST and not pp and assign[0] != dev and s.kv_offload
-               and {s.cache_type_k, s.cache_type_v} <= RELAYED_CACHE_TYPES)
-    total += max((_layer_peak(model, s, il, dev == HOST, ub, relayed=relayed) for il in layers),
+    total += copies * _rotation_inputs(model, s, mask_layers)
+    ffn_embd = (_relayed_ffn_embd(model, s) if dev != HOST and not pp and assign[0] != dev
+                and s.kv_offload else FFN_EMBD)
+    total += max((_layer_peak(model, s, il, dev == HOST, ub, ffn_embd) for il in layers),
                  default=0.0)
     if kind == "cuda" and layers:
         total += _cuda_fa_staging(model, s, layers)
@@ -146,10 +157,30 @@ def compute_bytes(model: ModelInfo, s: LaunchSettings, assign: Sequence[int], de
     return int(total)
 
 
+def _relayed_ffn_embd(model: ModelInfo, s: LaunchSettings) -> float:
+    """The feed-forward's ``n_embd`` coefficient on a device whose first layer's input comes
+    from another backend (see ``RELAYED_FFN_EMBD``)."""
+    if model.n_expert or "f32" in (s.cache_type_k, s.cache_type_v):
+        return FFN_EMBD
+    rot_k, rot_v = attn_rotations(model, s)
+    if bool(rot_k) == bool(rot_v):
+        return RELAYED_FFN_EMBD
+    return ROTATED_POST_NORM_FFN_EMBD if model.post_norms else FFN_EMBD
+
+
+def _rotation_inputs(model: ModelInfo, s: LaunchSettings, layers: Sequence[int]) -> float:
+    """Bytes of the rotation matrices (f32) of the KV caches that ``layers`` use."""
+    total = 0
+    for swa in {model.swa_layers[il] for il in layers if model.n_head_kv[il]}:
+        rot_k, rot_v = attn_rotations(model, s, swa=swa)
+        total += (rot_k * rot_k + rot_v * rot_v) * F32
+    return total
+
+
 def _layer_peak(model: ModelInfo, s: LaunchSettings, il: int, on_host: bool, ub: int,
-                *, relayed: bool = False) -> float:
-    """Bytes of the widest phase (attention or feed-forward) of layer ``il``; ``relayed``: on
-    a device whose layer input comes from another backend (``RELAYED_FFN_EMBD``)."""
+                ffn_embd: float = FFN_EMBD) -> float:
+    """Bytes of the widest phase (attention or feed-forward) of layer ``il``; ``ffn_embd``:
+    the feed-forward's ``n_embd`` coefficient (less on a relayed device)."""
     e = model.n_embd
     kv_embd = model.n_head_kv[il] * model.head_dim_k
     extra = HOST_EMBD * e if on_host else 0.0
@@ -159,7 +190,6 @@ def _layer_peak(model: ModelInfo, s: LaunchSettings, il: int, on_host: bool, ub:
         attn += kv_cells(model, s, il) * ub * model.n_head[il] * F32
     if il == model.n_layer - 1:
         return attn  # the last layer's feed-forward runs on the output rows only
-    ffn_embd = RELAYED_FFN_EMBD if relayed and not model.n_expert else FFN_EMBD
     return max(attn, ub * F32 * (ffn_embd * e + extra + FFN_FF * _ffn_width(model)))
 
 

@@ -25,8 +25,6 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Final
 
-import numpy as np
-
 from inference_node.errors import PlacementError
 from inference_node.placement.compute import compute_bytes
 from inference_node.placement.ggml_sizes import ALIGNMENT, alloc_size, mib, pad
@@ -90,6 +88,8 @@ def layer_devices(n_layer: int, n_devices: int, n_gpu_layers: int,
     count layers, not bytes. The arithmetic is done in float32 as llama.cpp does it, so
     boundary cases land on the same device.
     """
+    import numpy as np  # ~12 MB: loaded when a layout is first computed, not at agent start
+
     if n_devices == 0:
         return [HOST] * (n_layer + 1)
     ngl = n_layer + 1 if n_gpu_layers < 0 else n_gpu_layers

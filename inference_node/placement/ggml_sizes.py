@@ -6,11 +6,12 @@ reproduce its buffer sizes exactly rather than approximately.
 
 from __future__ import annotations
 
-from typing import Final
-
-import gguf
+from typing import TYPE_CHECKING, Final
 
 from inference_node.errors import PlacementError
+
+if TYPE_CHECKING:
+    import gguf
 
 MIB: Final = 1024 * 1024
 
@@ -27,6 +28,8 @@ CUDA_MATRIX_ROW_PADDING: Final = 512
 
 def ggml_type(name: str) -> gguf.GGMLQuantizationType:
     """The ggml type for a name such as ``q8_0`` or ``F16`` (case-insensitive)."""
+    import gguf  # numpy and more: loaded when placement first computes, not at agent start
+
     try:
         return gguf.GGMLQuantizationType[name.upper()]
     except KeyError:
@@ -37,7 +40,7 @@ def ggml_type(name: str) -> gguf.GGMLQuantizationType:
 
 def row_size(type_name: str, n: int) -> int:
     """``ggml_row_size``: bytes of ``n`` values of a type (n must fill whole blocks)."""
-    block, size = gguf.GGML_QUANT_SIZES[ggml_type(type_name)]
+    block, size = _quant_sizes()[ggml_type(type_name)]
     if n % block:
         raise PlacementError(f"{n} values do not fill whole {type_name} blocks of {block}; "
                              "pick another cache type")
@@ -46,8 +49,14 @@ def row_size(type_name: str, n: int) -> int:
 
 def block_size(type_name: str) -> int:
     """Values per block of a type (1 for f32/f16/bf16)."""
-    block, _ = gguf.GGML_QUANT_SIZES[ggml_type(type_name)]
+    block, _ = _quant_sizes()[ggml_type(type_name)]
     return int(block)
+
+
+def _quant_sizes() -> dict[gguf.GGMLQuantizationType, tuple[int, int]]:
+    import gguf
+
+    return gguf.GGML_QUANT_SIZES
 
 
 def is_quantized(type_name: str) -> bool:

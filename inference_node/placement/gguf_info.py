@@ -20,11 +20,12 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
-from typing import Any, Final
-
-import gguf
+from typing import TYPE_CHECKING, Any, Final
 
 from inference_node.errors import ModelFileError
+
+if TYPE_CHECKING:
+    import gguf
 
 SPLIT_NAME: Final = re.compile(r"^(?P<stem>.*)-(?P<no>\d{5})-of-(?P<count>\d{5})\.gguf$")
 GGUF_MAGIC: Final = b"GGUF"
@@ -122,6 +123,12 @@ class ModelInfo:
         return sum(t.n_bytes for t in self.tensors)
 
     @cached_property
+    def post_norms(self) -> bool:
+        """Norms after attention and after the feed-forward too (gemma2 and kin): a graph
+        whose activations llama.cpp's allocator packs differently."""
+        return any(t.name.endswith(".post_ffw_norm.weight") for t in self.tensors)
+
+    @cached_property
     def input_tensors(self) -> tuple[TensorInfo, ...]:
         return tuple(t for t in self.tensors if t.is_input)
 
@@ -186,6 +193,8 @@ def split_parts(path: Path) -> tuple[Path, ...]:
 
 def read_model(path: Path | str) -> ModelInfo:
     """Read the header and tensor table of ``path`` (and its split siblings); see module doc."""
+    import gguf  # numpy and more: loaded with the first model read, not at agent start
+
     path = Path(path)
     if not path.is_file():
         raise ModelFileError(f"{path}: no such model file; check the path")
@@ -213,6 +222,8 @@ def read_model(path: Path | str) -> ModelInfo:
 
 
 def _open(path: Path) -> gguf.GGUFReader:
+    import gguf
+
     try:
         with path.open("rb") as f:
             magic = f.read(len(GGUF_MAGIC))

@@ -6,12 +6,17 @@ layer), times the cells per stream, times the streams (1 with a unified cache, e
 ``--parallel`` slot). Sliding-window layers keep only
 ``pad(min(n_ctx_seq, n_swa·n_seq + n_ubatch), 256)`` cells (``llama_kv_cache_iswa``)
 unless ``--swa-full``.
+
+A quantized cache also makes llama.cpp rotate what it stores (``attn_rotations``): the
+rotation matrices are graph inputs, and the rotated copies change the compute buffer.
 """
 
 from __future__ import annotations
 
+from typing import Final
+
 from inference_node.errors import PlacementError
-from inference_node.placement.ggml_sizes import block_size, pad, row_size
+from inference_node.placement.ggml_sizes import block_size, is_quantized, pad, row_size
 from inference_node.placement.gguf_info import ModelInfo
 from inference_node.placement.settings import CTX_PAD, LaunchSettings
 
@@ -61,3 +66,25 @@ def kv_layer_bytes(model: ModelInfo, s: LaunchSettings, il: int) -> tuple[int, i
 def kv_total_bytes(model: ModelInfo, s: LaunchSettings) -> int:
     """K and V bytes of every layer together (all on one device)."""
     return sum(sum(kv_layer_bytes(model, s, il)) for il in range(model.n_layer))
+
+
+# llama_kv_cache rotates K (Q with it) by a Walsh-Hadamard matrix when the K cache type is
+# quantized and the head size is a multiple of ROT_MIN (attn_rot_k), and V (the attention
+# output back) when the V type is (attn_rot_v); LLAMA_ATTN_ROT_DISABLE=1 turns both off.
+# K's matrix is the largest power of two from ROT_MIN up that divides the cache's head
+# size (build_input_k_rot: 128 for a head of 128, 64 for 64 or 192); V's is always ROT_V.
+ROT_MIN: Final = 64
+ROT_V: Final = 64
+
+
+def attn_rotations(model: ModelInfo, s: LaunchSettings, *, swa: bool = False) -> tuple[int, int]:
+    """(K, V) rotation matrix sides of the full-attention (or, ``swa``, the sliding-window)
+    KV cache; 0 where llama.cpp rotates nothing."""
+    dk = model.head_dim_k_swa if swa else model.head_dim_k
+    rot_k = rot_v = 0
+    if is_quantized(s.cache_type_k) and model.head_dim_k % ROT_MIN == 0:
+        rot_k = max(ROT_MIN, dk & -dk)
+    if (not model.is_mla and is_quantized(s.cache_type_v)
+            and model.head_dim_v % ROT_MIN == 0):
+        rot_v = ROT_V
+    return rot_k, rot_v

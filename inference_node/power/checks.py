@@ -19,6 +19,7 @@ import psutil
 import trio
 
 from inference_node.power.proxy_addresses import ProxyAddresses, normal_ip
+from inference_node.power.tcp_table import Conn, established_to
 from inference_node.process_tree import with_descendants
 
 log = logging.getLogger(__name__)
@@ -85,19 +86,11 @@ class ConnectionsCheck:
         if not ports:
             return None
         ignored = await self.proxy.resolve() if self.proxy is not None else set()
-        conns = await trio.to_thread.run_sync(_established_tcp)
+        conns = await trio.to_thread.run_sync(established_to, ports)
         return connection_reason(conns, ports, os.getpid(), ignored)
 
 
-def _established_tcp() -> list[psutil._common.sconn]:
-    try:
-        return [c for c in psutil.net_connections(kind="tcp") if c.status == psutil.CONN_ESTABLISHED]
-    except psutil.AccessDenied:  # without root, only our own sockets are visible
-        return [c for c in psutil.Process().net_connections(kind="tcp")
-                if c.status == psutil.CONN_ESTABLISHED]
-
-
-def connection_reason(conns: Sequence[psutil._common.sconn], ports: set[int], own_pid: int,
+def connection_reason(conns: Sequence[Conn], ports: set[int], own_pid: int,
                       ignored: Set[str] = frozenset()) -> str | None:
     """Pure part of ``ConnectionsCheck``: count server-side connections not opened by us
     nor from an ``ignored`` address."""
@@ -136,7 +129,7 @@ class ForeignGpuProcessCheck:
 
     async def check(self) -> str | None:
         processes, roots = list(self.processes()), list(self.instance_pids())
-        if not processes:
+        if not processes or {pid for pid, _ in processes} <= set(roots):
             return None
         # Walking the process tree reads /proc for every process: not on the event loop.
         return await trio.to_thread.run_sync(foreign_process_reason, processes, roots)
