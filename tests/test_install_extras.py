@@ -54,7 +54,11 @@ def test_edge_proxy_help_and_check_config_run_without_the_node_extra(tmp_path: P
 
 
 def test_node_agent_without_the_node_extra_names_the_install_line() -> None:
-    done = python(BLOCK + "from inference_node.cli import main; sys.exit(main(['--help']))")
+    helped = python(BLOCK + "from inference_node.cli import main; sys.exit(main(['--help']))")
+    assert helped.returncode == 0, helped.stderr  # --help needs none of it
+    # reading a model needs gguf (imported on first use)
+    done = python(BLOCK + "from inference_node.cli import main; "
+                  "sys.exit(main(['plan', '/nonexistent.gguf']))")
     assert done.returncode == 1, done.stderr
     assert done.stderr.strip().startswith("node-agent: error: Python package")
     assert "pip install 'llamanap[node]'" in done.stderr
