@@ -75,6 +75,12 @@ class UpstreamError(BackendFault):
     """The backend failed after a connection was open (reset, malformed answer, ...)."""
 
 
+class UpstreamClosedEarly(UpstreamError):
+    """The backend closed (or reset) the connection without a byte of its answer: a
+    llama-server that was exiting when the request reached it (an instance on demand that its
+    TTL or an eviction stops)."""
+
+
 class UpstreamTimeout(UpstreamError):
     """The backend sent nothing for the route's ``upstream_idle_timeout_s`` while a request
     waited for it (a hung or stopped llama-server)."""

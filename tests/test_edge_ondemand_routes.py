@@ -6,6 +6,7 @@ and a request after a TTL unload the proxy did not hear of."""
 from __future__ import annotations
 
 import json
+import socket
 from pathlib import Path
 from typing import Final
 
@@ -143,3 +144,46 @@ async def test_a_model_unloaded_by_its_ttl_behind_the_proxys_back_is_loaded_agai
     # the refused port was the model gone, not the node: no wake, no magic packet
     assert proxy.drivers["box"].machine.last_wake is None
     assert packets.packets == []
+
+
+async def test_an_instance_that_closes_without_answering_is_loaded_again_not_a_502(
+        tmp_path: Path, llama_server_bin: Path) -> None:
+    packets = await PacketListener.open()
+    node = write_node(tmp_path, llama_server_bin, packets.port)
+    url = f"http://{LOOPBACK}:{node.listens['tiny-a']}"
+    agent_url = load_edge_config(node.proxy_cfg).nodes["box"].agent_url
+    accepted: list[int] = []
+
+    async def exiting_llama_server(sock: trio.socket.SocketType) -> None:
+        """What a llama-server that is exiting does to a request that reaches it: the
+        connection is accepted, then closed without a byte; then the port closes."""
+        with sock:
+            conn, _ = await sock.accept()
+            accepted.append(1)
+            conn.close()
+
+    with trio.fail_after(TEST_TIMEOUT_S):
+        async with trio.open_nursery() as nursery, agent_running(node.agent_cfg) as agent:
+            nursery.start_soon(packets.run)
+            proxy: Proxy = await nursery.start(serve_proxy, load_edge_config(node.proxy_cfg))
+            await wait_state(proxy, "box", NodeState.AWAKE)
+            await proxy_knows_models(proxy)
+            gate = proxy.gates["box"]
+            async with httpx.AsyncClient(timeout=TEST_TIMEOUT_S) as client:
+                answered(await client.post(f"{url}/v1/chat/completions",
+                                           json=chat("tiny-a")), "tiny-a")
+                unloaded = await client.post(f"{agent_url}/v1/models/tiny-a/unload")
+                assert unloaded.status_code == 200, unloaded.text
+                sock = trio.socket.socket()
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+                await sock.bind((LOOPBACK, node.ports["tiny-a"]))
+                sock.listen(1)
+                nursery.start_soon(exiting_llama_server, sock)
+                gate.table.loaded("tiny-a")  # the proxy has not heard of the unload yet
+                answered(await client.post(f"{url}/v1/chat/completions",
+                                           json=chat("tiny-a")), "tiny-a")
+            assert accepted == [1]
+            assert await instance_states(agent) == {"tiny-a": "loaded", "tiny-b": "unloaded"}
+            nursery.cancel_scope.cancel()
+    assert proxy.loader.loads == {("box", "tiny-a"): 2}
+    assert proxy.drivers["box"].machine.last_wake is None

@@ -49,6 +49,7 @@ from edge_proxy.admission import (
 from edge_proxy.errors import (
     BackendUnavailable,
     ClientLeft,
+    UpstreamClosedEarly,
     UpstreamError,
     UpstreamTimeout,
 )
@@ -74,7 +75,7 @@ from edge_proxy.http_routes.rules import WakePolicy
 from edge_proxy.http_routes.upstream import read_capped
 from edge_proxy.loading import ModelGate, ModelNeed
 from edge_proxy.tcp_routes.relay_loop import RelayLoop
-from edge_proxy.wake.machine import State
+from edge_proxy.wake.machine import Event, State
 from shared.config.edge import HttpOptions
 
 log = logging.getLogger(__name__)
@@ -295,7 +296,7 @@ class HttpRouteApp:
         admission = Admission(driver, backend.route.backend_port, self.counts, self.listen,
                               need)
         outcome = await admission.connect(
-            partial(self._relay, ex, backend, body),
+            partial(self._relay, ex, backend, body, closed_is_gone=need is not None),
             holding=partial(self._count_hold, ex, backend, model),
             while_held=partial(self._comment_while_held, ex, backend, need)
             if wants_stream(body) else None)
@@ -365,10 +366,24 @@ class HttpRouteApp:
     # ---- relaying ------------------------------------------------------------------------
 
     async def _relay(self, ex: Exchange, backend: NodeBackend, body: bytes,
-                     keep_as: str | None = None) -> None:
+                     keep_as: str | None = None, closed_is_gone: bool = False) -> None:
         """Send the request to the node and the answer to the client as it arrives. Raises
         ``BackendUnavailable`` (nothing sent yet) or ``UpstreamError``. ``keep_as``: the
-        cache key under which a good answer is remembered."""
+        cache key under which a good answer is remembered. ``closed_is_gone``: a model on
+        demand, whose instance closing the connection without a byte of its answer is an
+        instance that was stopping (its TTL, an eviction): ``BackendUnavailable``, so the
+        admission has it loaded again and sends the request once more."""
+        try:
+            await self._relay_once(ex, backend, body, keep_as)
+        except UpstreamClosedEarly as exc:
+            if not closed_is_gone:  # (nothing of the answer went out: no head had come)
+                raise
+            log.info("route %s: %s %s: %s; its instance was stopping: loading it again",
+                     self.listen, ex.method, ex.path, exc)
+            raise BackendUnavailable(Event.PROBE_REFUSED, str(exc)) from exc
+
+    async def _relay_once(self, ex: Exchange, backend: NodeBackend, body: bytes,
+                          keep_as: str | None) -> None:
         driver = backend.driver
         client = ex.scope.get("client")
         host = header(ex.scope["headers"], b"host")

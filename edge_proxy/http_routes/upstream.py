@@ -28,7 +28,12 @@ from typing import Final
 import h11
 import trio
 
-from edge_proxy.errors import BackendUnavailable, UpstreamError, UpstreamTimeout
+from edge_proxy.errors import (
+    BackendUnavailable,
+    UpstreamClosedEarly,
+    UpstreamError,
+    UpstreamTimeout,
+)
 from edge_proxy.http_routes.framing import is_chunked
 from edge_proxy.http_routes.headers import RawHeaders
 from edge_proxy.wake.machine import Event
@@ -92,6 +97,9 @@ class _Connection:
             with trio.move_on_after(self.read_timeout_s):
                 data = await self.stream.receive_some(READ_BYTES)
                 if not data:
+                    if not buffered:
+                        raise UpstreamClosedEarly(f"{self.name}: closed the connection "
+                                                  "without answering")
                     self.h11.receive_data(bytes(buffered))
                     self.h11.receive_data(b"")
                     return self.h11.next_event(), b""
@@ -225,7 +233,11 @@ class Upstream:
                 else:
                     for piece in pieces:
                         await connection.stream.send_all(piece)
-                event, raw_start = await connection.read_head()
+                try:
+                    event, raw_start = await connection.read_head()
+                except (trio.BrokenResourceError, OSError) as exc:
+                    raise UpstreamClosedEarly(f"{self.node}:{self.port}: {exc!r} before any "
+                                              "byte of the answer") from exc
                 if not isinstance(event, h11.Response):
                     raise h11.RemoteProtocolError(f"no answer ({type(event).__name__})")
                 response = Response(connection, event.status_code, list(event.headers),
