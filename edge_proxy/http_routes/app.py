@@ -183,7 +183,7 @@ class HttpRouteApp:
 
     async def _watch_disconnect(self, ex: Exchange, scope: trio.CancelScope) -> None:
         await ex.wait_gone()
-        if not ex.finished:
+        if not ex.complete():
             log.info("route %s: client left during %s %s", self.listen, ex.method, ex.path)
             scope.cancel()
 

@@ -9,6 +9,7 @@ from edge_proxy.errors import BodyTooLarge, ClientLeft
 from edge_proxy.history.hooks import RequestLog
 from edge_proxy.history.records import Outcome
 from edge_proxy.http_routes import waking
+from edge_proxy.http_routes.framing import ChunkedScanner
 from edge_proxy.http_routes.h1 import Client, ClientGone, Scope
 from edge_proxy.http_routes.headers import RawHeaders
 
@@ -24,6 +25,9 @@ class Exchange:
         self.started = False
         self.status = 0
         self.finished = False
+        # A body being passed through (``passthrough``): the relay loop may have sent its
+        # last byte before trio hears so; the scanner knows.
+        self.passing: ChunkedScanner | None = None
         self.node = ""  # the node the request goes to, once chosen
         self.backend = ""  # its backend's key on the listener (models.backend_keys)
         self.model = ""  # the model label it is counted under (models.Routed.model)
@@ -76,6 +80,11 @@ class Exchange:
             if size > limit:
                 raise BodyTooLarge(f"request body over {limit} bytes")
             chunks.append(chunk)
+
+    def complete(self) -> bool:
+        """The whole answer went to the client (or, passed through, its end was read and is
+        being written: a client that closes now has it all)."""
+        return self.finished or (self.passing is not None and self.passing.done)
 
     async def wait_gone(self) -> None:
         """Return once the client leaves (its request read; the answer under way)."""

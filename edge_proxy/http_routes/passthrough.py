@@ -72,7 +72,7 @@ async def pass_through(ex: Exchange, response: Response, out: RawHeaders,
     numbers = None if ex.log is None else ex.log.numbers
     parser = None if meter is None else meter.parser(response.status, content_type, numbers)
     tap = PayloadTap(ex.log, parser)
-    scanner = ChunkedScanner(tap)
+    scanner = ex.passing = ChunkedScanner(tap)
     offset = trio.current_time() - time.perf_counter()  # the loop's clock to trio's
     start = response.raw_start
     end = _scan(scanner, start, response)
