@@ -46,13 +46,12 @@ class ClientGone(Exception):
 
 class Client:
     """One request's view of its client connection: the body to read, the answer to write
-    (through h11, or passed through raw), and whether the client left."""
+    (through h11, or passed through raw), and when the client leaves."""
 
     def __init__(self, conn: _Connection) -> None:
         self._conn = conn
         self._h11 = conn.h11
         self.stream = conn.stream
-        self.left = False  # the client closed its side (seen by ``wait_gone``)
 
     @property
     def http_11(self) -> bool:
@@ -94,7 +93,6 @@ class Client:
             except _BROKEN:
                 data = b""
             if not data:
-                self.left = True
                 self._conn.closing = True
                 return
             h.receive_data(data)
@@ -197,37 +195,32 @@ class _Connection:
                         head_deadline = trio.current_time() + HEAD_TIMEOUT_S
                         scope.deadline = head_deadline
                         self.idle_scope = None  # a stop no longer interrupts it
-                        self.server.busy(self, True)
                     h.receive_data(data)
         finally:
             self.idle_scope = None
         return None
 
     async def _refuse(self, exc: h11.RemoteProtocolError) -> None:
-        status = getattr(exc, "error_status_hint", 400)
-        body = f"bad request: {exc}\n".encode()
-        if self.h11.our_state in (h11.IDLE, h11.SEND_RESPONSE):
-            with _suppress_broken():
-                await self.stream.send_all(self.h11.send(h11.Response(
-                    status_code=status, headers=[(b"content-type", b"text/plain"),
-                                                 (b"content-length", str(len(body)).encode()),
-                                                 (b"connection", b"close")])) + body)
+        await self._answer_and_close(getattr(exc, "error_status_hint", 400),
+                                     f"bad request: {exc}\n")
+
+    async def _answer_and_close(self, status: int, text: str) -> None:
+        """A plain-text answer of the server's own, when nothing was sent yet."""
+        if self.h11.our_state not in (h11.IDLE, h11.SEND_RESPONSE):
+            return
+        body = text.encode()
+        with trio.CancelScope(shield=True), _suppress_broken():
+            await self.stream.send_all(self.h11.send(h11.Response(
+                status_code=status, headers=[(b"content-type", b"text/plain"),
+                                             (b"content-length", str(len(body)).encode()),
+                                             (b"connection", b"close")])) + body)
 
     async def _serve(self, request: h11.Request) -> None:
-        self.server.busy(self, True)
         try:
             await self.server.handler(_scope(request, self.peer), Client(self))
         except Exception:
-            if self.h11.our_state is h11.SEND_RESPONSE:  # nothing sent yet: say so
-                body = b"internal error in the proxy; see its log\n"
-                with trio.CancelScope(shield=True), _suppress_broken():
-                    await self.stream.send_all(self.h11.send(h11.Response(
-                        status_code=500, headers=[
-                            (b"content-type", b"text/plain"), (b"connection", b"close"),
-                            (b"content-length", str(len(body)).encode())])) + body)
+            await self._answer_and_close(500, "internal error in the proxy; see its log\n")
             raise
-        finally:
-            self.server.busy(self, False)
         if self.h11.our_state is h11.SEND_BODY or self.h11.our_state is h11.SEND_RESPONSE:
             self.closing = True  # the handler left its answer unfinished: close, do not end it
 
@@ -240,12 +233,8 @@ class H1Server:
         self.keep_alive_s = keep_alive_s
         self.grace_s = grace_s
         self.stopping = False
-        self._connections: dict[_Connection, bool] = {}  # -> a request is under way
-        self._idle_changed = trio.Event()
-
-    def busy(self, conn: _Connection, busy: bool) -> None:
-        self._connections[conn] = busy
-        self._idle_changed.set()
+        self._connections: set[_Connection] = set()
+        self._closed = trio.Event()  # a connection ended (set anew by each wait)
 
     async def serve(self, listeners: list[trio.SocketListener],
                     shutdown: Callable[[], Awaitable[None]]) -> None:
@@ -265,8 +254,9 @@ class H1Server:
                     for conn in list(self._connections):
                         if conn.idle_scope is not None:
                             conn.idle_scope.cancel()
-                    self._idle_changed = trio.Event()
-                    await self._idle_changed.wait()
+                    # one that is answering closes at its next request (``stopping``)
+                    self._closed = trio.Event()
+                    await self._closed.wait()
             connections.cancel_scope.cancel()
 
     async def _accept(self, listener: trio.SocketListener, nursery: trio.Nursery) -> None:
@@ -280,14 +270,14 @@ class H1Server:
             nursery.start_soon(self._run, _Connection(stream, self))
 
     async def _run(self, conn: _Connection) -> None:
-        self._connections[conn] = False
+        self._connections.add(conn)
         try:
             await conn.run()
         except Exception as exc:  # a bug in a route: this connection ends, the server stays
             log.error("http listener: a request failed: %r", exc, exc_info=exc)
         finally:
-            del self._connections[conn]
-            self._idle_changed.set()
+            self._connections.discard(conn)
+            self._closed.set()
 
 
 # After a failed accept (EMFILE and such), as trio's serve_listeners waits.

@@ -17,14 +17,14 @@ import time
 
 import trio
 
-from edge_proxy.errors import ClientLeft, LoopStopped, UpstreamError, UpstreamTimeout
+from edge_proxy.errors import ClientLeft, LoopStopped, UpstreamError
 from edge_proxy.history.hooks import RequestLog
 from edge_proxy.history.timings import TimingsParser
 from edge_proxy.http_routes.exchange import Exchange
 from edge_proxy.http_routes.framing import ChunkedScanner, FramingError
 from edge_proxy.http_routes.headers import RawHeaders, header
 from edge_proxy.http_routes.model_metrics import SSE_CONTENT_TYPE, ResponseMeter
-from edge_proxy.http_routes.upstream import READ_BYTES, Response
+from edge_proxy.http_routes.upstream import READ_BYTES, Response, upstream_timeout
 from edge_proxy.tcp_routes.idle import IdleTimeouts
 from edge_proxy.tcp_routes.relay_loop import RelayLoop
 
@@ -108,8 +108,7 @@ async def _pass_rest(ex: Exchange, response: Response, scanner: ChunkedScanner,
             if outcome == "done":
                 return
             if outcome.startswith("idle"):
-                raise UpstreamTimeout(f"{where}sent nothing for {idle_timeout_s:g} s "
-                                      "(routes.upstream_idle_timeout_s)")
+                raise upstream_timeout(response.name, idle_timeout_s)
             if "ClientWriteFailed" in outcome:
                 raise ClientLeft(f"while the answer was passed on: {outcome}")
             raise UpstreamError(where + outcome)
@@ -121,8 +120,7 @@ async def _pass_rest(ex: Exchange, response: Response, scanner: ChunkedScanner,
             except (trio.BrokenResourceError, OSError) as exc:
                 raise UpstreamError(f"{where}{exc!r}") from exc
         if waited.cancelled_caught:
-            raise UpstreamTimeout(f"{where}sent nothing for {idle_timeout_s:g} s "
-                                  "(routes.upstream_idle_timeout_s)")
+            raise upstream_timeout(response.name, idle_timeout_s)
         if not data:
             raise UpstreamError(f"{where}closed its connection before the end of the answer")
         end = _scan(scanner, data, response)

@@ -74,8 +74,7 @@ class _Connection:
                 with trio.move_on_after(self.read_timeout_s):
                     self.h11.receive_data(await self.stream.receive_some(READ_BYTES))
                     continue
-                raise UpstreamTimeout(f"{self.name}: sent nothing for {self.read_timeout_s:g} s "
-                                      "(routes.upstream_idle_timeout_s)")
+                raise upstream_timeout(self.name, self.read_timeout_s)
             return event
 
     async def read_head(self) -> tuple[object, bytes]:
@@ -105,8 +104,7 @@ class _Connection:
                     return self.h11.next_event(), b""
                 buffered += data
                 continue
-            raise UpstreamTimeout(f"{self.name}: sent nothing for {self.read_timeout_s:g} s "
-                                  "(routes.upstream_idle_timeout_s)")
+            raise upstream_timeout(self.name, self.read_timeout_s)
 
     async def close(self) -> None:
         with trio.CancelScope(shield=True):
@@ -284,6 +282,12 @@ class Upstream:
 
     def _say(self, what: str) -> str:
         return f"connect to {self.node}:{self.port}: {what}"
+
+
+def upstream_timeout(name: str, timeout_s: float) -> UpstreamTimeout:
+    """The error for a backend (``name``: NODE:PORT) that sent nothing for ``timeout_s``."""
+    return UpstreamTimeout(f"{name}: sent nothing for {timeout_s:g} s "
+                           "(routes.upstream_idle_timeout_s)")
 
 
 def _is_event_stream(headers: RawHeaders) -> bool:
