@@ -62,6 +62,9 @@ def build_app(proxy: Proxy) -> App:
             proxy.knowledge.from_agent(node.name, message.models)
         if message.event == "models":
             allowed, reason = True, "models noted"
+        elif message.event == "unloading":
+            allowed, reason = True, proxy.unloading(node.name, message.unloading or (),
+                                                    message.reason or "no reason given")
         elif message.event == "suspending":
             verdict = node.suspending()
             allowed, reason = verdict.allowed, verdict.reason

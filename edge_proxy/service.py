@@ -14,7 +14,7 @@ import logging
 import resource
 import signal
 import urllib.parse
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any, Literal
 
@@ -152,6 +152,17 @@ class Proxy:
         with trio.CancelScope(shield=True):
             for gate in self.gates.values():
                 await gate.client.aclose()
+
+    def unloading(self, node: str, instances: Sequence[str], reason: str) -> str:
+        """The node's agent is about to stop ``instances`` (an ``unloading`` event): their
+        models get no new request until loaded again. Returns the reply's reason."""
+        gate = self.gates.get(node)
+        if gate is None:
+            return f"node {node} has no agent_url here: nothing to mark"
+        gate.table.evicted(instances)
+        log.info("node %s: %s stopping (%s): their models wait for a load now", node,
+                 ", ".join(instances), reason)
+        return f"{len(instances)} instance(s) marked unloaded"
 
     def stop(self) -> None:
         """Begin a graceful shutdown."""

@@ -224,6 +224,7 @@ def build_parts(agent: Agent, *, inventory: GpuInventory | None = None,
     power = PowerService(config, sup, activity=activity, gpu=pstates,
                          pstates=pstates.controller, suspend=suspend, watch_system=watch_system,
                          scheduler=ondemand)
+    ondemand.announce = power.announce_unloading  # the proxy hears of a stop before it
     activity.add_listener(ondemand.on_busy)
     report = ReportService(config.agent.node, config.proxy, config.report, gpus,
                            wanted=lambda: {g["uuid"]: g["pstate_wanted"]

@@ -17,6 +17,12 @@ does not know it answers 400, which the agent logs and ignores (probes still fin
 ``ready``: the node's services are ready; held connections are released at once. The agent
 also sends ``models`` and ``ready`` when it starts, so a proxy that took the node for asleep
 sees it come up by itself.
+``unloading``: the agent is about to stop instances that serve models on demand (their TTL ran
+out, they are evicted for another model, or an unload was asked for); ``unloading`` lists the
+instance names. The proxy marks their models unloaded at once, so new requests for them wait
+for a load instead of reaching an instance that is exiting; the agent stops them once the
+proxy answered (or did not in time). A proxy that does not know the event answers 400, which
+the agent logs (requests then find out by a refused connection and load the model again).
 ``models``: the node's model list changed (a reload, an instance enabled or disabled); nothing
 else changes. Every event may carry ``models``, the ids the node serves (what its instances
 list at ``GET /v1/models``), so the proxy can list them while the node sleeps. An event without
@@ -42,7 +48,7 @@ from shared.errors import LlamanapError
 
 EVENTS_PATH = "/v1/events"
 HELD_PATH = "/v1/nodes/{node}/held"
-EventKind = Literal["suspending", "resumed", "ready", "suspended", "models"]
+EventKind = Literal["suspending", "resumed", "ready", "suspended", "models", "unloading"]
 EVENT_KINDS: tuple[str, ...] = get_args(EventKind)
 MAX_REASON_CHARS = 500  # reasons go into logs; a longer one is a bug on the sending side
 MAX_NODE_CHARS = 100
@@ -63,11 +69,14 @@ class NodeEvent:
     node: str
     reason: str = ""
     models: tuple[str, ...] | None = None  # None: not said (the field is left out)
+    unloading: tuple[str, ...] | None = None  # instance names, in an ``unloading`` event
 
     def encode(self) -> bytes:
         obj: dict[str, Any] = {"event": self.event, "node": self.node, "reason": self.reason}
         if self.models is not None:
             obj["models"] = list(self.models)
+        if self.unloading is not None:
+            obj["unloading"] = list(self.unloading)
         return json.dumps(obj).encode()
 
 
@@ -90,7 +99,7 @@ class EventReply:
 def decode_event(data: bytes | str | Any) -> NodeEvent:
     """Parse and validate an event (raw JSON or an already-parsed object)."""
     obj = _parse(data)
-    _only_keys(obj, {"event", "node", "reason", "models"})
+    _only_keys(obj, {"event", "node", "reason", "models", "unloading"})
     kind = obj.get("event")
     if kind not in EVENT_KINDS:
         raise EventError(f"event: found {kind!r}; allowed: {', '.join(EVENT_KINDS)}")
@@ -99,7 +108,12 @@ def decode_event(data: bytes | str | Any) -> NodeEvent:
     models = None if obj.get("models") is None else check_models(obj["models"])
     if kind == "models" and models is None:
         raise EventError("models: missing; a models event lists the node's model ids")
-    return NodeEvent(kind, node, reason, models)
+    unloading = None if obj.get("unloading") is None else check_models(obj["unloading"],
+                                                                         "unloading")
+    if (kind == "unloading") != (unloading is not None):
+        raise EventError("unloading: an unloading event, and only one, lists the instances "
+                         "about to stop")
+    return NodeEvent(kind, node, reason, models, unloading)
 
 
 def check_models(value: Any, where: str = "models") -> tuple[str, ...]:

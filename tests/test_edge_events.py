@@ -70,3 +70,14 @@ def test_bad_model_lists_name_the_field(models: object, message: str) -> None:
 def test_a_models_event_lists_models() -> None:
     with pytest.raises(EventError, match=r"^models: missing"):
         decode_event({"event": "models", "node": "n"})
+
+
+def test_an_unloading_event_names_the_instances_about_to_stop() -> None:
+    event = NodeEvent("unloading", "n", "idle for ttl 600 s", ("a", "b"), ("inst-a",))
+    assert decode_event(event.encode()) == event
+    with pytest.raises(EventError, match="unloading: an unloading event, and only one"):
+        decode_event({"event": "unloading", "node": "n"})
+    with pytest.raises(EventError, match="unloading: an unloading event, and only one"):
+        decode_event({"event": "ready", "node": "n", "unloading": ["inst-a"]})
+    with pytest.raises(EventError, match=r"unloading\[0\]"):
+        decode_event({"event": "unloading", "node": "n", "unloading": [""]})

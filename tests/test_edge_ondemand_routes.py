@@ -146,6 +146,42 @@ async def test_a_model_unloaded_by_its_ttl_behind_the_proxys_back_is_loaded_agai
     assert packets.packets == []
 
 
+async def test_the_proxy_hears_of_a_ttl_unload_before_the_instance_stops(
+        tmp_path: Path, llama_server_bin: Path) -> None:
+    """The agent's ``unloading`` event reaches the proxy before its instance leaves READY:
+    no request goes to an exiting llama-server, and the next one loads the model first."""
+    packets = await PacketListener.open()
+    node = write_node(tmp_path, llama_server_bin, packets.port, ttl_s=TTL_S, tell_proxy=True)
+    url = f"http://{LOOPBACK}:{node.listens['tiny-a']}"
+    seen_at_stop: list[ModelState] = []
+    with trio.fail_after(TEST_TIMEOUT_S):
+        async with trio.open_nursery() as nursery, agent_running(node.agent_cfg) as agent:
+            nursery.start_soon(packets.run)
+            proxy: Proxy = await nursery.start(serve_proxy, load_edge_config(node.proxy_cfg))
+            await wait_state(proxy, "box", NodeState.AWAKE)
+            await proxy_knows_models(proxy)
+            table = proxy.gates["box"].table
+
+            def on_state(name: str, old: State, new: State, reason: str) -> None:
+                if name == "inst-a" and old is State.READY and reason.startswith("idle for ttl"):
+                    # what the proxy holds true right then
+                    seen_at_stop.append(table.models["tiny-a"].state)
+
+            agent.supervisor.add_state_listener(on_state)
+            async with httpx.AsyncClient(timeout=TEST_TIMEOUT_S) as client:
+                answered(await client.post(f"{url}/v1/chat/completions",
+                                           json=chat("tiny-a")), "tiny-a")
+                assert table.models["tiny-a"].state is ModelState.LOADED
+                await wait_instance(agent.supervisor, "inst-a", State.STOPPED)  # its TTL
+                assert agent.supervisor.get("inst-a").reason.startswith("idle for ttl")
+                answered(await client.post(f"{url}/v1/chat/completions",
+                                           json=chat("tiny-a")), "tiny-a")
+            nursery.cancel_scope.cancel()
+    assert seen_at_stop == [ModelState.UNLOADED]
+    assert proxy.loader.loads == {("box", "tiny-a"): 2}
+    assert packets.packets == []
+
+
 async def test_an_instance_that_closes_without_answering_is_loaded_again_not_a_502(
         tmp_path: Path, llama_server_bin: Path) -> None:
     packets = await PacketListener.open()

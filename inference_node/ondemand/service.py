@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from typing import Any, Final
 
 import trio
@@ -91,6 +91,9 @@ class OnDemandService:
         self._last_use: dict[str, float] = {}
         self._needs: dict[str, Mapping[str, float]] = {}  # estimates of the running ones
         self._nursery: trio.Nursery | None = None
+        # Told the instances about to stop, before they are (the proxy then holds their
+        # models' requests for a load instead of sending them to an exiting llama-server).
+        self.announce: Callable[[Sequence[str], str], Awaitable[None]] | None = None
         self.loads = Counter("llamanap_ondemand_loads", "On-demand loads by model and result "
                              "(ok, failed, refused)", ["model", "result"], registry=None)
         self.unloads = Counter("llamanap_ondemand_unloads", "On-demand unloads by model and "
@@ -204,7 +207,7 @@ class OnDemandService:
                 return name  # not applied yet: nothing runs
             inst = self._sup.get(name)
             if inst.wanted or inst.is_running:
-                self._stop(name, reason, "api")
+                await self._stop((name,), reason, "api")
                 await inst.wait_for(SETTLED)
         return name
 
@@ -221,7 +224,7 @@ class OnDemandService:
                         now = trio.current_time()
                         views = self._views({})
                         for unload in ttl_expired(views, now):
-                            self._stop(unload.name, unload.reason, "ttl")
+                            await self._stop((unload.name,), unload.reason, "ttl")
                         delay = next_ttl_deadline(self._views({}), now)
                     with trio.move_on_after(IDLE_RECHECK_S if delay is None else delay):
                         await changed.wait()
@@ -308,8 +311,7 @@ class OnDemandService:
             log.warning("model %s: refused: %s", self._label(name), decision.reason)
             raise LoadRefused(decision.reason)
         assert isinstance(decision, Load)
-        for victim in decision.evict:
-            self._stop(victim, decision.evict_reason, "evicted")
+        await self._stop(decision.evict, decision.evict_reason, "evicted")
         for victim in decision.evict:
             with trio.move_on_after(self._config.instances[victim].stop_timeout_s
                                     + EVICT_MARGIN_S):
@@ -367,9 +369,20 @@ class OnDemandService:
             if need is not None:
                 self._needs[name] = need
 
-    def _stop(self, name: str, reason: str, kind: str) -> None:
-        self.unloads.labels(self._label(name), kind).inc()
-        self._sup.stop(name, reason)
+    async def _stop(self, names: Sequence[str], reason: str, kind: str) -> None:
+        """Stop these instances, the proxy told first (``announce``). A TTL stop is called
+        off for an instance that got a task meanwhile."""
+        if not names:
+            return
+        if self.announce is not None:
+            await self.announce(names, reason)
+        for name in names:
+            if kind == "ttl" and self._busy(name):
+                log.info("model %s: not unloaded: a task began as its ttl ran out",
+                         self._label(name))
+                continue
+            self.unloads.labels(self._label(name), kind).inc()
+            self._sup.stop(name, reason)
 
     def _views(self, needs: Mapping[str, Mapping[str, float]]) -> list[InstanceView]:
         return [self._view(n, needs.get(n, {})) for n in self._sup.names

@@ -49,11 +49,14 @@ class ProxyClient:
     async def aclose(self) -> None:
         await self._client.aclose()
 
-    async def send(self, event: EventKind, reason: str) -> EventReply:
-        """POST one event; raise ``ProxyUnreachable`` (one line) when there is no usable answer."""
+    async def send(self, event: EventKind, reason: str,
+                   unloading: tuple[str, ...] | None = None) -> EventReply:
+        """POST one event (``unloading``: the instances an ``unloading`` event names); raise
+        ``ProxyUnreachable`` (one line) when there is no usable answer."""
         headers = {"content-type": "application/json", **self._auth()}
         models = None if self.models is None else tuple(self.models())
-        response = await self._post(NodeEvent(event, self.node, reason[:400], models), headers)
+        response = await self._post(NodeEvent(event, self.node, reason[:400], models,
+                                              unloading), headers)
         if response.status_code == 400 and models is not None and b"models" in response.content:
             log.warning("proxy %s does not take model lists (%s); sending events without "
                         "them (upgrade the proxy so it lists this node's models while it "
@@ -61,7 +64,8 @@ class ProxyClient:
             self.models = models = None
             if event == "models":
                 raise ProxyUnreachable(f"proxy {self.cfg.url} does not take model lists")
-            response = await self._post(NodeEvent(event, self.node, reason[:400]), headers)
+            response = await self._post(NodeEvent(event, self.node, reason[:400],
+                                                  unloading=unloading), headers)
         check_answer(self.cfg.url, response)
         try:
             reply = decode_reply(response.content)

@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 import trio
 
 from inference_node.activity.service import ActivityView
+from inference_node.errors import ProxyUnreachable
 from inference_node.power.announce import served_models
 from inference_node.power.checks import (
     ApiInhibitCheck,
@@ -49,6 +50,8 @@ log = logging.getLogger(__name__)
 MAX_INHIBIT_S = 7 * 86400.0  # an inhibit longer than a week is a mistake, not a plan
 # A reason is read in status lines and logs: a sentence, not a document.
 MAX_INHIBIT_REASON_CHARS = 200
+# How long an instance's stop waits for the proxy to take its ``unloading`` event.
+UNLOADING_WAIT_S = 2.0
 
 
 class GpuProcesses(Protocol):
@@ -129,6 +132,25 @@ class PowerService:
 
     def __repr__(self) -> str:
         return f"<PowerService {self.manager.machine!r}>"
+
+    async def announce_unloading(self, instances: Iterable[str], reason: str) -> None:
+        """Tell the proxy these instances stop now, so it sends their models no new request
+        (at most ``UNLOADING_WAIT_S``; without a proxy, or when it cannot be told, the stop
+        goes ahead and the proxy finds out by a refused connection)."""
+        proxy = self.manager.proxy
+        if proxy is None:
+            return
+        names = tuple(instances)
+        with trio.move_on_after(UNLOADING_WAIT_S) as waited:
+            try:
+                await proxy.send("unloading", reason, unloading=names)
+            except ProxyUnreachable as exc:
+                log.warning("power: could not tell the proxy that %s stop: %s (requests for "
+                            "their models find out by a refused connection)",
+                            ", ".join(names), exc)
+        if waited.cancelled_caught:
+            log.warning("power: the proxy did not take the unloading of %s within %g s; "
+                        "stopping them anyway", ", ".join(names), UNLOADING_WAIT_S)
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         try:

@@ -50,12 +50,14 @@ class Node:
 
 def write_node(tmp_path: Path, binary: Path, wol_port: int, big: bool = False,
                one_url: bool = False, ttl_s: float | None = None,
-               protocol: str = "http", history: Path | None = None) -> Node:
+               protocol: str = "http", history: Path | None = None,
+               tell_proxy: bool = False) -> Node:
     """Two on-demand instances (tiny-a, tiny-b) under a budget that holds one, and a proxy
     with a route to each. ``big``: a third model, tiny-big, larger than the whole budget;
     ``one_url``: every route on one proxy port (routed by ``model``); ``ttl_s`` for every
     instance; ``protocol``: the routes' (``tcp`` routes relay bytes); ``history``: the
-    proxy keeps its history in this database."""
+    proxy keeps its history in this database; ``tell_proxy``: the agent sends the proxy its
+    events (else the proxy learns only from the agent's API)."""
     ports, listens, instances = {}, {}, {}
     shared = free_port()
     specs = {m: TinyModelSpec(n_embd=128, seed=i) for i, m in enumerate(MODELS)}
@@ -73,15 +75,17 @@ def write_node(tmp_path: Path, binary: Path, wol_port: int, big: bool = False,
              for n, t in instances.items() if n != "inst-big"]
     budget = int(max(needs) + min(needs) / 2)  # room for one of them, not both
     assert budget < sum(needs)
-    agent_port = free_port()
+    agent_port, control = free_port(), free_port() if tell_proxy else 0
     agent_cfg = tmp_path / "node-agent.toml"
     agent_cfg.write_text(tomli_w.dumps({
         "agent": {"api_listen": f"{LOOPBACK}:{agent_port}",
-                  "state_file": str(tmp_path / "state.toml"), "memory_budget_mib": budget},
-        "power": {"enabled": False}, "instances": instances}))
+                  "state_file": str(tmp_path / "state.toml"), "memory_budget_mib": budget,
+                  **({"node": "box"} if tell_proxy else {})},
+        "power": {"enabled": False}, "instances": instances,
+        **({"proxy": {"url": f"http://{LOOPBACK}:{control}"}} if tell_proxy else {})}))
     text = f"""log_level = "debug"
 [control]
-listen = "127.0.0.1:0"
+listen = "127.0.0.1:{control}"
 
 [nodes.box]
 host = "127.0.0.1"
