@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import os
 import socket
+import struct
 from pathlib import Path
 
 import pytest
@@ -13,6 +14,7 @@ import trio
 from edge_proxy.errors import LoopStopped
 from edge_proxy.service import Proxy, serve_proxy
 from edge_proxy.tcp_routes.relay_loop import RelayLoop
+from edge_proxy.tcp_routes.relay_thread import CLIENT_GONE
 from edge_proxy.wake.machine import State
 from tests.support.edge import TEST_TIMEOUT_S, echo_backend, free_port, load_config, read_all
 
@@ -213,3 +215,32 @@ async def test_through_the_proxy_a_loop_failure_closes_clients_and_new_ones_are_
             nursery.cancel_scope.cancel()
     for client in clients:
         await client.aclose()
+
+
+async def test_an_answer_whose_client_left_ends_as_client_gone_not_broken() -> None:
+    """A failed write to the client is told apart from a backend that broke off: the route
+    counts the first as a client that left, the second as an upstream error."""
+    loop = RelayLoop()
+    with trio.fail_after(TEST_TIMEOUT_S):
+        async with trio.open_nursery() as nursery:
+            await nursery.start(loop.run)
+            outcomes = []
+            for client_leaves in (True, False):
+                client, proxy_in = await connected_pair()
+                proxy_out, backend = await connected_pair()
+                if client_leaves:  # a reset: the loop's first write to it fails
+                    client.socket.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER,
+                                             struct.pack("ii", 1, 0))
+                    await client.aclose()
+                    await trio.sleep(0.05)
+                    await backend.send_all(b"5\r\nhello\r\n")
+                else:  # the backend closes before the answer's end
+                    await backend.send_all(b"5\r\nhel")
+                    await backend.aclose()
+                outcomes.append(await loop.pass_answer(proxy_in, proxy_out, lambda _: None))
+                for stream in (client, proxy_in, proxy_out, backend):
+                    await stream.aclose()
+            nursery.cancel_scope.cancel()
+    gone, broken = outcomes
+    assert gone.startswith(CLIENT_GONE + ": the client's connection broke"), gone
+    assert broken.startswith("broken down: BrokenAnswer"), broken

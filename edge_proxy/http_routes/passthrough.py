@@ -27,6 +27,7 @@ from edge_proxy.http_routes.model_metrics import SSE_CONTENT_TYPE, ResponseMeter
 from edge_proxy.http_routes.upstream import READ_BYTES, Response, upstream_timeout
 from edge_proxy.tcp_routes.idle import IdleTimeouts
 from edge_proxy.tcp_routes.relay_loop import RelayLoop
+from edge_proxy.tcp_routes.relay_thread import CLIENT_GONE
 
 _NO_BODY_STATUS = (204, 304)
 
@@ -109,7 +110,7 @@ async def _pass_rest(ex: Exchange, response: Response, scanner: ChunkedScanner,
                 return
             if outcome.startswith("idle"):
                 raise upstream_timeout(response.name, idle_timeout_s)
-            if "ClientWriteFailed" in outcome:
+            if outcome.startswith(CLIENT_GONE):
                 raise ClientLeft(f"while the answer was passed on: {outcome}")
             raise UpstreamError(where + outcome)
     stream = response.stream

@@ -38,6 +38,8 @@ _WRITABLE = _OUT | select.EPOLLERR | select.EPOLLHUP
 
 ByteCounter = Callable[[str, int], None]
 REMOVED = "removed"  # the word that acknowledges a "remove"
+# The first word of the outcome of an answer passed through whose client left (a failed write).
+CLIENT_GONE = "client-gone"
 
 
 @dataclass(eq=False)
@@ -145,7 +147,7 @@ class LoopThread:
         except BlockingIOError:
             return
         except OSError as exc:
-            self._finish(entry, f"broken {way.name}: {exc!r}")
+            self._finish(entry, _broken(way, exc))
             return
         entry.waiting = way is entry.up
         self._counted(way, entry, len(chunk))
@@ -212,7 +214,7 @@ class LoopThread:
                 if way.src == fd and way.open and not way.busy and events & _READABLE:
                     self._read(way, entry)
         except OSError as exc:
-            self._finish(entry, f"broken {way.name}: {exc!r}")
+            self._finish(entry, _broken(way, exc))
             return
         self._settle(entry, before)
 
@@ -352,6 +354,14 @@ class LoopThread:
         self._detach(entry)
         entry.done(outcome)
 
+
+
+def _broken(way: Way, exc: OSError) -> str:
+    """The outcome of a relay that broke: ``CLIENT_GONE`` first when an answer could not be
+    written to its client, so the route tells a client that left from a failed backend."""
+    if isinstance(exc, ClientWriteFailed):
+        return f"{CLIENT_GONE}: {exc}"
+    return f"broken {way.name}: {exc!r}"
 
 
 def _shutdown(fd: int) -> None:
