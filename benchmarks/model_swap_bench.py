@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import importlib
 import json
 import os
@@ -117,18 +118,27 @@ def process(command: list[str], log: Path) -> Iterator[subprocess.Popen[bytes]]:
         stop(proc)
 
 
+@functools.cache
+def http() -> httpx.Client:
+    """The one HTTP client of every timed request, made once before any timing: making an
+    httpx client (its TLS context) costs ~30 ms of CPU, which inside a timed span would be
+    counted as the column's start time. No kept connections: ports are reused by the next
+    process, and each request connects anew, as with a client per request."""
+    return httpx.Client(timeout=REQUEST_TIMEOUT_S,
+                        limits=httpx.Limits(max_keepalive_connections=0))
+
+
 def wait_healthy(port: int, proc: subprocess.Popen[bytes], log: Path) -> None:
     deadline = time.perf_counter() + START_TIMEOUT_S
-    with httpx.Client(timeout=1.0) as client:
-        while time.perf_counter() < deadline:
-            if proc.poll() is not None:
-                raise SystemExit(f"exited with {proc.returncode}; log: {log}")
-            try:
-                if client.get(f"http://{LOOPBACK}:{port}/health").status_code == 200:
-                    return
-            except httpx.TransportError:
-                pass
-            time.sleep(POLL_S)
+    while time.perf_counter() < deadline:
+        if proc.poll() is not None:
+            raise SystemExit(f"exited with {proc.returncode}; log: {log}")
+        try:
+            if http().get(f"http://{LOOPBACK}:{port}/health", timeout=1.0).status_code == 200:
+                return
+        except httpx.TransportError:
+            pass
+        time.sleep(POLL_S)
     raise SystemExit(f"port {port} not healthy after {START_TIMEOUT_S:g} s; log: {log}")
 
 
@@ -138,8 +148,8 @@ def first_token(port: int, model: str, since: float | None = None) -> float:
     start = time.perf_counter() if since is None else since
     body = {"model": model, "stream": True, "max_tokens": MAX_TOKENS,
             "messages": [{"role": "user", "content": "hello"}]}
-    with httpx.Client(timeout=REQUEST_TIMEOUT_S) as client, client.stream(
-            "POST", f"http://{LOOPBACK}:{port}/v1/chat/completions", json=body) as response:
+    with http().stream("POST", f"http://{LOOPBACK}:{port}/v1/chat/completions",
+                       json=body) as response:
         if response.status_code != 200:
             raise SystemExit(f"{model}: {response.status_code} {response.read()[:300]!r}")
         lines = response.iter_lines()
@@ -261,11 +271,11 @@ def agent_alone(binary: Path, models: dict[str, Path], order: list[str], folder:
     agent_cfg, _, _, ports, agent_port = write_llamanap(folder, binary, models)
     samples = []
     with process([sys.executable, "-m", "inference_node", "run", "--config", str(agent_cfg)],
-                 log) as agent, httpx.Client(timeout=REQUEST_TIMEOUT_S) as client:
+                 log) as agent:
         wait_agent_listed(agent_port, agent, log)
         for name in order:
             start = time.perf_counter()
-            r = client.post(f"http://{LOOPBACK}:{agent_port}/v1/models/{name}/load")
+            r = http().post(f"http://{LOOPBACK}:{agent_port}/v1/models/{name}/load")
             if r.status_code != 200:
                 raise SystemExit(f"agent load {name}: {r.status_code} {r.text[:300]}")
             samples.append(first_token(ports[name], name, since=start))
@@ -345,6 +355,7 @@ def main() -> int:
     cold_runs = QUICK_COLD_RUNS if args.quick else COLD_RUNS
     swaps = QUICK_SWAPS if args.quick else SWAPS
     binary = find_llama_server()
+    http()  # made before anything is timed
     order = [MODEL_NAMES[(i + 1) % 2] for i in range(swaps)]  # B, A, B, A ...
     results: dict[str, dict[str, list[float]]] = {
         c: {"cold": [], "swap": []} for c in ("direct", "router")}
