@@ -351,8 +351,12 @@ def report(results: dict[str, dict[str, list[float]]], notes: dict[str, str]) ->
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="fewer runs")
+    parser.add_argument("--cold-runs", type=int, metavar="N",
+                        help=f"runs per column, each one cold start and its swaps (default "
+                        f"{COLD_RUNS}, {QUICK_COLD_RUNS} with --quick): the cold row has N "
+                        "samples")
     args = parser.parse_args()
-    cold_runs = QUICK_COLD_RUNS if args.quick else COLD_RUNS
+    cold_runs = args.cold_runs or (QUICK_COLD_RUNS if args.quick else COLD_RUNS)
     swaps = QUICK_SWAPS if args.quick else SWAPS
     binary = find_llama_server()
     http()  # made before anything is timed
