@@ -7,9 +7,11 @@ from pathlib import Path
 from typing import Any
 
 import psutil
+import pytest
 import trio
 from psutil import _ntuples as ntuples
 
+from inference_node.errors import ProxyUnreachable
 from inference_node.power.announce import served_models
 from inference_node.power.checks import connection_reason
 from inference_node.power.proxy_addresses import ProxyAddresses, proxy_hosts
@@ -110,3 +112,32 @@ async def test_a_proxy_that_does_not_take_model_lists_still_gets_the_events() ->
         nursery.cancel_scope.cancel()
     assert [e["event"] for e in seen] == ["ready", "resumed"]
     assert client.models is None and client.sent_models is None  # it stopped trying
+
+
+async def test_a_proxy_without_the_unloading_event_keeps_getting_model_lists() -> None:
+    # A proxy that takes model lists but not the unloading event: its 400 lists "models"
+    # among the fields it allows, which must not read as a refusal of model lists.
+    seen: list[dict[str, Any]] = []
+    app = App("older-proxy", None)
+
+    @app.route("POST", EVENTS_PATH)
+    async def event(req: Request) -> Response:
+        body = req.json()
+        if "unloading" in body:
+            raise HTTPError(400, "bad event: unloading: unknown field; allowed: event, "
+                            "models, node, reason")
+        seen.append(body)
+        return Response(200, EventReply(body["node"], True, "AWAKE", 0, 0).encode())
+
+    async with trio.open_nursery() as nursery:
+        urls = await nursery.start(serve, app, HostPort("127.0.0.1", 0))
+        client = ProxyClient(ProxySection(url=urls[0]), "box", lambda: ["qwen"])
+        try:
+            with pytest.raises(ProxyUnreachable, match="answered 400"):
+                await client.send("unloading", "idle for ttl 600 s", unloading=("inst-a",))
+            assert (await client.send("ready", "qwen READY")).allowed
+        finally:
+            await client.aclose()
+        nursery.cancel_scope.cancel()
+    assert [(e["event"], e["models"]) for e in seen] == [("ready", ["qwen"])]
+    assert client.models is not None and client.sent_models == ("qwen",)

@@ -57,7 +57,7 @@ class ProxyClient:
         models = None if self.models is None else tuple(self.models())
         response = await self._post(NodeEvent(event, self.node, reason[:400], models,
                                               unloading), headers)
-        if response.status_code == 400 and models is not None and b"models" in response.content:
+        if response.status_code == 400 and models is not None and _refuses_models(response):
             log.warning("proxy %s does not take model lists (%s); sending events without "
                         "them (upgrade the proxy so it lists this node's models while it "
                         "sleeps)", self.cfg.url, response.text[:200].strip())
@@ -100,6 +100,13 @@ class ProxyClient:
             return await self._client.post(self.url, content=event.encode(), headers=headers)
         except httpx.HTTPError as exc:
             raise ProxyUnreachable(f"proxy {self.cfg.url}: {type(exc).__name__}: {exc}") from exc
+
+
+def _refuses_models(response: httpx.Response) -> bool:
+    """The 400 of a proxy from before model lists: the ``models`` field (or the ``models``
+    event) is what it refused, not merely a word in its list of what it allows."""
+    return b"models: unknown field" in response.content or \
+        b"found 'models'" in response.content
 
 
 def check_answer(url: str, response: httpx.Response, path: str = "") -> None:
