@@ -120,7 +120,8 @@ class NodeModels:
         self.models[model] = dataclasses.replace(known, state=ModelState.LOADED)
 
     def evicted(self, instances: Iterable[str]) -> None:
-        """The agent stopped these instances (for another model): their models are gone."""
+        """The agent stopped these instances (for another model), or is about to (its
+        ``unloading`` event): their models are gone until loaded again."""
         gone = set(instances)
         for m in list(self.models.values()):
             if m.instance in gone:

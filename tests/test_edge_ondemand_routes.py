@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import json
 import socket
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Final
 
@@ -18,11 +20,13 @@ from edge_proxy.history import query
 from edge_proxy.loading import ModelState
 from edge_proxy.service import Proxy, serve_proxy
 from edge_proxy.wake.machine import State as NodeState
+from inference_node.agent import Agent
 from inference_node.supervisor import State
 from shared.config.edge import load_edge_config
 from tests.support.edge import PacketListener
 from tests.support.edge_http import POLL_S, TEST_TIMEOUT_S, sse_payloads, wait_state
 from tests.support.ondemand import (
+    Node,
     agent_running,
     answered,
     chat,
@@ -41,6 +45,20 @@ LOAD_DELAY_S: Final = 1.0
 TTL_S: Final = 1.0
 
 
+@asynccontextmanager
+async def stack(node: Node, packets: PacketListener
+                ) -> AsyncIterator[tuple[Agent, Proxy]]:
+    """The node's agent and its proxy, running; yielded once the proxy has the node AWAKE
+    and the agent's model list."""
+    async with trio.open_nursery() as nursery, agent_running(node.agent_cfg) as agent:
+        nursery.start_soon(packets.run)
+        proxy: Proxy = await nursery.start(serve_proxy, load_edge_config(node.proxy_cfg))
+        await wait_state(proxy, "box", NodeState.AWAKE)
+        await proxy_knows_models(proxy)
+        yield agent, proxy
+        nursery.cancel_scope.cancel()
+
+
 async def proxy_knows_models(proxy: Proxy) -> None:
     """Until the proxy has the agent's list, with each instance's port."""
     while not proxy.gates["box"].table.models or any(
@@ -56,17 +74,12 @@ async def test_a_streaming_request_for_an_unloaded_model_is_told_it_loads_then_a
                       packets.port, history=db)
     url = f"http://{LOOPBACK}:{node.listens['tiny-a']}"
     with trio.fail_after(TEST_TIMEOUT_S):
-        async with trio.open_nursery() as nursery, agent_running(node.agent_cfg) as agent:
-            nursery.start_soon(packets.run)
-            proxy: Proxy = await nursery.start(serve_proxy, load_edge_config(node.proxy_cfg))
-            await wait_state(proxy, "box", NodeState.AWAKE)
-            await proxy_knows_models(proxy)
+        async with stack(node, packets) as (agent, _):
             async with httpx.AsyncClient(timeout=TEST_TIMEOUT_S) as client, client.stream(
                     "POST", f"{url}/v1/chat/completions",
                     json=chat("tiny-a", stream=True)) as response:
                 lines = [line async for line in response.aiter_lines() if line]
             assert await instance_states(agent) == {"tiny-a": "loaded", "tiny-b": "unloaded"}
-            nursery.cancel_scope.cancel()
     assert response.status_code == 200
     assert response.headers["content-type"].startswith("text/event-stream")
     first_data = next(i for i, line in enumerate(lines) if line.startswith("data: "))
@@ -96,18 +109,13 @@ async def test_a_tcp_route_to_an_on_demand_instance_holds_the_connection_until_i
                b"content-type: application/json\r\ncontent-length: %d\r\n\r\n%s"
                % (len(body), body))
     with trio.fail_after(TEST_TIMEOUT_S):
-        async with trio.open_nursery() as nursery, agent_running(node.agent_cfg) as agent:
-            nursery.start_soon(packets.run)
-            proxy: Proxy = await nursery.start(serve_proxy, load_edge_config(node.proxy_cfg))
-            await wait_state(proxy, "box", NodeState.AWAKE)
-            await proxy_knows_models(proxy)
+        async with stack(node, packets) as (agent, proxy):
             assert agent.supervisor.get("inst-b").state is State.STOPPED
             stream = await trio.open_tcp_stream(LOOPBACK, node.listens["tiny-b"])
             async with stream:
                 await stream.send_all(request)  # sent while held: delivered once loaded
                 answer = b"".join([chunk async for chunk in stream])
             assert await instance_states(agent) == {"tiny-a": "unloaded", "tiny-b": "loaded"}
-            nursery.cancel_scope.cancel()
     head, _, payload = answer.partition(b"\r\n\r\n")
     assert head.startswith(b"HTTP/1.1 200"), answer[:300]
     reply = json.loads(payload)
@@ -121,11 +129,7 @@ async def test_a_model_unloaded_by_its_ttl_behind_the_proxys_back_is_loaded_agai
     node = write_node(tmp_path, llama_server_bin, packets.port, ttl_s=TTL_S)
     url = f"http://{LOOPBACK}:{node.listens['tiny-a']}"
     with trio.fail_after(TEST_TIMEOUT_S):
-        async with trio.open_nursery() as nursery, agent_running(node.agent_cfg) as agent:
-            nursery.start_soon(packets.run)
-            proxy: Proxy = await nursery.start(serve_proxy, load_edge_config(node.proxy_cfg))
-            await wait_state(proxy, "box", NodeState.AWAKE)
-            await proxy_knows_models(proxy)
+        async with stack(node, packets) as (agent, proxy):
             gate = proxy.gates["box"]
             async with httpx.AsyncClient(timeout=TEST_TIMEOUT_S) as client:
                 answered(await client.post(f"{url}/v1/chat/completions",
@@ -139,7 +143,6 @@ async def test_a_model_unloaded_by_its_ttl_behind_the_proxys_back_is_loaded_agai
                 answered(await client.post(f"{url}/v1/chat/completions",
                                            json=chat("tiny-a")), "tiny-a")
             assert await instance_states(agent) == {"tiny-a": "loaded", "tiny-b": "unloaded"}
-            nursery.cancel_scope.cancel()
     assert proxy.loader.loads == {("box", "tiny-a"): 2}
     # the refused port was the model gone, not the node: no wake, no magic packet
     assert proxy.drivers["box"].machine.last_wake is None
@@ -155,11 +158,7 @@ async def test_the_proxy_hears_of_a_ttl_unload_before_the_instance_stops(
     url = f"http://{LOOPBACK}:{node.listens['tiny-a']}"
     seen_at_stop: list[ModelState] = []
     with trio.fail_after(TEST_TIMEOUT_S):
-        async with trio.open_nursery() as nursery, agent_running(node.agent_cfg) as agent:
-            nursery.start_soon(packets.run)
-            proxy: Proxy = await nursery.start(serve_proxy, load_edge_config(node.proxy_cfg))
-            await wait_state(proxy, "box", NodeState.AWAKE)
-            await proxy_knows_models(proxy)
+        async with stack(node, packets) as (agent, proxy):
             table = proxy.gates["box"].table
 
             def on_state(name: str, old: State, new: State, reason: str) -> None:
@@ -176,7 +175,6 @@ async def test_the_proxy_hears_of_a_ttl_unload_before_the_instance_stops(
                 assert agent.supervisor.get("inst-a").reason.startswith("idle for ttl")
                 answered(await client.post(f"{url}/v1/chat/completions",
                                            json=chat("tiny-a")), "tiny-a")
-            nursery.cancel_scope.cancel()
     assert seen_at_stop == [ModelState.UNLOADED]
     assert proxy.loader.loads == {("box", "tiny-a"): 2}
     assert packets.packets == []
@@ -199,11 +197,7 @@ async def test_an_instance_that_closes_without_answering_is_loaded_again_not_a_5
             conn.close()
 
     with trio.fail_after(TEST_TIMEOUT_S):
-        async with trio.open_nursery() as nursery, agent_running(node.agent_cfg) as agent:
-            nursery.start_soon(packets.run)
-            proxy: Proxy = await nursery.start(serve_proxy, load_edge_config(node.proxy_cfg))
-            await wait_state(proxy, "box", NodeState.AWAKE)
-            await proxy_knows_models(proxy)
+        async with stack(node, packets) as (agent, proxy), trio.open_nursery() as nursery:
             gate = proxy.gates["box"]
             async with httpx.AsyncClient(timeout=TEST_TIMEOUT_S) as client:
                 answered(await client.post(f"{url}/v1/chat/completions",
@@ -220,6 +214,5 @@ async def test_an_instance_that_closes_without_answering_is_loaded_again_not_a_5
                                            json=chat("tiny-a")), "tiny-a")
             assert accepted == [1]
             assert await instance_states(agent) == {"tiny-a": "loaded", "tiny-b": "unloaded"}
-            nursery.cancel_scope.cancel()
     assert proxy.loader.loads == {("box", "tiny-a"): 2}
     assert proxy.drivers["box"].machine.last_wake is None

@@ -127,8 +127,8 @@ class RelayLoop:
         """Pass an HTTP answer's body from ``backend`` to ``client`` as it is read, until
         ``inspect`` (told each chunk; see ``Entry.inspect``) says it ended; return
         ``"done"``, ``"broken: ..."`` (the backend closed early, bad framing), ``CLIENT_GONE:
-        ...`` (a write to the client failed) or ``"idle upstream"``. The client is not read (trio watches it) and neither
-        socket is half-closed. Raises ``LoopStopped`` when the loop does not run."""
+        ...`` (a write to the client failed) or ``"idle upstream"``. The client is not read
+        (trio watches it) and neither socket is half-closed. Raises ``LoopStopped`` when the loop does not run."""
         cfd, bfd = client.socket.fileno(), backend.socket.fileno()
         return await self._run_entry(lambda done, settle: Entry(
             Way("up", cfd, bfd, open=False), Way("down", bfd, cfd), None, done, settle,
