@@ -44,7 +44,7 @@ def _check_config(args: argparse.Namespace) -> int:
 
 
 def _run(args: argparse.Namespace) -> int:
-    # The only importer of the agent's root: its imports (trio, NVML, hypercorn) are for `run`.
+    # The only importer of the agent's root: its imports (trio, NVML, the API server) are for `run`.
     import trio
 
     from inference_node.agent import run_agent

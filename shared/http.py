@@ -1,4 +1,4 @@
-"""A very small ASGI layer for the control APIs of both services, served by hypercorn on trio.
+"""The control APIs of both services: a route table served by ``shared.h1`` on trio.
 
 Routes map ``(METHOD, "/path/{param}")`` to ``async def handler(req) -> Response``. Errors are
 JSON ``{"error": {"message", "type", "source"}}`` (OpenAI's shape plus the source), so a person can
@@ -7,6 +7,7 @@ tell whether llamanap or the model said it. Bearer tokens are compared in consta
 
 from __future__ import annotations
 
+import contextlib
 import hmac
 import json
 import logging
@@ -16,21 +17,19 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import trio
-from hypercorn.config import Config as HypercornConfig
-from hypercorn.trio import serve as hypercorn_serve
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 
 from shared.config.loader import Secret
 from shared.config.values import HostPort
+from shared.h1 import Client, ClientGone, H1Server, Scope, listener_url
 
 log = logging.getLogger(__name__)
 
 MAX_BODY_BYTES = 1 << 20  # control requests are small; a larger body is a mistake or an attack
-SHUTDOWN_GRACE_S = 2.0  # hypercorn's graceful close budget when the service stops
-
-Scope = dict[str, Any]
-Receive = Callable[[], Awaitable[dict[str, Any]]]
-Send = Callable[[dict[str, Any]], Awaitable[None]]
+# An idle client connection (the proxy's agent client, a dashboard's polls) closes after this.
+KEEP_ALIVE_S = 5.0
+# Requests in flight when the service stops its API (only a stop that is not a cancel).
+SHUTDOWN_GRACE_S = 2.0
 
 
 @dataclass
@@ -85,7 +84,7 @@ Handler = Callable[[Request], Awaitable[Response]]
 
 
 class App:
-    """An ASGI app with a route table and an optional bearer token for every route but public ones."""
+    """A route table and an optional bearer token for every route but public ones."""
 
     def __init__(self, source: str, token: Secret | None, public: frozenset[str] = frozenset()):
         self.source = source
@@ -102,14 +101,12 @@ class App:
 
         return decorate
 
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] == "lifespan":
-            await _lifespan(receive, send)
-            return
-        if scope["type"] != "http":
-            return
+    async def handle(self, scope: Scope, client: Client) -> None:
+        """Answer one request (``h1.H1Server``'s handler): always one whole JSON or text answer."""
         try:
-            response = await self._dispatch(scope, receive)
+            response = await self._dispatch(scope, client)
+        except ClientGone:
+            return
         except HTTPError as exc:
             response = Response.json(error_body(exc.message, exc.kind, self.source), exc.status)
         except Exception as exc:  # a bug must not kill the control API; log it with traceback
@@ -118,10 +115,11 @@ class App:
         headers = [(b"content-type", response.content_type.encode()),
                    (b"content-length", str(len(response.body)).encode())]
         headers += [(k.encode(), v.encode()) for k, v in response.headers]
-        await send({"type": "http.response.start", "status": response.status, "headers": headers})
-        await send({"type": "http.response.body", "body": response.body})
+        body = b"" if scope["method"] == "HEAD" else response.body
+        with contextlib.suppress(ClientGone):
+            await client.start(response.status, headers, body, end=True)
 
-    async def _dispatch(self, scope: Scope, receive: Receive) -> Response:
+    async def _dispatch(self, scope: Scope, client: Client) -> Response:
         path: str = scope["path"]
         method: str = scope["method"]
         headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}
@@ -135,7 +133,7 @@ class App:
             if route_method != method:
                 allowed.append(route_method)
                 continue
-            body = await _read_body(receive)
+            body = await _read_body(client)
             query = dict(
                 part.split("=", 1) if "=" in part else (part, "")
                 for part in scope.get("query_string", b"").decode("latin-1").split("&") if part
@@ -156,31 +154,16 @@ class App:
             raise HTTPError(401, "wrong bearer token", "authentication_error")
 
 
-async def _read_body(receive: Receive) -> bytes:
+async def _read_body(client: Client) -> bytes:
+    """The whole request body; ``HTTPError(413)`` past ``MAX_BODY_BYTES``, ``ClientGone``."""
     chunks: list[bytes] = []
     size = 0
-    while True:
-        message = await receive()
-        if message["type"] == "http.disconnect":
-            break
-        chunk = message.get("body", b"")
+    while (chunk := await client.receive_body()) is not None:
         size += len(chunk)
         if size > MAX_BODY_BYTES:
             raise HTTPError(413, f"request body over {MAX_BODY_BYTES} bytes")
         chunks.append(chunk)
-        if not message.get("more_body"):
-            break
     return b"".join(chunks)
-
-
-async def _lifespan(receive: Receive, send: Send) -> None:
-    while True:
-        message = await receive()
-        if message["type"] == "lifespan.startup":
-            await send({"type": "lifespan.startup.complete"})
-        elif message["type"] == "lifespan.shutdown":
-            await send({"type": "lifespan.shutdown.complete"})
-            return
 
 
 def metrics_response(registry: CollectorRegistry) -> Response:
@@ -193,10 +176,9 @@ async def serve(
     *,
     task_status: trio.TaskStatus[list[str]] = trio.TASK_STATUS_IGNORED,
 ) -> None:
-    """Serve ``app`` on ``listen`` until cancelled; ``task_status`` gets the bound URLs."""
-    config = HypercornConfig()
-    config.bind = [str(listen)]
-    config.accesslog = None
-    config.errorlog = logging.getLogger("hypercorn.error")
-    config.graceful_timeout = SHUTDOWN_GRACE_S
-    await hypercorn_serve(app, config, task_status=task_status)  # type: ignore[arg-type]
+    """Serve ``app`` on ``listen`` until cancelled; ``task_status`` gets the bound URLs.
+    Raises ``OSError`` when it cannot listen (the caller names the config key)."""
+    listeners = await trio.open_tcp_listeners(listen.port, host=listen.host)
+    server = H1Server(app.handle, keep_alive_s=KEEP_ALIVE_S, grace_s=SHUTDOWN_GRACE_S)
+    task_status.started([listener_url(listener) for listener in listeners])
+    await server.serve(listeners, trio.sleep_forever)

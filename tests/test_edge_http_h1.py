@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import trio
 
-from edge_proxy.http_routes.h1 import Client, H1Server, Scope
+from shared.h1 import Client, H1Server, Scope
 from tests.support.ports import LOOPBACK
 
 TEST_TIMEOUT_S = 10.0

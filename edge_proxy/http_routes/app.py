@@ -59,7 +59,6 @@ from edge_proxy.http_routes import waking
 from edge_proxy.http_routes.backend import NodeBackend
 from edge_proxy.http_routes.cache import MAX_CACHED_BODY_BYTES, ResponseCache, cache_key
 from edge_proxy.http_routes.exchange import Exchange
-from edge_proxy.http_routes.h1 import Client, Scope
 from edge_proxy.http_routes.headers import header, request_headers, response_headers
 from edge_proxy.http_routes.intake import read_request
 from edge_proxy.http_routes.knowledge import ModelKnowledge
@@ -77,6 +76,7 @@ from edge_proxy.loading import ModelGate, ModelNeed
 from edge_proxy.tcp_routes.relay_loop import RelayLoop
 from edge_proxy.wake.machine import Event, State
 from shared.config.edge import HttpOptions
+from shared.h1 import Client, Scope
 
 log = logging.getLogger(__name__)
 

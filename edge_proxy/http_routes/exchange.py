@@ -10,8 +10,8 @@ from edge_proxy.history.hooks import RequestLog
 from edge_proxy.history.records import Outcome
 from edge_proxy.http_routes import waking
 from edge_proxy.http_routes.framing import ChunkedScanner
-from edge_proxy.http_routes.h1 import Client, ClientGone, Scope
 from edge_proxy.http_routes.headers import RawHeaders
+from shared.h1 import Client, ClientGone, Scope
 
 
 class Exchange:

@@ -11,7 +11,9 @@ from __future__ import annotations
 
 from typing import Final
 
-RawHeaders = list[tuple[bytes, bytes]]
+from shared.h1 import RawHeaders
+
+__all__ = ["HOP_BY_HOP", "VIA", "RawHeaders", "header", "request_headers", "response_headers"]
 
 HOP_BY_HOP: Final = frozenset({
     b"connection", b"keep-alive", b"proxy-connection", b"te", b"trailer",
@@ -21,7 +23,8 @@ VIA: Final = b"1.1 llamanap"
 # Rebuilt for the next hop from the URL and the body sent; and ``Expect: 100-continue`` was
 # answered by the proxy already (the whole body is read before the request goes on).
 _REBUILT_UPSTREAM: Final = frozenset({b"host", b"content-length", b"expect"})
-# Hypercorn writes its own (and the cache recomputes the length of what it stores).
+# The backend's own: the answer comes from the proxy (and the cache recomputes the length
+# of what it stores).
 _REBUILT_DOWNSTREAM: Final = frozenset({b"date", b"server"})
 
 

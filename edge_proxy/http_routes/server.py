@@ -21,7 +21,6 @@ from edge_proxy.errors import ListenError
 from edge_proxy.history.store import Recorder
 from edge_proxy.http_routes.app import HttpRouteApp
 from edge_proxy.http_routes.backend import NodeBackend
-from edge_proxy.http_routes.h1 import H1Server
 from edge_proxy.http_routes.knowledge import ModelKnowledge
 from edge_proxy.http_routes.metrics import HttpMetrics
 from edge_proxy.http_routes.models import backend_keys
@@ -31,6 +30,7 @@ from edge_proxy.tcp_routes.relay_loop import RelayLoop
 from edge_proxy.wake.driver import NodeDriver
 from edge_proxy.wake.machine import State
 from shared.config.edge import HttpOptions, RouteConfig
+from shared.h1 import H1Server, listener_url
 
 log = logging.getLogger(__name__)
 
@@ -137,7 +137,7 @@ class HttpListener:
                 if exc.errno == errno.EADDRINUSE else "use an address of this machine"
             raise ListenError(f"route {self.listen}: cannot listen: "
                               f"{exc.strerror or exc}; {hint}") from exc
-        self.urls = [_url(listener) for listener in listeners]
+        self.urls = [listener_url(listener) for listener in listeners]
         async with trio.open_nursery() as nursery:
             self._backend_tasks = nursery
             for backend in self.app.backends.values():
@@ -169,11 +169,6 @@ class HttpListener:
                     learned_at = driver.machine.generation
                     await self.app.fetch_models(backend)
                 await trio.sleep(LEARN_POLL_S)
-
-
-def _url(listener: trio.SocketListener) -> str:
-    host, port = listener.socket.getsockname()[:2]
-    return f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
 
 
 def _keys(routes: list[RouteConfig]) -> list[str]:

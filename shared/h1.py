@@ -1,4 +1,5 @@
-"""The HTTP/1.1 server of the HTTP routes: h11 on trio, one task per client connection.
+"""The HTTP/1.1 server of both services: h11 on trio, one task per client connection. It
+serves the edge proxy's HTTP routes and the control APIs of both services (``shared.http``).
 
 Why not an ASGI server: a streamed answer is made of hundreds of small chunks, and an ASGI
 server turns each into a message, an event of its own protocol state machine and a framed
@@ -24,8 +25,6 @@ from urllib.parse import unquote
 import h11
 import trio
 
-from edge_proxy.http_routes.headers import RawHeaders
-
 log = logging.getLogger(__name__)
 
 READ_BYTES: Final = 64 * 1024
@@ -36,6 +35,7 @@ HEAD_TIMEOUT_S: Final = 30.0
 MAX_PIPELINED_BYTES: Final = 64 * 1024
 _BROKEN: Final = (trio.BrokenResourceError, trio.ClosedResourceError, OSError)
 
+RawHeaders = list[tuple[bytes, bytes]]  # (name, value); names in lower case
 Scope = dict[str, Any]
 Handler = Callable[[Scope, "Client"], Awaitable[None]]
 
@@ -307,3 +307,9 @@ def _scope(request: h11.Request, peer: tuple[str, int] | None) -> Scope:
         "client": peer,
         "scheme": "http",
     }
+
+
+def listener_url(listener: trio.SocketListener) -> str:
+    """``http://HOST:PORT`` of a bound listener (IPv6 hosts in brackets)."""
+    host, port = listener.socket.getsockname()[:2]
+    return f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
