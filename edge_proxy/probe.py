@@ -6,13 +6,12 @@ state machine understands: ready, refused (the host is up, the service is not) a
 from __future__ import annotations
 
 import errno
-import ipaddress
-import socket
 
 import trio
 
 from edge_proxy.errors import BackendUnavailable
 from edge_proxy.wake.machine import Event
+from shared.net import open_tcp
 
 HTTP_ANSWER_TIMEOUT_S = 5.0  # a loading llama-server answers 503 at once; a silent one is not ready
 MAX_STATUS_LINE_BYTES = 4096
@@ -24,7 +23,7 @@ async def connect(host: str, port: int, timeout_s: float) -> trio.SocketStream:
     """Open a TCP connection to the backend or raise ``BackendUnavailable``."""
     try:
         with trio.fail_after(timeout_s):
-            stream = await _open(host, port)
+            stream = await open_tcp(host, port)
     except trio.TooSlowError:
         raise BackendUnavailable(
             Event.PROBE_TIMEOUT, f"connect to {host}:{port} timed out after {timeout_s:g} s"
@@ -33,24 +32,7 @@ async def connect(host: str, port: int, timeout_s: float) -> trio.SocketStream:
         root = _root_errno(exc)
         event = Event.PROBE_TIMEOUT if root in _UNREACHABLE else Event.PROBE_REFUSED
         raise BackendUnavailable(event, f"connect to {host}:{port}: {_describe(exc)}") from exc
-    stream.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, True)
     return stream
-
-
-async def _open(host: str, port: int) -> trio.SocketStream:
-    """A TCP connection; an IP literal skips name resolution and happy-eyeballs racing, which
-    matters when a `ready` releases thousands of held clients at once."""
-    try:
-        family = socket.AF_INET6 if ipaddress.ip_address(host).version == 6 else socket.AF_INET
-    except ValueError:
-        return await trio.open_tcp_stream(host, port)
-    sock = trio.socket.socket(family, socket.SOCK_STREAM)
-    try:
-        await sock.connect((host, port))
-    except BaseException:
-        sock.close()
-        raise
-    return trio.SocketStream(sock)
 
 
 async def check_ready(host: str, port: int, http_path: str | None, timeout_s: float) -> str:

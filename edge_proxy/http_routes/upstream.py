@@ -16,10 +16,8 @@ accepts and then never answers).
 from __future__ import annotations
 
 import errno
-import ipaddress
 import logging
 import math
-import socket
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
@@ -37,6 +35,7 @@ from edge_proxy.errors import (
 from edge_proxy.http_routes.framing import is_chunked
 from edge_proxy.http_routes.headers import RawHeaders
 from edge_proxy.wake.machine import Event
+from shared.net import open_tcp
 
 log = logging.getLogger(__name__)
 
@@ -260,7 +259,7 @@ class Upstream:
             await connection.close()
         try:
             with trio.fail_after(connect_timeout_s):
-                stream = await _open(host, self.port)
+                stream = await open_tcp(host, self.port)
         except trio.TooSlowError:
             raise BackendUnavailable(Event.PROBE_TIMEOUT, self._say(
                 f"timed out after {connect_timeout_s:g} s")) from None
@@ -293,24 +292,6 @@ def upstream_timeout(name: str, timeout_s: float) -> UpstreamTimeout:
 def _is_event_stream(headers: RawHeaders) -> bool:
     return any(name.lower() == b"content-type" and value.lower().startswith(b"text/event-stream")
                for name, value in headers)
-
-
-async def _open(host: str, port: int) -> trio.SocketStream:
-    """One ``connect()`` for an IP address (trio's happy eyeballs costs a nursery and a task
-    per connect, about 0.3 ms, and llama-server closes its connection after every streamed
-    answer, so streamed requests connect anew); host names go through ``open_tcp_stream``."""
-    try:
-        address = ipaddress.ip_address(host)
-    except ValueError:
-        return await trio.open_tcp_stream(host, port)
-    family = socket.AF_INET6 if address.version == 6 else socket.AF_INET
-    sock = trio.socket.socket(family, socket.SOCK_STREAM)
-    try:
-        await sock.connect((host, port))
-    except BaseException:
-        sock.close()
-        raise
-    return trio.SocketStream(sock)  # sets TCP_NODELAY: chunks must not wait for ACKs
 
 
 async def read_capped(response: Response, limit: int) -> bytes | None:

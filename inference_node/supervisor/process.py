@@ -16,6 +16,8 @@ from collections.abc import Mapping, Sequence
 
 import trio
 
+from shared.net import open_tcp
+
 # After SIGKILL the kernel tears a process down promptly; this only bounds a child stuck in
 # uninterruptible sleep (a hung driver call) so the agent itself never hangs on it.
 KILL_REAP_TIMEOUT_S = 10.0
@@ -112,7 +114,7 @@ async def probe_health(host: str, port: int, path: str) -> int | None:
     caller puts it in a cancel scope (``trio.move_on_after``) with its budget.
     """
     try:
-        stream = await trio.open_tcp_stream(host, port)
+        stream = await open_tcp(host, port)
     except OSError:
         return None
     async with stream:
