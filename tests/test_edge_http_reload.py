@@ -68,7 +68,7 @@ async def test_a_reload_adds_and_removes_nodes_behind_a_running_listener(
 
                 await proxy.reload(load_edge_config(config(alpha)))
                 assert await listed(client) == ["alpha"]
-                assert proxy.http_routes.listeners[listen].app.table.nodes == ("alpha-box",)
+                assert proxy.http_routes.listeners[listen].app.models.table.nodes == ("alpha-box",)
             nursery.cancel_scope.cancel()
 
 

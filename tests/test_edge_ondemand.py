@@ -97,7 +97,7 @@ async def test_one_url_for_both_models_routes_each_request_to_its_instance(
                 await trio.sleep(POLL_S)  # the union of both routes, learned from the agent
             app = proxy.http_routes.listeners[f"127.0.0.1:{listen}"].app
             # each model on the route whose backend_port is its instance's
-            assert {key: app.table.served_by(key) for key in app.backends} == {
+            assert {key: app.models.table.served_by(key) for key in app.backends} == {
                 f"box:{node.ports[m]}": (m,) for m in MODELS}
             async with httpx.AsyncClient(timeout=TEST_TIMEOUT_S) as client:
                 for model in ("tiny-a", "tiny-b", "tiny-a"):

@@ -4,8 +4,8 @@ Per request, in order:
 
 0. ``intake.read_request`` reads the whole body and refuses, counted, what no node should
    see (an unknown HTTP version, ambiguous framing, a body too large, too slow or not JSON).
-1. ``GET /v1/models`` (or ``/models``) on a listener with several nodes: the union of every
-   node's list (live from awake nodes, else the last one seen, else what the proxy knows),
+1. ``GET /v1/models`` (or ``/models``) on a listener with several nodes, or in front of an
+   agent's list of models on demand: the union of every node's list (``model_lists``),
    never a wake.
 2. The ``model`` field picks the backend, a node and port (``ModelTable.route``); an unknown
    model is a 404.
@@ -25,14 +25,12 @@ are also kept, up to ``MAX_CACHED_BODY_BYTES``.
 
 from __future__ import annotations
 
-import json
 import logging
 import time
 from collections import Counter
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from functools import partial
-from typing import Final
 
 import trio
 
@@ -63,7 +61,8 @@ from edge_proxy.http_routes.headers import header, request_headers, response_hea
 from edge_proxy.http_routes.intake import read_request
 from edge_proxy.http_routes.knowledge import ModelKnowledge
 from edge_proxy.http_routes.metrics import HttpMetrics, Refusals
-from edge_proxy.http_routes.models import ModelTable, Unroutable, requested_model, wants_stream
+from edge_proxy.http_routes.model_lists import ModelLists
+from edge_proxy.http_routes.models import Unroutable, requested_model, wants_stream
 from edge_proxy.http_routes.passthrough import pass_through, passable
 from edge_proxy.http_routes.poll_answers import (
     MODEL_LIST_PATHS,
@@ -71,7 +70,6 @@ from edge_proxy.http_routes.poll_answers import (
     PollAnswers,
 )
 from edge_proxy.http_routes.rules import WakePolicy
-from edge_proxy.http_routes.upstream import read_capped
 from edge_proxy.loading import ModelGate, ModelNeed
 from edge_proxy.tcp_routes.relay_loop import RelayLoop
 from edge_proxy.wake.machine import Event, State
@@ -79,10 +77,6 @@ from shared.config.edge import HttpOptions
 from shared.h1 import Client, Scope
 
 log = logging.getLogger(__name__)
-
-# The model-list union asks each awake node live; one slow node must not stall the page.
-MODELS_FETCH_TIMEOUT_S: Final = 5.0
-
 
 class HttpRouteApp:
     """Serves one listener. Every decision is made by the pure parts (rules, cache, models)."""
@@ -102,7 +96,7 @@ class HttpRouteApp:
         self.metrics = metrics
         self.refusals = Refusals(listen, metrics)
         self.live: set[Exchange] = set()  # requests in flight (``in_flight``)
-        self.table = ModelTable(())
+        self.models = ModelLists(listen, knowledge, self.answers, self.gates)
         self.configure(backends, options)
 
     def configure(self, backends: list[NodeBackend], options: HttpOptions) -> None:
@@ -112,21 +106,10 @@ class HttpRouteApp:
         self.backends = {b.key: b for b in backends}
         self.options = options
         self.policy = WakePolicy.from_texts(options.no_wake)
-        learned = {k: ids for k, ids in self.table.learned.items() if k in self.backends}
-        self.table = ModelTable(tuple(self.backends),
-                                {b.key: tuple(b.route.models) for b in backends}, learned)
-        self._sync_learned()
-
-    def _sync_learned(self) -> None:
-        """Route by what the proxy knows too (the agent's reports, answers before a restart),
-        per backend key: a node with several ports here has its answers per port."""
-        for key in self.backends:
-            if ids := self.knowledge.ids(key):
-                self.table.learned[key] = tuple(dict.fromkeys(
-                    (*ids, *self.table.learned.get(key, ()))))
+        self.models.configure(self.backends)
 
     def __repr__(self) -> str:
-        return f"<HttpRouteApp {self.listen} {self.table!r}>"
+        return f"<HttpRouteApp {self.listen} {self.models.table!r}>"
 
     async def handle(self, scope: Scope, client: Client) -> None:
         """Serve one request (``h1.H1Server``'s handler)."""
@@ -188,14 +171,13 @@ class HttpRouteApp:
             scope.cancel()
 
     async def _dispatch(self, ex: Exchange, body: bytes) -> None:
-        self._learn_from_agents()
-        if ex.method == "GET" and ex.path in MODEL_LIST_PATHS and (
-                len(self.backends) > 1 or self._agent_listed()):
-            await self._model_union(ex)
+        self.models.learn_from_agents()
+        if ex.method == "GET" and ex.path in MODEL_LIST_PATHS and self.models.answers_as_union():
+            await self.models.answer_union(ex, self.options.poll_refresh_s)
             return
-        self._sync_learned()
+        self.models.sync_learned()
         asked = requested_model(body)
-        decision = self.table.route(asked, lambda n: self.backends[n].is_awake())
+        decision = self.models.table.route(asked, lambda n: self.backends[n].is_awake())
         if isinstance(decision, Unroutable):
             self.metrics.unknown_model.labels(self.listen).inc()
             ex.outcome("refused")
@@ -227,66 +209,6 @@ class HttpRouteApp:
                 log.info("route %s: poll %s %s not relayed: %s", self.listen, ex.method,
                          ex.path, exc.reason)
         await self.answers.answer(ex, backend, key)
-
-    def _learn_from_agents(self) -> None:
-        """Every model a node's agent listed, loaded or not, is one this listener serves (on
-        the backend whose port its instance listens on, where a node has several here)."""
-        for key, backend in self.backends.items():
-            gate = self.gates.get(backend.name)
-            if gate is not None and gate.table.models:
-                listed = gate.table.openai_list(backend.agent_port())
-                self.table.learn(key, json.dumps(listed).encode())
-
-    def _agent_listed(self) -> bool:
-        return any(b.name in self.gates and self.gates[b.name].table.models
-                   for b in self.backends.values())
-
-    async def _model_union(self, ex: Exchange) -> None:
-        answers: dict[str, bytes | None] = {}
-        key = cache_key("GET", "/v1/models", b"")
-
-        async def fetch(backend: NodeBackend) -> None:
-            gate = self.gates.get(backend.name)
-            if gate is not None and gate.table.models:  # the agent's list has them all
-                listed = gate.table.openai_list(backend.agent_port())
-                answers[backend.key] = json.dumps(listed).encode()
-                return
-            if self.answers.goes_through(backend, key, self.options.poll_refresh_s):
-                with trio.move_on_after(MODELS_FETCH_TIMEOUT_S):
-                    answers[backend.key] = await self.fetch_models(backend)
-            if answers.get(backend.key) is None:
-                answers[backend.key] = self.answers.known_models(backend.key, key)
-
-        async with trio.open_nursery() as nursery:
-            for backend in self.backends.values():
-                nursery.start_soon(fetch, backend)
-        body = json.dumps(self.table.union(answers)).encode()
-        await ex.respond(200, [(b"content-type", b"application/json")], body)
-
-    async def fetch_models(self, backend: NodeBackend) -> bytes | None:
-        """``GET /v1/models`` from an awake node: cached and learned from; None on failure."""
-        driver = backend.driver
-        try:
-            async with backend.upstream.exchange(driver.cfg.host, "GET", b"/v1/models",
-                                                 [(b"accept", b"application/json")], b"",
-                                                 driver.cfg.probe_timeout_s,
-                                                 backend.route.upstream_idle_timeout_s
-                                                 ) as response:
-                body = await read_capped(response, MAX_CACHED_BODY_BYTES)
-                status, raw = response.status, response.headers
-        except (BackendUnavailable, UpstreamError) as exc:
-            log.info("route %s: model list of %s not fetched: %s", self.listen, backend.name, exc)
-            return None
-        if status != 200 or body is None:
-            return None
-        self._remember(backend, "GET", "/v1/models", cache_key("GET", "/v1/models", b""),
-                       status, response_headers(_lower(raw)), body)
-        return body
-
-    def _remember(self, backend: NodeBackend, method: str, path: str, key: str, status: int,
-                  headers: list[tuple[bytes, bytes]], body: bytes) -> None:
-        if self.answers.remember(backend.key, method, path, key, status, headers, body):
-            self.table.learn(backend.key, body)
 
     # ---- everything else: wake when needed -----------------------------------------------
 
@@ -422,8 +344,8 @@ class HttpRouteApp:
                         if kept is not None:
                             kept.append(chunk)
                 if kept is not None and keep_as is not None:
-                    self._remember(backend, ex.method, ex.path, keep_as, response.status, out,
-                                   b"".join(kept))
+                    self.models.remember(backend, ex.method, ex.path, keep_as, response.status,
+                                         out, b"".join(kept))
                 await ex.end()
         finally:
             driver.active -= 1

@@ -121,7 +121,7 @@ class HttpListener:
         for backend in backends:
             if id(backend.upstream) not in previous:
                 self._start_backend_tasks(backend)
-        log.info("http route %s reloaded: %s", self.listen, self.app.table)
+        log.info("http route %s reloaded: %s", self.listen, self.app.models.table)
 
     async def serve(self, *, task_status: trio.TaskStatus[list[str]] = trio.TASK_STATUS_IGNORED
                     ) -> None:
@@ -167,7 +167,7 @@ class HttpListener:
                 driver = backend.driver
                 if driver.state is State.AWAKE and driver.machine.generation != learned_at:
                     learned_at = driver.machine.generation
-                    await self.app.fetch_models(backend)
+                    await self.app.models.fetch(backend)
                 await trio.sleep(LEARN_POLL_S)
 
 

@@ -89,7 +89,7 @@ class HttpRoutes:
                         # keyed by backend: the node's name, or NODE:PORT for a node
                         # with several routes here
                         "nodes": {k: {"node": b.name, "backend_port": b.route.backend_port,
-                                      "models": list(listener.app.table.served_by(k)),
+                                      "models": list(listener.app.models.table.served_by(k)),
                                       "in_flight": in_flight.get(k, 0)}
                                   for k, b in listener.app.backends.items()}})
         return out
