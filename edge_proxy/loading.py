@@ -35,9 +35,9 @@ from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any, Final
 
-import httpx
 import trio
 
+from edge_proxy.agent_http import AgentHttp, AgentHttpError
 from edge_proxy.errors import AgentError, LoadFailed
 from shared.config.edge import NodeConfig
 
@@ -161,11 +161,11 @@ class AgentClient:
             raise ValueError(f"node {node} has no agent_url")
         self.node = node
         self.url = cfg.agent_url.rstrip("/")
-        headers = {"accept": "application/json"}
+        headers = [(b"accept", b"application/json")]
         if cfg.agent_token is not None:
-            headers["authorization"] = f"Bearer {cfg.agent_token.reveal()}"
-        # Timeouts are cancel scopes at the call sites; httpx's own would cut a long load.
-        self._http = httpx.AsyncClient(headers=headers, timeout=None)
+            headers.append((b"authorization", f"Bearer {cfg.agent_token.reveal()}".encode()))
+        # Timeouts are cancel scopes at the call sites (a load may take minutes).
+        self._http = AgentHttp(self.url, headers)
 
     def __repr__(self) -> str:
         return f"<AgentClient {self.node} {self.url}>"
@@ -186,15 +186,14 @@ class AgentClient:
         where = f"agent of {self.node} at {self.url}: GET {path}"
         with trio.move_on_after(MODELS_TIMEOUT_S) as scope:
             try:
-                response = await self._http.get(f"{self.url}{path}")
-            except httpx.HTTPError as exc:
-                raise AgentError(f"{where}: {exc!r}") from exc
+                answer = await self._http.request("GET", path)
+            except AgentHttpError as exc:
+                raise AgentError(f"{where}: {exc}") from exc
         if scope.cancelled_caught:
             raise AgentError(f"{where}: no answer after {MODELS_TIMEOUT_S:g} s")
-        if response.status_code != 200:
-            raise AgentError(f"{where} answered {response.status_code}: "
-                             f"{_reason(response.content)}")
-        return response.content
+        if answer.status != 200:
+            raise AgentError(f"{where} answered {answer.status}: {_reason(answer.body)}")
+        return answer.body
 
     async def load(self, model: str) -> list[str]:
         """Return once the agent says ``model`` is ready, with the instances it evicted for
@@ -202,15 +201,15 @@ class AgentClient:
         minutes)."""
         path = f"/v1/models/{urllib.parse.quote(model, safe='')}/load"
         try:
-            response = await self._http.post(f"{self.url}{path}", json={})
-        except httpx.HTTPError as exc:
-            raise LoadFailed(model, self.node, f"agent at {self.url} unreachable: {exc!r}"
+            answer = await self._http.request("POST", path, b"{}")
+        except AgentHttpError as exc:
+            raise LoadFailed(model, self.node, f"agent at {self.url} unreachable: {exc}"
                              ) from exc
-        if response.status_code != 200:
-            raise LoadFailed(model, self.node, f"the agent answered {response.status_code}: "
-                             f"{_reason(response.content)}")
+        if answer.status != 200:
+            raise LoadFailed(model, self.node, f"the agent answered {answer.status}: "
+                             f"{_reason(answer.body)}")
         try:
-            evicted = json.loads(response.content).get("evicted") or []
+            evicted = json.loads(answer.body).get("evicted") or []
         except (ValueError, AttributeError):
             evicted = []
         return [name for name in evicted if isinstance(name, str)]

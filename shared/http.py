@@ -12,6 +12,7 @@ import hmac
 import json
 import logging
 import re
+import urllib.parse
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -126,8 +127,11 @@ class App:
         if path not in self.public:
             self._authorize(headers.get("authorization", ""))
         allowed: list[str] = []
+        # Matched still percent-encoded: a parameter may hold a "/" (a model named
+        # "org/model" is sent as org%2Fmodel), decoded once it is cut out.
+        raw = scope.get("raw_path", path.encode()).decode("latin-1")
         for route_method, regex, _, handler in self._routes:
-            m = regex.match(path)
+            m = regex.match(raw)
             if not m:
                 continue
             if route_method != method:
@@ -138,7 +142,8 @@ class App:
                 part.split("=", 1) if "=" in part else (part, "")
                 for part in scope.get("query_string", b"").decode("latin-1").split("&") if part
             )
-            return await handler(Request(method, path, m.groupdict(), query, headers, body))
+            params = {k: urllib.parse.unquote(v) for k, v in m.groupdict().items()}
+            return await handler(Request(method, path, params, query, headers, body))
         if allowed:
             raise HTTPError(405, f"{method} not allowed on {path}; use {', '.join(sorted(set(allowed)))}")
         raise HTTPError(404, f"no such endpoint: {path}", "not_found_error")

@@ -134,7 +134,7 @@ async def test_an_unreachable_agent_fails_the_load_with_the_address() -> None:
     client = AgentClient("gpubox", node_config(url))
     try:
         with pytest.raises(LoadFailed, match=f"model a on node gpubox did not load: agent at "
-                                             f"{url} unreachable: ConnectError"):
+                                             f"{url} unreachable: cannot connect: Connection refused"):
             await client.load("a")
     finally:
         await client.aclose()

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+import urllib.parse
 from typing import Any, Final
 
 from inference_node.client import WAIT_MARGIN_S, AgentClient, client_options
@@ -35,7 +36,7 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
 
 def _load(args: argparse.Namespace) -> int:
     try:
-        out = AgentClient.from_args(args).post(f"/v1/models/{args.model}/load",
+        out = AgentClient.from_args(args).post(f"/v1/models/{_quoted(args.model)}/load",
                                                timeout_s=args.timeout + WAIT_MARGIN_S)
     except AgentRefused as exc:
         print(f"node-agent: load {args.model}: {exc}", file=sys.stderr)
@@ -51,7 +52,7 @@ def _load(args: argparse.Namespace) -> int:
 
 def _unload(args: argparse.Namespace) -> int:
     try:
-        out = AgentClient.from_args(args).post(f"/v1/models/{args.model}/unload",
+        out = AgentClient.from_args(args).post(f"/v1/models/{_quoted(args.model)}/unload",
                                                timeout_s=UNLOAD_TIMEOUT_S)
     except AgentRefused as exc:
         print(f"node-agent: unload {args.model}: {exc}", file=sys.stderr)
@@ -77,3 +78,8 @@ def _ago(seconds: float | None) -> str:
     if seconds is None:
         return "never"
     return f"{seconds:.0f}s ago" if seconds < 3600 else f"{seconds / 3600:.1f}h ago"
+
+
+def _quoted(model: str) -> str:
+    """A model name as one path segment (``org/model`` is ``org%2Fmodel``)."""
+    return urllib.parse.quote(model, safe="")
