@@ -10,7 +10,6 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-import httpx
 import trio
 
 from edge_proxy import doctor
@@ -61,6 +60,8 @@ def control_base(cfg: EdgeConfig) -> str:
 
 
 def _request(cfg: EdgeConfig, method: str, path: str) -> Any:
+    import httpx  # only the commands that talk to a running proxy need it, not `run`
+
     headers = {}
     if cfg.control.token is not None:
         headers["Authorization"] = f"Bearer {cfg.control.token.reveal()}"
