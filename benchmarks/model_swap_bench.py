@@ -13,9 +13,9 @@ Columns, all on 127.0.0.1:
   names each model by its file stem; a request for a model that is not loaded spawns a child
   for it and, past ``--models-max``, stops the least recently used one first.
 - **llamanap**: ``edge-proxy run`` + ``node-agent run`` (fresh per run, nothing loaded), a
-  memory budget that holds one model, both instances ``load = "on-demand"`` with start-up
-  health polls every 10 ms (the floor's resolution; the default is 0.25 s), one HTTP route
-  per instance. Needs the agent's on-demand instances; where this tree's node config has no
+  memory budget that holds one model, both instances ``load = "on-demand"`` with the default
+  start-up health checks (the agent probes as soon as llama-server logs ``model loaded``, so
+  its 0.25 s interval does not set its resolution), one HTTP route per instance. Needs the agent's on-demand instances; where this tree's node config has no
   such key the column says so instead of measuring.
 - **agent**: the same node-agent without the proxy: ``POST /v1/models/NAME/load``, then the
   request to the instance's own port. llamanap minus agent is the proxy's own share.
@@ -73,9 +73,6 @@ MODEL_NAMES = ("tiny-a", "tiny-b")
 LLAMA_ARGS = ("-c", "2048", "-np", "1", "-t", "1")
 # Between columns: the last one's children exit (and free the cores) before the next starts.
 SETTLE_S = 0.5
-# The agent's start-up health polls (default 0.25 s) at the floor's resolution, so the
-# column compares the proxy and agent, not two polling intervals.
-AGENT_HEALTH_INTERVAL_S = 0.01
 PROXY_PROBE_INTERVAL_S = 0.05  # only finds the agent up at the start; not on the load path
 
 
@@ -224,9 +221,7 @@ def write_llamanap(folder: Path, binary: Path, models: dict[str, Path]
     for name, path in models.items():
         instances[name] = {
             "model": str(path), "binary": str(binary), "port": free_port(),
-            "args": list(LLAMA_ARGS), "load": "on-demand", "models": [name],
-            # the floor polls /health every POLL_S; the agent gets the same resolution
-            "health": {"interval_s": AGENT_HEALTH_INTERVAL_S}}
+            "args": list(LLAMA_ARGS), "load": "on-demand", "models": [name]}
         routes[name] = free_port()
     needs = [sum(instance_need(n, build(InstanceConfig, t, Context(folder / "x.toml"),
                                         f"instances.{n}"), []).values())
