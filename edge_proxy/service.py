@@ -278,10 +278,13 @@ class Proxy:
         }
 
     def _wake_failures(self) -> dict[str, float]:
-        """Failed wakes so far per node, as ``edge_wake_failures_total`` counts them."""
-        registry = self.metrics.registry
-        return {name: registry.get_sample_value("edge_wake_failures_total", {"node": name}) or 0.0
-                for name in self.drivers}
+        """Failed wakes so far per node, as ``edge_wake_failures_total`` counts them (read
+        from that counter alone: the registry's own lookup collects every series there is,
+        each second)."""
+        counted = {sample.labels["node"]: sample.value
+                   for metric in self.metrics.wake_failures.collect()
+                   for sample in metric.samples if sample.name == "edge_wake_failures_total"}
+        return {name: counted.get(name, 0.0) for name in self.drivers}
 
     def _engine_status(self) -> str:
         """Which engine relays TCP routes now, and why it is not the loop when it is not."""
