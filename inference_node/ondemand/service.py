@@ -58,7 +58,7 @@ from inference_node.ondemand.routes import add_routes
 from inference_node.placement.autoplace import gpus_from_inventory
 from inference_node.supervisor.state import State
 from inference_node.supervisor.supervisor import SETTLED, Supervisor
-from shared.config.node import NodeAgentConfig
+from shared.config.node import InstanceConfig, NodeAgentConfig
 from shared.http import App
 
 log = logging.getLogger(__name__)
@@ -241,7 +241,7 @@ class OnDemandService:
             if name not in snapshot:
                 continue  # a config the supervisor has not applied yet
             need, problem = await self._estimator.need(name, cfg, gpus)
-            v = self._view(name, need or {})
+            v = self._view(name, need or {}, cfg)
             last = self._last_use.get(name)
             state = "loaded" if v.phase is Phase.READY else v.phase.value
             row = snapshot[name]
@@ -311,10 +311,11 @@ class OnDemandService:
             log.warning("model %s: refused: %s", self._label(name), decision.reason)
             raise LoadRefused(decision.reason)
         assert isinstance(decision, Load)
+        # (read before the awaits: a reload meanwhile may remove a victim from the config)
+        stop_timeouts = {v: self._config.instances[v].stop_timeout_s for v in decision.evict}
         await self._stop(decision.evict, decision.evict_reason, "evicted")
         for victim in decision.evict:
-            with trio.move_on_after(self._config.instances[victim].stop_timeout_s
-                                    + EVICT_MARGIN_S):
+            with trio.move_on_after(stop_timeouts[victim] + EVICT_MARGIN_S):
                 await self._sup.get(victim).wait_for(SETTLED)
         mark = inst.transitions
         self._sup.start(name, f"load for model {self._label(name)}: {decision.reason}")
@@ -347,7 +348,8 @@ class OnDemandService:
             attempt.error = f"model {label} (instance {name}) failed to load: {why}"
             self.loads.labels(label, "failed").inc()
             log.warning("%s", attempt.error)
-            on_demand = self._config.instances[name].load == "on-demand"
+            cfg = self._config.instances.get(name)  # None: a reload removed it meanwhile
+            on_demand = cfg is not None and cfg.load == "on-demand"
             if inst.wanted and on_demand:
                 self._sup.stop(name, "load failed; not retried until the next request")
         finally:
@@ -365,7 +367,10 @@ class OnDemandService:
             return
         gpus = await trio.to_thread.run_sync(self._gpus)
         for name in todo:
-            need, _ = await self._estimator.need(name, self._config.instances[name], gpus)
+            cfg = self._config.instances.get(name)
+            if cfg is None:  # a reload removed it while this awaited
+                continue
+            need, _ = await self._estimator.need(name, cfg, gpus)
             if need is not None:
                 self._needs[name] = need
 
@@ -385,11 +390,11 @@ class OnDemandService:
             self._sup.stop(name, reason)
 
     def _views(self, needs: Mapping[str, Mapping[str, float]]) -> list[InstanceView]:
-        return [self._view(n, needs.get(n, {})) for n in self._sup.names
-                if n in self._config.instances]
+        instances = self._config.instances
+        return [self._view(n, needs.get(n, {}), instances[n]) for n in self._sup.names
+                if n in instances]
 
-    def _view(self, name: str, need: Mapping[str, float]) -> InstanceView:
-        cfg = self._config.instances[name]
+    def _view(self, name: str, need: Mapping[str, float], cfg: InstanceConfig) -> InstanceView:
         inst = self._sup.get(name)
         phase = Phase.LOADING if name in self._attempts else PHASES[inst.state]
         if phase is Phase.UNLOADED and inst.wanted and inst.state is State.STOPPED:
