@@ -6,7 +6,8 @@ from __future__ import annotations
 
 import functools
 import json
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
 
 import pytest
 import trio
@@ -61,8 +62,11 @@ async def test_requests_share_one_kept_connection_and_send_the_headers() -> None
     assert len(peers) == 1
 
 
+@asynccontextmanager
 async def raw_server(answer: Callable[[trio.SocketStream, int], Awaitable[None]]
-                     ) -> tuple[int, Callable[[trio.Nursery], Awaitable[None]]]:
+                     ) -> AsyncIterator[AgentHttp]:
+    """A server that answers its Nth connection with ``answer(stream, N)``, and a client
+    of it."""
     port = free_port()
     count = 0
 
@@ -71,10 +75,14 @@ async def raw_server(answer: Callable[[trio.SocketStream, int], Awaitable[None]]
         count += 1
         await answer(stream, count)
 
-    async def run(nursery: trio.Nursery) -> None:
-        await nursery.start(functools.partial(trio.serve_tcp, handler, port, host="127.0.0.1"))
-
-    return port, run
+    with trio.fail_after(TIMEOUT_S):
+        async with trio.open_nursery() as nursery:
+            await nursery.start(functools.partial(trio.serve_tcp, handler, port,
+                                                  host="127.0.0.1"))
+            http = AgentHttp(f"http://127.0.0.1:{port}", [])
+            yield http
+            await http.aclose()
+            nursery.cancel_scope.cancel()
 
 
 async def read_request(stream: trio.SocketStream) -> bytes:
@@ -99,15 +107,9 @@ async def test_a_kept_connection_closed_under_the_client_is_replaced_and_the_req
             await read_request(stream)
         await stream.aclose()
 
-    port, run = await raw_server(answer)
-    with trio.fail_after(TIMEOUT_S):
-        async with trio.open_nursery() as nursery:
-            await run(nursery)
-            http = AgentHttp(f"http://127.0.0.1:{port}", [])
-            assert (await http.request("GET", "/a")).status == 200
-            assert (await http.request("GET", "/b")).status == 200
-            await http.aclose()
-            nursery.cancel_scope.cancel()
+    async with raw_server(answer) as http:
+        assert (await http.request("GET", "/a")).status == 200
+        assert (await http.request("GET", "/b")).status == 200
     assert connections == [1, 2]
 
 
@@ -120,14 +122,9 @@ async def test_an_answer_cut_short_is_an_error_and_not_sent_twice() -> None:
         await stream.send_all(b"HTTP/1.1 200 OK\r\ncontent-length: 100\r\n\r\n{\"half")
         await stream.aclose()
 
-    port, run = await raw_server(answer)
-    with trio.fail_after(TIMEOUT_S):
-        async with trio.open_nursery() as nursery:
-            await run(nursery)
-            http = AgentHttp(f"http://127.0.0.1:{port}", [])
-            with pytest.raises(AgentHttpError, match="RemoteProtocolError"):
-                await http.request("POST", "/v1/models/a/load", b"{}")
-            nursery.cancel_scope.cancel()
+    async with raw_server(answer) as http:
+        with pytest.raises(AgentHttpError, match="RemoteProtocolError"):
+            await http.request("POST", "/v1/models/a/load", b"{}")
     assert connections == [1]
 
 
