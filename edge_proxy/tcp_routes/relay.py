@@ -20,6 +20,7 @@ import fcntl
 import os
 import socket
 import struct
+import threading
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
@@ -28,7 +29,12 @@ import trio
 from edge_proxy.errors import ClientGone, LoopStopped
 from edge_proxy.tcp_routes.idle import IdleTimeouts, idle_outcome, idle_side
 from edge_proxy.tcp_routes.relay_loop import RelayLoop
-from edge_proxy.tcp_routes.relay_thread import COUNT_EVERY_BYTES, PIPE_BYTES, RECEIVE_BYTES
+from edge_proxy.tcp_routes.relay_thread import (
+    COUNT_EVERY_BYTES,
+    PIPE_BYTES,
+    RECEIVE_BYTES,
+    ReadBuffer,
+)
 
 # Socket buffers big enough for a few chunks in flight each way on a fast link.
 SOCKET_BUFFER_BYTES = 1 << 20
@@ -39,6 +45,8 @@ _LINGER_RESET = struct.pack("ii", 1, 0)  # SO_LINGER on, 0 s: close() sends RST
 
 ByteCounter = Callable[[str, int], None]  # (direction "up" | "down", byte count)
 _BROKEN = (trio.BrokenResourceError, trio.ClosedResourceError, OSError)
+# One read buffer per thread that runs trio relays (each read is copied out before an await).
+_THREAD = threading.local()
 
 
 @dataclass
@@ -228,7 +236,7 @@ async def _pump(src_stream: trio.SocketStream, dst_stream: trio.SocketStream, wa
                 await trio.lowlevel.wait_readable(src)
             while True:
                 try:
-                    chunk = os.read(src_fd, RECEIVE_BYTES)
+                    chunk = _reads().read(src_fd)
                     break
                 except BlockingIOError:
                     waited = True
@@ -291,3 +299,10 @@ async def _splice(src: trio.socket.SocketType, dst: trio.socket.SocketType, tall
     finally:
         os.close(pipe_r)
         os.close(pipe_w)
+
+
+def _reads() -> ReadBuffer:
+    reads: ReadBuffer | None = getattr(_THREAD, "reads", None)
+    if reads is None:
+        reads = _THREAD.reads = ReadBuffer()
+    return reads
