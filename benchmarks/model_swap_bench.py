@@ -336,6 +336,12 @@ def report(results: dict[str, dict[str, list[float]]], notes: dict[str, str]) ->
     if "llamanap" in results:
         over = (p50(results["llamanap"]["swap"]) - p50(results["direct"]["swap"])) * 1000
         cold_ok = p50(results["llamanap"]["cold"]) <= p50(results["router"]["cold"])
+        # each run's two cold starts came back to back: their difference drifts less
+        paired = [(n - r) * 1000 for r, n in zip(results["router"]["cold"],
+                                                 results["llamanap"]["cold"], strict=True)]
+        gap = (p50(results["llamanap"]["cold"]) - p50(results["router"]["cold"])) * 1000
+        print(f"cold: llamanap - router, p50 {gap:+.1f} ms, paired per run {p50(paired):+.1f} "
+              f"ms (runs llamanap was faster: {sum(d <= 0 for d in paired)} of {len(paired)})")
         for kind in ("cold", "swap"):
             own = (p50(results["llamanap"][kind]) - p50(results["agent"][kind])) * 1000
             print(f"{kind}: the proxy's own share (llamanap - agent, p50): {own:+.1f} ms")
