@@ -76,7 +76,7 @@ class ModelLists:
             gate = self.gates.get(backend.name)
             if gate is not None and gate.table.models:
                 listed = gate.table.openai_list(backend.agent_port())
-                self.table.learn(key, json.dumps(listed).encode())
+                self.table.learn_ids(key, (m["id"] for m in listed["data"]))
 
     def answers_as_union(self) -> bool:
         """A model list here is the union (several backends, or an agent's list)."""

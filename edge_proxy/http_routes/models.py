@@ -128,9 +128,12 @@ class ModelTable:
 
     def learn(self, node: str, body: bytes) -> None:
         """Replace what ``node`` is known to serve with the ids in its ``/v1/models`` answer."""
-        ids = model_ids(body)
-        if ids:
-            self.learned[node] = tuple(ids)
+        self.learn_ids(node, model_ids(body))
+
+    def learn_ids(self, node: str, ids: Iterable[str]) -> None:
+        """Replace what ``node`` is known to serve with ``ids`` (none: keep what it was)."""
+        if ids := tuple(ids):
+            self.learned[node] = ids
 
     def served_by(self, node: str) -> tuple[str, ...]:
         return tuple(dict.fromkeys([*self.configured.get(node, ()), *self.learned.get(node, ())]))
