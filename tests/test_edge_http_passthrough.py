@@ -16,6 +16,7 @@ import httpx
 import pytest
 import trio
 
+from edge_proxy.history import query
 from edge_proxy.service import RelayEngine
 from tests.support.edge_http import (
     CHAT,
@@ -126,3 +127,31 @@ async def test_an_http_1_0_client_gets_the_stream_until_the_close(tmp_path: Path
         head, _, rest = answer.partition(b"\r\n\r\n")
         assert head.startswith(b"HTTP/1.1 200") and b"transfer-encoding" not in head.lower()
         assert rest.count(b"data: ") == 4 and rest.endswith(b"data: [DONE]\n\n")
+
+
+# A whole answer in the write that carries its head, as a fast llama-server sends a short one:
+# the last event has llama-server's numbers.
+FINAL = (b'data: {"choices":[],"usage":{"prompt_tokens":5,"completion_tokens":8},'
+         b'"timings":{"prompt_n":5,"prompt_ms":2.0,"prompt_per_second":2500.0,'
+         b'"predicted_n":8,"predicted_ms":4.0,"predicted_per_second":2000.0}}\n\n')
+
+
+async def whole_stream_with_the_head(stream: trio.SocketStream) -> None:
+    chunks = [b"data: {\"a\":1}\n\n", FINAL, b"data: [DONE]\n\n"]
+    body = b"".join(b"%x\r\n%s\r\n" % (len(c), c) for c in chunks) + b"0\r\n\r\n"
+    await stream.send_all(HEAD + body)
+    await trio.sleep(0.2)
+
+
+async def test_an_answer_that_came_whole_with_its_head_has_its_numbers_in_history(
+        tmp_path: Path) -> None:
+    db = tmp_path / "history.sqlite3"
+    async with proxy_before(tmp_path, whole_stream_with_the_head, history=db) as proxy:
+        url = proxy.http_routes.url("127.0.0.1:0")
+        async with httpx.AsyncClient(timeout=TEST_TIMEOUT_S) as client:
+            answer = await client.post(f"{url}/v1/chat/completions",
+                                       json={**CHAT, "stream": True})
+        assert answer.status_code == 200 and FINAL in answer.content
+    with query.open_readonly(db) as conn:
+        (row,) = query.requests(conn)
+    assert (row.prompt_tokens, row.predicted_tokens, row.predicted_per_s) == (5, 8, 2000.0)

@@ -85,7 +85,8 @@ class RequestLog:
         if self._ttfb is None:
             self._ttfb = self._clock() - self._start
         self._status = status
-        self._parser = TimingsParser(content_type)
+        if self._parser is None:  # (said again when SSE comments started the answer)
+            self._parser = TimingsParser(content_type)
 
     def body(self, chunk: bytes) -> None:
         """A piece of the response body went to the client."""

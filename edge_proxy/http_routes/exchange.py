@@ -90,13 +90,19 @@ class Exchange:
         """Return once the client leaves (its request read; the answer under way)."""
         await self.client.wait_gone()
 
-    def _started(self, status: int, headers: RawHeaders) -> None:
-        self.started = True
-        self.status = status
+    def answer_coming(self, status: int, headers: RawHeaders) -> None:
+        """The answer's status and headers are known and go out next: the history row
+        starts reading its body from here (a pass-through scans the body bytes that came
+        with the head before the head is sent, and may find the whole answer in them)."""
         if self.log is not None:
             content_type = next((v for k, v in headers if k.lower() == b"content-type"), None)
             self.log.response_started(status, content_type.decode("latin-1")
                                       if content_type is not None else None)
+
+    def _started(self, status: int, headers: RawHeaders) -> None:
+        self.started = True
+        self.status = status
+        self.answer_coming(status, headers)
 
     async def start(self, status: int, headers: RawHeaders) -> None:
         self._started(status, headers)

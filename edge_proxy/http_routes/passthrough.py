@@ -75,6 +75,9 @@ async def pass_through(ex: Exchange, response: Response, out: RawHeaders,
     tap = PayloadTap(ex.log, parser)
     scanner = ex.passing = ChunkedScanner(tap)
     offset = trio.current_time() - time.perf_counter()  # the loop's clock to trio's
+    head = [h for h in out if h[0] != b"content-length"]
+    if not ex.started:
+        ex.answer_coming(response.status, head)  # the row reads what the scan finds
     start = response.raw_start
     end = _scan(scanner, start, response)
     if end is not None:
@@ -82,8 +85,7 @@ async def pass_through(ex: Exchange, response: Response, out: RawHeaders,
     if ex.started:
         await ex.body_raw(start)
     else:
-        await ex.start_raw(response.status, [h for h in out if h[0] != b"content-length"],
-                           start)
+        await ex.start_raw(response.status, head, start)
     if end is None:
         await _pass_rest(ex, response, scanner, loop, idle_timeout_s)
     ex.passed_through()

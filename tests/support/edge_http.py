@@ -166,12 +166,16 @@ def raw_backend(answer: Answer) -> Callable[[trio.SocketStream], Awaitable[None]
 
 
 @asynccontextmanager
-async def proxy_before(tmp_path: Path, answer: Answer, *, engine: RelayEngine = "loop"
-                       ) -> AsyncIterator[Proxy]:
-    """A proxy (relay engine ``engine``) with one HTTP route, on 127.0.0.1:0, to a node
-    whose backend is ``raw_backend(answer)``; yielded once the node is AWAKE."""
+async def proxy_before(tmp_path: Path, answer: Answer, *, engine: RelayEngine = "loop",
+                       history: Path | None = None) -> AsyncIterator[Proxy]:
+    """A proxy (relay engine ``engine``; ``[history]`` at ``history`` when given) with one
+    HTTP route, on 127.0.0.1:0, to a node whose backend is ``raw_backend(answer)``; yielded
+    once the node is AWAKE. The history is written when the block ends."""
     node = NodeSpec("box", "aa:bb:cc:dd:ee:01", free_port())
     path = write_http_config(tmp_path, [node], free_port())
+    if history is not None:
+        path.write_text(path.read_text()
+                        + f'\n[history]\nenabled = true\npath = "{history}"\n')
     with trio.fail_after(TEST_TIMEOUT_S):
         async with trio.open_nursery() as nursery:
             await nursery.start(partial(trio.serve_tcp, raw_backend(answer), node.port,
