@@ -15,8 +15,9 @@ Columns, all on 127.0.0.1:
 - **llamanap**: ``edge-proxy run`` + ``node-agent run`` (fresh per run, nothing loaded), a
   memory budget that holds one model, both instances ``load = "on-demand"`` with the default
   start-up health checks (the agent probes as soon as llama-server logs ``model loaded``, so
-  its 0.25 s interval does not set its resolution), one HTTP route per instance. Needs the agent's on-demand instances; where this tree's node config has no
-  such key the column says so instead of measuring.
+  its 0.25 s interval does not set its resolution), one HTTP route per instance. Needs the
+  agent's on-demand instances; where this tree's node config has no such key the column says
+  so instead of measuring.
 - **agent**: the same node-agent without the proxy: ``POST /v1/models/NAME/load``, then the
   request to the instance's own port. llamanap minus agent is the proxy's own share.
 

@@ -37,6 +37,9 @@ _READABLE = _IN | select.EPOLLERR | select.EPOLLHUP  # an error or hang-up shows
 _WRITABLE = _OUT | select.EPOLLERR | select.EPOLLHUP
 
 ByteCounter = Callable[[str, int], None]
+REMOVED = "removed"  # the word that acknowledges a "remove"
+# The first word of the outcome of an answer passed through whose client left (a failed write).
+CLIENT_GONE = "client-gone"
 
 
 class ReadBuffer:
@@ -44,7 +47,7 @@ class ReadBuffer:
     ``os.read(fd, RECEIVE_BYTES)`` allocates a buffer of that size for every read, which glibc
     maps (mmap), shrinks (mremap) and unmaps again: three more system calls and a page fault
     for each chunk of a stream, about 15 us here, several times the read itself. One buffer
-    per thread (or per trio task between two awaits): what ``read`` returns is a copy."""
+    per thread: what ``read`` returns is a copy, so the buffer is free again at once."""
 
     def __init__(self, size: int = RECEIVE_BYTES) -> None:
         self._buffer = bytearray(size)
@@ -55,9 +58,6 @@ class ReadBuffer:
         (nothing to read yet) and the other ``OSError``s of ``read(2)``."""
         n = os.readv(fd, [self._buffer])
         return bytes(self._view[:n])
-REMOVED = "removed"  # the word that acknowledges a "remove"
-# The first word of the outcome of an answer passed through whose client left (a failed write).
-CLIENT_GONE = "client-gone"
 
 
 @dataclass(eq=False)
