@@ -25,6 +25,8 @@ from urllib.parse import unquote
 import h11
 import trio
 
+from shared import sockio
+
 log = logging.getLogger(__name__)
 
 READ_BYTES: Final = 64 * 1024
@@ -67,7 +69,7 @@ class Client:
             event = h.next_event()
             if event is h11.NEED_DATA:
                 try:
-                    data = await self.stream.receive_some(READ_BYTES)
+                    data = await sockio.receive_some(self.stream, READ_BYTES)
                 except _BROKEN as exc:
                     raise ClientGone(repr(exc)) from exc
                 try:
@@ -135,7 +137,7 @@ class Client:
 
     async def _send(self, data: bytes) -> None:
         try:
-            await self.stream.send_all(data)
+            await sockio.send_all(self.stream, data)
         except _BROKEN as exc:
             self._conn.closing = True
             raise ClientGone(repr(exc)) from exc
@@ -190,7 +192,7 @@ class _Connection:
                         return event
                     if event is not h11.NEED_DATA:
                         return None  # ConnectionClosed
-                    data = await self.stream.receive_some(READ_BYTES)
+                    data = await sockio.receive_some(self.stream, READ_BYTES)
                     if data and head_deadline is None:  # a head began: the idle wait is over
                         head_deadline = trio.current_time() + HEAD_TIMEOUT_S
                         scope.deadline = head_deadline

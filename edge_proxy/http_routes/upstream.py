@@ -35,6 +35,7 @@ from edge_proxy.errors import (
 from edge_proxy.http_routes.framing import is_chunked
 from edge_proxy.http_routes.headers import RawHeaders
 from edge_proxy.wake.machine import Event
+from shared import sockio
 from shared.net import open_tcp
 
 log = logging.getLogger(__name__)
@@ -93,7 +94,7 @@ class _Connection:
             if len(buffered) > MAX_HEAD_BYTES:
                 raise h11.RemoteProtocolError(f"an answer head over {MAX_HEAD_BYTES} bytes")
             with trio.move_on_after(self.read_timeout_s):
-                data = await self.stream.receive_some(READ_BYTES)
+                data = await sockio.receive_some(self.stream, READ_BYTES)
                 if not data:
                     if not buffered:
                         raise UpstreamClosedEarly(f"{self.name}: closed the connection "
@@ -226,7 +227,7 @@ class Upstream:
                     pieces += connection.h11.send_with_data_passthrough(h11.Data(data=body)) or []
                 pieces += connection.h11.send_with_data_passthrough(h11.EndOfMessage()) or []
                 if len(body) <= JOIN_BODY_BYTES:
-                    await connection.stream.send_all(b"".join(pieces))
+                    await sockio.send_all(connection.stream, b"".join(pieces))
                 else:
                     for piece in pieces:
                         await connection.stream.send_all(piece)
