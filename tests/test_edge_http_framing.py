@@ -7,7 +7,7 @@ import itertools
 import h11
 import pytest
 
-from edge_proxy.http_routes.framing import ChunkedScanner, FramingError, is_chunked
+from edge_proxy.http_routes.framing import ChunkedScanner, FramingError
 
 
 def framed(*chunks: bytes, trailers: bytes = b"") -> bytes:
@@ -84,9 +84,3 @@ def test_an_unfinished_body_is_not_done() -> None:
     assert scanner.feed(b"lo\r\n0\r\n") is None  # the trailer section has not ended
     assert scanner.feed(b"\r\n") == 2 and scanner.size == 5
 
-
-def test_chunked_is_the_last_coding() -> None:
-    assert is_chunked([(b"transfer-encoding", b"chunked")])
-    assert is_chunked([(b"transfer-encoding", b"gzip, Chunked")])
-    assert not is_chunked([(b"transfer-encoding", b"chunked, gzip")])
-    assert not is_chunked([(b"content-length", b"5")])

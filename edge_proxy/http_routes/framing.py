@@ -93,9 +93,3 @@ class ChunkedScanner:
         self._left = int(digits, 16)
         self._state = _DATA if self._left else _TRAILER
 
-
-def is_chunked(headers: list[tuple[bytes, bytes]]) -> bool:
-    """True when the (lower-case-named) headers frame the body as chunked (RFC 9112 6.1:
-    chunked is the last transfer coding)."""
-    codings = b",".join(v for n, v in headers if n == b"transfer-encoding")
-    return codings.rsplit(b",", 1)[-1].strip().lower() == b"chunked" if codings else False

@@ -1,7 +1,8 @@
 """One node's backend as seen by an HTTP listener: keep-alive connections that expire soon.
 
-Requests are framed and answers parsed by h11; this module only keeps the connections. Nothing
-is added or taken away on the way (no default ``Accept-Encoding``, no cookies, no redirects):
+Requests are written and answer heads read by ``answer_head`` (RFC 9112's framing, by hand:
+h11 cost more than the rest of the proxy's work on a request); bodies are taken as the head
+frames them (``Content-Length``, chunked, or until the close). Nothing is added or taken away on the way (no default ``Accept-Encoding``, no cookies, no redirects):
 only ``Host`` and ``Content-Length`` are written for the next hop, and the body is handed on
 raw (still compressed if the backend compressed it), chunk by chunk as it arrives. A request
 leaves in one write, head and body together, so the backend wakes once for it.
@@ -18,12 +19,12 @@ from __future__ import annotations
 import errno
 import logging
 import math
+import re
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from typing import Final
 
-import h11
 import trio
 
 from edge_proxy.errors import (
@@ -32,7 +33,14 @@ from edge_proxy.errors import (
     UpstreamError,
     UpstreamTimeout,
 )
-from edge_proxy.http_routes.framing import is_chunked
+from edge_proxy.http_routes.answer_head import (
+    AnswerHead,
+    AnswerHeadError,
+    Framing,
+    parse_answer_head,
+    request_head,
+)
+from edge_proxy.http_routes.framing import ChunkedScanner, FramingError
 from edge_proxy.http_routes.headers import RawHeaders
 from edge_proxy.wake.machine import Event
 from shared import sockio
@@ -48,63 +56,60 @@ UPSTREAM_KEEPALIVE_EXPIRY_S: Final = 2.0
 # Idle connections kept per node; more concurrent requests open more, closed after use.
 UPSTREAM_KEEPALIVE_CONNECTIONS: Final = 16
 READ_BYTES: Final = 64 * 1024
-# An answer head longer than this is not llama-server's (h11's own limit for a head).
+# An answer head longer than this is not llama-server's (h11's limit for a head, too).
 MAX_HEAD_BYTES: Final = 64 * 1024
 # Bodies up to this size go out in the same write as the request head; larger ones after it
 # (joining them would copy the whole body once more).
 JOIN_BODY_BYTES: Final = 64 * 1024
+_HEAD_END: Final = re.compile(rb"\n\r?\n")  # the blank line after the headers (CRLF or LF)
 _UNREACHABLE: Final = {errno.EHOSTUNREACH, errno.ENETUNREACH, errno.ETIMEDOUT, errno.EHOSTDOWN}
 _BODY_METHODS: Final = frozenset({"POST", "PUT", "PATCH"})
-_BROKEN: Final = (trio.BrokenResourceError, trio.ClosedResourceError, OSError, h11.ProtocolError)
+_BROKEN: Final = (trio.BrokenResourceError, trio.ClosedResourceError, OSError, AnswerHeadError)
 
 
 @dataclass
 class _Connection:
     stream: trio.SocketStream
-    h11: h11.Connection
+    buffered: bytes = b""  # read from the backend, not yet taken
     idle_since: float = 0.0
     read_timeout_s: float = math.inf  # the current request's upstream_idle_timeout_s
     name: str = ""
-    reusable: bool = True
+    reusable: bool = True  # False once anything makes another request on it unsafe
+    done: bool = False  # the current answer was read to its end
 
-    async def next_event(self) -> object:
-        while True:
-            event = self.h11.next_event()
-            if event is h11.NEED_DATA:
-                with trio.move_on_after(self.read_timeout_s):
-                    self.h11.receive_data(await self.stream.receive_some(READ_BYTES))
-                    continue
-                raise upstream_timeout(self.name, self.read_timeout_s)
-            return event
+    async def receive(self) -> bytes:
+        """What was buffered, else the next read (``b""``: the backend closed)."""
+        if self.buffered:
+            data, self.buffered = self.buffered, b""
+            return data
+        with trio.move_on_after(self.read_timeout_s):
+            return await sockio.receive_some(self.stream, READ_BYTES)
+        raise upstream_timeout(self.name, self.read_timeout_s)
 
-    async def read_head(self) -> tuple[object, bytes]:
-        """The next response head as h11 parses it, and the raw bytes read after it (the
-        start of the body, kept raw so an answer can be passed on as it was framed)."""
-        buffered = bytearray()
+    async def read_head(self, method: str) -> tuple[AnswerHead, bytes]:
+        """The next answer's head (interim 1xx answers skipped), and the bytes read after
+        it (the start of the body, kept raw so an answer can be passed on as it was
+        framed)."""
+        buffered = b""
         while True:
-            end = buffered.find(b"\r\n\r\n")
-            if end >= 0:
-                self.h11.receive_data(bytes(buffered[:end + 4]))
-                event = self.h11.next_event()
-                rest = bytes(buffered[end + 4:])
-                if isinstance(event, h11.InformationalResponse):  # 100 Continue and such
-                    buffered = bytearray(rest)
+            end = _HEAD_END.search(buffered)
+            if end is not None:
+                head = parse_answer_head(buffered[:end.end()], method)
+                buffered = buffered[end.end():]
+                if head.informational:  # 100 Continue and such
                     continue
-                return event, rest
+                if not head.keep_alive:
+                    self.reusable = False
+                return head, buffered
             if len(buffered) > MAX_HEAD_BYTES:
-                raise h11.RemoteProtocolError(f"an answer head over {MAX_HEAD_BYTES} bytes")
-            with trio.move_on_after(self.read_timeout_s):
-                data = await sockio.receive_some(self.stream, READ_BYTES)
-                if not data:
-                    if not buffered:
-                        raise UpstreamClosedEarly(f"{self.name}: closed the connection "
-                                                  "without answering")
-                    self.h11.receive_data(bytes(buffered))
-                    self.h11.receive_data(b"")
-                    return self.h11.next_event(), b""
-                buffered += data
-                continue
-            raise upstream_timeout(self.name, self.read_timeout_s)
+                raise AnswerHeadError(f"an answer head over {MAX_HEAD_BYTES} bytes")
+            data = await self.receive()
+            if not data:
+                if not buffered:
+                    raise UpstreamClosedEarly(f"{self.name}: closed the connection "
+                                              "without answering")
+                raise AnswerHeadError("the connection closed in the middle of the answer head")
+            buffered += data
 
     async def close(self) -> None:
         with trio.CancelScope(shield=True):
@@ -113,16 +118,18 @@ class _Connection:
 
 class Response:
     """An answer whose head has arrived: ``status``, ``headers`` (as sent), and the body,
-    readable once: decoded through ``aiter_stream()``, or raw (``chunked`` answers) from
+    readable once: unframed through ``aiter_stream()``, or raw (``chunked`` answers) from
     ``raw_start`` then ``stream``, for ``HttpRouteApp`` to pass on as it was framed."""
 
-    def __init__(self, connection: _Connection, status: int, headers: RawHeaders,
-                 raw_start: bytes) -> None:
+    def __init__(self, connection: _Connection, head: AnswerHead, raw_start: bytes) -> None:
         self._connection = connection
-        self.status = status
-        self.headers = headers
+        self._head = head
+        self.status = head.status
+        self.headers = head.headers
         self.raw_start = raw_start  # body bytes read with the head
-        self.chunked = is_chunked([(n.lower(), v) for n, v in headers])
+        self.chunked = head.framing is Framing.CHUNKED
+        if head.framing is Framing.NONE:
+            self._body_read(raw_start)
 
     @property
     def name(self) -> str:
@@ -137,33 +144,64 @@ class Response:
         return self._connection.stream
 
     async def aiter_stream(self) -> AsyncIterator[bytes]:
-        """The body as it arrives. Chunks already read together go on as one piece: a proxy
-        that falls behind a fast stream catches up with fewer writes, not more."""
-        connection = self._connection
-        if self.raw_start:
-            connection.h11.receive_data(self.raw_start)
-            self.raw_start = b""
-        event = await connection.next_event()
-        while True:
-            if isinstance(event, h11.Data):
-                parts = [bytes(event.data)]
-                broken: h11.RemoteProtocolError | None = None
+        """The body as it arrives, one piece per read: a proxy that falls behind a fast
+        stream catches up with fewer writes, not more. Raises ``AnswerHeadError`` for a
+        chunked body whose framing is broken, ``UpstreamError`` for a body cut short."""
+        head, connection = self._head, self._connection
+        data, self.raw_start = self.raw_start, b""
+        if head.framing is Framing.NONE:
+            return
+        if head.framing is Framing.LENGTH:
+            left = head.length
+            while left:
+                if not data:
+                    data = await connection.receive()
+                    if not data:
+                        raise _cut(connection, f"{head.length - left} of {head.length} bytes")
+                piece, data = data[:left], data[left:]
+                left -= len(piece)
+                yield piece
+            self._body_read(data)
+        elif head.framing is Framing.CHUNKED:
+            pieces: list[bytes] = []
+            scanner = ChunkedScanner(pieces.append)
+            while True:
+                if not data:
+                    data = await connection.receive()
+                    if not data:
+                        raise _cut(connection, "before its last chunk")
                 try:
-                    event = connection.h11.next_event()  # no I/O: only what is buffered
-                    while isinstance(event, h11.Data):
-                        parts.append(bytes(event.data))
-                        event = connection.h11.next_event()
-                except h11.RemoteProtocolError as exc:
-                    broken = exc  # what came before the garbage still goes out
-                yield parts[0] if len(parts) == 1 else b"".join(parts)
-                if broken is not None:
-                    raise broken
-                if event is h11.NEED_DATA:
-                    event = await connection.next_event()
-            elif isinstance(event, h11.EndOfMessage):
-                return
-            else:  # ConnectionClosed before the end: the body is cut
-                raise h11.RemoteProtocolError(f"answer cut short ({type(event).__name__})")
+                    end = scanner.feed(data)
+                except FramingError as exc:
+                    raise AnswerHeadError(f"the chunked framing is broken: {exc}") from exc
+                if pieces:
+                    yield pieces[0] if len(pieces) == 1 else b"".join(pieces)
+                    pieces.clear()
+                if end is not None:
+                    self._body_read(data[end:])
+                    return
+                data = b""
+        else:  # until the backend closes
+            while True:
+                if not data:
+                    data = await connection.receive()
+                    if not data:
+                        connection.done = True
+                        return
+                yield data
+                data = b""
+
+    def _body_read(self, rest: bytes) -> None:
+        """The body ended; ``rest``, what came after it, makes the connection unsafe to use
+        again (a server does not send before it is asked)."""
+        self._connection.done = True
+        if rest:
+            self._connection.reusable = False
+
+
+def _cut(connection: _Connection, where: str) -> UpstreamError:
+    connection.reusable = False
+    return UpstreamError(f"{connection.name}: the answer was cut short ({where})")
 
 
 class Upstream:
@@ -221,25 +259,19 @@ class Upstream:
             connection = await self._take(host, connect_timeout_s)
             connection.read_timeout_s = idle_timeout_s
             try:
-                pieces = connection.h11.send_with_data_passthrough(
-                    h11.Request(method=method.encode(), target=target, headers=sent)) or []
-                if body:
-                    pieces += connection.h11.send_with_data_passthrough(h11.Data(data=body)) or []
-                pieces += connection.h11.send_with_data_passthrough(h11.EndOfMessage()) or []
+                request = request_head(method, target, sent)
                 if len(body) <= JOIN_BODY_BYTES:
-                    await sockio.send_all(connection.stream, b"".join(pieces))
+                    await sockio.send_all(connection.stream, request + body)
                 else:
-                    for piece in pieces:
-                        await connection.stream.send_all(piece)
+                    await sockio.send_all(connection.stream, request)
+                    await sockio.send_all(connection.stream, body)
+                connection.done = False
                 try:
-                    event, raw_start = await connection.read_head()
+                    head, raw_start = await connection.read_head(method)
                 except (trio.BrokenResourceError, OSError) as exc:
                     raise UpstreamClosedEarly(f"{self.node}:{self.port}: {exc!r} before any "
                                               "byte of the answer") from exc
-                if not isinstance(event, h11.Response):
-                    raise h11.RemoteProtocolError(f"no answer ({type(event).__name__})")
-                response = Response(connection, event.status_code, list(event.headers),
-                                    raw_start)
+                response = Response(connection, head, raw_start)
                 if _is_event_stream(response.headers):
                     # llama-server closes the connection after a streamed answer without
                     # saying so; a request sent on it before the close arrives would fail.
@@ -267,14 +299,11 @@ class Upstream:
         except OSError as exc:
             event = Event.PROBE_TIMEOUT if exc.errno in _UNREACHABLE else Event.PROBE_REFUSED
             raise BackendUnavailable(event, self._say(exc.strerror or str(exc))) from exc
-        return _Connection(stream, h11.Connection(h11.CLIENT), name=f"{self.node}:{self.port}")
+        return _Connection(stream, name=f"{self.node}:{self.port}")
 
     async def _release(self, connection: _Connection) -> None:
-        state = connection.h11
-        if connection.reusable and state.our_state is h11.DONE and state.their_state is h11.DONE \
-                and self.keep_alive \
+        if connection.reusable and connection.done and self.keep_alive \
                 and len(self._idle) < UPSTREAM_KEEPALIVE_CONNECTIONS and not self._retired:
-            state.start_next_cycle()
             connection.idle_since = trio.current_time()
             self._idle.append(connection)
         else:
